@@ -1,0 +1,210 @@
+"""Command line: ``python -m uniref_core {edit,plan,make-tiny-model} ...``.
+
+Every bad input ends with one line naming the input and the fix (exit code 2), never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from .budget import MODES, PER_IMAGE_AREA, parse_area
+from .errors import UniRefCancelled, UniRefError
+
+SAVE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
+
+
+def _area(text: str) -> int:
+    try:
+        return parse_area(text)
+    except UniRefError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m uniref_core", description="UniRef multi-reference image editing")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def size_options(q: argparse.ArgumentParser) -> None:
+        q.add_argument("--ref", action="append", default=[], metavar="IMAGE", help="reference image (repeat; order = Picture k)")
+        q.add_argument("--mode", choices=MODES, default="budget", help="budget: SELF, all references within --budget; per_image: each at ~1024² (diffusers behaviour)")
+        q.add_argument("--budget", type=_area, default=1024 * 1024, help="total reference pixels: 1024, 1536, 2048 (squared) or WxH (default 1024)")
+        q.add_argument("--per-image-area", type=_area, default=PER_IMAGE_AREA, help=argparse.SUPPRESS)
+        q.add_argument("--vl-budget", type=_area, default=None, help="total area of the VL encoder's copies (default: 384² each)")
+        q.add_argument("--no-upscale", action="store_true", help="never enlarge references smaller than their share of the budget")
+        q.add_argument("--width", type=int, help="output width (multiple of 16)")
+        q.add_argument("--height", type=int, help="output height (multiple of 16)")
+        q.add_argument("--match-ref", type=int, default=1, metavar="K", help="output takes reference K's aspect ratio (default 1)")
+        q.add_argument("--output-area", type=_area, default=1024 * 1024, help="output area when matching a reference (default 1024)")
+
+    e = sub.add_parser("edit", help="edit / compose references with an instruction")
+    e.add_argument("--model", help="diffusers-format model folder (default: the built-in default model)")
+    size_options(e)
+    e.add_argument("--prompt", required=True, help="the instruction, e.g. 'put the cat from Picture 1 on the sofa of Picture 2'")
+    e.add_argument("--negative-prompt", default=None, help="what to avoid (used when --cfg > 1; default ' ')")
+    e.add_argument("--steps", type=int, default=30)
+    e.add_argument("--cfg", type=float, default=4.0, help="true-CFG scale; 1 turns guidance off")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--num-images", type=int, default=1, help="images with seeds S, S+1, …")
+    e.add_argument("--sampler", choices=("ode", "sde"), default="ode")
+    e.add_argument("--eta", type=float, default=0.7, help="SDE noise level")
+    e.add_argument("--denoise", type=float, default=1.0, help="< 1 starts from --init")
+    e.add_argument("--init", default=None, help="init image for --denoise < 1")
+    e.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda if present)")
+    e.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp16", "fp32"))
+    e.add_argument("-o", "--output", required=True, help="output image path (.png/.jpg/.webp)")
+    e.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    pl = sub.add_parser("plan", help="print the SELF allocation without loading a model")
+    size_options(pl)
+    pl.add_argument("--json", action="store_true", help="print JSON")
+
+    t = sub.add_parser("make-tiny-model", help="build a tiny random model of the architecture (tests, examples)")
+    t.add_argument("dir")
+    t.add_argument("--zero-cond-t", action="store_true", help="like Qwen-Image-Edit-2511")
+    t.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def output_paths(output: str, n: int) -> list[Path]:
+    """``out.png`` for one image; ``out-1.png … out-N.png`` for several. Checked before any model runs."""
+    path = Path(output).expanduser()
+    if path.suffix.lower() not in SAVE_SUFFIXES:
+        raise UniRefError(f"output {path} has no image extension: end it in {', '.join(sorted(SAVE_SUFFIXES))}")
+    if path.is_dir():
+        raise UniRefError(f"output {path} is a folder: give a file name such as {path / 'out.png'}")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise UniRefError(f"output folder {parent} does not exist: create it or choose another path")
+    if not os.access(parent, os.W_OK):
+        raise UniRefError(f"output folder {parent} is not writable: choose another path")
+    for p in [path] if n == 1 else [path.with_name(f"{path.stem}-{i}{path.suffix}") for i in range(1, n + 1)]:
+        if p.exists() and not os.access(p, os.W_OK):
+            raise UniRefError(f"output {p} exists and is not writable: choose another path")
+    return [path] if n == 1 else [path.with_name(f"{path.stem}-{i}{path.suffix}") for i in range(1, n + 1)]
+
+
+def _size_kwargs(a) -> dict:
+    return {
+        "mode": a.mode,
+        "budget": a.budget,
+        "upscale": not a.no_upscale,
+        "per_image_area": a.per_image_area,
+        "vl_budget": a.vl_budget,
+        "width": a.width,
+        "height": a.height,
+        "match_ref": a.match_ref,
+        "output_area": a.output_area,
+    }
+
+
+def cmd_plan(a) -> int:
+    from .budget import plan_references
+    from .images import load_image
+
+    if not a.ref:
+        raise UniRefError("no reference images: pass at least one --ref IMAGE")
+    sizes = [load_image(r, name=f"reference {k} ({r})").size for k, r in enumerate(a.ref, start=1)]
+    plan = plan_references(sizes, **_size_kwargs(a))
+    if a.json:
+        print(json.dumps(plan.to_dict(), indent=2))
+        return 0
+    head = f"mode {plan.mode}" + (f", budget {plan.budget} px" if plan.budget else "")
+    print(head)
+    for r in plan.references:
+        print(
+            f"  Picture {r.index}: {r.source[0]}×{r.source[1]} → {r.vae[0]}×{r.vae[1]} px, {r.tokens} tokens; "
+            f"VL copy {r.vl[0]}×{r.vl[1]}, ~{r.vl_tokens} tokens"
+        )
+    print(f"  output {plan.output[0]}×{plan.output[1]} px, {plan.output_tokens} tokens")
+    print(
+        f"  reference tokens {plan.reference_tokens}, VL tokens {plan.vl_tokens}, "
+        f"image sequence {plan.sequence_length} tokens"
+    )
+    return 0
+
+
+def cmd_edit(a) -> int:
+    import torch
+
+    from .defaults import default_model_path
+    from .images import load_image
+    from .pipeline import UniRefPipeline
+
+    if not a.ref:
+        raise UniRefError("no reference images: pass at least one --ref IMAGE")
+    paths = output_paths(a.output, a.num_images)
+    # Read every input before the (slow) model load so a typo fails in a second.
+    refs = [load_image(r, name=f"reference {k} ({r})") for k, r in enumerate(a.ref, start=1)]
+    init = load_image(a.init, name=f"init image ({a.init})") if a.init else None
+    from .budget import plan_references
+
+    plan_references([r.size for r in refs], **_size_kwargs(a))
+    device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = a.model or default_model_path()
+    pipe = UniRefPipeline.from_pretrained(model, device=device, dtype=a.dtype)
+
+    bar = None
+    if not a.quiet:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=a.steps, desc="denoising", unit="step", file=sys.stderr)
+
+    def on_step(info) -> None:
+        if bar is not None:
+            bar.total = info.total
+            bar.update(1)
+
+    try:
+        result = pipe.edit(
+            refs,
+            a.prompt,
+            a.negative_prompt,
+            seed=a.seed,
+            steps=a.steps,
+            cfg=a.cfg,
+            sampler=a.sampler,
+            eta=a.eta,
+            denoise=a.denoise,
+            init_image=init,
+            num_images=a.num_images,
+            on_step=on_step,
+            **_size_kwargs(a),
+        )
+    finally:
+        if bar is not None:
+            bar.close()
+    for img, p in zip(result.images, paths):
+        img.save(p)
+    print(f"{', '.join(str(p) for p in paths)}: {result.summary()}")
+    return 0
+
+
+def cmd_make_tiny(a) -> int:
+    from .tiny import make_tiny_model
+
+    path = make_tiny_model(a.dir, zero_cond_t=a.zero_cond_t, seed=a.seed)
+    print(f"tiny model written to {path}")
+    return 0
+
+
+def main(argv=None) -> int:
+    a = _parser().parse_args(argv)
+    try:
+        return {"edit": cmd_edit, "plan": cmd_plan, "make-tiny-model": cmd_make_tiny}[a.command](a)
+    except UniRefError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except UniRefCancelled as e:
+        print(f"cancelled: {e}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("cancelled", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

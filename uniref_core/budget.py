@@ -1,0 +1,308 @@
+"""SELF size planning: where every reference lands in pixels and tokens, before any model runs.
+
+Two modes:
+- ``budget`` (SELF): one scale for all references so that together they cover at most the pixel
+  budget B (plus rounding slack). K references cost ~B/256 tokens whatever K is.
+- ``per_image``: each reference at its own ~1024² area, exactly like diffusers'
+  ``QwenImageEditPlusPipeline`` (and ComfyUI's ``TextEncodeQwenImageEditPlus``). K references cost
+  ~K·4096 tokens. This is how the existing checkpoints were trained.
+
+The VL copies (what Qwen2.5-VL sees) are planned here too, because they add tokens to the text
+stream: per image at 384² like the reference pipeline, or all together within a VL budget.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from .errors import UniRefError
+
+# Each side is rounded to this, like Qwen's ``calculate_dimensions``.
+SIDE_MULTIPLE = 32
+# One transformer token covers 2×2 latents of an 8× VAE: 16×16 pixels.
+TOKEN_PX = 16
+# No reference may shrink below this many pixels per side (2 tokens): below it, it is a smear.
+MIN_SIDE_PX = 32
+# Beyond this aspect ratio a reference is a line, not a picture.
+MAX_ASPECT = 64.0
+# The reference pipeline's areas (diffusers: VAE_IMAGE_SIZE and CONDITION_IMAGE_SIZE).
+PER_IMAGE_AREA = 1024 * 1024
+VL_IMAGE_AREA = 384 * 384
+# The budgets the model is trained at (SFT stages); any other area is allowed.
+BUDGETS = {"1024²": 1024 * 1024, "1536²": 1536 * 1536, "2048²": 2048 * 2048}
+DEFAULT_BUDGET = 1024 * 1024
+DEFAULT_OUTPUT_AREA = 1024 * 1024
+MODES = ("budget", "per_image")
+# Qwen2.5-VL: 14 px patches merged 2×2, so one vision token per 28×28 px; its processor's limits.
+VL_PATCH_PX = 28
+VL_MIN_PIXELS = 56 * 56
+VL_MAX_PIXELS = 12845056
+
+
+def calculate_dimensions(target_area: float, ratio: float) -> tuple[int, int]:
+    """(width, height) of about ``target_area`` pixels at ``ratio`` = w/h, sides multiples of 32.
+
+    Same arithmetic as diffusers' helper of this name, so ``per_image`` sizes match it exactly.
+    """
+    width = math.sqrt(target_area * ratio)
+    height = width / ratio
+    return round(width / SIDE_MULTIPLE) * SIDE_MULTIPLE, round(height / SIDE_MULTIPLE) * SIDE_MULTIPLE
+
+
+def tokens_of(width: int, height: int) -> int:
+    """Transformer tokens of an image of this pixel size (one token = 16×16 px)."""
+    return (width // TOKEN_PX) * (height // TOKEN_PX)
+
+
+def vl_tokens_of(width: int, height: int) -> int:
+    """Vision tokens Qwen2.5-VL's processor makes of an image of this size (its ``smart_resize``)."""
+    h = max(VL_PATCH_PX, round(height / VL_PATCH_PX) * VL_PATCH_PX)
+    w = max(VL_PATCH_PX, round(width / VL_PATCH_PX) * VL_PATCH_PX)
+    if h * w > VL_MAX_PIXELS:
+        beta = math.sqrt((height * width) / VL_MAX_PIXELS)
+        h = max(VL_PATCH_PX, math.floor(height / beta / VL_PATCH_PX) * VL_PATCH_PX)
+        w = max(VL_PATCH_PX, math.floor(width / beta / VL_PATCH_PX) * VL_PATCH_PX)
+    elif h * w < VL_MIN_PIXELS:
+        beta = math.sqrt(VL_MIN_PIXELS / (height * width))
+        h = math.ceil(height * beta / VL_PATCH_PX) * VL_PATCH_PX
+        w = math.ceil(width * beta / VL_PATCH_PX) * VL_PATCH_PX
+    return (h // VL_PATCH_PX) * (w // VL_PATCH_PX)
+
+
+def _round_side(x: float) -> int:
+    return max(MIN_SIDE_PX, round(x / SIDE_MULTIPLE) * SIDE_MULTIPLE)
+
+
+def _check_aspect(sizes: list[tuple[int, int]]) -> None:
+    for k, (w, h) in enumerate(sizes, start=1):
+        if w <= 0 or h <= 0:
+            raise UniRefError(f"reference {k} is {w}×{h} px: it has no pixels; connect a real image")
+        if max(w, h) / min(w, h) > MAX_ASPECT:
+            raise UniRefError(
+                f"reference {k} is {w}×{h} px: aspect ratio beyond 1:{MAX_ASPECT:g} is not supported; "
+                "crop it closer to its subject"
+            )
+
+
+def allocate_budget(sizes: list[tuple[int, int]], budget: int, upscale: bool = True) -> list[tuple[int, int]]:
+    """SELF allocation: one scale s = sqrt(B / Σ w·h) for all references, aspect and order kept.
+
+    Each side is rounded to a multiple of 32, so the total may exceed ``budget`` by at most
+    ``rounding_slack(result)``. With ``upscale=False`` references smaller than their share keep
+    their size (rounded). A reference whose short side would fall below 32 px cannot be placed:
+    the error names it and the budget that would fit.
+    """
+    if not sizes:
+        raise UniRefError("no reference images: connect at least one reference")
+    if budget <= 0:
+        raise UniRefError(f"budget is {budget} px: give a positive pixel budget such as 1024*1024")
+    _check_aspect(sizes)
+    total = sum(w * h for w, h in sizes)
+    scale = math.sqrt(budget / total)
+    if not upscale:
+        scale = min(scale, 1.0)
+    for k, (w, h) in enumerate(sizes, start=1):
+        short = min(w, h) * scale
+        # Half a multiple below the floor still rounds up onto it; further down it cannot.
+        if short < MIN_SIDE_PX - SIDE_MULTIPLE / 2:
+            needed = math.ceil(total * ((MIN_SIDE_PX - SIDE_MULTIPLE / 2) / min(w, h)) ** 2)
+            side = math.ceil(math.sqrt(needed))
+            raise UniRefError(
+                f"reference {k} is {w}×{h} px: with {len(sizes)} references in a budget of {_fmt_area(budget)} "
+                f"its short side would be {short:.0f} px, below the {MIN_SIDE_PX} px minimum; "
+                f"raise the budget to at least {side}² ({needed} px), use fewer references, or crop it"
+            )
+    return [(_round_side(w * scale), _round_side(h * scale)) for w, h in sizes]
+
+
+def allocate_per_image(sizes: list[tuple[int, int]], area: int = PER_IMAGE_AREA) -> list[tuple[int, int]]:
+    """Each reference independently at ~``area`` pixels, as diffusers' QwenImageEditPlusPipeline does."""
+    if not sizes:
+        raise UniRefError("no reference images: connect at least one reference")
+    _check_aspect(sizes)
+    out = []
+    for k, (w, h) in enumerate(sizes, start=1):
+        vw, vh = calculate_dimensions(area, w / h)
+        if vw < MIN_SIDE_PX or vh < MIN_SIDE_PX:
+            raise UniRefError(
+                f"reference {k} is {w}×{h} px: at {_fmt_area(area)} per image its short side would be "
+                f"below {MIN_SIDE_PX} px; crop it or use mode 'budget' with a larger budget"
+            )
+        out.append((vw, vh))
+    return out
+
+
+def rounding_slack(allocated: list[tuple[int, int]]) -> int:
+    """Most pixels that rounding each side to the nearest 32 can add over the exact budget."""
+    half = SIDE_MULTIPLE // 2
+    return sum(half * (w + h) + half * half for w, h in allocated)
+
+
+def allocate_vl(sizes: list[tuple[int, int]], vl_budget: int | None) -> list[tuple[int, int]]:
+    """Sizes of the small copies the VL encoder sees: 384² each, or all within ``vl_budget``."""
+    if vl_budget is None:
+        return [calculate_dimensions(VL_IMAGE_AREA, w / h) for w, h in sizes]
+    if vl_budget <= 0:
+        raise UniRefError(f"vl_budget is {vl_budget} px: give a positive area such as 384*384, or leave it unset")
+    total = sum(w * h for w, h in sizes)
+    scale = math.sqrt(vl_budget / total)
+    return [(_round_side(w * scale), _round_side(h * scale)) for w, h in sizes]
+
+
+@dataclass(frozen=True)
+class ReferencePlan:
+    """Where one reference lands: its source size, its VAE size and its VL-copy size."""
+
+    index: int  # 1-based, the "Picture k" label
+    source: tuple[int, int]
+    vae: tuple[int, int]
+    vl: tuple[int, int]
+
+    @property
+    def tokens(self) -> int:
+        return tokens_of(*self.vae)
+
+    @property
+    def vl_tokens(self) -> int:
+        return vl_tokens_of(*self.vl)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The whole SELF layout of one edit: target first, then each reference in order."""
+
+    mode: str
+    budget: int | None
+    output: tuple[int, int]
+    references: list[ReferencePlan] = field(default_factory=list)
+
+    @property
+    def output_tokens(self) -> int:
+        return tokens_of(*self.output)
+
+    @property
+    def reference_tokens(self) -> int:
+        return sum(r.tokens for r in self.references)
+
+    @property
+    def vl_tokens(self) -> int:
+        return sum(r.vl_tokens for r in self.references)
+
+    @property
+    def sequence_length(self) -> int:
+        """Image tokens in the joint sequence [target ; ref 1 ; … ; ref K] (text comes on top)."""
+        return self.output_tokens + self.reference_tokens
+
+    @property
+    def img_shapes(self) -> list[tuple[int, int, int]]:
+        """(frames, rows, cols) in token units per image, target first: what the transformer's RoPE reads."""
+        shapes = [(1, self.output[1] // TOKEN_PX, self.output[0] // TOKEN_PX)]
+        shapes += [(1, r.vae[1] // TOKEN_PX, r.vae[0] // TOKEN_PX) for r in self.references]
+        return shapes
+
+    def summary(self) -> str:
+        refs = ", ".join(f"{r.index}: {r.vae[0]}×{r.vae[1]} ({r.tokens} tok)" for r in self.references)
+        return (
+            f"output {self.output[0]}×{self.output[1]} ({self.output_tokens} tok); references [{refs}]; "
+            f"reference tokens {self.reference_tokens}; VL tokens {self.vl_tokens}; "
+            f"image sequence {self.sequence_length} tokens"
+        )
+
+    def to_dict(self) -> dict:
+        return {
+            "mode": self.mode,
+            "budget": self.budget,
+            "output": {"width": self.output[0], "height": self.output[1], "tokens": self.output_tokens},
+            "references": [
+                {
+                    "picture": r.index,
+                    "source": list(r.source),
+                    "width": r.vae[0],
+                    "height": r.vae[1],
+                    "tokens": r.tokens,
+                    "vl_size": list(r.vl),
+                    "vl_tokens": r.vl_tokens,
+                }
+                for r in self.references
+            ],
+            "reference_tokens": self.reference_tokens,
+            "vl_tokens": self.vl_tokens,
+            "sequence_length": self.sequence_length,
+        }
+
+
+def output_size(
+    sizes: list[tuple[int, int]],
+    width: int | None = None,
+    height: int | None = None,
+    match_ref: int = 1,
+    area: int = DEFAULT_OUTPUT_AREA,
+) -> tuple[int, int]:
+    """The target size: explicit ``width``×``height`` (multiples of 16), or reference ``match_ref``'s
+    aspect ratio at ``area`` pixels."""
+    if (width is None) != (height is None):
+        raise UniRefError("give both width and height for an explicit output size, or neither to match a reference")
+    if width is not None:
+        for name, v in (("width", width), ("height", height)):
+            if v < TOKEN_PX or v % TOKEN_PX:
+                raise UniRefError(
+                    f"output {name} is {v} px: it must be a positive multiple of {TOKEN_PX}; "
+                    f"try {max(TOKEN_PX, round(v / TOKEN_PX) * TOKEN_PX)}"
+                )
+        return int(width), int(height)
+    if not sizes:
+        raise UniRefError("no reference to take the output size from: give width and height")
+    if not 1 <= match_ref <= len(sizes):
+        raise UniRefError(f"match_ref is {match_ref} but there are {len(sizes)} references: pick 1…{len(sizes)}")
+    if area <= 0:
+        raise UniRefError(f"output area is {area} px: give a positive area such as 1024*1024")
+    w, h = sizes[match_ref - 1]
+    cw, ch = calculate_dimensions(area, w / h)
+    return max(TOKEN_PX, cw // TOKEN_PX * TOKEN_PX), max(TOKEN_PX, ch // TOKEN_PX * TOKEN_PX)
+
+
+def plan_references(
+    sizes: list[tuple[int, int]],
+    mode: str = "budget",
+    budget: int = DEFAULT_BUDGET,
+    *,
+    upscale: bool = True,
+    per_image_area: int = PER_IMAGE_AREA,
+    vl_budget: int | None = None,
+    width: int | None = None,
+    height: int | None = None,
+    match_ref: int = 1,
+    output_area: int = DEFAULT_OUTPUT_AREA,
+) -> Plan:
+    """The one planner used by the CLI, the nodes and the trainers."""
+    if mode not in MODES:
+        raise UniRefError(f"mode is {mode!r}: use one of {', '.join(MODES)}")
+    if mode == "budget":
+        vae = allocate_budget(sizes, budget, upscale=upscale)
+    else:
+        vae = allocate_per_image(sizes, per_image_area)
+    vl = allocate_vl(sizes, vl_budget)
+    out = output_size(sizes, width, height, match_ref, output_area)
+    refs = [ReferencePlan(k, s, v, c) for k, (s, v, c) in enumerate(zip(sizes, vae, vl), start=1)]
+    return Plan(mode=mode, budget=budget if mode == "budget" else None, output=out, references=refs)
+
+
+def parse_area(text: str | int) -> int:
+    """'1024' → 1024², '1536x1024' → 1536·1024, '1048576' (≥ 65536) → as is."""
+    if isinstance(text, int):
+        return text * text if text < 65536 else text
+    s = str(text).strip().lower().replace("²", "").replace("×", "x").replace("*", "x")
+    try:
+        if "x" in s:
+            a, b = s.split("x", 1)
+            return int(a) * int(b)
+        v = int(s)
+    except ValueError:
+        raise UniRefError(f"budget {text!r} is not a size: write 1024 (for 1024²), 1536x1024 or a pixel count") from None
+    return v * v if v < 65536 else v
+
+
+def _fmt_area(area: int) -> str:
+    side = math.isqrt(area)
+    return f"{side}²" if side * side == area else f"{area} px"

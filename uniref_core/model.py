@@ -1,0 +1,153 @@
+"""Loading a Qwen-Image-Edit-family model from a local diffusers-format folder.
+
+The layout is the one of the published repos (Qwen-Image-Edit-2509/2511, UniRef):
+``model_index.json, transformer/ (maybe sharded), vae/, text_encoder/, tokenizer/, processor/,
+scheduler/``. Weights load only from safetensors and only from disk: no pickles, no hub, no
+remote code.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import UniRefError
+
+# model_index.json classes whose prompt template and reference handling we reproduce.
+EDIT_PIPELINES = ("QwenImageEditPlusPipeline",)
+# component → (config files, any one of which must exist; the class it must be)
+COMPONENTS = {
+    "transformer": (("config.json",), "QwenImageTransformer2DModel"),
+    "vae": (("config.json",), "AutoencoderKLQwenImage"),
+    "text_encoder": (("config.json",), "Qwen2_5_VLForConditionalGeneration"),
+    # Published repos carry preprocessor_config.json; transformers 5 writes processor_config.json.
+    "processor": (("preprocessor_config.json", "processor_config.json"), None),
+    "scheduler": (("scheduler_config.json",), None),
+}
+WEIGHTED = ("transformer", "vae", "text_encoder")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class Components:
+    """The loaded parts of a model; what the pipeline and the trainers work with."""
+
+    transformer: torch.nn.Module
+    vae: torch.nn.Module
+    text_encoder: torch.nn.Module
+    processor: object
+    scheduler_config: dict
+    path: Path
+
+
+def _read_json(path: Path, what: str) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise UniRefError(f"{what} ({path}) could not be read as JSON ({e}); re-download or re-export the model") from None
+
+
+def _check_weights(folder: Path, name: str) -> None:
+    files = [p.name for p in folder.iterdir()] if folder.is_dir() else []
+    index = [f for f in files if f.endswith(".safetensors.index.json")]
+    if index:
+        shards = set(_read_json(folder / index[0], f"{name} weight index").get("weight_map", {}).values())
+        missing = sorted(s for s in shards if not (folder / s).is_file())
+        if missing:
+            raise UniRefError(
+                f"model component '{name}' is incomplete: shard(s) {', '.join(missing)} listed in {index[0]} are "
+                "missing; finish the download"
+            )
+        return
+    if any(f.endswith(".safetensors") for f in files):
+        return
+    if any(f.endswith(PICKLE_SUFFIXES) for f in files):
+        raise UniRefError(
+            f"model component '{name}' has only pickle weights ({folder}); for safety UniRef loads safetensors only: "
+            "convert them to .safetensors"
+        )
+    raise UniRefError(f"model component '{name}' has no weights (*.safetensors) in {folder}")
+
+
+def check_model_folder(path) -> dict:
+    """Validate a model folder without loading it; return model_index.json. Errors name what is missing."""
+    root = Path(path).expanduser()
+    if not root.exists():
+        raise UniRefError(f"model folder not found: {root} — give the folder that holds model_index.json")
+    if not root.is_dir():
+        raise UniRefError(f"model path {root} is a file: give the diffusers-format folder that holds model_index.json")
+    if not (root / "model_index.json").is_file():
+        raise UniRefError(
+            f"{root} is not a diffusers-format model folder (no model_index.json); give the folder of a "
+            "Qwen-Image-Edit-2509/2511 or UniRef checkpoint"
+        )
+    index = _read_json(root / "model_index.json", "model_index.json")
+    cls = index.get("_class_name")
+    if cls not in EDIT_PIPELINES:
+        raise UniRefError(
+            f"{root} holds a {cls or 'unknown'} model, not a multi-image edit model of the Qwen-Image-Edit family "
+            f"({', '.join(EDIT_PIPELINES)}); use Qwen-Image-Edit-2509/2511, UniPic 3.0 or UniRef weights"
+        )
+    for name, (config_files, expected) in COMPONENTS.items():
+        folder = root / name
+        if not folder.is_dir():
+            raise UniRefError(f"model folder {root} is missing the '{name}' component (folder {name}/)")
+        config_file = next((f for f in config_files if (folder / f).is_file()), None)
+        if config_file is None:
+            raise UniRefError(f"model component '{name}' has no {' or '.join(config_files)} in {folder}")
+        if expected:
+            found = _read_json(folder / config_file, f"{name}/{config_file}")
+            found_cls = found.get("_class_name") or (found.get("architectures") or [None])[0]
+            if found_cls != expected:
+                raise UniRefError(
+                    f"model component '{name}' is a {found_cls}, expected {expected}: this folder is not of the "
+                    "Qwen-Image-Edit architecture"
+                )
+        if name in WEIGHTED:
+            _check_weights(folder, name)
+    tcfg = _read_json(root / "transformer" / "config.json", "transformer/config.json")
+    if tcfg.get("use_additional_t_cond") or tcfg.get("use_layer3d_rope"):
+        raise UniRefError(f"{root} is a layered (Qwen-Image-Layered) transformer; UniRef runs edit models only")
+    return index
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """'auto' → bf16 on a GPU that supports it, fp32 elsewhere."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    if dtype not in DTYPES:
+        raise UniRefError(f"dtype {dtype!r} is not one of auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def load_components(path, device="cpu", dtype="auto") -> Components:
+    """Load every part from disk (safetensors only) onto ``device`` in ``dtype``."""
+    from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
+    from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLProcessor
+
+    root = Path(path).expanduser()
+    check_model_folder(root)
+    device = torch.device(device)
+    dt = resolve_dtype(dtype, device)
+    common = {"use_safetensors": True, "local_files_only": True}
+    try:
+        transformer = QwenImageTransformer2DModel.from_pretrained(root / "transformer", torch_dtype=dt, **common)
+        vae = AutoencoderKLQwenImage.from_pretrained(root / "vae", torch_dtype=dt, **common)
+        text_encoder = Qwen2_5_VLForConditionalGeneration.from_pretrained(root / "text_encoder", dtype=dt, **common)
+        processor = Qwen2VLProcessor.from_pretrained(root / "processor", local_files_only=True)
+    except UniRefError:
+        raise
+    except (OSError, ValueError, RuntimeError, KeyError) as e:
+        raise UniRefError(f"model folder {root} could not be loaded: {e}") from e
+    scheduler_config = _read_json(root / "scheduler" / "scheduler_config.json", "scheduler config")
+    for m in (transformer, vae, text_encoder):
+        m.to(device).eval().requires_grad_(False)
+    return Components(transformer, vae, text_encoder, processor, scheduler_config, root)

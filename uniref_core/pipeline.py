@@ -1,0 +1,362 @@
+"""The UniRef edit pipeline: references + instruction → image, in separate steps training reuses.
+
+1. ``encode``: plan sizes (SELF budget or per-image), encode the prompt with the references' VL
+   copies, VAE-encode each reference at its planned size → a ``SelfConditioning``.
+2. ``sample``: initial noise per seed (CPU fp32, as diffusers draws it), the flow schedule, one
+   transformer call per step on [target ; ref 1 ; … ; ref K] with true CFG, Euler or SDE steps.
+3. ``decode``: target tokens → VAE → RGB images.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+from PIL import Image
+
+from . import budget as budget_mod
+from .budget import Plan, plan_references
+from .errors import UniRefCancelled, UniRefError
+from .images import load_image
+from .latents import (
+    VAE_SCALE,
+    build_sequence,
+    pack_latents,
+    to_images,
+    to_pixels,
+    unpack_latents,
+    vae_decode,
+    vae_encode,
+)
+from .model import Components, load_components
+from .prompt import PromptEmbeds, encode_prompt
+from .sampling import Schedule, euler_step, flow_schedule, noise_latents, sde_step, true_cfg
+
+DEFAULT_STEPS = 30
+DEFAULT_CFG = 4.0
+DEFAULT_NEGATIVE = " "
+DEFAULT_ETA = 0.7
+SAMPLERS = ("ode", "sde")
+MAX_STEPS = 1000
+MAX_CFG = 30.0
+MAX_IMAGES = 64
+# Pixels of the synthetic image the latent→RGB preview map is fitted on (one cheap VAE encode).
+PREVIEW_FIT_PX = 128
+
+
+@dataclass
+class SelfConditioning:
+    """Everything the sampler needs from the references and the prompt, on the model's device."""
+
+    plan: Plan
+    positive: PromptEmbeds
+    negative: PromptEmbeds | None
+    ref_tokens: list[torch.Tensor] = field(default_factory=list)  # packed latents [1, L_k, 64] per reference
+
+    @property
+    def width(self) -> int:
+        return self.plan.output[0]
+
+    @property
+    def height(self) -> int:
+        return self.plan.output[1]
+
+    @property
+    def output_tokens(self) -> int:
+        return self.plan.output_tokens
+
+
+@dataclass
+class StepInfo:
+    """Handed to ``on_step`` after each denoising step."""
+
+    step: int  # 1-based
+    total: int
+    sigma: float
+    latents: torch.Tensor  # packed target tokens after this step [N, L, 64]
+    x0: torch.Tensor  # the model's current clean-image estimate, packed
+    width: int
+    height: int
+
+
+@dataclass
+class EditResult:
+    images: list[Image.Image]
+    plan: Plan
+    seconds: float
+    latents: torch.Tensor
+
+    def summary(self) -> str:
+        per_ref = " ".join(f"ref{r.index}={r.tokens}" for r in self.plan.references)
+        return (
+            f"{len(self.images)} image(s) {self.plan.output[0]}×{self.plan.output[1]} | tokens/ref: {per_ref or '-'} | "
+            f"VL tokens {self.plan.vl_tokens} | sequence {self.plan.sequence_length} image tokens | "
+            f"{self.seconds:.2f} s"
+        )
+
+
+def _check_range(name: str, value, lo, hi, hint: str) -> None:
+    if not (lo <= value <= hi):
+        raise UniRefError(f"{name} is {value}: it must be between {lo} and {hi}; {hint}")
+
+
+def draw_noise(seed: int, channels: int, width: int, height: int) -> tuple[torch.Tensor, torch.Generator]:
+    """Initial noise for one image, drawn on the CPU in fp32 exactly as diffusers draws it; packed."""
+    gen = torch.Generator("cpu").manual_seed(int(seed))
+    h, w = height // VAE_SCALE, width // VAE_SCALE
+    noise = torch.randn((1, 1, channels, h, w), generator=gen, dtype=torch.float32)
+    return pack_latents(noise.view(1, channels, h, w)), gen
+
+
+class UniRefPipeline:
+    """A loaded Qwen-Image-Edit-family model with SELF encoding and sampling."""
+
+    def __init__(self, components: Components):
+        self.c = components
+        self._preview_map: torch.Tensor | None = None
+
+    @classmethod
+    def from_pretrained(cls, path, device="cpu", dtype="auto") -> "UniRefPipeline":
+        return cls(load_components(path, device=device, dtype=dtype))
+
+    @property
+    def device(self) -> torch.device:
+        return self.c.transformer.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.c.transformer.dtype
+
+    @property
+    def latent_channels(self) -> int:
+        return self.c.transformer.config.in_channels // 4
+
+    # 1. SELF encoding -------------------------------------------------------------------------
+
+    def plan(self, references, **options) -> Plan:
+        images = [load_image(r, name=f"reference {k}") for k, r in enumerate(references, start=1)]
+        return plan_references([im.size for im in images], **options)
+
+    @torch.no_grad()
+    def encode(
+        self,
+        references,
+        prompt: str,
+        negative_prompt: str | None = None,
+        *,
+        cfg: float = DEFAULT_CFG,
+        mode: str = "budget",
+        budget: int = budget_mod.DEFAULT_BUDGET,
+        upscale: bool = True,
+        per_image_area: int = budget_mod.PER_IMAGE_AREA,
+        vl_budget: int | None = None,
+        width: int | None = None,
+        height: int | None = None,
+        match_ref: int = 1,
+        output_area: int = budget_mod.DEFAULT_OUTPUT_AREA,
+    ) -> SelfConditioning:
+        """References (paths, PIL, numpy, ComfyUI tensors) + prompt → SELF conditioning.
+
+        The negative prompt is encoded only when ``cfg`` > 1 (it is unused otherwise).
+        """
+        if not isinstance(prompt, str):
+            raise UniRefError(f"prompt must be text, got {type(prompt).__name__}")
+        references = list(references or [])
+        images = [load_image(r, name=f"reference {k}") for k, r in enumerate(references, start=1)]
+        if not images and (width is None or height is None):
+            raise UniRefError("no reference images: connect at least one reference (or give width and height)")
+        plan = (
+            plan_references(
+                [im.size for im in images],
+                mode,
+                budget,
+                upscale=upscale,
+                per_image_area=per_image_area,
+                vl_budget=vl_budget,
+                width=width,
+                height=height,
+                match_ref=match_ref,
+                output_area=output_area,
+            )
+            if images
+            else Plan(mode=mode, budget=None, output=budget_mod.output_size([], width, height))
+        )
+        vl_images = [im.resize(r.vl, resample=Image.Resampling.LANCZOS) for im, r in zip(images, plan.references)]
+        te = self.c.text_encoder
+        positive = encode_prompt(te, self.c.processor, prompt, vl_images, device=te.device)
+        negative = None
+        if cfg > 1:
+            neg_text = DEFAULT_NEGATIVE if negative_prompt is None else negative_prompt
+            negative = encode_prompt(te, self.c.processor, neg_text, vl_images, device=te.device)
+        vae = self.c.vae
+        ref_tokens = [
+            pack_latents(vae_encode(vae, to_pixels(im, *r.vae))).to(self.device, self.dtype)
+            for im, r in zip(images, plan.references)
+        ]
+        return SelfConditioning(
+            plan=plan,
+            positive=positive.to(self.device, self.dtype),
+            negative=None if negative is None else negative.to(self.device, self.dtype),
+            ref_tokens=ref_tokens,
+        )
+
+    # 2. Sampling ------------------------------------------------------------------------------
+
+    def velocity(self, x: torch.Tensor, timestep: torch.Tensor, cond: SelfConditioning, cfg: float) -> torch.Tensor:
+        """Model velocity for the target tokens ``x`` [N, L, 64] at ``timestep`` (σ·1000), with true CFG."""
+        n, length = x.shape[0], x.shape[1]
+        seq = build_sequence(x, cond.ref_tokens)
+        t = timestep.expand(n).to(x.dtype) / 1000
+        shapes = [cond.plan.img_shapes] * n
+
+        def run(p: PromptEmbeds) -> torch.Tensor:
+            emb = p.repeat(n) if p.embeds.shape[0] != n else p
+            out = self.c.transformer(
+                hidden_states=seq,
+                timestep=t,
+                encoder_hidden_states=emb.embeds,
+                encoder_hidden_states_mask=emb.mask,
+                img_shapes=shapes,
+                return_dict=False,
+            )[0]
+            return out[:, :length]
+
+        v = run(cond.positive)
+        if cfg > 1:
+            if cond.negative is None:
+                raise UniRefError("cfg > 1 needs a negative prompt encoding: encode with the same cfg you sample with")
+            v = true_cfg(v, run(cond.negative), cfg)
+        return v
+
+    def schedule(self, steps: int, output_tokens: int) -> Schedule:
+        return flow_schedule(steps, output_tokens, self.c.scheduler_config)
+
+    @torch.no_grad()
+    def sample(
+        self,
+        cond: SelfConditioning,
+        *,
+        seed: int = 0,
+        steps: int = DEFAULT_STEPS,
+        cfg: float = DEFAULT_CFG,
+        sampler: str = "ode",
+        eta: float = DEFAULT_ETA,
+        denoise: float = 1.0,
+        init_image=None,
+        num_images: int = 1,
+        on_step: Callable[[StepInfo], None] | None = None,
+        is_cancelled: Callable[[], bool] | None = None,
+    ) -> torch.Tensor:
+        """Denoise; returns packed target latents [num_images, L, 64]. Image i uses seed ``seed + i``
+        and equals a single run with that seed."""
+        _check_range("steps", steps, 1, MAX_STEPS, "30 to 50 is typical")
+        _check_range("cfg", cfg, 1.0, MAX_CFG, "1 turns guidance off; 4 is typical")
+        _check_range("denoise", denoise, 1e-6, 1.0, "1 starts from pure noise; lower keeps more of the init image")
+        _check_range("num_images", num_images, 1, MAX_IMAGES, "make fewer images per run")
+        if sampler not in SAMPLERS:
+            raise UniRefError(f"sampler is {sampler!r}: use one of {', '.join(SAMPLERS)}")
+        if sampler == "sde":
+            _check_range("eta", eta, 1e-6, 2.0, "0.7 is typical")
+        if denoise < 1 and init_image is None:
+            raise UniRefError("denoise < 1 needs an init image to start from: give one, or set denoise to 1")
+        w, h = cond.width, cond.height
+        schedule = self.schedule(steps, cond.output_tokens)
+        start = 0
+        if denoise < 1:
+            start = int(max(steps - steps * denoise, 0))
+            if start >= steps:
+                raise UniRefError(f"denoise {denoise} with {steps} steps leaves no step to run: raise denoise or steps")
+
+        noises, gens = zip(*(draw_noise(seed + i, self.latent_channels, w, h) for i in range(num_images)))
+        x = torch.cat(noises).to(self.device, self.dtype)
+        if denoise < 1:
+            init = load_image(init_image, name="init image")
+            x0 = pack_latents(vae_encode(self.c.vae, to_pixels(init, w, h))).to(self.device, self.dtype)
+            x = noise_latents(x0.expand_as(x), x, schedule.sigmas[start])
+
+        total = steps - start
+        for i in range(start, steps):
+            if is_cancelled is not None and is_cancelled():
+                raise UniRefCancelled(f"cancelled before step {i - start + 1} of {total}")
+            sigma, sigma_next = schedule.sigmas[i], schedule.sigmas[i + 1]
+            v = self.velocity(x, schedule.timesteps[i], cond, cfg)
+            # The last step of the SDE sampler is deterministic so no fresh noise is left in the image.
+            if sampler == "sde" and sigma_next > 0:
+                eps = torch.cat([torch.randn(x.shape[1:], generator=g, dtype=torch.float32)[None] for g in gens])
+                x = sde_step(x, v, sigma, sigma_next, eta=eta, noise=eps.to(x.device))[0].to(v.dtype)
+            else:
+                x = euler_step(x, v, sigma, sigma_next)
+            if on_step is not None:
+                x0 = (x.float() - float(sigma_next) * v.float()) if sigma_next > 0 else x.float()
+                on_step(StepInfo(i - start + 1, total, float(sigma_next), x, x0, w, h))
+        return x
+
+    # 3. Decoding ------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor, width: int, height: int) -> list[Image.Image]:
+        pixels = vae_decode(self.c.vae, unpack_latents(latents, width, height))
+        return to_images(pixels)
+
+    @torch.no_grad()
+    def preview(self, packed: torch.Tensor, width: int, height: int) -> Image.Image:
+        """A cheap RGB view of packed latents (first image) through a linear map fitted to this VAE."""
+        if self._preview_map is None:
+            self._preview_map = self._fit_preview_map()
+        lat = unpack_latents(packed[:1].float().cpu(), width, height)[0, :, 0]  # [C, h, w]
+        c, h, w = lat.shape
+        feats = torch.cat([lat.reshape(c, -1).T, torch.ones(h * w, 1)], dim=1)
+        rgb = (feats @ self._preview_map).clamp(0, 1).reshape(h, w, 3)
+        return Image.fromarray((rgb.numpy() * 255).round().astype(np.uint8))
+
+    def _fit_preview_map(self) -> torch.Tensor:
+        # A deterministic mosaic of flat colours: latents there are nearly linear in the colour.
+        rng = np.random.default_rng(0)
+        cells = rng.integers(0, 256, size=(8, 8, 3), dtype=np.uint8)
+        img = Image.fromarray(cells).resize((PREVIEW_FIT_PX, PREVIEW_FIT_PX), Image.Resampling.NEAREST)
+        lat = vae_encode(self.c.vae, to_pixels(img, PREVIEW_FIT_PX, PREVIEW_FIT_PX))[0, :, 0].float().cpu()
+        c, h, w = lat.shape
+        target = torch.from_numpy(np.asarray(img.resize((w, h), Image.Resampling.BOX), dtype=np.float32) / 255.0)
+        feats = torch.cat([lat.reshape(c, -1).T, torch.ones(h * w, 1)], dim=1)
+        return torch.linalg.lstsq(feats, target.reshape(-1, 3)).solution
+
+    # All three ---------------------------------------------------------------------------------
+
+    def edit(
+        self,
+        references,
+        prompt: str,
+        negative_prompt: str | None = None,
+        *,
+        seed: int = 0,
+        steps: int = DEFAULT_STEPS,
+        cfg: float = DEFAULT_CFG,
+        sampler: str = "ode",
+        eta: float = DEFAULT_ETA,
+        denoise: float = 1.0,
+        init_image=None,
+        num_images: int = 1,
+        on_step=None,
+        is_cancelled=None,
+        **encode_options,
+    ) -> EditResult:
+        t0 = time.perf_counter()
+        cond = self.encode(references, prompt, negative_prompt, cfg=cfg, **encode_options)
+        latents = self.sample(
+            cond,
+            seed=seed,
+            steps=steps,
+            cfg=cfg,
+            sampler=sampler,
+            eta=eta,
+            denoise=denoise,
+            init_image=init_image,
+            num_images=num_images,
+            on_step=on_step,
+            is_cancelled=is_cancelled,
+        )
+        images = self.decode(latents, cond.width, cond.height)
+        return EditResult(images, cond.plan, time.perf_counter() - t0, latents)

@@ -1,0 +1,70 @@
+"""Prompt encoding through the Qwen2.5-VL encoder, which also sees each reference.
+
+The text is the Qwen-Image-Edit template: a system prompt, then ``Picture k: <image>`` per reference,
+then the instruction. The encoder's last hidden state is the conditioning, with the first
+``DROP_IDX`` template tokens dropped (the system prompt and the user-turn header).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+
+PROMPT_TEMPLATE = (
+    "<|im_start|>system\nDescribe the key features of the input image (color, shape, size, texture, objects, "
+    "background), then explain how the user's text instruction should alter or modify the image. Generate a new "
+    "image that meets the user's requirements while maintaining consistency with the original input where "
+    "appropriate.<|im_end|>\n<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
+)
+PICTURE_LABEL = "Picture {}: <|vision_start|><|image_pad|><|vision_end|>"
+# Tokens of the template before the user's content: the system turn and "<|im_start|>user\n".
+DROP_IDX = 64
+# Qwen2.5-VL merges 2×2 vision patches into one token.
+VL_MERGE = 4
+
+
+def build_prompt_text(prompt: str, num_images: int) -> str:
+    """The full encoder text for ``prompt`` with ``num_images`` pictures labelled 1…K in order."""
+    labels = "".join(PICTURE_LABEL.format(k) for k in range(1, num_images + 1))
+    return PROMPT_TEMPLATE.format(labels + prompt)
+
+
+@dataclass
+class PromptEmbeds:
+    """Encoder output for one prompt: [1, L, D] embeddings, a mask or None when all valid."""
+
+    embeds: torch.Tensor
+    mask: torch.Tensor | None
+    vl_tokens: list[int]  # vision tokens per reference inside the text stream
+
+    def repeat(self, n: int) -> "PromptEmbeds":
+        mask = None if self.mask is None else self.mask.repeat(n, 1)
+        return PromptEmbeds(self.embeds.repeat(n, 1, 1), mask, self.vl_tokens)
+
+    def to(self, device, dtype=None) -> "PromptEmbeds":
+        mask = None if self.mask is None else self.mask.to(device)
+        return PromptEmbeds(self.embeds.to(device, dtype or self.embeds.dtype), mask, self.vl_tokens)
+
+
+@torch.no_grad()
+def encode_prompt(text_encoder, processor, prompt: str, vl_images: list[Image.Image], device=None, dtype=None):
+    """Encode ``prompt`` with the references' small copies ``vl_images`` (already at their VL size)."""
+    device = device or text_encoder.device
+    text = build_prompt_text(prompt, len(vl_images))
+    inputs = processor(text=[text], images=vl_images or None, padding=True, return_tensors="pt").to(device)
+    out = text_encoder(
+        input_ids=inputs["input_ids"],
+        attention_mask=inputs["attention_mask"],
+        pixel_values=inputs.get("pixel_values"),
+        image_grid_thw=inputs.get("image_grid_thw"),
+        output_hidden_states=True,
+    )
+    hidden = out.hidden_states[-1]
+    valid = inputs["attention_mask"].bool()[0]
+    embeds = hidden[0][valid][DROP_IDX:].unsqueeze(0).to(dtype or hidden.dtype)
+    grid = inputs.get("image_grid_thw")
+    vl_tokens = [int(g.prod()) // VL_MERGE for g in grid] if grid is not None else []
+    # One prompt is never padded, so the mask is all ones: None, as the reference pipeline passes it.
+    return PromptEmbeds(embeds=embeds, mask=None, vl_tokens=vl_tokens)
