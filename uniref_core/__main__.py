@@ -141,8 +141,10 @@ def cmd_edit(a) -> int:
     refs = [load_image(r, name=f"reference {k} ({r})") for k, r in enumerate(a.ref, start=1)]
     init = load_image(a.init, name=f"init image ({a.init})") if a.init else None
     from .budget import plan_references
+    from .pipeline import check_sampling
 
     plan_references([r.size for r in refs], **_size_kwargs(a))
+    check_sampling(a.steps, a.cfg, a.sampler, a.eta, a.denoise, init, a.num_images)
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = a.model or default_model_path()
     pipe = UniRefPipeline.from_pretrained(model, device=device, dtype=a.dtype)

@@ -103,6 +103,22 @@ def _check_range(name: str, value, lo, hi, hint: str) -> None:
         raise UniRefError(f"{name} is {value}: it must be between {lo} and {hi}; {hint}")
 
 
+def check_sampling(steps, cfg, sampler, eta, denoise, init_image, num_images) -> None:
+    """Validate sampling options up front, so a typo fails before any model work."""
+    _check_range("steps", steps, 1, MAX_STEPS, "30 to 50 is typical")
+    _check_range("cfg", cfg, 1.0, MAX_CFG, "1 turns guidance off; 4 is typical")
+    _check_range("denoise", denoise, 1e-6, 1.0, "1 starts from pure noise; lower keeps more of the init image")
+    _check_range("num_images", num_images, 1, MAX_IMAGES, "make fewer images per run")
+    if sampler not in SAMPLERS:
+        raise UniRefError(f"sampler is {sampler!r}: use one of {', '.join(SAMPLERS)}")
+    if sampler == "sde":
+        _check_range("eta", eta, 1e-6, 2.0, "0.7 is typical")
+    if denoise < 1 and init_image is None:
+        raise UniRefError("denoise < 1 needs an init image to start from: give one, or set denoise to 1")
+    if denoise < 1 and int(max(steps - steps * denoise, 0)) >= steps:
+        raise UniRefError(f"denoise {denoise} with {steps} steps leaves no step to run: raise denoise or steps")
+
+
 def draw_noise(seed: int, channels: int, width: int, height: int) -> tuple[torch.Tensor, torch.Generator]:
     """Initial noise for one image, drawn on the CPU in fp32 exactly as diffusers draws it; packed."""
     gen = torch.Generator("cpu").manual_seed(int(seed))
@@ -252,23 +268,12 @@ class UniRefPipeline:
     ) -> torch.Tensor:
         """Denoise; returns packed target latents [num_images, L, 64]. Image i uses seed ``seed + i``
         and equals a single run with that seed."""
-        _check_range("steps", steps, 1, MAX_STEPS, "30 to 50 is typical")
-        _check_range("cfg", cfg, 1.0, MAX_CFG, "1 turns guidance off; 4 is typical")
-        _check_range("denoise", denoise, 1e-6, 1.0, "1 starts from pure noise; lower keeps more of the init image")
-        _check_range("num_images", num_images, 1, MAX_IMAGES, "make fewer images per run")
-        if sampler not in SAMPLERS:
-            raise UniRefError(f"sampler is {sampler!r}: use one of {', '.join(SAMPLERS)}")
-        if sampler == "sde":
-            _check_range("eta", eta, 1e-6, 2.0, "0.7 is typical")
-        if denoise < 1 and init_image is None:
-            raise UniRefError("denoise < 1 needs an init image to start from: give one, or set denoise to 1")
+        check_sampling(steps, cfg, sampler, eta, denoise, init_image, num_images)
         w, h = cond.width, cond.height
         schedule = self.schedule(steps, cond.output_tokens)
         start = 0
         if denoise < 1:
             start = int(max(steps - steps * denoise, 0))
-            if start >= steps:
-                raise UniRefError(f"denoise {denoise} with {steps} steps leaves no step to run: raise denoise or steps")
 
         noises, gens = zip(*(draw_noise(seed + i, self.latent_channels, w, h) for i in range(num_images)))
         x = torch.cat(noises).to(self.device, self.dtype)
@@ -344,6 +349,7 @@ class UniRefPipeline:
         **encode_options,
     ) -> EditResult:
         t0 = time.perf_counter()
+        check_sampling(steps, cfg, sampler, eta, denoise, init_image, num_images)
         cond = self.encode(references, prompt, negative_prompt, cfg=cfg, **encode_options)
         latents = self.sample(
             cond,

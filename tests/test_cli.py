@@ -1,0 +1,125 @@
+"""The command line as a user types it: plan, edit, make-tiny-model, and what bad input prints."""
+
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from uniref_core import UniRefPipeline
+from uniref_core.__main__ import main
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples"
+REFS = [EXAMPLES / "ref_red_circle.png", EXAMPLES / "ref_blue_square.png", EXAMPLES / "ref_background.png"]
+
+
+def run_cli(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "uniref_core", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        timeout=300,
+    )
+
+
+def test_plan_prints_each_reference_without_a_model(capsys):
+    argv = ["plan", *sum((["--ref", str(r)] for r in REFS), []), "--budget", "512"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "mode budget, budget 262144 px" in out
+    assert "Picture 1: 320×240 →" in out and "Picture 3: 480×270 →" in out
+    assert "image sequence" in out
+    assert main(argv + ["--json"]) == 0
+    import json
+
+    plan = json.loads(capsys.readouterr().out)
+    assert len(plan["references"]) == 3
+    assert plan["reference_tokens"] * 256 <= 512 * 512 + 16 * sum(r["width"] + r["height"] + 16 for r in plan["references"])
+
+
+def test_edit_writes_the_image_and_a_summary(tiny_model, tmp_path):
+    out = tmp_path / "out.png"
+    r = run_cli(
+        "edit", "--model", tiny_model, *sum((["--ref", p] for p in REFS), []),
+        "--prompt", "put the circle from Picture 1 left of the square from Picture 2 on Picture 3",
+        "--budget", "256", "--width", "128", "--height", "96", "--steps", "3", "--seed", "4", "-o", out,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    img = Image.open(out)
+    assert img.size == (128, 96)
+    assert "tokens/ref: ref1=" in r.stdout and "sequence" in r.stdout
+    assert "denoising" in r.stderr  # the progress bar
+    # Same as the library with the same inputs.
+    pipe = UniRefPipeline.from_pretrained(tiny_model)
+    lib = pipe.edit(
+        [str(p) for p in REFS], "put the circle from Picture 1 left of the square from Picture 2 on Picture 3",
+        budget=256 * 256, width=128, height=96, steps=3, seed=4,
+    ).images[0]  # fmt: skip
+    assert np.array_equal(np.asarray(img), np.asarray(lib))
+
+
+def test_several_images_get_numbered_files(tiny_model, tmp_path):
+    out = tmp_path / "many.png"
+    code = main(
+        ["edit", "--model", str(tiny_model), "--ref", str(REFS[0]), "--prompt", "recolour it", "--quiet",
+         "--budget", "128", "--width", "64", "--height", "64", "--steps", "2", "--num-images", "2", "-o", str(out)]
+    )  # fmt: skip
+    assert code == 0
+    assert (tmp_path / "many-1.png").is_file() and (tmp_path / "many-2.png").is_file()
+
+
+def test_make_tiny_model(tmp_path, capsys):
+    assert main(["make-tiny-model", str(tmp_path / "m"), "--zero-cond-t"]) == 0
+    assert (tmp_path / "m" / "model_index.json").is_file()
+    assert '"zero_cond_t": true' in (tmp_path / "m" / "transformer" / "config.json").read_text()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--ref", "missing.png"], "reference 1 (missing.png): file not found"),
+        (["--ref", "{ref}", "--steps", "0"], "steps is 0"),
+        (["--ref", "{ref}", "--cfg", "0"], "cfg is 0.0"),
+        (["--ref", "{ref}", "--width", "100", "--height", "64"], "output width is 100 px"),
+        (["--ref", "{ref}", "--denoise", "0.5"], "denoise < 1 needs an init image"),
+        (["--ref", "{ref}", "-o", "/nonexistent-dir/out.png"], "output folder /nonexistent-dir does not exist"),
+        (["--ref", "{ref}", "-o", "{tmp}/out.txt"], "has no image extension"),
+        (["--ref", "{ref}", "--model", "{tmp}/no-model"], "model folder not found"),
+        (["--ref", "{ref}", "--budget", "huge"], "is not a size"),
+    ],
+)
+def test_bad_input_prints_one_line_naming_it(tiny_model, tmp_path, capsys, args, message):
+    argv = ["edit", "--prompt", "x", "--model", str(tiny_model), "-o", str(tmp_path / "o.png"), "--quiet"]
+    argv += [a.format(ref=REFS[0], tmp=tmp_path) for a in args]
+    before = hashlib.sha256(REFS[0].read_bytes()).hexdigest()
+    with pytest.raises(SystemExit) if "not a size" in message else _nullcontext():
+        code = main(argv)
+        assert code == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert "Traceback" not in err
+    assert not (tmp_path / "o.png").exists()
+    assert hashlib.sha256(REFS[0].read_bytes()).hexdigest() == before
+
+
+def test_output_path_is_checked_before_the_model_loads(tmp_path, capsys):
+    # A bad model AND a bad output: the output error comes first, without loading anything.
+    code = main(["edit", "--prompt", "x", "--ref", str(REFS[0]), "--model", str(tmp_path / "nope"),
+                 "-o", str(tmp_path / "missing" / "o.png")])  # fmt: skip
+    assert code == 2
+    assert "output folder" in capsys.readouterr().err
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False

@@ -1,0 +1,93 @@
+"""Model folders as users have them: published layout, sharded transformers, and broken downloads."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from diffusers import QwenImageTransformer2DModel
+from safetensors.torch import save_file
+
+from uniref_core import UniRefError, UniRefPipeline
+from uniref_core.model import check_model_folder
+
+from conftest import make_refs
+
+
+@pytest.fixture
+def broken(tiny_model, tmp_path):
+    """A fresh copy of the tiny model folder to damage."""
+    dst = tmp_path / "model"
+    shutil.copytree(tiny_model, dst)
+    return dst
+
+
+def test_sharded_transformer_loads_and_gives_the_same_image(tiny_model, broken):
+    t = QwenImageTransformer2DModel.from_pretrained(tiny_model / "transformer")
+    shutil.rmtree(broken / "transformer")
+    t.save_pretrained(broken / "transformer", max_shard_size="1MB", safe_serialization=True)
+    files = sorted(p.name for p in (broken / "transformer").iterdir())
+    assert "diffusion_pytorch_model.safetensors.index.json" in files and len(files) > 3
+    refs = make_refs([(96, 64)])
+    opts = dict(cfg=1.0, steps=2, budget=64 * 64, width=64, height=64)
+    a = UniRefPipeline.from_pretrained(tiny_model).edit(refs, "make it red", **opts).images[0]
+    b = UniRefPipeline.from_pretrained(broken).edit(refs, "make it red", **opts).images[0]
+    assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_missing_component_is_named(broken):
+    shutil.rmtree(broken / "vae")
+    with pytest.raises(UniRefError, match="missing the 'vae' component"):
+        UniRefPipeline.from_pretrained(broken)
+
+
+def test_missing_shard_is_named(tiny_model, broken):
+    t = QwenImageTransformer2DModel.from_pretrained(tiny_model / "transformer")
+    shutil.rmtree(broken / "transformer")
+    t.save_pretrained(broken / "transformer", max_shard_size="1MB", safe_serialization=True)
+    shard = sorted((broken / "transformer").glob("*-00002-of-*.safetensors"))[0]
+    shard.unlink()
+    with pytest.raises(UniRefError, match=f"'transformer' is incomplete: shard\\(s\\) {shard.name}"):
+        check_model_folder(broken)
+
+
+def test_pickle_weights_are_refused(broken):
+    weights = broken / "text_encoder" / "model.safetensors"
+    weights.unlink()
+    torch.save({"x": torch.zeros(1)}, broken / "text_encoder" / "pytorch_model.bin")
+    with pytest.raises(UniRefError, match="'text_encoder' has only pickle weights.*safetensors"):
+        UniRefPipeline.from_pretrained(broken)
+
+
+def test_other_architecture_is_named(broken):
+    index = json.loads((broken / "model_index.json").read_text())
+    index["_class_name"] = "StableDiffusionXLPipeline"
+    (broken / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(UniRefError, match="holds a StableDiffusionXLPipeline model"):
+        UniRefPipeline.from_pretrained(broken)
+
+
+def test_wrong_component_class_is_named(broken):
+    cfg = json.loads((broken / "vae" / "config.json").read_text())
+    cfg["_class_name"] = "AutoencoderKL"
+    (broken / "vae" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UniRefError, match="'vae' is a AutoencoderKL, expected AutoencoderKLQwenImage"):
+        UniRefPipeline.from_pretrained(broken)
+
+
+def test_not_a_model_folder(tmp_path):
+    with pytest.raises(UniRefError, match="model folder not found"):
+        UniRefPipeline.from_pretrained(tmp_path / "nope")
+    with pytest.raises(UniRefError, match="no model_index.json"):
+        UniRefPipeline.from_pretrained(tmp_path)
+    f = tmp_path / "model.safetensors"
+    save_file({"x": torch.zeros(1)}, f)
+    with pytest.raises(UniRefError, match="is a file"):
+        UniRefPipeline.from_pretrained(f)
+
+
+def test_corrupt_weights_are_a_clear_error(broken):
+    (broken / "transformer" / "diffusion_pytorch_model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(UniRefError, match="could not be loaded"):
+        UniRefPipeline.from_pretrained(broken)
