@@ -24,6 +24,7 @@ from .images import load_image
 from .latents import (
     VAE_SCALE,
     build_sequence,
+    latent_stats,
     pack_latents,
     to_images,
     to_pixels,
@@ -67,6 +68,15 @@ class SelfConditioning:
     @property
     def output_tokens(self) -> int:
         return self.plan.output_tokens
+
+    def to(self, device, dtype) -> "SelfConditioning":
+        """The same conditioning on another device (the model may have moved since encoding)."""
+        return SelfConditioning(
+            plan=self.plan,
+            positive=self.positive.to(device, dtype),
+            negative=None if self.negative is None else self.negative.to(device, dtype),
+            ref_tokens=[r.to(device, dtype) for r in self.ref_tokens],
+        )
 
 
 @dataclass
@@ -269,6 +279,8 @@ class UniRefPipeline:
         """Denoise; returns packed target latents [num_images, L, 64]. Image i uses seed ``seed + i``
         and equals a single run with that seed."""
         check_sampling(steps, cfg, sampler, eta, denoise, init_image, num_images)
+        if cond.positive.embeds.device != self.device or cond.positive.embeds.dtype != self.dtype:
+            cond = cond.to(self.device, self.dtype)
         w, h = cond.width, cond.height
         schedule = self.schedule(steps, cond.output_tokens)
         start = 0
@@ -305,6 +317,14 @@ class UniRefPipeline:
     def decode(self, latents: torch.Tensor, width: int, height: int) -> list[Image.Image]:
         pixels = vae_decode(self.c.vae, unpack_latents(latents, width, height))
         return to_images(pixels)
+
+    @torch.no_grad()
+    def raw_latents(self, latents: torch.Tensor, width: int, height: int) -> torch.Tensor:
+        """Packed target tokens → the VAE's own (un-normalised) latents [B, C, h, w], fp32 on the CPU:
+        what ComfyUI's LATENT holds for Qwen-Image, so its VAE Decode can take them."""
+        lat = unpack_latents(latents.float(), width, height)
+        mean, std = latent_stats(self.c.vae, lat.device, lat.dtype)
+        return (lat * std + mean)[:, :, 0].cpu()
 
     @torch.no_grad()
     def preview(self, packed: torch.Tensor, width: int, height: int) -> Image.Image:

@@ -1,0 +1,1 @@
+"""ComfyUI adapters for the UniRef engine: schemas, validation, one call into uniref_core each."""

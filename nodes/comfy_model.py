@@ -1,0 +1,117 @@
+"""ComfyUI side of a loaded UniRef model: model folders, device, memory management.
+
+The engine's modules are wrapped in one ``ModelPatcher`` so ComfyUI's model management moves
+them to the GPU when a UniRef node needs them and back to the offload device when another model
+needs the memory or the user presses "Free model and node cache".
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+import comfy.model_management as mm
+import comfy.model_patcher
+import folder_paths
+
+from ..uniref_core.defaults import default_model_dir
+from ..uniref_core.errors import UniRefError
+from ..uniref_core.model import check_model_folder
+from ..uniref_core.pipeline import UniRefPipeline
+
+FOLDER = "uniref"
+BUILTIN = "uniref-default (built-in)"
+# How deep to look for diffusers folders under models/uniref/ (e.g. Qwen/Qwen-Image-Edit-2511).
+SEARCH_DEPTH = 2
+
+
+def register_model_folder() -> None:
+    """models/uniref/ (and extra_model_paths entries named 'uniref') hold diffusers-format folders."""
+    if FOLDER not in folder_paths.folder_names_and_paths:
+        folder_paths.add_model_folder_path(FOLDER, os.path.join(folder_paths.models_dir, FOLDER))
+
+
+def list_models() -> list[str]:
+    """The built-in model first, then every folder with a model_index.json under models/uniref/."""
+    names = [BUILTIN] if (default_model_dir() / "model_index.json").is_file() else []
+    for root in folder_paths.get_folder_paths(FOLDER):
+        base = Path(root)
+        if not base.is_dir():
+            continue
+        for index in sorted(base.glob("model_index.json")) + sorted(base.glob("*/model_index.json")) + sorted(
+            base.glob("*/*/model_index.json")
+        ):
+            rel = index.parent.relative_to(base).as_posix()
+            if rel != "." and rel not in names and rel.count("/") < SEARCH_DEPTH:
+                names.append(rel)
+    return names
+
+
+def resolve_model(name: str) -> Path:
+    if name == BUILTIN:
+        return default_model_dir()
+    for root in folder_paths.get_folder_paths(FOLDER):
+        path = Path(root) / name
+        if (path / "model_index.json").is_file() or path.is_dir():
+            return path
+    raise UniRefError(
+        f"model '{name}' was not found in models/{FOLDER}/: put a diffusers-format model folder there "
+        "(the layout of Qwen-Image-Edit-2509/2511) and refresh"
+    )
+
+
+class _Modules(torch.nn.Module):
+    """The engine's three networks as one module, with the attributes ModelPatcher expects."""
+
+    def __init__(self, pipe: UniRefPipeline):
+        super().__init__()
+        self.transformer = pipe.c.transformer
+        self.vae = pipe.c.vae
+        self.text_encoder = pipe.c.text_encoder
+        self.device = pipe.device
+        self._dtype = pipe.dtype
+
+    def get_dtype(self) -> torch.dtype:
+        return self._dtype
+
+    def memory_required(self, *args, **kwargs) -> int:
+        return 0
+
+
+@dataclass
+class UniRefModel:
+    """What flows along a UNIREF_MODEL link."""
+
+    name: str
+    pipe: UniRefPipeline
+    patcher: object
+
+    def load(self) -> UniRefPipeline:
+        """Ask ComfyUI to put the model on its device (it frees other models if needed)."""
+        mm.load_models_gpu([self.patcher])
+        return self.pipe
+
+
+def pick_dtype(choice: str, device: torch.device) -> torch.dtype:
+    if choice == "auto":
+        # Qwen-Image overflows in fp16: bf16 where the device has it, else fp32.
+        if device.type != "cpu" and mm.should_use_bf16(device):
+            return torch.bfloat16
+        return torch.float32
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[choice]
+
+
+def load_model(name: str, dtype: str) -> UniRefModel:
+    path = resolve_model(name)
+    check_model_folder(path)
+    load_device = mm.get_torch_device()
+    offload_device = mm.unet_offload_device()
+    logging.info("UniRef: loading model %s from %s", name, path)
+    pipe = UniRefPipeline.from_pretrained(path, device=offload_device, dtype=pick_dtype(dtype, load_device))
+    modules = _Modules(pipe)
+    patcher = comfy.model_patcher.ModelPatcher(modules, load_device=load_device, offload_device=offload_device)
+    return UniRefModel(name=name, pipe=pipe, patcher=patcher)

@@ -1,0 +1,336 @@
+"""The UniRef nodes: Load UniRef Model → Reference Batch → SELF Encode → UniRef Sampler.
+
+Each node is a schema plus a short ``execute`` that calls ``uniref_core``; no model maths here.
+"""
+
+from __future__ import annotations
+
+import torch
+from comfy_api.latest import io
+
+import comfy.model_management as mm
+import comfy.utils
+
+from ..uniref_core.budget import BUDGETS, MODES
+from ..uniref_core.errors import UniRefError
+from ..uniref_core.images import pil_to_comfy, split_image_batch
+from ..uniref_core.pipeline import DEFAULT_CFG, DEFAULT_ETA, DEFAULT_STEPS, SAMPLERS, check_sampling
+from . import comfy_model
+
+ModelType = io.Custom("UNIREF_MODEL")
+RefsType = io.Custom("UNIREF_REFS")
+CondType = io.Custom("UNIREF_COND")
+
+CATEGORY = "UniRef"
+# Hosts without io.Autogrow (ComfyUI < 0.4) get this many fixed optional image inputs.
+FIXED_IMAGE_INPUTS = 6
+MAX_AUTOGROW_IMAGES = 16
+CUSTOM = "custom"
+MAX_SEED = 0xFFFFFFFFFFFFFFFF
+
+
+def _image_slot_names(kwargs: dict) -> list:
+    """Connected IMAGE tensors in slot order (image_1, image_2, …) from Autogrow's dict or fixed inputs."""
+    images = kwargs.get("images")
+    if isinstance(images, dict):
+        slots = images
+    else:
+        slots = {k: v for k, v in kwargs.items() if k.startswith("image_")}
+    ordered = sorted(slots, key=lambda n: int(n.rsplit("_", 1)[-1]))
+    return [slots[n] for n in ordered if slots[n] is not None]
+
+
+class LoadUniRefModel(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="UniRefLoadModel",
+            display_name="Load UniRef Model",
+            category=CATEGORY,
+            description="Loads a Qwen-Image-Edit-family model (UniRef, Qwen-Image-Edit-2509/2511, UniPic 3.0) "
+            "from a diffusers-format folder in models/uniref/. Kept in memory between runs.",
+            inputs=[
+                io.Combo.Input(
+                    "model",
+                    options=comfy_model.list_models(),
+                    tooltip="A diffusers-format model folder inside models/uniref/ (the folder holding model_index.json).",
+                ),
+                io.Combo.Input(
+                    "dtype",
+                    options=["auto", "bf16", "fp16", "fp32"],
+                    default="auto",
+                    tooltip="Weight precision. auto: bf16 on a GPU that supports it, fp32 on CPU.",
+                ),
+            ],
+            outputs=[ModelType.Output(display_name="model")],
+        )
+
+    @classmethod
+    def execute(cls, model, dtype="auto") -> io.NodeOutput:
+        return io.NodeOutput(comfy_model.load_model(model, dtype))
+
+
+def _reference_inputs() -> list:
+    image_tip = "A reference image; its order is its 'Picture k' number in the prompt. Any size."
+    if hasattr(io, "Autogrow"):
+        images = [
+            io.Autogrow.Input(
+                "images",
+                template=io.Autogrow.TemplateNames(
+                    io.Image.Input("image", tooltip=image_tip),
+                    names=[f"image_{i}" for i in range(1, MAX_AUTOGROW_IMAGES + 1)],
+                    min=1,
+                ),
+                optional=True,
+                tooltip="Reference images; a new input appears as you connect one.",
+            )
+        ]
+    else:
+        images = [
+            io.Image.Input(f"image_{i}", optional=True, tooltip=image_tip) for i in range(1, FIXED_IMAGE_INPUTS + 1)
+        ]
+    previous = RefsType.Input(
+        "previous",
+        optional=True,
+        tooltip="References from another Reference Batch; they come first, so chain batches for any number.",
+    )
+    return [previous, *images]
+
+
+class ReferenceBatch(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="UniRefReferenceBatch",
+            display_name="Reference Batch",
+            category=CATEGORY,
+            description="Collects reference images in order (Picture 1, 2, …), each kept at its own size. "
+            "Chain several to add more.",
+            inputs=_reference_inputs(),
+            outputs=[RefsType.Output(display_name="references")],
+        )
+
+    @classmethod
+    def execute(cls, previous=None, **kwargs) -> io.NodeOutput:
+        refs = list(previous or [])
+        for tensor in _image_slot_names(kwargs):
+            # An IMAGE batch of several frames adds each frame as its own reference.
+            refs.extend(pil_to_comfy(im) for im in split_image_batch(tensor, name=f"reference {len(refs) + 1}"))
+        if not refs:
+            raise UniRefError("Reference Batch has no image connected: connect at least one image to image_1")
+        return io.NodeOutput(refs)
+
+
+class SelfEncode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="UniRefSelfEncode",
+            display_name="SELF Encode",
+            category=CATEGORY,
+            description="Encodes the prompt and the references for the sampler: all references share one pixel "
+            "budget (SELF), so many references cost about what one costs.",
+            inputs=[
+                ModelType.Input("model", tooltip="From Load UniRef Model."),
+                RefsType.Input("references", tooltip="From Reference Batch."),
+                io.String.Input(
+                    "prompt",
+                    multiline=True,
+                    default="",
+                    tooltip="The instruction. Refer to references as 'Picture 1', 'Picture 2', … in batch order.",
+                ),
+                io.String.Input(
+                    "negative_prompt",
+                    multiline=True,
+                    default=" ",
+                    tooltip="What to avoid; used when the sampler's cfg is above 1.",
+                ),
+                io.Combo.Input(
+                    "budget",
+                    options=[*BUDGETS, CUSTOM],
+                    default="1024²",
+                    tooltip="Total pixels of ALL references together. 1024² is what the model is trained at; "
+                    "larger keeps more detail and costs more.",
+                ),
+                io.Int.Input(
+                    "custom_budget",
+                    default=1024,
+                    min=64,
+                    max=8192,
+                    step=32,
+                    tooltip="Side of the square budget (pixels) when budget is 'custom'.",
+                ),
+                io.Combo.Input(
+                    "mode",
+                    options=list(MODES),
+                    default="budget",
+                    tooltip="budget: SELF, all references within the budget. per_image: each reference at ~1024² "
+                    "like Qwen-Image-Edit's own pipeline (how 2509/2511 were trained).",
+                ),
+                io.Int.Input(
+                    "width",
+                    default=0,
+                    min=0,
+                    max=8192,
+                    step=16,
+                    tooltip="Output width; 0 takes reference 'match_reference's aspect ratio at 1024².",
+                ),
+                io.Int.Input(
+                    "height",
+                    default=0,
+                    min=0,
+                    max=8192,
+                    step=16,
+                    tooltip="Output height; 0 takes reference 'match_reference's aspect ratio at 1024².",
+                ),
+                io.Int.Input(
+                    "match_reference",
+                    default=1,
+                    min=1,
+                    max=64,
+                    tooltip="Which reference's aspect ratio the output takes when width and height are 0.",
+                ),
+                io.Boolean.Input(
+                    "upscale_small",
+                    default=True,
+                    tooltip="Enlarge references smaller than their share of the budget (off: keep their size).",
+                ),
+            ],
+            outputs=[CondType.Output(display_name="conditioning")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, width=0, height=0, **kwargs):
+        if (width == 0) != (height == 0):
+            return "SELF Encode: set both width and height, or both to 0 to match a reference"
+        return True
+
+    @classmethod
+    def execute(
+        cls,
+        model,
+        references,
+        prompt,
+        negative_prompt=" ",
+        budget="1024²",
+        custom_budget=1024,
+        mode="budget",
+        width=0,
+        height=0,
+        match_reference=1,
+        upscale_small=True,
+    ) -> io.NodeOutput:
+        pipe = model.load()
+        area = custom_budget * custom_budget if budget == CUSTOM else BUDGETS[budget]
+        cond = pipe.encode(
+            references,
+            prompt,
+            negative_prompt,
+            cfg=2.0,  # always encode the negative: the sampler's cfg is not known here
+            mode=mode,
+            budget=area,
+            upscale=upscale_small,
+            width=width or None,
+            height=height or None,
+            match_ref=match_reference,
+        )
+        return io.NodeOutput(cond)
+
+
+class UniRefSampler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="UniRefSampler",
+            display_name="UniRef Sampler",
+            category=CATEGORY,
+            description="Generates the edited image from a SELF conditioning, with a preview each step.",
+            inputs=[
+                ModelType.Input("model", tooltip="From Load UniRef Model."),
+                CondType.Input("conditioning", tooltip="From SELF Encode."),
+                io.Int.Input(
+                    "seed", default=0, min=0, max=MAX_SEED, control_after_generate=True, tooltip="Noise seed."
+                ),
+                io.Int.Input("steps", default=DEFAULT_STEPS, min=1, max=1000, tooltip="Denoising steps; 30–50 is typical, 8 for distilled checkpoints."),
+                io.Float.Input(
+                    "cfg",
+                    default=DEFAULT_CFG,
+                    min=1.0,
+                    max=30.0,
+                    step=0.1,
+                    tooltip="True CFG scale with the negative prompt; 1 turns it off and runs twice as fast.",
+                ),
+                io.Combo.Input(
+                    "sampler",
+                    options=list(SAMPLERS),
+                    default="ode",
+                    tooltip="ode: deterministic Euler. sde: stochastic (Flow-GRPO's sampler).",
+                ),
+                io.Float.Input(
+                    "denoise",
+                    default=1.0,
+                    min=0.01,
+                    max=1.0,
+                    step=0.01,
+                    tooltip="1 starts from noise; lower keeps more of init_image (which is then required).",
+                ),
+                io.Float.Input(
+                    "eta", default=DEFAULT_ETA, min=0.01, max=2.0, step=0.01, tooltip="Noise level of the sde sampler."
+                ),
+                io.Image.Input("init_image", optional=True, tooltip="Start image for denoise < 1."),
+            ],
+            outputs=[io.Image.Output(display_name="image"), io.Latent.Output(display_name="latent")],
+        )
+
+    @classmethod
+    def execute(
+        cls, model, conditioning, seed, steps, cfg, sampler, denoise, eta=DEFAULT_ETA, init_image=None
+    ) -> io.NodeOutput:
+        init = split_image_batch(init_image, name="init_image")[0] if init_image is not None else None
+        check_sampling(steps, cfg, sampler, eta, denoise, init, 1)
+        pipe = model.load()
+        cond = conditioning
+        bar = comfy.utils.ProgressBar(steps)
+        show_preview = _previews_enabled()
+
+        def on_step(info) -> None:
+            preview = None
+            if show_preview:
+                preview = ("JPEG", pipe.preview(info.x0, info.width, info.height), _preview_size())
+            bar.update_absolute(info.step, info.total, preview)
+
+        latents = pipe.sample(
+            cond,
+            seed=seed,
+            steps=steps,
+            cfg=cfg,
+            sampler=sampler,
+            eta=eta,
+            denoise=denoise,
+            init_image=init,
+            on_step=on_step,
+            is_cancelled=_interrupted,
+        )
+        images = pipe.decode(latents, cond.width, cond.height)
+        return io.NodeOutput(pil_to_comfy(images), {"samples": pipe.raw_latents(latents, cond.width, cond.height)})
+
+
+def _interrupted() -> bool:
+    # Raises ComfyUI's own InterruptProcessingException, so the prompt ends as "interrupted".
+    mm.throw_exception_if_processing_interrupted()
+    return False
+
+
+def _previews_enabled() -> bool:
+    from comfy.cli_args import LatentPreviewMethod, args
+
+    return args.preview_method != LatentPreviewMethod.NoPreviews
+
+
+def _preview_size() -> int:
+    from comfy.cli_args import args
+
+    return int(getattr(args, "preview_size", 512))
+
+
+NODES = [LoadUniRefModel, ReferenceBatch, SelfEncode, UniRefSampler]

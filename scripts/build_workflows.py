@@ -1,0 +1,131 @@
+"""Write the example workflows in workflows/ (ComfyUI UI format, LiteGraph version 0.4).
+
+Run after changing a node's inputs: `python scripts/build_workflows.py`. The JSON files are what
+ships; this script only keeps them consistent (ids, links, widget order).
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL = "uniref-default (built-in)"
+
+
+class Graph:
+    def __init__(self):
+        self.nodes, self.links = [], []
+
+    def node(self, type_, pos, size, inputs=(), outputs=(), widgets=None, title=None, color=None):
+        nid = len(self.nodes) + 1
+        node = {
+            "id": nid,
+            "type": type_,
+            "pos": list(pos),
+            "size": list(size),
+            "flags": {},
+            "order": nid - 1,
+            "mode": 0,
+            "inputs": [dict(name=n, type=t, link=None, **({"widget": {"name": n}} if w else {})) for n, t, w in inputs],
+            "outputs": [{"name": n, "type": t, "links": [], "slot_index": i} for i, (n, t) in enumerate(outputs)],
+            "properties": {"Node name for S&R": type_},
+            "widgets_values": widgets if widgets is not None else [],
+        }
+        if title:
+            node["title"] = title
+        if color:
+            node["color"], node["bgcolor"] = color
+        self.nodes.append(node)
+        return node
+
+    def link(self, src, src_slot, dst, dst_input):
+        lid = len(self.links) + 1
+        slot = next(i for i, inp in enumerate(dst["inputs"]) if inp["name"] == dst_input)
+        type_ = src["outputs"][src_slot]["type"]
+        src["outputs"][src_slot]["links"].append(lid)
+        dst["inputs"][slot]["link"] = lid
+        self.links.append([lid, src["id"], src_slot, dst["id"], slot, type_])
+
+    def to_json(self, name):
+        return {
+            "id": str(uuid.uuid5(uuid.NAMESPACE_URL, f"comfyui-uniref/{name}")),
+            "revision": 0,
+            "last_node_id": len(self.nodes),
+            "last_link_id": len(self.links),
+            "nodes": self.nodes,
+            "links": self.links,
+            "groups": [],
+            "config": {},
+            "extra": {"ds": {"scale": 0.9, "offset": [40, 60]}},
+            "version": 0.4,
+        }
+
+
+NOTE_COLOR = ("#432", "#653")
+
+
+def build(name, images, prompt, note, budget="1024²", custom_budget=1024, match_reference=1):
+    g = Graph()
+    g.node("Note", (0, -230), (520, 190), widgets=[note], title="Read me", color=NOTE_COLOR)
+    loaders = [
+        g.node("LoadImage", (0, 20 + 340 * i), (300, 314), outputs=[("IMAGE", "IMAGE"), ("MASK", "MASK")],
+               widgets=[img, "image"], title=f"Picture {i + 1}")
+        for i, img in enumerate(images)
+    ]  # fmt: skip
+    model = g.node(
+        "UniRefLoadModel", (380, -230), (320, 82), outputs=[("model", "UNIREF_MODEL")], widgets=[MODEL, "auto"]
+    )
+    slots = [("previous", "UNIREF_REFS", False)] + [(f"images.image_{i + 1}", "IMAGE", False) for i in range(len(images))]
+    batch = g.node("UniRefReferenceBatch", (380, 20), (260, 46 + 22 * len(slots)), inputs=slots,
+                   outputs=[("references", "UNIREF_REFS")])  # fmt: skip
+    enc_inputs = [("model", "UNIREF_MODEL", False), ("references", "UNIREF_REFS", False)]
+    encode = g.node(
+        "UniRefSelfEncode", (740, -230), (400, 420), inputs=enc_inputs, outputs=[("conditioning", "UNIREF_COND")],
+        widgets=[prompt, " ", budget, custom_budget, "budget", 0, 0, match_reference, True],
+    )  # fmt: skip
+    sampler = g.node(
+        "UniRefSampler", (1180, -230), (320, 300),
+        inputs=[("model", "UNIREF_MODEL", False), ("conditioning", "UNIREF_COND", False), ("init_image", "IMAGE", False)],
+        outputs=[("image", "IMAGE"), ("latent", "LATENT")],
+        widgets=[0, "fixed", 30, 4.0, "ode", 1.0, 0.7],
+    )  # fmt: skip
+    save = g.node("SaveImage", (1540, -230), (420, 460), inputs=[("images", "IMAGE", False)], widgets=["UniRef"])
+    for i, loader in enumerate(loaders):
+        g.link(loader, 0, batch, f"images.image_{i + 1}")
+    g.link(model, 0, encode, "model")
+    g.link(batch, 0, encode, "references")
+    g.link(model, 0, sampler, "model")
+    g.link(encode, 0, sampler, "conditioning")
+    g.link(sampler, 0, save, "images")
+    path = ROOT / "workflows" / f"{name}.json"
+    path.write_text(json.dumps(g.to_json(name), indent=2) + "\n")
+    return path
+
+
+def main() -> None:
+    (ROOT / "workflows").mkdir(exist_ok=True)
+    build(
+        "uniref_single_edit",
+        ["uniref_red_circle.png"],
+        "Change the colour of the object in Picture 1 to blue.",
+        "UniRef single-image edit\n\n1. Picture 1: load the image to edit.\n2. SELF Encode: write the instruction "
+        "(call the image 'Picture 1').\n3. Load UniRef Model: pick your model (models/uniref/).\n4. Queue.\n\n"
+        "Sizes: the output takes Picture 1's aspect ratio at 1024²; set width/height to choose it yourself.",
+    )
+    build(
+        "uniref_multi_compose",
+        ["uniref_red_circle.png", "uniref_blue_square.png", "uniref_background.png"],
+        "Put the object from Picture 1 on the left and the object from Picture 2 on the right, on the background "
+        "of Picture 3.",
+        "UniRef multi-reference composition\n\nEach LoadImage is one reference; its slot number is its 'Picture k' "
+        "in the prompt. Connect more images to Reference Batch (a new slot appears), or chain a second Reference "
+        "Batch into 'previous' for even more.\n\nAll references share ONE pixel budget (SELF Encode > budget), so "
+        "adding references barely slows sampling. Output follows Picture 3 (match_reference).",
+        match_reference=3,
+    )
+
+
+if __name__ == "__main__":
+    main()
