@@ -9,7 +9,7 @@ from pathlib import Path
 
 import folder_paths
 
-EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "examples"
+EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "assets"
 PREFIX = "uniref_"
 
 

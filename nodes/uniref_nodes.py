@@ -25,6 +25,7 @@ CATEGORY = "UniRef"
 # Hosts without io.Autogrow (ComfyUI < 0.4) get this many fixed optional image inputs.
 FIXED_IMAGE_INPUTS = 6
 MAX_AUTOGROW_IMAGES = 16
+AUTOGROW_PREFIX = "images."
 CUSTOM = "custom"
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
 
@@ -35,7 +36,7 @@ def _image_slot_names(kwargs: dict) -> list:
     if isinstance(images, dict):
         slots = images
     else:
-        slots = {k: v for k, v in kwargs.items() if k.startswith("image_")}
+        slots = {k.split(".", 1)[1]: v for k, v in kwargs.items() if k.startswith(AUTOGROW_PREFIX)}
     ordered = sorted(slots, key=lambda n: int(n.rsplit("_", 1)[-1]))
     return [slots[n] for n in ordered if slots[n] is not None]
 
@@ -79,15 +80,18 @@ def _reference_inputs() -> list:
                 template=io.Autogrow.TemplateNames(
                     io.Image.Input("image", tooltip=image_tip),
                     names=[f"image_{i}" for i in range(1, MAX_AUTOGROW_IMAGES + 1)],
-                    min=1,
+                    # 0: no slot is "required", so an empty batch reaches our own error message.
+                    min=0,
                 ),
                 optional=True,
                 tooltip="Reference images; a new input appears as you connect one.",
             )
         ]
     else:
+        # Named like Autogrow's slots ("images.image_1"), so one workflow file links on both kinds of host.
         images = [
-            io.Image.Input(f"image_{i}", optional=True, tooltip=image_tip) for i in range(1, FIXED_IMAGE_INPUTS + 1)
+            io.Image.Input(f"{AUTOGROW_PREFIX}image_{i}", display_name=f"image_{i}", optional=True, tooltip=image_tip)
+            for i in range(1, FIXED_IMAGE_INPUTS + 1)
         ]
     previous = RefsType.Input(
         "previous",

@@ -29,6 +29,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -43,6 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / ".cache"
 DOWNLOADS = CACHE / "dl"
 HOSTS_DIR = CACHE / "comfy_hosts"
+PACK_NAME = "ComfyUI-UniRef"  # the folder name this repository gets under custom_nodes/
 
 # Bump when the set-up recipe changes: every host is then rebuilt on its next ensure_host().
 SETUP_REV = 1
@@ -198,7 +200,8 @@ def _extract(src: HostSource, archive: Path, dest: Path) -> None:
                 if m.name.startswith(src.tree_prefix) and m.name != src.tree_prefix:
                     m.name = m.name[len(src.tree_prefix) :]
                     members.append(m)
-            tar.extractall(tmp, members=members, filter="data")
+            safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}  # Python < 3.10.12
+            tar.extractall(tmp, members=members, **safe)
             n = sum(m.isfile() for m in members)
     else:
         with zipfile.ZipFile(archive) as zf:
@@ -314,12 +317,13 @@ def make_base_dir(
     base = Path(base)
     for sub in ("custom_nodes", "input", "output", "temp", "models", "user/default"):
         (base / sub).mkdir(parents=True, exist_ok=True)
-    for name, path in (packs or {}).items():
-        (base / "custom_nodes" / name).symlink_to(Path(path).resolve(), target_is_directory=True)
-    for rel, path in (models or {}).items():
-        link = base / "models" / rel
+    links = {base / "custom_nodes" / name: path for name, path in (packs or {}).items()}
+    links.update({base / "models" / rel: path for rel, path in (models or {}).items()})
+    for link, path in links.items():
         link.parent.mkdir(parents=True, exist_ok=True)
-        link.symlink_to(Path(path).resolve())
+        if link.is_symlink():  # a reused base directory: point the link anew
+            link.unlink()
+        link.symlink_to(Path(path).resolve(), target_is_directory=Path(path).is_dir())
     settings = base / "user" / "default" / "comfy.settings.json"
     if not settings.exists():
         settings.write_text(json.dumps({"Comfy.TutorialCompleted": True}))
@@ -333,22 +337,35 @@ def host_env() -> dict[str, str]:
     return env
 
 
+def pack_folder_name(pack: Path) -> str:
+    """custom_nodes/<name> for a pack: the repository root (whatever its checkout is called) gets
+    its published name, any other folder keeps its own."""
+    pack = Path(pack).resolve()
+    return PACK_NAME if pack == ROOT else pack.name
+
+
 def _serve(version: str, pack: Path, port: int, name: str | None, models: list[str]) -> int:
     install = ensure_host(version)
     base = HOSTS_DIR / version / "serve-base"
     shutil.rmtree(base, ignore_errors=True)
     model_links = dict(m.split("=", 1) for m in models)
-    make_base_dir(base, {name or pack.resolve().name: pack}, model_links)
+    make_base_dir(base, {name or pack_folder_name(pack): pack}, model_links)
     cmd = install.command(base, port)
     _log(f"base directory {base}")
     _log("running: " + " ".join(cmd))
     proc = subprocess.Popen(cmd, cwd=install.comfy_dir, env=host_env())
+
+    def stop(signum, frame):  # Ctrl-C, kill or a closed terminal: take the host down with us
+        proc.terminate()
+
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, stop)
     print(f"ComfyUI {version} at http://127.0.0.1:{port}/  (Ctrl-C stops it)", flush=True)
     try:
-        return proc.wait()
-    except KeyboardInterrupt:
-        proc.terminate()
-        return proc.wait()
+        return proc.wait(timeout=None)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -359,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
     p_serve = sub.add_parser("serve", help="start a host with a pack linked into custom_nodes")
     p_serve.add_argument("--version", choices=VERSIONS, required=True)
     p_serve.add_argument("--pack", type=Path, required=True, help="custom-node pack folder")
-    p_serve.add_argument("--name", help="folder name under custom_nodes (default: the pack's)")
+    p_serve.add_argument("--name", help=f"custom_nodes/ folder name (default: the pack's; {PACK_NAME} here)")
     p_serve.add_argument("--port", type=int, default=8188)
     p_serve.add_argument("--model", action="append", default=[], metavar="FOLDER/NAME=PATH",
                          help="link PATH as models/FOLDER/NAME (repeatable)")  # fmt: skip

@@ -13,6 +13,6 @@ if [ ! -f models/uniref-default/model_index.json ]; then
   MODEL_ARGS=(--model .cache/tiny-model)
 fi
 exec .venv/bin/python -m uniref_core edit "${MODEL_ARGS[@]}" \
-  --ref examples/ref_red_circle.png --ref examples/ref_blue_square.png --ref examples/ref_background.png \
+  --ref assets/ref_red_circle.png --ref assets/ref_blue_square.png --ref assets/ref_background.png \
   --prompt "Put the object from Picture 1 on the left and the object from Picture 2 on the right, on the background of Picture 3" \
   --budget 512 --match-ref 3 --output-area 512 --steps 20 --seed 0 -o out.png "$@"

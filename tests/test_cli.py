@@ -14,7 +14,7 @@ from uniref_core import UniRefPipeline
 from uniref_core.__main__ import main
 
 ROOT = Path(__file__).resolve().parent.parent
-EXAMPLES = ROOT / "examples"
+EXAMPLES = ROOT / "assets"
 REFS = [EXAMPLES / "ref_red_circle.png", EXAMPLES / "ref_blue_square.png", EXAMPLES / "ref_background.png"]
 
 

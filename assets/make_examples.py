@@ -1,4 +1,7 @@
-"""Draw the example references shipped with the pack (run once; the PNGs are committed)."""
+"""Draw the example references shipped with the pack (run once; the PNGs are committed).
+
+This folder is not named examples/: ComfyUI serves the first of examples/, workflows/ … as the
+pack's template folder, and our workflows live in workflows/."""
 
 from pathlib import Path
 

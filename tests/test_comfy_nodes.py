@@ -1,0 +1,196 @@
+"""The UniRef nodes inside real ComfyUI hosts: 0.30.0 (newest) and 0.3.75 (oldest supported).
+
+What an artist sees: the pack loads, the four nodes are listed with their inputs, the shipped
+workflows run to a saved image of the right size with progress messages, cancel works, and bad
+input comes back as a node error carrying our message while the server keeps serving.
+"""
+
+import copy
+import io
+import json
+import os
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from comfyhost import ComfyHost, output_images
+from workflow_api import ui_to_api
+
+pytestmark = pytest.mark.comfy
+if os.environ.get("UNIREF_SKIP_COMFY") == "1":
+    pytest.skip("UNIREF_SKIP_COMFY=1: ComfyUI host tests skipped", allow_module_level=True)
+
+ROOT = Path(__file__).resolve().parent.parent
+WORKFLOWS = sorted((ROOT / "workflows").glob("*.json"))
+NODE_IDS = ["UniRefLoadModel", "UniRefReferenceBatch", "UniRefSelfEncode", "UniRefSampler"]
+# Small settings so a CPU host runs each prompt in seconds; the graph is the shipped one.
+FAST = {"UniRefSampler": {"steps": 3, "cfg": 2.0}, "UniRefSelfEncode": {"budget": "custom", "custom_budget": 256}}
+
+
+@pytest.fixture(scope="module", params=["0.30.0", "0.3.75"])
+def host(request, tiny_model):
+    # The workflows name the built-in default model; point it at a tiny model for the host.
+    old = os.environ.get("UNIREF_DEFAULT_MODEL")
+    os.environ["UNIREF_DEFAULT_MODEL"] = str(tiny_model)
+    try:
+        with ComfyHost(request.param, ROOT, models={"uniref/tiny": tiny_model}) as h:
+            yield h
+    finally:
+        if old is None:
+            os.environ.pop("UNIREF_DEFAULT_MODEL", None)
+        else:
+            os.environ["UNIREF_DEFAULT_MODEL"] = old
+
+
+def workflow_prompt(host, path, overrides=FAST, width=None, height=None):
+    ui = json.loads(Path(path).read_text())
+    prompt = ui_to_api(ui, host.object_info())
+    for node in prompt.values():
+        node["inputs"].update(overrides.get(node["class_type"], {}))
+        if node["class_type"] == "UniRefSelfEncode" and width:
+            node["inputs"].update(width=width, height=height)
+    return prompt
+
+
+def node_of(prompt, class_type):
+    return next(n for n in prompt.values() if n["class_type"] == class_type)
+
+
+def test_pack_imports_and_lists_the_four_nodes(host):
+    assert not host.import_failed(), host.log_tail()
+    assert "Error while calling comfy_entrypoint" not in host.log_text()
+    info = host.object_info()
+    for node_id in NODE_IDS:
+        assert node_id in info, f"{node_id} missing on ComfyUI {host.version}"
+        assert info[node_id]["category"] == "UniRef"
+        assert info[node_id]["description"]
+    enc = info["UniRefSelfEncode"]["input"]
+    assert {"model", "references", "prompt", "negative_prompt", "budget", "mode"} <= set(enc["required"])
+    assert enc["required"]["budget"][1]["options"] if isinstance(enc["required"]["budget"][0], str) else True
+    # Every input carries a tooltip.
+    for node_id in NODE_IDS:
+        for section in ("required", "optional"):
+            for name, spec in info[node_id]["input"].get(section, {}).items():
+                assert len(spec) > 1 and spec[1].get("tooltip"), f"{node_id}.{name} has no tooltip"
+    models = info["UniRefLoadModel"]["input"]["required"]["model"]
+    options = models[1]["options"] if models[0] == "COMBO" else models[0]
+    assert options[0] == "uniref-default (built-in)" and "tiny" in options
+
+
+def test_reference_batch_grows_on_new_hosts_and_has_fixed_slots_on_old(host):
+    spec = host.object_info("UniRefReferenceBatch")["input"]
+    flat = json.dumps(spec)
+    if host.version == "0.30.0":
+        assert "COMFY_AUTOGROW" in flat or "autogrow" in flat.lower()
+    else:
+        assert all(f"images.image_{i}" in spec["optional"] for i in range(1, 7))
+
+
+@pytest.mark.parametrize("workflow", WORKFLOWS, ids=lambda p: p.stem)
+def test_example_workflow_runs_to_a_saved_image(host, workflow):
+    prompt = workflow_prompt(host, workflow, width=96, height=64)
+    with host.listen() as ws:
+        prompt_id = host.queue(prompt, ws.client_id)
+        assert isinstance(prompt_id, str), prompt_id
+        entry = host.wait(prompt_id, timeout=240)
+        ws.wait_for("execution_success", prompt_id=prompt_id, timeout=30)
+        progress = [m for m in ws.of_type("progress") if m["data"].get("max") == 3]
+    assert [m["data"]["value"] for m in progress][-1] == 3
+    images = output_images(entry)
+    assert len(images) == 1
+    img = Image.open(io.BytesIO(host.view(images[0]["filename"], images[0]["subfolder"], images[0]["type"])))
+    assert img.size == (96, 64)
+
+
+def test_nodes_give_the_same_image_as_the_cli(host, tiny_model, tmp_path):
+    from uniref_core.__main__ import main
+
+    prompt = workflow_prompt(host, ROOT / "workflows" / "uniref_multi_compose.json", width=64, height=96)
+    enc = node_of(prompt, "UniRefSelfEncode")["inputs"]
+    smp = node_of(prompt, "UniRefSampler")["inputs"]
+    node_of(prompt, "UniRefLoadModel")["inputs"]["model"] = "tiny"
+    entry = host.run(prompt, timeout=240)
+    meta = output_images(entry)[0]
+    node_img = np.asarray(Image.open(io.BytesIO(host.view(meta["filename"], meta["subfolder"], meta["type"]))))
+    refs = [ROOT / "assets" / n for n in ("ref_red_circle.png", "ref_blue_square.png", "ref_background.png")]
+    out = tmp_path / "cli.png"
+    code = main(
+        ["edit", "--model", str(tiny_model), *sum((["--ref", str(r)] for r in refs), []),
+         "--prompt", enc["prompt"], "--negative-prompt", enc["negative_prompt"], "--budget", "256",
+         "--width", "64", "--height", "96", "--steps", str(smp["steps"]), "--cfg", str(smp["cfg"]),
+         "--seed", str(smp["seed"]), "--quiet", "-o", str(out)]
+    )  # fmt: skip
+    assert code == 0
+    cli_img = np.asarray(Image.open(out))
+    assert np.abs(node_img.astype(int) - cli_img.astype(int)).max() <= 1
+
+
+def test_cancel_stops_sampling_and_the_next_prompt_runs(host):
+    prompt = workflow_prompt(host, WORKFLOWS[0], overrides={"UniRefSampler": {"steps": 200, "cfg": 1.0}}, width=64, height=64)
+    node_of(prompt, "UniRefSampler")["inputs"]["seed"] = 123  # not cached from another test
+    with host.listen() as ws:
+        prompt_id = host.queue(prompt, ws.client_id)
+        first = ws.wait_for("progress", prompt_id=prompt_id, timeout=120)
+        host.interrupt()
+        ws.wait_for("execution_interrupted", prompt_id=prompt_id, timeout=60)
+        steps = [m["data"]["value"] for m in ws.of_type("progress") if m["data"].get("max") == 200]
+    # Interrupted within a step or two of the request, far from the 200 planned.
+    assert first["data"]["value"] >= 1 and max(steps) < 20
+    entry = host.run(workflow_prompt(host, WORKFLOWS[0], width=64, height=64), timeout=240)
+    assert output_images(entry)
+
+
+def expect_node_error(host, prompt, text):
+    with host.listen() as ws:
+        result = host.queue(prompt, ws.client_id)
+        if isinstance(result, dict):  # rejected at validation
+            assert text in json.dumps(result), result
+        else:
+            err = ws.wait_for("execution_error", prompt_id=result, timeout=120)
+            assert text in err["data"]["exception_message"], err["data"]["exception_message"]
+    assert host.get_json("/system_stats")  # still serving
+
+
+def test_no_reference_connected_is_a_node_error(host):
+    prompt = workflow_prompt(host, WORKFLOWS[0])
+    batch = node_of(prompt, "UniRefReferenceBatch")["inputs"]
+    for key in [k for k in batch if k.startswith("image") or k.startswith("images")]:
+        del batch[key]
+    expect_node_error(host, prompt, "no image connected")
+
+
+def test_budget_too_small_is_a_node_error(host):
+    # A 3000×30 strip next to two other references cannot keep 16 px of height in 256².
+    Image.new("RGB", (3000, 30), (200, 30, 30)).save(host.input_dir / "uniref_test_strip.png")
+    prompt = workflow_prompt(host, WORKFLOWS[-1], overrides={"UniRefSelfEncode": {"budget": "custom", "custom_budget": 256}})
+    loaders = [n for n in prompt.values() if n["class_type"] == "LoadImage"]
+    loaders[0]["inputs"]["image"] = "uniref_test_strip.png"
+    expect_node_error(host, prompt, "reference 1 is 3000×30 px")
+
+
+def test_broken_model_folder_is_a_node_error(host, tmp_path):
+    broken = host.base_dir / "models" / "uniref" / "broken"
+    broken.mkdir(parents=True, exist_ok=True)
+    (broken / "model_index.json").write_text(json.dumps({"_class_name": "QwenImageEditPlusPipeline"}))
+    prompt = workflow_prompt(host, WORKFLOWS[0])
+    node_of(prompt, "UniRefLoadModel")["inputs"]["model"] = "broken"
+    expect_node_error(host, prompt, "missing the 'transformer' component")
+    node_of(prompt, "UniRefLoadModel")["inputs"]["model"] = "does-not-exist"
+    expect_node_error(host, prompt, "does-not-exist")
+    # And the server still runs a good prompt afterwards.
+    assert output_images(host.run(workflow_prompt(host, WORKFLOWS[0], width=64, height=64), timeout=240))
+
+
+def test_free_memory_reloads_the_model_on_next_use(host):
+    prompt = workflow_prompt(host, WORKFLOWS[0], width=64, height=64)
+    host.run(prompt, timeout=240)
+    before = host.log_text().count("UniRef: loading model")
+    host.run(prompt, timeout=240)  # cached: no reload
+    assert host.log_text().count("UniRef: loading model") == before
+    host._request("POST", "/free", {"unload_models": True, "free_memory": True})
+    node_of(prompt, "UniRefSampler")["inputs"]["seed"] = 99
+    assert output_images(host.run(prompt, timeout=240))
+    assert host.log_text().count("UniRef: loading model") == before + 1
