@@ -113,6 +113,28 @@ def _check_range(name: str, value, lo, hi, hint: str) -> None:
         raise UniRefError(f"{name} is {value}: it must be between {lo} and {hi}; {hint}")
 
 
+def predict_velocity(transformer, x, timestep, ref_tokens, embeds, mask, img_shapes) -> torch.Tensor:
+    """One transformer call on the SELF sequence [x ; ref 1 ; … ; ref K]; the target part of the output.
+
+    ``x`` [B, L, 64] target tokens, ``timestep`` σ·1000 (scalar or [B]), ``ref_tokens`` packed
+    reference latents ([1 or B, L_k, 64] each), ``embeds``/``mask`` the prompt encoding [B, T, D] / [B, T]
+    or None, ``img_shapes`` one layout per sample (all equal: RoPE is built from the first).
+    Sampling and training both call this, so they cannot drift apart.
+    """
+    b, length = x.shape[0], x.shape[1]
+    seq = build_sequence(x, ref_tokens)
+    t = torch.as_tensor(timestep, device=x.device).expand(b).to(x.dtype) / 1000
+    out = transformer(
+        hidden_states=seq,
+        timestep=t,
+        encoder_hidden_states=embeds,
+        encoder_hidden_states_mask=mask,
+        img_shapes=img_shapes,
+        return_dict=False,
+    )[0]
+    return out[:, :length]
+
+
 def check_sampling(steps, cfg, sampler, eta, denoise, init_image, num_images) -> None:
     """Validate sampling options up front, so a typo fails before any model work."""
     _check_range("steps", steps, 1, MAX_STEPS, "30 to 50 is typical")
@@ -233,22 +255,12 @@ class UniRefPipeline:
 
     def velocity(self, x: torch.Tensor, timestep: torch.Tensor, cond: SelfConditioning, cfg: float) -> torch.Tensor:
         """Model velocity for the target tokens ``x`` [N, L, 64] at ``timestep`` (σ·1000), with true CFG."""
-        n, length = x.shape[0], x.shape[1]
-        seq = build_sequence(x, cond.ref_tokens)
-        t = timestep.expand(n).to(x.dtype) / 1000
+        n = x.shape[0]
         shapes = [cond.plan.img_shapes] * n
 
         def run(p: PromptEmbeds) -> torch.Tensor:
             emb = p.repeat(n) if p.embeds.shape[0] != n else p
-            out = self.c.transformer(
-                hidden_states=seq,
-                timestep=t,
-                encoder_hidden_states=emb.embeds,
-                encoder_hidden_states_mask=emb.mask,
-                img_shapes=shapes,
-                return_dict=False,
-            )[0]
-            return out[:, :length]
+            return predict_velocity(self.c.transformer, x, timestep, cond.ref_tokens, emb.embeds, emb.mask, shapes)
 
         v = run(cond.positive)
         if cfg > 1:
