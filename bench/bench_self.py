@@ -122,6 +122,9 @@ class CpuMonitor:
 # with torch's threads synchronising at every op, even a little foreign load skews them.
 BUSY_LIMIT = 0.10
 BUSY_LIMIT_EDIT = 0.03
+# Disturbed rounds of table 1 are run again only within this many seconds (table 2 reruns at most
+# 2 edits per repeat), so a busy machine cannot stretch the run without end.
+RETRY_SECONDS = 90
 
 
 def ratio(a: float, b: float) -> float:
@@ -157,8 +160,10 @@ def bench_steps(pipe, refs, ks, side, rounds, log) -> list[dict]:
         with AttentionTimer() as at:
             # A round times every configuration once, interleaved and shuffled so that drift hits them
             # alike. A round during which other processes took the CPUs is set aside and run again
-            # (at most 3x the rounds asked for); its samples are used only if too few rounds were clean.
-            while clean < rounds and clean + busy < 3 * rounds:
+            # (at most 3x the rounds asked for, and only for a while); its samples are used only if
+            # too few rounds were clean.
+            deadline = time.perf_counter() + RETRY_SECONDS
+            while clean < rounds and (clean + busy < rounds or (busy < 2 * rounds and time.perf_counter() < deadline)):
                 shuffle.shuffle(order)
                 monitor = CpuMonitor()
                 got = {}
@@ -301,7 +306,9 @@ def bench_vs_diffusers(ours, folder, refs, side, steps, repeats, log) -> dict:
             names = list(runners) if rep % 2 == 0 else list(reversed(runners))
             for n in (steps, 2 * steps) if rep % 2 == 0 else (2 * steps, steps):
                 for name in names:
-                    for attempt in range(4):  # an edit disturbed by other processes is run again (3 times at most)
+                    for attempt in range(4):  # an edit disturbed by other processes is run again (3 times at most, 2 x repeats in all)
+                        if attempt and retries >= 2 * repeats:
+                            break
                         stamps.clear()
                         monitor = CpuMonitor()
                         t0 = time.perf_counter()

@@ -64,16 +64,14 @@ def resolve_model(name: str) -> Path:
     )
 
 
-class _Modules(torch.nn.Module):
-    """The engine's three networks as one module, with the attributes ModelPatcher expects."""
+class _Part(torch.nn.Module):
+    """One of the engine's networks, with the attributes ModelPatcher expects of a model."""
 
-    def __init__(self, pipe: UniRefPipeline):
+    def __init__(self, module: torch.nn.Module, dtype: torch.dtype):
         super().__init__()
-        self.transformer = pipe.c.transformer
-        self.vae = pipe.c.vae
-        self.text_encoder = pipe.c.text_encoder
-        self.device = pipe.device
-        self._dtype = pipe.dtype
+        self.inner = module
+        self.device = next(module.parameters()).device
+        self._dtype = dtype
 
     def get_dtype(self) -> torch.dtype:
         return self._dtype
@@ -82,17 +80,21 @@ class _Modules(torch.nn.Module):
         return 0
 
 
+PARTS = ("text_encoder", "transformer", "vae")
+
+
 @dataclass
 class UniRefModel:
-    """What flows along a UNIREF_MODEL link."""
+    """What flows along a UNIREF_MODEL link: the engine plus one ModelPatcher per network, so
+    encoding holds only the text encoder and VAE on the GPU and sampling only the transformer."""
 
     name: str
     pipe: UniRefPipeline
-    patcher: object
+    patchers: dict
 
-    def load(self) -> UniRefPipeline:
-        """Ask ComfyUI to put the model on its device (it frees other models if needed)."""
-        mm.load_models_gpu([self.patcher])
+    def load(self, *parts: str) -> UniRefPipeline:
+        """Ask ComfyUI to put these parts on its device (it offloads other models if needed)."""
+        mm.load_models_gpu([self.patchers[p] for p in parts])
         return self.pipe
 
 
@@ -112,6 +114,10 @@ def load_model(name: str, dtype: str) -> UniRefModel:
     offload_device = mm.unet_offload_device()
     logging.info("UniRef: loading model %s from %s", name, path)
     pipe = UniRefPipeline.from_pretrained(path, device=offload_device, dtype=pick_dtype(dtype, load_device))
-    modules = _Modules(pipe)
-    patcher = comfy.model_patcher.ModelPatcher(modules, load_device=load_device, offload_device=offload_device)
-    return UniRefModel(name=name, pipe=pipe, patcher=patcher)
+    patchers = {
+        part: comfy.model_patcher.ModelPatcher(
+            _Part(getattr(pipe.c, part), pipe.dtype), load_device=load_device, offload_device=offload_device
+        )
+        for part in PARTS
+    }
+    return UniRefModel(name=name, pipe=pipe, patchers=patchers)

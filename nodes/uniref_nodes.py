@@ -224,7 +224,7 @@ class SelfEncode(io.ComfyNode):
         match_reference=1,
         upscale_small=True,
     ) -> io.NodeOutput:
-        pipe = model.load()
+        pipe = model.load("text_encoder", "vae")
         area = custom_budget * custom_budget if budget == CUSTOM else BUDGETS[budget]
         cond = pipe.encode(
             references,
@@ -292,7 +292,7 @@ class UniRefSampler(io.ComfyNode):
     ) -> io.NodeOutput:
         init = split_image_batch(init_image, name="init_image")[0] if init_image is not None else None
         check_sampling(steps, cfg, sampler, eta, denoise, init, 1)
-        pipe = model.load()
+        pipe = model.load("transformer", "vae")
         cond = conditioning
         bar = comfy.utils.ProgressBar(steps)
         show_preview = _previews_enabled()

@@ -28,7 +28,12 @@ class Graph:
             "flags": {},
             "order": nid - 1,
             "mode": 0,
-            "inputs": [dict(name=n, type=t, link=None, **({"widget": {"name": n}} if w else {})) for n, t, w in inputs],
+            # Dynamic slots are named "group.slot" ("images.image_1"); the label is what the artist reads.
+            "inputs": [
+                dict(name=n, type=t, link=None, **({"label": n.split(".", 1)[1]} if "." in n else {}),
+                     **({"widget": {"name": n}} if w else {}))
+                for n, t, w in inputs
+            ],  # fmt: skip
             "outputs": [{"name": n, "type": t, "links": [], "slot_index": i} for i, (n, t) in enumerate(outputs)],
             "properties": {"Node name for S&R": type_},
             "widgets_values": widgets if widgets is not None else [],
@@ -58,7 +63,7 @@ class Graph:
             "links": self.links,
             "groups": [],
             "config": {},
-            "extra": {"ds": {"scale": 0.9, "offset": [40, 60]}},
+            "extra": {"ds": {"scale": 0.75, "offset": [60, 380]}},
             "version": 0.4,
         }
 
@@ -68,30 +73,30 @@ NOTE_COLOR = ("#432", "#653")
 
 def build(name, images, prompt, note, budget="1024²", custom_budget=1024, match_reference=1):
     g = Graph()
-    g.node("Note", (0, -230), (520, 190), widgets=[note], title="Read me", color=NOTE_COLOR)
+    g.node("Note", (0, -330), (340, 300), widgets=[note], title="Read me", color=NOTE_COLOR)
     loaders = [
-        g.node("LoadImage", (0, 20 + 340 * i), (300, 314), outputs=[("IMAGE", "IMAGE"), ("MASK", "MASK")],
+        g.node("LoadImage", (0, 20 + 430 * i), (300, 380), outputs=[("IMAGE", "IMAGE"), ("MASK", "MASK")],
                widgets=[img, "image"], title=f"Picture {i + 1}")
         for i, img in enumerate(images)
     ]  # fmt: skip
     model = g.node(
-        "UniRefLoadModel", (380, -230), (320, 82), outputs=[("model", "UNIREF_MODEL")], widgets=[MODEL, "auto"]
+        "UniRefLoadModel", (380, -330), (320, 82), outputs=[("model", "UNIREF_MODEL")], widgets=[MODEL, "auto"]
     )
     slots = [("previous", "UNIREF_REFS", False)] + [(f"images.image_{i + 1}", "IMAGE", False) for i in range(len(images))]
     batch = g.node("UniRefReferenceBatch", (380, 20), (260, 46 + 22 * len(slots)), inputs=slots,
                    outputs=[("references", "UNIREF_REFS")])  # fmt: skip
     enc_inputs = [("model", "UNIREF_MODEL", False), ("references", "UNIREF_REFS", False)]
     encode = g.node(
-        "UniRefSelfEncode", (740, -230), (400, 420), inputs=enc_inputs, outputs=[("conditioning", "UNIREF_COND")],
+        "UniRefSelfEncode", (740, -330), (400, 460), inputs=enc_inputs, outputs=[("conditioning", "UNIREF_COND")],
         widgets=[prompt, " ", budget, custom_budget, "budget", 0, 0, match_reference, True],
     )  # fmt: skip
     sampler = g.node(
-        "UniRefSampler", (1180, -230), (320, 300),
+        "UniRefSampler", (1180, -330), (320, 300),
         inputs=[("model", "UNIREF_MODEL", False), ("conditioning", "UNIREF_COND", False), ("init_image", "IMAGE", False)],
         outputs=[("image", "IMAGE"), ("latent", "LATENT")],
         widgets=[0, "fixed", 30, 4.0, "ode", 1.0, 0.7],
     )  # fmt: skip
-    save = g.node("SaveImage", (1540, -230), (420, 460), inputs=[("images", "IMAGE", False)], widgets=["UniRef"])
+    save = g.node("SaveImage", (1540, -330), (420, 460), inputs=[("images", "IMAGE", False)], widgets=["UniRef"])
     for i, loader in enumerate(loaders):
         g.link(loader, 0, batch, f"images.image_{i + 1}")
     g.link(model, 0, encode, "model")

@@ -6,6 +6,9 @@ set -euo pipefail
 if [ "${UNIREF_SKIP_BROWSER:-}" = "1" ] || [ -x /usr/bin/chromium ]; then
   exit 0
 fi
+if [ -n "${UNIREF_CHROMIUM:-}" ] && [ -x "${UNIREF_CHROMIUM}" ]; then  # the tests' own override
+  exit 0
+fi
 if ! command -v apt-get >/dev/null 2>&1; then
   echo "ensure_chromium: /usr/bin/chromium is missing and apt-get is not available;" \
        "install Chromium yourself or set UNIREF_SKIP_BROWSER=1" >&2
@@ -24,8 +27,13 @@ fi
 echo "ensure_chromium: installing Debian's chromium (apt-get)" >&2
 t0=$(date +%s)
 export DEBIAN_FRONTEND=noninteractive
-$SUDO apt-get update -qq >/dev/null
-$SUDO apt-get install -y -qq --no-install-recommends chromium >/dev/null
+LOG="$(mktemp -t ensure_chromium.XXXXXX.log)"
+if ! { $SUDO apt-get update -qq && $SUDO apt-get install -y -qq --no-install-recommends chromium; } >"$LOG" 2>&1; then
+  tail -n 30 "$LOG" >&2
+  echo "ensure_chromium: apt-get failed (full log: $LOG)" >&2
+  exit 1
+fi
+rm -f "$LOG"
 if [ ! -x /usr/bin/chromium ]; then
   echo "ensure_chromium: apt-get finished but /usr/bin/chromium is still missing" >&2
   exit 1

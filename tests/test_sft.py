@@ -1,0 +1,447 @@
+"""SFT trainer on tiny models and small ShapeCompose manifests at 64² (training/sft.py and friends)."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from training import checkpoint as ckpt_mod
+from training.config import ConfigError, config_from_dict, load_config
+from training.data import BucketSampler, SampleEncoder, collate, layout_key, load_rows, plan_row
+from training.shapecompose import make_split, write_manifest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    """Each in-process run creates its own Accelerator; accelerate keeps process-wide singletons."""
+    yield
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """Train (K = 1 and 2, edits and compositions) and val manifests of 64 px ShapeCompose samples."""
+    root = tmp_path_factory.mktemp("shapecompose")
+    edits = make_split("train", 6, size=64, kinds=("recolour", "move", "remove"))
+    compositions = make_split("train", 2, size=64, ks=(2,), kinds=("compose",), start=6)
+    train = write_manifest(edits + compositions, root / "train")
+    val = write_manifest(make_split("val", 2, size=64, ks=(1, 2)), root / "val")
+    return {"train": str(train), "val": str(val)}
+
+
+def make_config(model, data, out, **over) -> dict:
+    """A small two-stage config: budgets 64² → 96², 64² outputs, tiny VL copies, 2 steps each."""
+    cfg = {
+        "model": str(model), "train_manifest": data["train"], "val_manifest": data["val"], "output_dir": str(out),
+        "stages": [{"budget": 64, "steps": 2, "lr": 1e-3, "batch_size": 2, "output_size": 64},
+                   {"budget": 96, "steps": 2, "lr": 5e-4, "batch_size": 2, "output_size": 64}],
+        "vl_budget": 56, "eval_samples": 0, "tensorboard": False, "seed": 3,
+    }  # fmt: skip
+    cfg.update(over)
+    return cfg
+
+
+def write_config(path, cfg) -> Path:
+    path = Path(path)
+    path.write_text(json.dumps(cfg))
+    return path
+
+
+def train_records(out) -> list[dict]:
+    rows = [json.loads(x) for x in (Path(out) / "log.jsonl").read_text().splitlines()]
+    return [r for r in rows if r["kind"] == "train"]
+
+
+def final_weights(out) -> dict:
+    return ckpt_mod.load_tensors(ckpt_mod.complete_checkpoints(out)[-1], ckpt_mod.TRAINABLE_FILE)
+
+
+def run(cfg, resume=None):
+    from training.sft import run as sft_run
+
+    return sft_run(config_from_dict(cfg), resume=resume)
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tiny_model, data, tmp_path_factory):
+    """Full fine-tune, two stages of 2 steps, EMA, TensorBoard, a checkpoint every step, evaluations."""
+    out = tmp_path_factory.mktemp("smoke") / "run"
+    cfg = make_config(tiny_model, data, out, ema_decay=0.9, save_every=1, keep_checkpoints=3, eval_samples=2,
+                      eval_steps=2, tensorboard=True)  # fmt: skip
+    result = run(cfg)
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    return cfg, result
+
+
+# 1. -------------------------------------------------------------------------------------------------
+
+
+def test_two_stage_smoke_run_logs_checkpoints_and_exports(smoke_run, tmp_path):
+    from uniref_core import UniRefPipeline
+    from training.export import export
+
+    cfg, result = smoke_run
+    out = Path(cfg["output_dir"])
+    assert result.global_step == 4 and len(result.losses) == 4
+    assert all(torch.isfinite(torch.tensor(result.losses)))
+    records = train_records(out)
+    assert [r["stage"] for r in records] == [1, 1, 2, 2]
+    assert {"loss", "lr", "sigma_mean", "seconds", "samples_per_s"} <= set(records[0])
+    assert (out / "loss.png").is_file() and list((out / "tensorboard").glob("events.out.tfevents.*"))
+    grids = sorted((out / "eval").glob("*.png"))
+    assert [g.name for g in grids] == ["step_00000002.png", "step_00000004.png"]  # one per stage end
+    evals = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines() if '"eval"' in x]
+    assert all(0.0 <= e["overall"] <= 1.0 for e in evals)  # the checker scored the samples
+    ckpts = [p.name for p in ckpt_mod.complete_checkpoints(out)]
+    assert ckpts == ["step_00000002", "step_00000003", "step_00000004"]  # newest 3 (+ stage ends)
+    last = ckpt_mod.complete_checkpoints(out)[-1]
+    assert (last / "ema.safetensors").is_file() and not (last / "optimizer.pt").exists()  # stage end
+    assert (ckpt_mod.complete_checkpoints(out)[-2] / "optimizer.pt").is_file()
+
+    model = export(last, tmp_path / "exported")
+    pipe = UniRefPipeline.from_pretrained(model)
+    ema = ckpt_mod.load_tensors(last, ckpt_mod.EMA_FILE)
+    torch.testing.assert_close(pipe.c.transformer.state_dict()["img_in.weight"], ema["img_in.weight"])
+    refs = json.loads(Path(cfg["train_manifest"]).read_text().splitlines()[0])["references"]
+    base = Path(cfg["train_manifest"]).parent
+    edit = pipe.edit([base / r for r in refs], "Put the red circle on the left.", steps=2, cfg=1.0, budget=64 * 64,
+                     width=64, height=64)  # fmt: skip
+    assert edit.images[0].size == (64, 64)
+
+
+def test_lora_export_in_comfyui_key_format_merges_to_the_trained_model(tiny_model, data, tmp_path):
+    from safetensors.torch import load_file
+
+    from uniref_core import UniRefPipeline
+    from uniref_core.pipeline import predict_velocity
+    from training.export import export
+    from training.trainable import load_trainable_state_dict, setup_transformer
+
+    out = tmp_path / "lora"
+    cfg = make_config(tiny_model, data, out, lora={"rank": 4, "alpha": 8}, stages=[make_config(
+        tiny_model, data, out)["stages"][0]])  # fmt: skip
+    run(cfg)
+    last = ckpt_mod.complete_checkpoints(out)[-1]
+    lora = load_file(export(last, tmp_path / "lora.safetensors", lora_only=True))
+    key = re.compile(r"^diffusion_model\.transformer_blocks\.\d+\.(attn\.(to_[qkv]|to_out\.0|add_[qkv]_proj|to_add_out)"
+                     r"|(img|txt)_mlp\.net\.(0\.proj|2))\.(lora_A\.weight|lora_B\.weight|alpha)$")  # fmt: skip
+    assert lora and all(key.match(k) for k in lora), [k for k in lora if not key.match(k)][:3]
+    assert len(lora) == 2 * 12 * 3 and float(lora["diffusion_model.transformer_blocks.0.attn.to_q.alpha"]) == 8.0
+
+    # The merged export computes what the peft-wrapped training transformer computes.
+    merged = UniRefPipeline.from_pretrained(export(last, tmp_path / "merged")).c.transformer
+    live = UniRefPipeline.from_pretrained(tiny_model).c.transformer
+    setup_transformer(live, config_from_dict(cfg).lora, False)
+    load_trainable_state_dict(live, ckpt_mod.load_tensors(last, ckpt_mod.TRAINABLE_FILE))
+    g = torch.Generator().manual_seed(0)
+    x, ref = torch.randn(1, 16, 64, generator=g), torch.randn(1, 16, 64, generator=g)
+    emb = torch.randn(1, 7, 64, generator=g)
+    shapes = [[(1, 4, 4), (1, 4, 4)]]
+    with torch.no_grad():
+        a = predict_velocity(live.eval(), x, 500.0, [ref], emb, None, shapes)
+        b = predict_velocity(merged, x, 500.0, [ref], emb, None, shapes)
+    assert not torch.allclose(a, predict_velocity(UniRefPipeline.from_pretrained(tiny_model).c.transformer, x, 500.0,
+                                                  [ref], emb, None, shapes))  # fmt: skip
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+# 2. -------------------------------------------------------------------------------------------------
+
+
+def test_two_processes_give_the_loss_curve_of_one(tiny_model, data, tmp_path):
+    """Same global batch of 2 (two processes × 1 sample): the loss curves agree to rtol 1e-5.
+
+    Not bit-equal: gloo sums the two halves' gradients where one process sums one batched
+    gradient, and the single process pads the two prompts to one length (masked attention) where
+    each process runs its prompt unpadded: float32 rounding in different orders, ~1e-7 relative per
+    step (measured: ~1e-7 on the loss). 1e-5 is far below the loss's own step-to-step change
+    (~1e-2), so a wrong shard, noise draw or loss scaling would fail it. Weights: Adam divides by
+    sqrt(v), so a weight whose gradient is at rounding level can take a visibly different step
+    (measured up to ~1e-5 at lr 1e-3); they are compared to 1e-4.
+    """
+    cfg1 = make_config(tiny_model, data, tmp_path / "one")
+    run(cfg1)
+    cfg2 = make_config(tiny_model, data, tmp_path / "two")
+    config = write_config(tmp_path / "two.json", cfg2)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+           "-m", "training.sft", "--config", str(config)]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 process(es)" in proc.stdout
+    one, two = train_records(tmp_path / "one"), train_records(tmp_path / "two")
+    assert [r["step"] for r in one] == [r["step"] for r in two] == [1, 2, 3, 4]
+    torch.testing.assert_close(torch.tensor([r["loss"] for r in two]), torch.tensor([r["loss"] for r in one]),
+                               rtol=1e-5, atol=0)  # fmt: skip
+    print("loss 1 process ", [r["loss"] for r in one])
+    print("loss 2 processes", [r["loss"] for r in two])
+    w1, w2 = final_weights(tmp_path / "one"), final_weights(tmp_path / "two")
+    print("max |Δw|", max(float((w1[n] - w2[n]).abs().max()) for n in w1))
+    for name in w1:  # Adam: a weight whose gradient is at rounding level may step differently (≤ lr = 1e-3)
+        torch.testing.assert_close(w2[name], w1[name], rtol=1e-4, atol=1e-4)
+
+
+# 3. -------------------------------------------------------------------------------------------------
+
+KILL_CHILD = """
+import sys, time
+from pathlib import Path
+from training import checkpoint, sft
+
+save, marker, stop_at = checkpoint.save_checkpoint, Path(sys.argv[2]), int(sys.argv[3])
+
+def save_then_hang(accelerator, final, **kw):
+    path = save(accelerator, final, **kw)
+    if final.name == f"step_{stop_at:08d}":
+        marker.write_text("saved")
+        time.sleep(600)  # killed here, between steps, with the checkpoint on disk
+    return path
+
+checkpoint.save_checkpoint = save_then_hang
+sys.exit(sft.main(["--config", sys.argv[1]]))
+"""
+
+
+def test_sigkill_after_a_checkpoint_then_resume_ends_with_the_same_weights(tiny_model, data, tmp_path):
+    stages = [{"budget": 64, "steps": 3, "lr": 1e-3, "batch_size": 2, "output_size": 64},
+              {"budget": 96, "steps": 2, "lr": 5e-4, "batch_size": 2, "output_size": 64}]  # fmt: skip
+    killed = make_config(tiny_model, data, tmp_path / "killed", stages=stages, save_every=1, ema_decay=0.9)
+    config = write_config(tmp_path / "killed.json", killed)
+    marker = tmp_path / "saved"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    child = subprocess.Popen([sys.executable, "-c", KILL_CHILD, str(config), str(marker), "2"], cwd=ROOT, env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    try:
+        deadline = time.time() + 120
+        while not marker.exists():
+            assert child.poll() is None, child.stderr.read().decode()[-3000:]
+            assert time.time() < deadline, "the child never wrote checkpoint 2"
+            time.sleep(0.05)
+        child.send_signal(signal.SIGKILL)
+        assert child.wait(timeout=30) == -signal.SIGKILL
+    finally:
+        if child.poll() is None:
+            child.kill()
+        child.stderr.close()
+    assert [p.name for p in ckpt_mod.complete_checkpoints(tmp_path / "killed")][-1] == "step_00000002"
+
+    # Resume mid-stage (optimizer, schedule, EMA, data position) and run on through the next stage.
+    result = run(killed, resume="auto")
+    assert result.global_step == 5 and len(result.losses) == 3
+    straight = make_config(tiny_model, data, tmp_path / "straight", stages=stages, ema_decay=0.9)
+    run(straight)
+    a, b = final_weights(tmp_path / "killed"), final_weights(tmp_path / "straight")
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=0)
+    ema_a = ckpt_mod.load_tensors(ckpt_mod.complete_checkpoints(tmp_path / "killed")[-1], ckpt_mod.EMA_FILE)
+    ema_b = ckpt_mod.load_tensors(ckpt_mod.complete_checkpoints(tmp_path / "straight")[-1], ckpt_mod.EMA_FILE)
+    for name in ema_a:
+        torch.testing.assert_close(ema_a[name], ema_b[name], rtol=0, atol=0)
+    assert [r["loss"] for r in train_records(tmp_path / "killed")] == [r["loss"] for r in train_records(tmp_path / "straight")]
+
+
+# 4. -------------------------------------------------------------------------------------------------
+
+
+def test_crash_during_save_leaves_the_previous_checkpoint_loadable(tiny_model, data, tmp_path, monkeypatch):
+    out = tmp_path / "crash"
+    cfg = make_config(tiny_model, data, out, save_every=1, stages=[make_config(tiny_model, data, out)["stages"][0]])
+    commit = ckpt_mod._commit
+
+    def crash(tmp, final):
+        if final.name == "step_00000002":
+            raise OSError("disk full (simulated) after the files were written")
+        commit(tmp, final)
+
+    monkeypatch.setattr(ckpt_mod, "_commit", crash)
+    with pytest.raises(OSError, match="simulated"):
+        run(cfg)
+    root = out / ckpt_mod.CHECKPOINTS
+    assert (root / "step_00000002.tmp" / "trainable.safetensors").is_file()  # half a save, never renamed
+    assert not (root / "step_00000002").exists()
+    found = ckpt_mod.find_checkpoint("auto", out)
+    assert found.name == "step_00000001"
+    assert ckpt_mod.read_state(found)["global_step"] == 1
+    assert ckpt_mod.load_tensors(found, ckpt_mod.TRAINABLE_FILE) and ckpt_mod.load_torch(found, ckpt_mod.OPTIMIZER_FILE)
+
+    monkeypatch.setattr(ckpt_mod, "_commit", commit)
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    assert run(cfg, resume="auto").global_step == 2  # the leftover .tmp is replaced
+    assert [p.name for p in root.iterdir()] == ["step_00000001", "step_00000002"] or sorted(
+        p.name for p in root.iterdir()) == ["step_00000001", "step_00000002"]  # fmt: skip
+
+
+# 5. -------------------------------------------------------------------------------------------------
+
+
+def test_bad_rows_are_reported_and_skipped(tiny_model, data, tmp_path):
+    base = Path(data["train"]).parent
+    rows = [json.loads(x) for x in Path(data["train"]).read_text().splitlines()]
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"not really a png" * 10)
+    fix = lambda row: {**row, "references": [str(base / r) for r in row["references"]], "target": str(base / row["target"])}  # noqa: E731
+    good = fix(rows[0])
+    lines = [
+        json.dumps(good),
+        json.dumps({**good, "references": [str(bad / "missing.png")]}),
+        json.dumps({**good, "target": str(bad / "corrupt.png")}),
+        json.dumps({**good, "instruction": "   "}),
+        "{not json",
+        json.dumps({**good, "references": []}),
+    ]
+    manifest = tmp_path / "manifest.jsonl"
+    manifest.write_text("\n".join(lines) + "\n")
+    cfg = config_from_dict(make_config(tiny_model, {"train": str(manifest), "val": str(manifest)}, tmp_path / "o"))
+    kept, report = load_rows([str(manifest)], cfg)
+    assert len(kept) == 1 and report.total == 6 and report.usable == 1
+    reasons = dict(report.skipped)
+    assert "file not found" in reasons["manifest.jsonl:2"] and "reference 1" in reasons["manifest.jsonl:2"]
+    assert "could not be read as an image" in reasons["manifest.jsonl:3"]
+    assert reasons["manifest.jsonl:4"] == "empty instruction"
+    assert "not valid JSON" in reasons["manifest.jsonl:5"]
+    assert "no references" in reasons["manifest.jsonl:6"]
+    assert "6 rows, 1 usable, 5 skipped" in report.summary()
+
+    # A target smaller than a stage's output size would be upscaled: skipped, the stage named.
+    big = config_from_dict(make_config(tiny_model, data, tmp_path / "o", stages=[
+        {"budget": 64, "steps": 1, "lr": 1e-3, "batch_size": 1, "output_size": 128}]))  # fmt: skip
+    kept, report = load_rows([str(manifest)], big)
+    assert not kept and "smaller than stage 1's output 128×128" in dict(report.skipped)["manifest.jsonl:1"]
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"lerning_rate": 1e-4}, "unknown config key 'lerning_rate' in the config"),
+        ({"stages": [{"budget": 64, "steps": 1, "lr": 1e-3, "batch_size": 1, "out_size": 64}]},
+         "unknown config key 'out_size' in stages[0] (stage 1): did you mean 'output_size'"),
+        ({"stages": []}, "stages is empty"),
+        ({"stages": [{"budget": 64, "steps": 1, "lr": 1e-3, "batch_size": 1},
+                     {"budget": 0, "steps": 1, "lr": 1e-3, "batch_size": 1}]}, "stages[1] (stage 2): budget is 0"),
+        ({"stages": [{"budget": 64, "steps": 0, "lr": 1e-3, "batch_size": 1}]}, "stages[0] (stage 1): steps is 0"),
+        ({"stages": [{"budget": 64, "steps": 1, "lr": 1e-3, "batch_size": 0}]}, "stages[0] (stage 1): batch_size is 0"),
+        ({"lora": {"rank": 4, "alpha": 4, "rnak": 2}}, "unknown config key 'rnak' in lora"),
+        ({"mixed_precision": "fp8"}, "mixed_precision is 'fp8'"),
+    ],
+)
+def test_config_errors_name_the_key_and_stage(tiny_model, data, tmp_path, change, message):
+    with pytest.raises(ConfigError) as e:
+        config_from_dict(make_config(tiny_model, data, tmp_path, **change))
+    assert message in str(e.value)
+
+
+def test_config_file_json_and_toml(tiny_model, data, tmp_path):
+    cfg = make_config(tiny_model, data, tmp_path)
+    assert load_config(write_config(tmp_path / "c.json", cfg)).stages[1].budget == 96 * 96
+    toml = tmp_path / "c.toml"
+    toml.write_text(f'model = "{tiny_model}"\ntrain_manifest = "{data["train"]}"\n'
+                    '[[stages]]\nbudget = "1536x1024"\nsteps = 5\nlr = 1e-4\nbatch_size = 4\n')  # fmt: skip
+    loaded = load_config(toml)
+    assert loaded.stages[0].budget == 1536 * 1024 and loaded.lora is None and loaded.mixed_precision == "no"
+    shipped = load_config(ROOT / "training" / "configs" / "tiny_shapecompose.json")
+    assert [s.budget for s in shipped.stages] == [128 * 128, 192 * 192, 256 * 256]
+
+
+def test_resume_refuses_another_config_or_model(smoke_run, tmp_path):
+    from uniref_core.tiny import make_tiny_model
+
+    cfg, _ = smoke_run
+    changed = json.loads(json.dumps(cfg))
+    changed["stages"][0]["lr"] = 2e-3
+    with pytest.raises(ckpt_mod.CheckpointError, match=r"its config differs in stages\[0\]\.lr: 0\.001 → 0\.002"):
+        run(changed, resume="auto")
+    other = make_tiny_model(tmp_path / "other", seed=1)
+    with pytest.raises(ckpt_mod.CheckpointError, match="trained from another model"):
+        run({**cfg, "model": str(other)}, resume="auto")
+    with pytest.raises(ckpt_mod.CheckpointError, match="no checkpoint there"):
+        run(cfg, resume=str(tmp_path / "nowhere"))
+
+
+# 6. -------------------------------------------------------------------------------------------------
+
+
+def test_batches_never_mix_layouts_and_resume_replays_them():
+    keys = [("a",)] * 5 + [("b",)] * 2 + [("c",)]
+    sampler = BucketSampler(keys, batch_size=2, seed=7, stage_index=1)
+    assert sampler.batches_per_epoch == 3 + 1 + 1  # ceil(5/2) + ceil(2/2) + ceil(1/2): proportional to size
+    seen = [sampler.batch(s) for s in range(50)]
+    assert all(len({keys[i] for i in b}) == 1 and len(b) == 2 for b in seen)
+    again = BucketSampler(keys, batch_size=2, seed=7, stage_index=1)
+    assert [again.batch(s) for s in (49, 3, 17)] == [seen[49], seen[3], seen[17]]  # any step, any order
+    epoch = sorted(i for b in seen[:5] for i in b)
+    assert set(epoch) == set(range(8))  # every sample once per epoch (small buckets wrap around)
+    other = BucketSampler(keys, batch_size=2, seed=8, stage_index=1)
+    assert [other.batch(s) for s in range(10)] != seen[:10]
+
+
+def test_padded_text_batch_equals_one_sample_forwards(tiny_model, data):
+    from uniref_core import UniRefPipeline
+    from uniref_core.pipeline import predict_velocity
+
+    pipe = UniRefPipeline.from_pretrained(tiny_model)
+    cfg = config_from_dict(make_config(tiny_model, data, "/tmp/unused"))
+    rows, _ = load_rows([data["train"]], cfg)
+    stage = cfg.stages[0]
+    by_layout = {}
+    for i, row in enumerate(rows):
+        by_layout.setdefault(layout_key(plan_row(row, stage, cfg)), []).append(i)
+    enc = SampleEncoder(pipe.c, cfg)
+    group = next(g for g in by_layout.values() if len({rows[i].instruction for i in g}) > 1)[:3]
+    encoded = [enc.latents(i, rows[i], 0, stage) for i in group]
+    prompts = [enc.prompt(rows[i], e.plan) for i, e in zip(group, encoded)]
+    assert len({p.embeds.shape[1] for p in prompts}) > 1  # the prompts really are padded
+    batch = collate(encoded, prompts, "cpu", torch.float32)
+    assert batch.mask is not None and batch.mask.shape == batch.embeds.shape[:2]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch.x0.shape, generator=g)
+    t = torch.tensor([900.0, 500.0, 100.0])[: len(group)]
+    tr = pipe.c.transformer
+    with torch.no_grad():
+        together = predict_velocity(tr, x, t, batch.refs, batch.embeds, batch.mask, batch.img_shapes)
+        for j, (e, p) in enumerate(zip(encoded, prompts)):
+            alone = predict_velocity(tr, x[j : j + 1], t[j : j + 1], e.refs, p.embeds, None, [e.img_shapes])
+            torch.testing.assert_close(together[j : j + 1], alone, rtol=1e-5, atol=1e-5)
+    other = next(i for g2 in by_layout.values() for i in g2 if i not in group and
+                 layout_key(plan_row(rows[i], stage, cfg)) != layout_key(encoded[0].plan))  # fmt: skip
+    with pytest.raises(ValueError, match="mixes layouts"):
+        e2 = enc.latents(other, rows[other], 0, stage)
+        collate([encoded[0], e2], [prompts[0], enc.prompt(rows[other], e2.plan)], "cpu", torch.float32)
+
+
+def test_training_encodes_samples_exactly_as_inference(tiny_model, data):
+    from uniref_core import UniRefPipeline
+
+    pipe = UniRefPipeline.from_pretrained(tiny_model)
+    cfg = config_from_dict(make_config(tiny_model, data, "/tmp/unused"))
+    rows, _ = load_rows([data["train"]], cfg)
+    row = next(r for r in rows if r.k == 2)
+    stage = cfg.stages[1]
+    enc = SampleEncoder(pipe.c, cfg)
+    encoded = enc.latents(0, row, 1, stage)
+    prompt = enc.prompt(row, encoded.plan)
+    cond = pipe.encode([str(p) for p in row.references], row.instruction, cfg=1.0, mode="budget",
+                       budget=stage.budget, vl_budget=cfg.vl_budget, width=64, height=64)  # fmt: skip
+    assert cond.plan.img_shapes == encoded.img_shapes
+    assert torch.equal(cond.positive.embeds, prompt.embeds)
+    for a, b in zip(cond.ref_tokens, encoded.refs):
+        assert torch.equal(a, b)

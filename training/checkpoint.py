@@ -1,0 +1,242 @@
+"""Checkpoints that are never half-written, and the checks that a resume continues the same run.
+
+A checkpoint is a folder ``<output_dir>/checkpoints/step_00000042/`` holding
+
+- ``trainable.safetensors``: the trained weights (whole transformer, or the LoRA matrices), by name;
+- ``ema.safetensors``: their EMA, when ``ema_decay`` is set;
+- ``optimizer.pt`` / ``scheduler.pt``: AdamW and LR-schedule state (absent at a stage's end: the next
+  stage starts a fresh optimizer, so a stage-end checkpoint does not carry it);
+- ``rng_<rank>.json``: python, numpy and torch RNG states of every process;
+- ``state.json`` (written last): data position (stage, step), config hash and hashed config, model
+  fingerprint.
+
+It is written into ``step_….tmp`` (each file fsynced), then renamed: a crash at any point leaves the
+previous checkpoints as they were and at worst a ``.tmp`` folder that is ignored and replaced later.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+import struct
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from uniref_core.errors import UniRefError
+
+from .config import SFTConfig, diff_configs
+
+CHECKPOINTS = "checkpoints"
+STATE_FILE = "state.json"
+TRAINABLE_FILE = "trainable.safetensors"
+EMA_FILE = "ema.safetensors"
+OPTIMIZER_FILE = "optimizer.pt"
+SCHEDULER_FILE = "scheduler.pt"
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+# Bytes of weight data sampled per file for the model fingerprint (hashing 40 GB would take minutes).
+FINGERPRINT_SAMPLES, FINGERPRINT_CHUNK = 32, 4096
+
+
+class CheckpointError(UniRefError):
+    """A checkpoint that cannot be resumed from; the message says what differs."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Model identity
+# --------------------------------------------------------------------------------------------------
+
+
+def model_fingerprint(model_path) -> str:
+    """A short hash of a model folder's transformer: its config, the safetensors headers and evenly
+    spaced samples of the weight bytes. Different weights give a different fingerprint; a copied or
+    moved folder keeps it."""
+    root = Path(model_path)
+    h = hashlib.sha256()
+    for rel in ("model_index.json", "transformer/config.json"):
+        f = root / rel
+        h.update(f.read_bytes() if f.is_file() else b"-")
+    for f in sorted((root / "transformer").glob("*.safetensors")):
+        size = f.stat().st_size
+        h.update(f"{f.name}:{size}".encode())
+        with f.open("rb") as fh:
+            (header_len,) = struct.unpack("<Q", fh.read(8))
+            h.update(fh.read(header_len))
+            start = 8 + header_len
+            span = max(size - start - FINGERPRINT_CHUNK, 0)
+            for i in range(FINGERPRINT_SAMPLES):
+                fh.seek(start + span * i // max(FINGERPRINT_SAMPLES - 1, 1))
+                h.update(fh.read(FINGERPRINT_CHUNK))
+    return h.hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------------------------------
+# RNG states (JSON: readable, and no pickle to load)
+# --------------------------------------------------------------------------------------------------
+
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    state = {
+        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "torch": torch.get_rng_state().tolist(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
+
+
+# --------------------------------------------------------------------------------------------------
+# Writing
+# --------------------------------------------------------------------------------------------------
+
+
+def checkpoint_path(output_dir, step: int) -> Path:
+    return Path(output_dir) / CHECKPOINTS / f"step_{step:08d}"
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_json(path: Path, data) -> None:
+    path.write_text(json.dumps(data, indent=1, sort_keys=True))
+    _fsync(path)
+
+
+def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
+    _fsync(path)
+
+
+def _torch_save(path: Path, obj) -> None:
+    torch.save(obj, path)
+    _fsync(path)
+
+
+def _commit(tmp: Path, final: Path) -> None:
+    """Move the finished ``tmp`` folder into place (one rename; an older copy of ``final`` goes last)."""
+    old = final.with_name(final.name + ".old")
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    _fsync(final.parent)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def save_checkpoint(accelerator, final: Path, *, trainable, ema, optimizer, scheduler, state: dict) -> Path:
+    """Write a checkpoint atomically from all processes (each writes its RNG state; the main process the rest)."""
+    tmp = final.with_name(final.name + ".tmp")
+    if accelerator.is_main_process:
+        if tmp.exists():
+            shutil.rmtree(tmp)  # left by a crash during an earlier save
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    _write_json(tmp / f"rng_{accelerator.process_index}.json", rng_state())
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        _save_tensors(tmp / TRAINABLE_FILE, trainable)
+        if ema is not None:
+            _save_tensors(tmp / EMA_FILE, ema)
+        if optimizer is not None:
+            _torch_save(tmp / OPTIMIZER_FILE, optimizer)
+            _torch_save(tmp / SCHEDULER_FILE, scheduler)
+        _write_json(tmp / STATE_FILE, {**state, "saved_at": time.time()})
+        _fsync(tmp)
+        _commit(tmp, final)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def complete_checkpoints(output_dir) -> list[Path]:
+    """Finished checkpoints, oldest first (``.tmp`` folders of interrupted saves are not among them)."""
+    root = Path(output_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = [(int(m[1]), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and (p / STATE_FILE).is_file()]
+    return [p for _, p in sorted(found)]
+
+
+def prune_checkpoints(output_dir, keep: int) -> None:
+    """Keep the ``keep`` newest checkpoints plus every stage-end one (the model after each budget)."""
+    ckpts = complete_checkpoints(output_dir)
+    for p in ckpts[:-keep]:
+        if not read_state(p).get("stage_end"):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading and resuming
+# --------------------------------------------------------------------------------------------------
+
+
+def read_state(path) -> dict:
+    return json.loads((Path(path) / STATE_FILE).read_text())
+
+
+def find_checkpoint(resume: str, output_dir) -> Path | None:
+    """``auto``: the newest finished checkpoint of ``output_dir`` (None if there is none); else a path."""
+    if resume == "auto":
+        ckpts = complete_checkpoints(output_dir)
+        return ckpts[-1] if ckpts else None
+    path = Path(resume)
+    if not (path / STATE_FILE).is_file():
+        raise CheckpointError(f"--resume {resume}: no checkpoint there (no {STATE_FILE}); give a step_… folder "
+                              f"under {Path(output_dir) / CHECKPOINTS} or 'auto'")  # fmt: skip
+    return path
+
+
+def check_resume(path: Path, state: dict, cfg: SFTConfig, fingerprint: str) -> None:
+    """Refuse a checkpoint of another model or another config, saying which differs."""
+    problems = []
+    if state["model"]["fingerprint"] != fingerprint:
+        problems.append(
+            f"it was trained from another model ({state['model']['path']}, fingerprint "
+            f"{state['model']['fingerprint']}) than this config's {cfg.model} (fingerprint {fingerprint})"
+        )
+    if state["config_hash"] != cfg.hash():
+        diffs = diff_configs(state["config"], json.loads(json.dumps(cfg.hashed_dict(), default=str)))
+        problems.append("its config differs in " + "; ".join(diffs or ["(hash only)"]))
+    if problems:
+        raise CheckpointError(
+            f"cannot resume from {path}: " + ", and ".join(problems)
+            + ". Resume with the config and model it was trained with, or use a new output_dir."
+        )
+
+
+def load_tensors(path: Path, name: str) -> dict[str, torch.Tensor] | None:
+    f = Path(path) / name
+    return load_file(str(f)) if f.is_file() else None
+
+
+def load_torch(path: Path, name: str):
+    f = Path(path) / name
+    return torch.load(f, map_location="cpu", weights_only=True) if f.is_file() else None
+
+
+def load_rng(path: Path, rank: int) -> dict | None:
+    f = Path(path) / f"rng_{rank}.json"
+    return json.loads(f.read_text()) if f.is_file() else None

@@ -1,0 +1,313 @@
+"""SFT configuration: one dataclass, loaded from JSON or TOML, checked before any model work.
+
+A config names the model to start from, the manifests, and a list of stages (progressive budgets).
+Every field has a default that works except ``model``, ``train_manifest`` and ``stages``. Unknown keys
+and impossible values fail with a message naming the key (and the stage).
+
+Example (JSON)::
+
+    {
+      "model": "models/tiny",
+      "train_manifest": "data/shapecompose/train/manifest.jsonl",
+      "val_manifest": "data/shapecompose/val/manifest.jsonl",
+      "output_dir": "runs/tiny_sft",
+      "stages": [
+        {"budget": 128, "steps": 200, "lr": 1e-4, "batch_size": 8, "output_size": 64},
+        {"budget": 192, "steps": 200, "lr": 5e-5, "batch_size": 8, "output_size": 64}
+      ],
+      "lora": {"rank": 16, "alpha": 16}
+    }
+
+Sizes (``budget``, ``output_size``, ``vl_budget``) are areas: 256 means 256², "1536x1024" a
+rectangle's area, a number ≥ 65536 a pixel count (`uniref_core.budget.parse_area`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import math
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from uniref_core.budget import parse_area
+from uniref_core.errors import UniRefError
+
+# Linear layers of QwenImageTransformer2DModel's blocks (diffusers transformer_qwenimage.py): joint
+# attention projections of both streams and both MLPs. ComfyUI's qwen_image model uses the same names.
+DEFAULT_LORA_TARGETS = (
+    "to_q", "to_k", "to_v", "to_out.0",
+    "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
+    "img_mlp.net.0.proj", "img_mlp.net.2", "txt_mlp.net.0.proj", "txt_mlp.net.2",
+)  # fmt: skip
+SCHEDULES = ("constant", "cosine")
+MIXED_PRECISION = ("no", "bf16")
+# Keys that change how a run is watched or stored, not the weights it produces: a resume may change them.
+# The model is checked by its fingerprint instead of its path, so a moved model folder still resumes.
+NOT_HASHED = ("model", "output_dir", "save_every", "keep_checkpoints", "eval_every", "eval_samples", "eval_steps",
+              "eval_cfg", "log_every", "tensorboard", "val_manifest")  # fmt: skip
+
+
+class ConfigError(UniRefError):
+    """A config that cannot be trained; the message names the key and the fix."""
+
+
+@dataclass
+class Stage:
+    """One step of the progressive-budget ladder."""
+
+    budget: int  # reference pixel budget (areas parse like "1024" → 1024²)
+    steps: int  # optimizer steps in this stage
+    lr: float
+    batch_size: int  # global batch: the same whatever the number of processes
+    output_size: int | None = None  # target area; None trains each target at its own size
+    warmup: int | None = None  # None: the top-level ``warmup``
+    schedule: str | None = None  # None: the top-level ``schedule``
+
+    @property
+    def label(self) -> str:
+        side = math.isqrt(self.budget)
+        return f"{side}²" if side * side == self.budget else f"{self.budget}px"
+
+
+@dataclass
+class LoraSettings:
+    rank: int = 16
+    alpha: float = 16.0
+    targets: list[str] = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
+    dropout: float = 0.0
+
+
+@dataclass
+class LogitNormal:
+    """σ = sigmoid(N(mean, std)): the SD3 / Qwen-Image training-time distribution."""
+
+    mean: float = 0.0
+    std: float = 1.0
+
+
+@dataclass
+class SFTConfig:
+    model: str  # diffusers-format model folder to start from
+    train_manifest: list[str]  # one or more ShapeCompose-style JSONL manifests
+    stages: list[Stage]
+    val_manifest: list[str] = field(default_factory=list)
+    output_dir: str = "runs/sft"
+    seed: int = 0
+    lora: LoraSettings | None = None  # None: full fine-tune of the transformer
+    gradient_checkpointing: bool = False
+    mixed_precision: str = "no"  # "no" | "bf16"
+    ema_decay: float | None = None  # None: no EMA
+    cache_text_embeddings: bool = True  # the text encoder is frozen: encode each prompt once, keep it on CPU
+    cache_latents: bool = True  # keep each sample's VAE latents (per stage) on CPU
+    vl_budget: int | None = None  # area of ALL VL copies together; None: 384² each, like inference
+    upscale: bool = True  # references smaller than their budget share are upscaled (inference default)
+    allow_target_upscale: bool = False  # a target smaller than a stage's output size is a bad row unless set
+    logit_normal: LogitNormal = field(default_factory=LogitNormal)
+    warmup: int = 0  # linear warmup steps at the start of every stage
+    schedule: str = "constant"  # "constant" | "cosine" (to 0 at the stage's end), after warmup
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    max_grad_norm: float | None = 1.0
+    grad_accum: int = 1  # micro-batches per optimizer step on each process
+    eval_every: int = 0  # 0: evaluate only at stage ends
+    eval_samples: int = 4
+    eval_steps: int = 8
+    eval_cfg: float = 1.0
+    save_every: int = 0  # 0: checkpoint only at stage ends
+    keep_checkpoints: int = 2
+    log_every: int = 1
+    tensorboard: bool = True
+
+    @property
+    def total_steps(self) -> int:
+        return sum(s.steps for s in self.stages)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def hashed_dict(self) -> dict:
+        """The fields that decide the trained weights (what a resumed run must share)."""
+        return {k: v for k, v in self.to_dict().items() if k not in NOT_HASHED}
+
+    def hash(self) -> str:
+        text = json.dumps(self.hashed_dict(), sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading and checking
+# --------------------------------------------------------------------------------------------------
+
+
+def _check_keys(data: dict, cls, where: str) -> None:
+    known = [f.name for f in dataclasses.fields(cls)]
+    for key in data:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"known keys: {', '.join(known)}"
+            raise ConfigError(f"unknown config key {key!r} in {where}: {hint}")
+
+
+def _area(value, where: str, key: str, allow_none: bool = False) -> int | None:
+    if value is None and allow_none:
+        return None
+    try:
+        area = parse_area(value)
+    except UniRefError:
+        raise ConfigError(f"{where}: {key} is {value!r}: write 1024 (for 1024²), 1536x1024 or a pixel count") from None
+    if area <= 0:
+        raise ConfigError(f"{where}: {key} is {value!r}: give a positive size such as 1024 (for 1024²)")
+    return area
+
+
+def _positive(value, where: str, key: str, kind=int, minimum=1) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or (kind is int and int(value) != value):
+        raise ConfigError(f"{where}: {key} is {value!r}: it must be a {'whole number' if kind is int else 'number'}")
+    if value < minimum:
+        raise ConfigError(f"{where}: {key} is {value!r}: it must be at least {minimum}")
+
+
+def _stage(data, i: int) -> Stage:
+    where = f"stages[{i}] (stage {i + 1})"
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where} must be an object with budget, steps, lr and batch_size")
+    _check_keys(data, Stage, where)
+    for key in ("budget", "steps", "lr", "batch_size"):
+        if key not in data:
+            raise ConfigError(f"{where} has no {key!r}: every stage needs budget, steps, lr and batch_size")
+    stage = Stage(
+        budget=_area(data["budget"], where, "budget"),
+        steps=data["steps"],
+        lr=data["lr"],
+        batch_size=data["batch_size"],
+        output_size=_area(data.get("output_size"), where, "output_size", allow_none=True),
+        warmup=data.get("warmup"),
+        schedule=data.get("schedule"),
+    )
+    _positive(stage.steps, where, "steps")
+    _positive(stage.batch_size, where, "batch_size")
+    if not isinstance(stage.lr, (int, float)) or not stage.lr > 0:
+        raise ConfigError(f"{where}: lr is {stage.lr!r}: give a positive learning rate such as 1e-4")
+    if stage.warmup is not None:
+        _positive(stage.warmup, where, "warmup", minimum=0)
+    if stage.schedule is not None and stage.schedule not in SCHEDULES:
+        raise ConfigError(f"{where}: schedule is {stage.schedule!r}: use one of {', '.join(SCHEDULES)}")
+    return stage
+
+
+def _paths(value, key: str) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return list(value)
+    raise ConfigError(f"{key} must be a path or a list of paths, got {value!r}")
+
+
+def config_from_dict(data: dict) -> SFTConfig:
+    """Build and check a config from plain data (what JSON/TOML give)."""
+    if not isinstance(data, dict):
+        raise ConfigError("the config must be an object (JSON) or a table (TOML) of keys")
+    _check_keys(data, SFTConfig, "the config")
+    for key in ("model", "train_manifest", "stages"):
+        if key not in data:
+            raise ConfigError(f"the config has no {key!r}: it is required")
+    stages = data["stages"]
+    if not isinstance(stages, list) or not stages:
+        raise ConfigError("stages is empty: give at least one stage such as {\"budget\": 1024, \"steps\": 1000, "
+                          "\"lr\": 1e-4, \"batch_size\": 8}")  # fmt: skip
+    kwargs = dict(data)
+    kwargs["stages"] = [_stage(s, i) for i, s in enumerate(stages)]
+    kwargs["train_manifest"] = _paths(data["train_manifest"], "train_manifest")
+    kwargs["val_manifest"] = _paths(data.get("val_manifest"), "val_manifest")
+    if not kwargs["train_manifest"]:
+        raise ConfigError("train_manifest is empty: give the JSONL manifest(s) to train on")
+    lora = data.get("lora")
+    if lora is not None:
+        if not isinstance(lora, dict):
+            raise ConfigError("lora must be an object {rank, alpha, targets} or null for a full fine-tune")
+        _check_keys(lora, LoraSettings, "lora")
+        kwargs["lora"] = LoraSettings(**lora)
+        _positive(kwargs["lora"].rank, "lora", "rank")
+        if not kwargs["lora"].targets:
+            raise ConfigError("lora.targets is empty: name the linear layers to adapt, e.g. to_q, to_k, to_v")
+    ln = data.get("logit_normal", {})
+    if not isinstance(ln, dict):
+        raise ConfigError("logit_normal must be an object {mean, std}")
+    _check_keys(ln, LogitNormal, "logit_normal")
+    kwargs["logit_normal"] = LogitNormal(**ln)
+    if "betas" in data:
+        kwargs["betas"] = tuple(data["betas"])
+    kwargs["vl_budget"] = _area(data.get("vl_budget"), "the config", "vl_budget", allow_none=True)
+    cfg = SFTConfig(**kwargs)
+    _check_top(cfg)
+    return cfg
+
+
+def _check_top(cfg: SFTConfig) -> None:
+    where = "the config"
+    if cfg.mixed_precision not in MIXED_PRECISION:
+        raise ConfigError(f"mixed_precision is {cfg.mixed_precision!r}: use one of {', '.join(MIXED_PRECISION)}")
+    if cfg.schedule not in SCHEDULES:
+        raise ConfigError(f"schedule is {cfg.schedule!r}: use one of {', '.join(SCHEDULES)}")
+    if cfg.ema_decay is not None and not 0.0 < cfg.ema_decay < 1.0:
+        raise ConfigError(f"ema_decay is {cfg.ema_decay!r}: use a value in (0, 1) such as 0.999, or null for no EMA")
+    if cfg.logit_normal.std <= 0:
+        raise ConfigError(f"logit_normal.std is {cfg.logit_normal.std!r}: it must be positive")
+    if cfg.max_grad_norm is not None and cfg.max_grad_norm <= 0:
+        raise ConfigError(f"max_grad_norm is {cfg.max_grad_norm!r}: give a positive norm or null for no clipping")
+    for key in ("grad_accum", "eval_steps", "keep_checkpoints", "log_every"):
+        _positive(getattr(cfg, key), where, key)
+    for key in ("eval_every", "save_every", "eval_samples", "warmup", "seed"):
+        _positive(getattr(cfg, key), where, key, minimum=0)
+    for i, stage in enumerate(cfg.stages):
+        if stage.batch_size % cfg.grad_accum:
+            raise ConfigError(
+                f"stages[{i}] (stage {i + 1}): batch_size {stage.batch_size} is not divisible by grad_accum "
+                f"{cfg.grad_accum}: make batch_size a multiple of it"
+            )
+
+
+def check_world(cfg: SFTConfig, num_processes: int) -> None:
+    """Every global batch must split evenly into processes × accumulation micro-batches."""
+    for i, stage in enumerate(cfg.stages):
+        parts = num_processes * cfg.grad_accum
+        if stage.batch_size % parts:
+            raise ConfigError(
+                f"stages[{i}] (stage {i + 1}): batch_size {stage.batch_size} does not split over {num_processes} "
+                f"process(es) × grad_accum {cfg.grad_accum}: use a multiple of {parts}"
+            )
+
+
+def load_config(path) -> SFTConfig:
+    """Read a ``.json`` or ``.toml`` config file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"config file {path} could not be read: {e}") from None
+    try:
+        data = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
+    except (ValueError, tomllib.TOMLDecodeError) as e:
+        raise ConfigError(f"config file {path} is not valid {'TOML' if path.suffix == '.toml' else 'JSON'}: {e}") from None
+    return config_from_dict(data)
+
+
+def diff_configs(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Human-readable differences between two hashed config dicts: 'stages[0].lr: 0.0001 → 0.0002'."""
+    out = []
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in sorted(set(old) | set(new)):
+            out += diff_configs(old.get(key), new.get(key), f"{prefix}.{key}" if prefix else key)
+    elif isinstance(old, (list, tuple)) and isinstance(new, (list, tuple)) and len(old) == len(new):
+        for i, (a, b) in enumerate(zip(old, new)):
+            out += diff_configs(a, b, f"{prefix}[{i}]")
+    elif old != new:
+        out.append(f"{prefix}: {old!r} → {new!r}")
+    return out

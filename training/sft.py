@@ -1,0 +1,281 @@
+"""Supervised fine-tuning of a Qwen-Image-Edit-family transformer on SELF multi-reference edits.
+
+    python -m training.sft --config training/configs/tiny_shapecompose.json [--resume auto|PATH]
+    accelerate launch --multi_gpu --num_processes 2 -m training.sft --config …   # DDP (CPU: gloo)
+    accelerate launch --config_file training/accelerate_fsdp.yaml -m training.sft --config …
+
+The run, top to bottom:
+1. config and resume checks (a checkpoint of another model or config is refused before any loading);
+2. the model (``load_components``), made trainable: LoRA or every transformer weight;
+3. the data: manifest rows checked and reported, encoded like inference, batched by layout;
+4. the stages in order (progressive budgets), each with its own AdamW and LR schedule; per step the
+   global batch is sharded over processes, the flow-matching loss is taken on the target tokens,
+   gradients are clipped, EMA updated, the step logged; checkpoints and evaluations at their
+   intervals and at every stage's end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from uniref_core.errors import UniRefError
+from uniref_core.model import check_model_folder, load_components
+
+from . import checkpoint as ckpt_mod
+from .config import SFTConfig, Stage, check_world, load_config
+from .data import BucketSampler, SampleEncoder, collate, layout_key, load_rows, plan_row, shard
+from .evaluate import evaluate
+from .logging_utils import PLOT_FILE, RunLogger, plot_loss
+from .loss import draw_noise_and_sigma, flow_matching_loss
+from .trainable import EMA, load_trainable_state_dict, named_trainable, setup_transformer, trainable_state_dict
+
+
+@dataclass
+class RunResult:
+    output_dir: Path
+    global_step: int
+    losses: list[float] = field(default_factory=list)  # one per step run in this call
+    checkpoint: Path | None = None  # the last one written
+
+
+def lr_multiplier(stage: Stage, cfg: SFTConfig):
+    """Warmup (linear from 1/(w+1)) then constant, or cosine to 0 at the stage's last step."""
+    warmup = cfg.warmup if stage.warmup is None else stage.warmup
+    schedule = stage.schedule or cfg.schedule
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if schedule == "cosine":
+            progress = (step - warmup) / max(stage.steps - warmup, 1)
+            return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+        return 1.0
+
+    return f
+
+
+def _position(state: dict, cfg: SFTConfig) -> tuple[int, int, int]:
+    """(stage index, steps done in it, global step) to continue from; a finished stage moves on."""
+    stage, done = state["stage"], state["stage_step"]
+    if done >= cfg.stages[stage].steps:
+        stage, done = stage + 1, 0
+    return stage, done, state["global_step"]
+
+
+def _make_accelerator(cfg: SFTConfig):
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    # The last block's text-stream layers (to_add_out, txt_mlp) feed nothing the loss sees: their
+    # gradients never arrive, which DDP must be told about.
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
+    # cpu=True where there is no GPU: accelerate then runs DDP over gloo under torchrun / accelerate launch.
+    return Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum,
+                       cpu=not torch.cuda.is_available(), kwargs_handlers=[ddp])  # fmt: skip
+
+
+def run(cfg: SFTConfig, resume: str | None = None) -> RunResult:
+    """Train as ``cfg`` says; ``resume``: None (fresh), "auto" (newest checkpoint if any) or a path."""
+    from accelerate.utils import set_seed
+
+    accelerator = _make_accelerator(cfg)
+    main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
+    out = Path(cfg.output_dir)
+
+    # 1. Config and resume checks ----------------------------------------------------------------
+    check_world(cfg, world)
+    check_model_folder(cfg.model)
+    fingerprint = ckpt_mod.model_fingerprint(cfg.model)
+    ckpt, state = None, None
+    stage0, step0, global_step = 0, 0, 0
+    if resume:
+        ckpt = ckpt_mod.find_checkpoint(resume, out)
+        if ckpt is not None:
+            state = ckpt_mod.read_state(ckpt)
+            ckpt_mod.check_resume(ckpt, state, cfg, fingerprint)
+            stage0, step0, global_step = _position(state, cfg)
+        elif main:
+            print(f"resume: no checkpoint in {out / ckpt_mod.CHECKPOINTS}, starting from scratch")
+    log = RunLogger(out, enabled=main, tensorboard=cfg.tensorboard)
+    for note in log.notes:
+        print(note)
+    if main:
+        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1, default=str))
+
+    # 2. The model ---------------------------------------------------------------------------------
+    set_seed(cfg.seed)  # LoRA's initialisation: identical on every process and for any process count
+    c = load_components(cfg.model, device=accelerator.device, dtype="fp32")
+    if cfg.mixed_precision == "bf16":  # the frozen encoders run at inference precision
+        c.vae.to(torch.bfloat16)
+        c.text_encoder.to(torch.bfloat16)
+    transformer = c.transformer
+    setup_transformer(transformer, cfg.lora, cfg.gradient_checkpointing)
+    model = accelerator.prepare(transformer)
+    params = named_trainable(transformer)
+    ema = EMA(params, cfg.ema_decay) if cfg.ema_decay else None
+
+    # 3. The data ----------------------------------------------------------------------------------
+    rows, report = load_rows(cfg.train_manifest, cfg, "train")
+    val_rows, val_report = load_rows(cfg.val_manifest, cfg, "val") if cfg.val_manifest else (rows, None)
+    if main:
+        print(report.summary())
+        if val_report:
+            print(val_report.summary())
+        reports = [report.to_dict()] + ([val_report.to_dict()] if val_report else [])
+        (out / "data_report.json").write_text(json.dumps(reports, indent=1))
+    encoder = SampleEncoder(c, cfg)
+
+    if state is not None:
+        load_trainable_state_dict(transformer, ckpt_mod.load_tensors(ckpt, ckpt_mod.TRAINABLE_FILE))
+        if ema is not None:
+            ema.load_state_dict(ckpt_mod.load_tensors(ckpt, ckpt_mod.EMA_FILE))
+        rng = ckpt_mod.load_rng(ckpt, rank)
+        if rng is not None:
+            ckpt_mod.set_rng_state(rng)
+        log.truncate_after(global_step)
+        if main:
+            print(f"resumed from {ckpt} at step {global_step} (stage {stage0 + 1}, step {step0})")
+
+    # 4. The stages --------------------------------------------------------------------------------
+    from tqdm.auto import tqdm
+
+    result = RunResult(out, global_step)
+    bar = tqdm(total=cfg.total_steps, initial=global_step, disable=not main, desc="sft", dynamic_ncols=True)
+    for si in range(stage0, len(cfg.stages)):
+        stage = cfg.stages[si]
+        first = step0 if si == stage0 else 0
+        sampler = BucketSampler([layout_key(plan_row(r, stage, cfg)) for r in rows], stage.batch_size, cfg.seed, si)
+        inner = torch.optim.AdamW(params.values(), lr=stage.lr, betas=cfg.betas, eps=cfg.eps,
+                                  weight_decay=cfg.weight_decay)  # fmt: skip
+        # Not prepared by accelerate: its scheduler wrapper steps once per process, which would make the
+        # LR curve depend on the process count.
+        scheduler = torch.optim.lr_scheduler.LambdaLR(inner, lr_multiplier(stage, cfg))
+        if first > 0:
+            inner.load_state_dict(ckpt_mod.load_torch(ckpt, ckpt_mod.OPTIMIZER_FILE))
+            scheduler.load_state_dict(ckpt_mod.load_torch(ckpt, ckpt_mod.SCHEDULER_FILE))
+        optimizer = accelerator.prepare(inner)
+        if main:
+            print(f"stage {si + 1}/{len(cfg.stages)}: budget {stage.label}, {stage.steps} steps, lr {stage.lr:g}, "
+                  f"global batch {stage.batch_size} ({world} process(es) × {cfg.grad_accum} micro-batches of "
+                  f"{stage.batch_size // world // cfg.grad_accum}), {len(sampler.buckets)} layouts")  # fmt: skip
+        for step in range(first, stage.steps):
+            t0 = time.perf_counter()
+            lr = scheduler.get_last_lr()[0]
+            loss_sum = torch.zeros((), device=accelerator.device)
+            sigma_sum = torch.zeros((), device=accelerator.device)
+            for micro in shard(sampler.batch(step), rank, world, cfg.grad_accum):
+                with accelerator.accumulate(model):
+                    slots, indices = [s for s, _ in micro], [i for _, i in micro]
+                    encoded = [encoder.latents(i, rows[i], si, stage) for i in indices]
+                    prompts = [encoder.prompt(rows[i], e.plan) for i, e in zip(indices, encoded)]
+                    batch = collate(encoded, prompts, accelerator.device, torch.float32)
+                    noise, sigma = draw_noise_and_sigma(cfg.seed, global_step, slots, batch.x0.shape[1:], cfg.logit_normal)
+                    loss, per_sample = flow_matching_loss(model, batch, noise, sigma)
+                    accelerator.backward(loss)
+                    loss_sum += per_sample.detach().sum()
+                    sigma_sum += sigma.sum().to(loss_sum.device)
+            grad_norm = None
+            if cfg.max_grad_norm is not None:
+                grad_norm = accelerator.clip_grad_norm_(list(params.values()), cfg.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            if ema is not None:
+                ema.update(params)
+            global_step += 1
+            totals = accelerator.reduce(torch.stack([loss_sum, sigma_sum]), reduction="sum") / stage.batch_size
+            seconds = time.perf_counter() - t0
+            loss_value = float(totals[0])
+            result.losses.append(loss_value)
+            if not math.isfinite(loss_value):
+                raise UniRefError(f"loss is {loss_value} at step {global_step} (stage {si + 1}): lower the lr or "
+                                  "enable max_grad_norm; the last checkpoint is intact")  # fmt: skip
+            if global_step % cfg.log_every == 0 or step + 1 == stage.steps:
+                log.write({"kind": "train", "step": global_step, "stage": si + 1, "stage_step": step + 1,
+                           "budget": stage.label, "loss": loss_value, "lr": lr, "sigma_mean": float(totals[1]),
+                           "grad_norm": None if grad_norm is None else float(grad_norm), "seconds": seconds,
+                           "samples_per_s": stage.batch_size / seconds})  # fmt: skip
+            bar.update(1)
+            bar.set_postfix(stage=si + 1, loss=f"{loss_value:.4f}")
+
+            stage_end = step + 1 == stage.steps
+            if stage_end or (cfg.save_every and global_step % cfg.save_every == 0):
+                result.checkpoint = save(accelerator, cfg, out, transformer, ema, None if stage_end else inner,
+                                         scheduler, fingerprint, si, step + 1, global_step, stage_end)  # fmt: skip
+            if stage_end or (cfg.eval_every and global_step % cfg.eval_every == 0):
+                run_eval(accelerator, cfg, c, transformer, ema, params, val_rows, stage, si, global_step, log)
+        accelerator._optimizers = [o for o in accelerator._optimizers if o is not optimizer]  # free its state
+    bar.close()
+    result.global_step = global_step
+    if main:
+        plot_loss(log.records(), out / PLOT_FILE, [s.label for s in cfg.stages])
+    log.close()
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return result
+
+
+def save(accelerator, cfg, out, transformer, ema, optimizer, scheduler, fingerprint, si, stage_step, global_step,
+         stage_end) -> Path:  # fmt: skip
+    state = {
+        "global_step": global_step, "stage": si, "stage_step": stage_step, "stage_end": stage_end,
+        "config_hash": cfg.hash(), "config": json.loads(json.dumps(cfg.hashed_dict(), default=str)),
+        "model": {"path": str(cfg.model), "fingerprint": fingerprint},
+        "lora": None if cfg.lora is None else {"rank": cfg.lora.rank, "alpha": cfg.lora.alpha},
+        "world_size": accelerator.num_processes,
+    }  # fmt: skip
+    path = ckpt_mod.save_checkpoint(
+        accelerator, ckpt_mod.checkpoint_path(out, global_step),
+        trainable=trainable_state_dict(transformer), ema=None if ema is None else ema.state_dict(),
+        optimizer=None if optimizer is None else optimizer.state_dict(),
+        scheduler=None if optimizer is None else scheduler.state_dict(), state=state,
+    )  # fmt: skip
+    if accelerator.is_main_process:
+        ckpt_mod.prune_checkpoints(out, cfg.keep_checkpoints)
+    accelerator.wait_for_everyone()
+    return path
+
+
+def run_eval(accelerator, cfg, components, transformer, ema, params, rows, stage, si, global_step, log) -> None:
+    """Sample, grid and score the validation rows on the main process (EMA weights when kept)."""
+    if accelerator.is_main_process and rows and cfg.eval_samples:
+        t0 = time.perf_counter()
+        ctx = ema.applied(params) if ema is not None else contextlib.nullcontext()
+        with ctx, torch.no_grad(), accelerator.autocast():
+            grid, records, means = evaluate(components, transformer, rows, stage, cfg, seed=cfg.seed)
+        folder = Path(cfg.output_dir) / "eval"
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"step_{global_step:08d}.png"
+        grid.save(path)
+        log.write({"kind": "eval", "step": global_step, "stage": si + 1, **means, "grid": str(path),
+                   "samples": records, "seconds": time.perf_counter() - t0})  # fmt: skip
+        log.image("eval/grid", grid, global_step)
+    accelerator.wait_for_everyone()
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m training.sft", description=__doc__.split("\n")[0])
+    parser.add_argument("--config", required=True, help="JSON or TOML config (see training/config.py)")
+    parser.add_argument("--resume", default=None, help="'auto' (newest checkpoint of output_dir, if any) or a "
+                        "checkpoint folder")  # fmt: skip
+    args = parser.parse_args(argv)
+    try:
+        result = run(load_config(args.config), resume=args.resume)
+    except UniRefError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"done: {result.global_step} steps; outputs in {result.output_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
