@@ -10,7 +10,7 @@ workflows/, headless Chromium (Debian's, driven by Playwright):
 4. lowers the cost for CPU through the nodes' widgets (3 steps, cfg 1, 128×96 output, budget 256);
 5. clicks the Run button and waits until the SaveImage node shows the UniRef image;
 6. checks the saved image through the host's history (128×96) and writes a screenshot to
-   docs/screenshots/<host>_<workflow>.png.
+   docs/screenshots/<host>_<workflow>.png with UNIREF_UPDATE_SCREENSHOTS=1 (else .cache/screenshots/).
 
 Needs /usr/bin/chromium (scripts/ensure_chromium.sh installs it; scripts/test.sh calls it) and the
 playwright package from requirements-dev.txt (its bundled browsers are never downloaded). Set
@@ -36,7 +36,8 @@ if os.environ.get("UNIREF_SKIP_COMFY") == "1":
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKFLOWS = sorted((ROOT / "workflows").glob("*.json"))
-SCREENSHOTS = ROOT / "docs" / "screenshots"
+# The README's screenshots are refreshed only on request; ordinary runs write beside the cache.
+SCREENSHOTS = ROOT / ("docs/screenshots" if os.environ.get("UNIREF_UPDATE_SCREENSHOTS") == "1" else ".cache/screenshots")
 CHROMIUM = os.environ.get("UNIREF_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = [
     "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
