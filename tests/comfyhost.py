@@ -443,3 +443,19 @@ class WsListener:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+@contextlib.contextmanager
+def uniref_host(version: str, tiny_model: Path):
+    """A host with this pack and a tiny model as both `models/uniref/tiny` and the built-in default
+    (the shipped workflows name the built-in model)."""
+    old = os.environ.get("UNIREF_DEFAULT_MODEL")
+    os.environ["UNIREF_DEFAULT_MODEL"] = str(tiny_model)
+    try:
+        with ComfyHost(version, ROOT, models={"uniref/tiny": tiny_model}) as h:
+            yield h
+    finally:
+        if old is None:
+            os.environ.pop("UNIREF_DEFAULT_MODEL", None)
+        else:
+            os.environ["UNIREF_DEFAULT_MODEL"] = old

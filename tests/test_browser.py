@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from comfyhost import PACK_NAME, ComfyHost, output_images
+from comfyhost import PACK_NAME, output_images, uniref_host
 
 pytestmark = [pytest.mark.comfy, pytest.mark.browser]
 if os.environ.get("UNIREF_SKIP_BROWSER") == "1":
@@ -94,21 +94,12 @@ def browser():
 
 @pytest.fixture(scope="module", params=["0.30.0", "0.3.75"])
 def host(request, tiny_model):
-    # The workflows name the built-in default model; point it at a tiny model for the host.
-    old = os.environ.get("UNIREF_DEFAULT_MODEL")
-    os.environ["UNIREF_DEFAULT_MODEL"] = str(tiny_model)
-    try:
-        with ComfyHost(request.param, ROOT, models={"uniref/tiny": tiny_model}) as h:
-            log(f"ComfyUI {h.version} ready in {h.startup_s:.1f} s")
-            settings = h.base_dir / "user" / "default" / "comfy.settings.json"
-            current = json.loads(settings.read_text()) if settings.exists() else {}
-            settings.write_text(json.dumps({**current, **UI_SETTINGS}))  # read on each page load
-            yield h
-    finally:
-        if old is None:
-            os.environ.pop("UNIREF_DEFAULT_MODEL", None)
-        else:
-            os.environ["UNIREF_DEFAULT_MODEL"] = old
+    with uniref_host(request.param, tiny_model) as h:
+        log(f"ComfyUI {h.version} ready in {h.startup_s:.1f} s")
+        settings = h.base_dir / "user" / "default" / "comfy.settings.json"
+        current = json.loads(settings.read_text()) if settings.exists() else {}
+        settings.write_text(json.dumps({**current, **UI_SETTINGS}))  # read on each page load
+        yield h
 
 
 @pytest.fixture

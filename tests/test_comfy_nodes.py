@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from comfyhost import ComfyHost, output_images
+from comfyhost import output_images, uniref_host
 from workflow_api import ui_to_api
 
 pytestmark = pytest.mark.comfy
@@ -33,17 +33,8 @@ FAST = {"UniRefSampler": {"steps": 3, "cfg": 2.0}, "UniRefSelfEncode": {"budget"
 
 @pytest.fixture(scope="module", params=["0.30.0", "0.3.75"])
 def host(request, tiny_model):
-    # The workflows name the built-in default model; point it at a tiny model for the host.
-    old = os.environ.get("UNIREF_DEFAULT_MODEL")
-    os.environ["UNIREF_DEFAULT_MODEL"] = str(tiny_model)
-    try:
-        with ComfyHost(request.param, ROOT, models={"uniref/tiny": tiny_model}) as h:
-            yield h
-    finally:
-        if old is None:
-            os.environ.pop("UNIREF_DEFAULT_MODEL", None)
-        else:
-            os.environ["UNIREF_DEFAULT_MODEL"] = old
+    with uniref_host(request.param, tiny_model) as h:
+        yield h
 
 
 def workflow_prompt(host, path, overrides=FAST, width=None, height=None):
