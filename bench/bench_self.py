@@ -11,10 +11,14 @@ factor (default 1/16: 256², 256², 256×256, 96²), which keeps the token ratio
 Tables:
  1. per-step transformer time (``UniRefPipeline.velocity``, cfg 1) and sequence length for K = 1…6
     references in ``budget`` and ``per_image`` modes; ratios to K = 1 and per_image / budget;
+ 1b. not measured: the same references planned at the real 1024² setting and the step-FLOP ratios
+    they imply for the real 60-block transformer (what a compute-bound GPU run tends to);
  2. our per-step and whole-edit time vs diffusers' ``QwenImageEditPlusPipeline`` on the same inputs
     (per_image mode, K = 3); per-step time = (time(2N steps) − time(N steps)) / N, so the
-    encode/decode costs cancel;
- 3. the targets, PASS/MISS.
+    encode/decode costs cancel, cross-checked by the median interval between step callbacks;
+ 3. the targets, PASS/MISS (``????`` when the machine was too busy to trust the figure).
+Measurements during which other processes used the CPUs (read from /proc/stat) are set aside and
+repeated a bounded number of times.
 The test suite never times anything; speed figures live here.
 """
 
@@ -235,7 +239,8 @@ def print_steps(rows, ks, out):
     out("")
     r0 = rows[0]
     out(f"  {r0['clean_rounds']} undisturbed round(s) used" + (f", {r0['busy_rounds']} set aside (other processes on "
-        "the CPUs)" if r0["busy_rounds"] else "") + ("" if r0["reliable"] else ": TOO FEW, figures unreliable"))
+        "the CPUs)" if r0["busy_rounds"] else "")
+        + ("" if r0["clean_rounds"] >= min(3, r0["clean_rounds"] + r0["busy_rounds"]) else ": TOO FEW, figures unreliable"))
     out("")
     out("  per_image / budget at the same K")
     out("   K  step ratio  token ratio")
@@ -292,6 +297,7 @@ def bench_vs_diffusers(ours, folder, refs, side, steps, repeats, log) -> dict:
     busy_times = {key: [] for key in times}
     intervals = {name: [] for name in runners}
     busy_intervals = {name: [] for name in runners}
+    slot_step = {}  # (repeat, n, name) -> median step interval of the kept edit
     images = {}
     retries = 0
     from diffusers.utils import logging as dlog
@@ -321,6 +327,7 @@ def bench_vs_diffusers(ours, folder, refs, side, steps, repeats, log) -> dict:
                         if share is None or share < BUSY_LIMIT_EDIT:
                             times[(name, n)].append(elapsed)
                             intervals[name] += gaps
+                            slot_step[(rep, n, name)] = statistics.median(gaps)
                             break
                         busy_times[(name, n)].append(elapsed)
                         busy_intervals[name] += gaps
@@ -348,13 +355,28 @@ def bench_vs_diffusers(ours, folder, refs, side, steps, repeats, log) -> dict:
             edit_n_samples_s=tn,
             edit_2n_samples_s=t2n,
         )
-        reliable = reliable and result[name]["step_ms"] > 0
-    result["step_ratio"] = ratio(result["ours"]["step_ms"], result["diffusers"]["step_ms"])
-    result["step_ratio_callbacks"] = ratio(result["ours"]["step_ms_callbacks"], result["diffusers"]["step_ms_callbacks"])
+    result["step_ratio_differencing"] = ratio(result["ours"]["step_ms"], result["diffusers"]["step_ms"])
+    # Ours / diffusers per repeat and N, from edits run back to back, so slow drifts of the machine's
+    # speed (large on shared VMs) cancel; the median over those pairs.
+    paired = [ratio(slot_step[(rep, n, "ours")], slot_step[(rep, n, "diffusers")])
+              for rep in range(repeats) for n in (steps, 2 * steps)
+              if (rep, n, "ours") in slot_step and (rep, n, "diffusers") in slot_step]
+    result["step_ratio_callbacks_pairs"] = paired
+    result["step_ratio_callbacks"] = (
+        statistics.median(paired) if paired
+        else ratio(result["ours"]["step_ms_callbacks"], result["diffusers"]["step_ms_callbacks"])
+    )
     result["edit_n_ratio"] = ratio(result["ours"]["edit_n_s"], result["diffusers"]["edit_n_s"])
     result["edit_2n_ratio"] = ratio(result["ours"]["edit_2n_s"], result["diffusers"]["edit_2n_s"])
-    # The two per-step measures must roughly agree, or the differencing was too noisy to trust.
-    reliable = reliable and abs(result["step_ratio"] / result["step_ratio_callbacks"] - 1) <= 0.15
+    # Run-to-run spread of identical edits (max / min - 1, median over the four kinds of edit): the
+    # noise the differencing has to beat.
+    result["edit_spread"] = statistics.median(max(v) / min(v) - 1 for v in times.values() if v)
+    # The differencing is the figure of record when it agrees with the callback figure (within 15%);
+    # when the edit times drift too much for it (negative or disagreeing), the callback figure is used.
+    d, c = result["step_ratio_differencing"], result["step_ratio_callbacks"]
+    agree = result["ours"]["step_ms"] > 0 and result["diffusers"]["step_ms"] > 0 and abs(d / c - 1) <= 0.15
+    result["step_ratio"] = d if agree else c
+    result["step_ratio_source"] = "differencing" if agree else "callbacks"
     result["reliable"] = bool(reliable)
     result["max_pixel_diff"] = int(np.abs(images["ours"] - images["diffusers"]).max())
     result["vae_image_size"] = dq.VAE_IMAGE_SIZE
@@ -368,19 +390,26 @@ def print_vs_diffusers(r, out):
     out(f"Table 2. Ours vs diffusers QwenImageEditPlusPipeline (per_image, K={r['k']}, cfg 1, no negative prompt, "
         f"same seed and inputs, best of {r['repeats']})")
     out(f"  step ms = (best time of a {2 * n}-step edit - best time of a {n}-step edit) / {n}: encode/decode cancel")
-    out("  cb ms   = median time between step-end callbacks (on_step / callback_on_step_end): a cross-check that")
-    out("            sees one loop iteration only, so no encode/decode jitter; diffusers' progress bar is off")
+    out("  cb ms   = median time between step-end callbacks (on_step / callback_on_step_end): sees one loop")
+    out("            iteration only, so no encode/decode jitter; its ratio is the median over back-to-back pairs")
+    out("            of edits. diffusers' progress bar is off")
     out("              step ms    cb ms   edit N s  edit 2N s")
     for name in ("ours", "diffusers"):
         x = r[name]
         out(f"  {name:<10} {x['step_ms']:>8.2f} {x['step_ms_callbacks']:>8.2f}  {x['edit_n_s']:>9.3f}  "
             f"{x['edit_2n_s']:>9.3f}")
-    out(f"  ours / diffusers: per step {r['step_ratio']:.3f}x (callbacks {r['step_ratio_callbacks']:.3f}x); "
-        f"whole edit {r['edit_n_ratio']:.3f}x ({n} steps), {r['edit_2n_ratio']:.3f}x ({2 * n} steps)")
+    out(f"  ours / diffusers: per step {r['step_ratio_differencing']:.3f}x by differencing, "
+        f"{r['step_ratio_callbacks']:.3f}x by callbacks; whole edit {r['edit_n_ratio']:.3f}x ({n} steps), "
+        f"{r['edit_2n_ratio']:.3f}x ({2 * n} steps)")
+    spread = f"{100 * r['edit_spread']:.0f}%" if r["repeats"] > 1 else "n/a (1 repeat)"
+    out(f"  run-to-run spread of identical edits: {spread}"
+        + ("" if r["step_ratio_source"] == "differencing" else
+           "; the differencing disagrees with the callbacks by > 15% (too noisy), so the target below uses "
+           "the callback figure"))
     out(f"  same output: max |pixel difference| ours vs diffusers = {r['max_pixel_diff']} (of 255)")
     if r["disturbed_runs"]:
         out(f"  {r['disturbed_runs']} edit(s) disturbed by other processes were run again"
-            + ("" if r["reliable"] else "; still too noisy (or the two per-step measures disagree by > 15%)"))
+            + ("" if r["reliable"] else "; too few undisturbed edits remained"))
 
 
 # --- 1b. analytic estimate at the real scale -------------------------------------------------
@@ -448,7 +477,7 @@ def _target_values(by, vs, step_key, over_key) -> dict:
     if ("budget", 6) in by:
         values["per_image_over_budget_k6"] = by[("budget", 6)][over_key]
     if vs is not None:
-        values["ours_over_diffusers_step"] = vs["step_ratio"]
+        values["ours_over_diffusers_step"] = vs["step_ratio"]  # differencing, or callbacks if that is too noisy
     return values
 
 
@@ -463,6 +492,8 @@ def check_targets(rows, vs, est=None) -> dict:
         label, op, target = TARGETS[key]
         ok = value <= target if op == "<=" else value >= target
         reliable = vs["reliable"] if key == "ours_over_diffusers_step" else all(r["reliable"] for r in rows)
+        if key == "ours_over_diffusers_step":
+            label = f"{label[:-1]}, by {vs['step_ratio_source']})"
         results[key] = dict(label=label, value=value, op=op, target=target, passed=bool(ok), reliable=bool(reliable),
                             real_scale_flop_estimate=estimated.get(key))
     return results
@@ -528,7 +559,7 @@ def main(argv=None) -> int:
     quick = args.quick
     ks = [1, 3, 6] if quick else [1, 2, 3, 4, 5, 6]
     if div == 16:
-        rounds, steps, repeats = (5, 4, 1) if quick else (25, 100, 4)
+        rounds, steps, repeats = (5, 4, 1) if quick else (25, 100, 8)
     else:
         rounds, steps, repeats = (3, 2, 1) if quick else (9, 30, 3)
 
@@ -568,6 +599,8 @@ def main(argv=None) -> int:
         monitor = CpuMonitor()
         rows = bench_steps(pipe, refs, ks, side, rounds, log)
         busy["table 1"] = monitor.others_share()
+        for r in rows:  # set-aside rounds help, but a table taken on a busy machine stays suspect
+            r["reliable"] = r["reliable"] and (busy["table 1"] or 0) < BUSY_LIMIT
         print_steps(rows, ks, out)
         est = real_scale_estimate(rows, ks, budget_mod)
         print_estimate(est, ks, out)
@@ -581,6 +614,7 @@ def main(argv=None) -> int:
             monitor = CpuMonitor()
             vs = bench_vs_diffusers(pipe, folder, refs[:DIFFUSERS_K], side, steps, repeats, log)
             busy["table 2"] = monitor.others_share()
+            vs["reliable"] = vs["reliable"] and (busy["table 2"] or 0) < BUSY_LIMIT
             print_vs_diffusers(vs, out)
             report["vs_diffusers"] = vs
 
