@@ -124,27 +124,40 @@ def test_two_stage_smoke_run_logs_checkpoints_and_exports(smoke_run, tmp_path):
     assert edit.images[0].size == (64, 64)
 
 
-def test_lora_export_in_comfyui_key_format_merges_to_the_trained_model(tiny_model, data, tmp_path):
+@pytest.fixture(scope="module")
+def lora_run(tiny_model, data, tmp_path_factory):
+    """A LoRA run (rank 4, alpha 8, one stage of 2 steps) exported both ways."""
+    from training.export import export
+
+    root = tmp_path_factory.mktemp("lora")
+    cfg = make_config(tiny_model, data, root / "run", lora={"rank": 4, "alpha": 8})
+    cfg["stages"] = cfg["stages"][:1]
+    run(cfg)
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    last = ckpt_mod.complete_checkpoints(root / "run")[-1]
+    return cfg, last, export(last, root / "lora.safetensors", lora_only=True), export(last, root / "merged")
+
+
+def test_lora_export_in_comfyui_key_format_merges_to_the_trained_model(tiny_model, lora_run):
     from safetensors.torch import load_file
 
     from uniref_core import UniRefPipeline
     from uniref_core.pipeline import predict_velocity
-    from training.export import export
     from training.trainable import load_trainable_state_dict, setup_transformer
 
-    out = tmp_path / "lora"
-    cfg = make_config(tiny_model, data, out, lora={"rank": 4, "alpha": 8}, stages=[make_config(
-        tiny_model, data, out)["stages"][0]])  # fmt: skip
-    run(cfg)
-    last = ckpt_mod.complete_checkpoints(out)[-1]
-    lora = load_file(export(last, tmp_path / "lora.safetensors", lora_only=True))
+    cfg, last, lora_file, merged_dir = lora_run
+    lora = load_file(lora_file)
     key = re.compile(r"^diffusion_model\.transformer_blocks\.\d+\.(attn\.(to_[qkv]|to_out\.0|add_[qkv]_proj|to_add_out)"
                      r"|(img|txt)_mlp\.net\.(0\.proj|2))\.(lora_A\.weight|lora_B\.weight|alpha)$")  # fmt: skip
     assert lora and all(key.match(k) for k in lora), [k for k in lora if not key.match(k)][:3]
     assert len(lora) == 2 * 12 * 3 and float(lora["diffusion_model.transformer_blocks.0.attn.to_q.alpha"]) == 8.0
 
     # The merged export computes what the peft-wrapped training transformer computes.
-    merged = UniRefPipeline.from_pretrained(export(last, tmp_path / "merged")).c.transformer
+    merged = UniRefPipeline.from_pretrained(merged_dir).c.transformer
+    base = UniRefPipeline.from_pretrained(tiny_model).c.transformer
     live = UniRefPipeline.from_pretrained(tiny_model).c.transformer
     setup_transformer(live, config_from_dict(cfg).lora, False)
     load_trainable_state_dict(live, ckpt_mod.load_tensors(last, ckpt_mod.TRAINABLE_FILE))
@@ -155,9 +168,57 @@ def test_lora_export_in_comfyui_key_format_merges_to_the_trained_model(tiny_mode
     with torch.no_grad():
         a = predict_velocity(live.eval(), x, 500.0, [ref], emb, None, shapes)
         b = predict_velocity(merged, x, 500.0, [ref], emb, None, shapes)
-    assert not torch.allclose(a, predict_velocity(UniRefPipeline.from_pretrained(tiny_model).c.transformer, x, 500.0,
-                                                  [ref], emb, None, shapes))  # fmt: skip
-    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+        untrained = predict_velocity(base, x, 500.0, [ref], emb, None, shapes)
+    assert not torch.allclose(a, untrained)  # the LoRA changed something…
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)  # …and the merge reproduces it
+
+
+COMFY_LORA_CHECK = """
+import json, sys
+import comfy.options
+comfy.options.enable_args_parsing()
+sys.argv = [sys.argv[0], "--cpu"]
+import comfy.lora
+from safetensors.torch import load_file
+
+lora, base, merged = (load_file(p) for p in sys.argv_paths)
+# comfy/lora.py model_lora_keys_unet, for a QwenImage model: the generic 'diffusion_model.<path>' key
+# plus '<path>' and 'transformer.<path>' for every '<path>.weight' of the diffusion model.
+to_load = {}
+for k in base:
+    if k.endswith(".weight"):
+        path = k[: -len(".weight")]
+        for alias in ("diffusion_model." + path, path, "transformer." + path):
+            to_load[alias] = "diffusion_model." + k
+patches = comfy.lora.load_lora(lora, to_load)
+worst = 0.0
+for target, adapter in patches.items():
+    k = target[len("diffusion_model."):]
+    w = comfy.lora.calculate_weight([(1.0, adapter, 1.0, None, None)], base[k].clone(), target)
+    worst = max(worst, float((w - merged[k]).abs().max()))
+print(json.dumps({"layers": len(patches), "max_diff": worst}))
+"""
+
+
+@pytest.mark.comfy
+@pytest.mark.parametrize("version", ["0.30.0", "0.3.75"])
+def test_comfyui_applies_the_exported_lora_like_the_merged_export(tiny_model, lora_run, version):
+    """ComfyUI's own LoRA loader (inside a real host's tree and interpreter) reads the file."""
+    if os.environ.get("UNIREF_SKIP_COMFY") == "1":
+        pytest.skip("UNIREF_SKIP_COMFY=1: ComfyUI host tests skipped")
+    from comfyhost import comfy_hosts
+
+    host = comfy_hosts.ensure_host(version)
+    _, _, lora_file, merged_dir = lora_run
+    paths = [str(lora_file), str(Path(tiny_model) / "transformer" / "diffusion_pytorch_model.safetensors"),
+             str(Path(merged_dir) / "transformer" / "diffusion_pytorch_model.safetensors")]  # fmt: skip
+    script = COMFY_LORA_CHECK.replace("sys.argv_paths", repr(paths))
+    proc = subprocess.run([str(host.python), "-c", script], cwd=host.comfy_dir, capture_output=True, text=True,
+                          timeout=300, env=comfy_hosts.host_env())  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["layers"] == 2 * 12  # every adapted layer of both blocks
+    assert result["max_diff"] < 1e-6
 
 
 # 2. -------------------------------------------------------------------------------------------------

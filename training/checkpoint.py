@@ -5,7 +5,8 @@ A checkpoint is a folder ``<output_dir>/checkpoints/step_00000042/`` holding
 - ``trainable.safetensors``: the trained weights (whole transformer, or the LoRA matrices), by name;
 - ``ema.safetensors``: their EMA, when ``ema_decay`` is set;
 - ``optimizer.pt`` / ``scheduler.pt``: AdamW and LR-schedule state (absent at a stage's end: the next
-  stage starts a fresh optimizer, so a stage-end checkpoint does not carry it);
+  stage starts a fresh optimizer, so a stage-end checkpoint does not carry it); under FSDP one
+  ``optimizer_<rank>.pt`` shard per process instead;
 - ``rng_<rank>.json``: python, numpy and torch RNG states of every process;
 - ``state.json`` (written last): data position (stage, step), config hash and hashed config, model
   fingerprint.
@@ -147,8 +148,10 @@ def _commit(tmp: Path, final: Path) -> None:
         shutil.rmtree(old)
 
 
-def save_checkpoint(accelerator, final: Path, *, trainable, ema, optimizer, scheduler, state: dict) -> Path:
-    """Write a checkpoint atomically from all processes (each writes its RNG state; the main process the rest)."""
+def save_checkpoint(accelerator, final: Path, *, trainable, ema, optimizer, scheduler, state: dict,
+                    sharded_optimizer: bool = False) -> Path:  # fmt: skip
+    """Write a checkpoint atomically from all processes (each writes its RNG state, and under FSDP its
+    optimizer shard; the main process the rest)."""
     tmp = final.with_name(final.name + ".tmp")
     if accelerator.is_main_process:
         if tmp.exists():
@@ -156,13 +159,16 @@ def save_checkpoint(accelerator, final: Path, *, trainable, ema, optimizer, sche
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     _write_json(tmp / f"rng_{accelerator.process_index}.json", rng_state())
+    if sharded_optimizer and optimizer is not None:
+        _torch_save(tmp / f"optimizer_{accelerator.process_index}.pt", optimizer)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         _save_tensors(tmp / TRAINABLE_FILE, trainable)
         if ema is not None:
             _save_tensors(tmp / EMA_FILE, ema)
         if optimizer is not None:
-            _torch_save(tmp / OPTIMIZER_FILE, optimizer)
+            if not sharded_optimizer:
+                _torch_save(tmp / OPTIMIZER_FILE, optimizer)
             _torch_save(tmp / SCHEDULER_FILE, scheduler)
         _write_json(tmp / STATE_FILE, {**state, "saved_at": time.time()})
         _fsync(tmp)
@@ -235,6 +241,12 @@ def load_tensors(path: Path, name: str) -> dict[str, torch.Tensor] | None:
 def load_torch(path: Path, name: str):
     f = Path(path) / name
     return torch.load(f, map_location="cpu", weights_only=True) if f.is_file() else None
+
+
+def load_optimizer(path: Path, rank: int):
+    """This process's optimizer state: its own shard (FSDP) or the one shared state (DDP)."""
+    shard = load_torch(path, f"optimizer_{rank}.pt")
+    return shard if shard is not None else load_torch(path, OPTIMIZER_FILE)
 
 
 def load_rng(path: Path, rank: int) -> dict | None:

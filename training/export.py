@@ -102,7 +102,9 @@ def export(checkpoint, out, lora_only: bool = False, weights: str = "auto", mode
     if tmp.exists():
         shutil.rmtree(tmp)
     shutil.copytree(base, tmp, ignore=shutil.ignore_patterns("transformer"))
-    transformer.to(dtype).save_pretrained(tmp / "transformer", safe_serialization=True)
+    if dtype != torch.float32:
+        transformer.to(dtype)  # back to the base model's storage dtype (bf16 for the published ones)
+    transformer.save_pretrained(tmp / "transformer", safe_serialization=True)
     (tmp / "uniref_training.json").write_text(json.dumps({**meta, "weights": used, "checkpoint": str(ckpt)}, indent=1))
     if out.exists():
         shutil.rmtree(out)

@@ -43,6 +43,7 @@ from .trainable import EMA, load_trainable_state_dict, named_trainable, setup_tr
 class RunResult:
     output_dir: Path
     global_step: int
+    is_main: bool = True
     losses: list[float] = field(default_factory=list)  # one per step run in this call
     checkpoint: Path | None = None  # the last one written
 
@@ -93,6 +94,12 @@ def run(cfg: SFTConfig, resume: str | None = None) -> RunResult:
 
     # 1. Config and resume checks ----------------------------------------------------------------
     check_world(cfg, world)
+    fsdp = _is_fsdp(accelerator)
+    if fsdp and cfg.ema_decay:
+        raise UniRefError("ema_decay is set but FSDP shards the weights the EMA would average: use ema_decay null "
+                          "with FSDP, or train LoRA under DDP")  # fmt: skip
+    if fsdp and main and cfg.eval_samples:
+        print("FSDP: in-training evaluation is skipped (the sampler runs one process); evaluate exported checkpoints")
     check_model_folder(cfg.model)
     fingerprint = ckpt_mod.model_fingerprint(cfg.model)
     ckpt, state = None, None
@@ -115,13 +122,18 @@ def run(cfg: SFTConfig, resume: str | None = None) -> RunResult:
     set_seed(cfg.seed)  # LoRA's initialisation: identical on every process and for any process count
     c = load_components(cfg.model, device=accelerator.device, dtype="fp32")
     if cfg.mixed_precision == "bf16":  # the frozen encoders run at inference precision
-        c.vae.to(torch.bfloat16)
-        c.text_encoder.to(torch.bfloat16)
+        for frozen in (c.vae, c.text_encoder):  # nn.Module.to: diffusers' own .to warns about fp32-kept modules
+            torch.nn.Module.to(frozen, torch.bfloat16)
     transformer = c.transformer
     setup_transformer(transformer, cfg.lora, cfg.gradient_checkpointing)
+    if state is not None:  # before prepare: FSDP shards the weights there
+        load_trainable_state_dict(transformer, ckpt_mod.load_tensors(ckpt, ckpt_mod.TRAINABLE_FILE))
+    names = list(named_trainable(transformer))  # clean names: FSDP adds wrapper prefixes after prepare
     model = accelerator.prepare(transformer)
     params = named_trainable(transformer)
     ema = EMA(params, cfg.ema_decay) if cfg.ema_decay else None
+    if ema is not None and state is not None:
+        ema.load_state_dict(ckpt_mod.load_tensors(ckpt, ckpt_mod.EMA_FILE))
 
     # 3. The data ----------------------------------------------------------------------------------
     rows, report = load_rows(cfg.train_manifest, cfg, "train")
@@ -135,9 +147,6 @@ def run(cfg: SFTConfig, resume: str | None = None) -> RunResult:
     encoder = SampleEncoder(c, cfg)
 
     if state is not None:
-        load_trainable_state_dict(transformer, ckpt_mod.load_tensors(ckpt, ckpt_mod.TRAINABLE_FILE))
-        if ema is not None:
-            ema.load_state_dict(ckpt_mod.load_tensors(ckpt, ckpt_mod.EMA_FILE))
         rng = ckpt_mod.load_rng(ckpt, rank)
         if rng is not None:
             ckpt_mod.set_rng_state(rng)
@@ -148,7 +157,7 @@ def run(cfg: SFTConfig, resume: str | None = None) -> RunResult:
     # 4. The stages --------------------------------------------------------------------------------
     from tqdm.auto import tqdm
 
-    result = RunResult(out, global_step)
+    result = RunResult(out, global_step, main)
     bar = tqdm(total=cfg.total_steps, initial=global_step, disable=not main, desc="sft", dynamic_ncols=True)
     for si in range(stage0, len(cfg.stages)):
         stage = cfg.stages[si]
@@ -160,7 +169,7 @@ def run(cfg: SFTConfig, resume: str | None = None) -> RunResult:
         # LR curve depend on the process count.
         scheduler = torch.optim.lr_scheduler.LambdaLR(inner, lr_multiplier(stage, cfg))
         if first > 0:
-            inner.load_state_dict(ckpt_mod.load_torch(ckpt, ckpt_mod.OPTIMIZER_FILE))
+            inner.load_state_dict(ckpt_mod.load_optimizer(ckpt, rank))
             scheduler.load_state_dict(ckpt_mod.load_torch(ckpt, ckpt_mod.SCHEDULER_FILE))
         optimizer = accelerator.prepare(inner)
         if main:
@@ -209,9 +218,9 @@ def run(cfg: SFTConfig, resume: str | None = None) -> RunResult:
 
             stage_end = step + 1 == stage.steps
             if stage_end or (cfg.save_every and global_step % cfg.save_every == 0):
-                result.checkpoint = save(accelerator, cfg, out, transformer, ema, None if stage_end else inner,
+                result.checkpoint = save(accelerator, cfg, out, model, transformer, names, ema, None if stage_end else inner,
                                          scheduler, fingerprint, si, step + 1, global_step, stage_end)  # fmt: skip
-            if stage_end or (cfg.eval_every and global_step % cfg.eval_every == 0):
+            if not fsdp and (stage_end or (cfg.eval_every and global_step % cfg.eval_every == 0)):
                 run_eval(accelerator, cfg, c, transformer, ema, params, val_rows, stage, si, global_step, log)
         accelerator._optimizers = [o for o in accelerator._optimizers if o is not optimizer]  # free its state
     bar.close()
@@ -224,8 +233,14 @@ def run(cfg: SFTConfig, resume: str | None = None) -> RunResult:
     return result
 
 
-def save(accelerator, cfg, out, transformer, ema, optimizer, scheduler, fingerprint, si, stage_step, global_step,
-         stage_end) -> Path:  # fmt: skip
+def _is_fsdp(accelerator) -> bool:
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.FSDP
+
+
+def save(accelerator, cfg, out, model, transformer, names, ema, optimizer, scheduler, fingerprint, si, stage_step,
+         global_step, stage_end) -> Path:  # fmt: skip
     state = {
         "global_step": global_step, "stage": si, "stage_step": stage_step, "stage_end": stage_end,
         "config_hash": cfg.hash(), "config": json.loads(json.dumps(cfg.hashed_dict(), default=str)),
@@ -233,11 +248,18 @@ def save(accelerator, cfg, out, transformer, ema, optimizer, scheduler, fingerpr
         "lora": None if cfg.lora is None else {"rank": cfg.lora.rank, "alpha": cfg.lora.alpha},
         "world_size": accelerator.num_processes,
     }  # fmt: skip
+    fsdp = _is_fsdp(accelerator)
+    if fsdp:  # gather the full weights on rank 0 (a collective: every process calls it)
+        full = accelerator.get_state_dict(model)
+        trainable = {k: full[k] for k in names} if accelerator.is_main_process else {}
+    else:
+        trainable = trainable_state_dict(transformer)
     path = ckpt_mod.save_checkpoint(
         accelerator, ckpt_mod.checkpoint_path(out, global_step),
-        trainable=trainable_state_dict(transformer), ema=None if ema is None else ema.state_dict(),
+        trainable=trainable, ema=None if ema is None else ema.state_dict(),
         optimizer=None if optimizer is None else optimizer.state_dict(),
         scheduler=None if optimizer is None else scheduler.state_dict(), state=state,
+        sharded_optimizer=fsdp,
     )  # fmt: skip
     if accelerator.is_main_process:
         ckpt_mod.prune_checkpoints(out, cfg.keep_checkpoints)
@@ -273,7 +295,8 @@ def main(argv=None) -> int:
     except UniRefError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"done: {result.global_step} steps; outputs in {result.output_dir}")
+    if result.is_main:
+        print(f"done: {result.global_step} steps; outputs in {result.output_dir}")
     return 0
 
 
