@@ -15,6 +15,7 @@ Example (JSON)::
         {"budget": 128, "steps": 200, "lr": 1e-4, "batch_size": 8, "output_size": 64},
         {"budget": 192, "steps": 200, "lr": 5e-5, "batch_size": 8, "output_size": 64}
       ],
+      "micro_batch_size": 1,
       "lora": {"rank": 16, "alpha": 16}
     }
 
@@ -47,8 +48,10 @@ SCHEDULES = ("constant", "cosine")
 MIXED_PRECISION = ("no", "bf16")
 # Keys that change how a run is watched or stored, not the weights it produces: a resume may change them.
 # The model is checked by its fingerprint instead of its path, so a moved model folder still resumes.
-NOT_HASHED = ("model", "output_dir", "save_every", "keep_checkpoints", "eval_every", "eval_samples", "eval_steps",
-              "eval_cfg", "log_every", "tensorboard", "val_manifest")  # fmt: skip
+NOT_HASHED = (
+    "model", "output_dir", "cache_text_embeddings", "cache_latents", "save_every", "keep_checkpoints",
+    "eval_every", "eval_samples", "eval_steps", "eval_cfg", "log_every", "tensorboard", "val_manifest",
+)  # fmt: skip
 
 
 class ConfigError(UniRefError):
@@ -64,6 +67,7 @@ class Stage:
     lr: float
     batch_size: int  # global batch: the same whatever the number of processes
     output_size: int | None = None  # target area; None trains each target at its own size
+    micro_batch_size: int | None = None  # None: the top-level ``micro_batch_size``
     warmup: int | None = None  # None: the top-level ``warmup``
     schedule: str | None = None  # None: the top-level ``schedule``
 
@@ -113,7 +117,10 @@ class SFTConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     max_grad_norm: float | None = 1.0
-    grad_accum: int = 1  # micro-batches per optimizer step on each process
+    # Samples per forward pass, all of ONE layout (see data.layout_key). A global batch is
+    # batch_size / micro_batch_size micro-batches, each drawn from its own layout bucket; a process
+    # accumulates gradients over its share of them. 1 lets every sample keep its own layout.
+    micro_batch_size: int = 1
     eval_every: int = 0  # 0: evaluate only at stage ends
     eval_samples: int = 4
     eval_steps: int = 8
@@ -188,6 +195,7 @@ def _stage(data, i: int) -> Stage:
         output_size=_area(data.get("output_size"), where, "output_size", allow_none=True),
         warmup=data.get("warmup"),
         schedule=data.get("schedule"),
+        micro_batch_size=data.get("micro_batch_size"),
     )
     _positive(stage.steps, where, "steps")
     _positive(stage.batch_size, where, "batch_size")
@@ -195,6 +203,8 @@ def _stage(data, i: int) -> Stage:
         raise ConfigError(f"{where}: lr is {stage.lr!r}: give a positive learning rate such as 1e-4")
     if stage.warmup is not None:
         _positive(stage.warmup, where, "warmup", minimum=0)
+    if stage.micro_batch_size is not None:
+        _positive(stage.micro_batch_size, where, "micro_batch_size")
     if stage.schedule is not None and stage.schedule not in SCHEDULES:
         raise ConfigError(f"{where}: schedule is {stage.schedule!r}: use one of {', '.join(SCHEDULES)}")
     return stage
@@ -262,26 +272,31 @@ def _check_top(cfg: SFTConfig) -> None:
         raise ConfigError(f"logit_normal.std is {cfg.logit_normal.std!r}: it must be positive")
     if cfg.max_grad_norm is not None and cfg.max_grad_norm <= 0:
         raise ConfigError(f"max_grad_norm is {cfg.max_grad_norm!r}: give a positive norm or null for no clipping")
-    for key in ("grad_accum", "eval_steps", "keep_checkpoints", "log_every"):
+    for key in ("micro_batch_size", "eval_steps", "keep_checkpoints", "log_every"):
         _positive(getattr(cfg, key), where, key)
     for key in ("eval_every", "save_every", "eval_samples", "warmup", "seed"):
         _positive(getattr(cfg, key), where, key, minimum=0)
     for i, stage in enumerate(cfg.stages):
-        if stage.batch_size % cfg.grad_accum:
+        micro = micro_batch_size(stage, cfg)
+        if stage.batch_size % micro:
             raise ConfigError(
-                f"stages[{i}] (stage {i + 1}): batch_size {stage.batch_size} is not divisible by grad_accum "
-                f"{cfg.grad_accum}: make batch_size a multiple of it"
+                f"stages[{i}] (stage {i + 1}): batch_size {stage.batch_size} is not a multiple of micro_batch_size "
+                f"{micro}: make it one"
             )
 
 
+def micro_batch_size(stage: Stage, cfg: SFTConfig) -> int:
+    return cfg.micro_batch_size if stage.micro_batch_size is None else stage.micro_batch_size
+
+
 def check_world(cfg: SFTConfig, num_processes: int) -> None:
-    """Every global batch must split evenly into processes × accumulation micro-batches."""
+    """Every global batch must split into the same number of micro-batches on every process."""
     for i, stage in enumerate(cfg.stages):
-        parts = num_processes * cfg.grad_accum
-        if stage.batch_size % parts:
+        micro = micro_batch_size(stage, cfg)
+        if stage.batch_size % (micro * num_processes):
             raise ConfigError(
-                f"stages[{i}] (stage {i + 1}): batch_size {stage.batch_size} does not split over {num_processes} "
-                f"process(es) × grad_accum {cfg.grad_accum}: use a multiple of {parts}"
+                f"stages[{i}] (stage {i + 1}): batch_size {stage.batch_size} does not split into micro-batches of "
+                f"{micro} over {num_processes} process(es): use a multiple of {micro * num_processes}"
             )
 
 

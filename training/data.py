@@ -314,56 +314,65 @@ def collate(items: list[Encoded], prompts: list[PromptEmbeds], device, dtype) ->
 
 
 class BucketSampler:
-    """Global batches of one layout each, deterministic from (seed, stage, epoch, step).
+    """Global batches of micro-batches, each micro-batch of ONE layout; deterministic from
+    (seed, stage, epoch, step).
 
-    An epoch shuffles every bucket, cuts it into batches of ``batch_size`` (a bucket's last batch,
-    or a bucket smaller than a batch, is filled by wrapping around its own shuffled samples), and
-    shuffles the order of all batches. Each bucket thus gives ceil(n / batch_size) batches per epoch:
-    buckets are drawn in proportion to their size. Step s of a stage is batch s mod E of epoch s // E,
-    so a resumed run needs only (stage, step) to continue exactly where it stopped.
+    An epoch shuffles every bucket (samples of one layout) and cuts it into micro-batches of
+    ``micro_batch_size`` (a bucket's last micro-batch, or a bucket smaller than one, is filled by
+    wrapping around its own shuffled samples), then shuffles all micro-batches together. Each bucket
+    thus gives ceil(n / micro_batch_size) micro-batches per epoch: buckets are drawn in proportion to
+    their size. The epochs are laid end to end and global batch s is micro-batches
+    [s·m, (s+1)·m) of that stream, m = ``batch_size / micro_batch_size``. A resumed run needs only
+    (stage, step) to continue exactly where it stopped, and the batch does not depend on how many
+    processes share it.
     """
 
-    def __init__(self, keys: list, batch_size: int, seed: int, stage_index: int):
+    def __init__(self, keys: list, batch_size: int, micro_batch_size: int, seed: int, stage_index: int):
         if not keys:
             raise UniRefError("no usable training rows: see the data report above for why rows were skipped")
         groups = defaultdict(list)
         for i, key in enumerate(keys):
             groups[key].append(i)
-        self.buckets = [groups[k] for k in sorted(groups)]
         self.keys = sorted(groups)
-        self.batch_size = batch_size
+        self.buckets = [groups[k] for k in self.keys]
+        self.micro = micro_batch_size
+        self.per_batch = batch_size // micro_batch_size
         self.seed = seed
         self.stage_index = stage_index
-        self.batches_per_epoch = sum(math.ceil(len(b) / batch_size) for b in self.buckets)
+        self.micro_per_epoch = sum(math.ceil(len(b) / micro_batch_size) for b in self.buckets)
         self._epoch: tuple[int, list[list[int]]] | None = None
 
     def epoch(self, epoch: int) -> list[list[int]]:
+        """The shuffled micro-batches of one epoch."""
         if self._epoch is not None and self._epoch[0] == epoch:
             return self._epoch[1]
         rng = np.random.default_rng([self.seed, self.stage_index, epoch])
-        batches = []
+        micros = []
         for bucket in self.buckets:
             order = [bucket[i] for i in rng.permutation(len(bucket))]
-            n = math.ceil(len(order) / self.batch_size)
-            wrapped = [order[i % len(order)] for i in range(n * self.batch_size)]
-            batches += [wrapped[j * self.batch_size : (j + 1) * self.batch_size] for j in range(n)]
-        batches = [batches[i] for i in rng.permutation(len(batches))]
-        self._epoch = (epoch, batches)
-        return batches
+            n = math.ceil(len(order) / self.micro)
+            wrapped = [order[i % len(order)] for i in range(n * self.micro)]
+            micros += [wrapped[j * self.micro : (j + 1) * self.micro] for j in range(n)]
+        micros = [micros[i] for i in rng.permutation(len(micros))]
+        self._epoch = (epoch, micros)
+        return micros
 
-    def batch(self, step: int) -> list[int]:
-        """Dataset indices of the global batch of stage step ``step`` (0-based)."""
-        epoch, pos = divmod(step, self.batches_per_epoch)
-        return self.epoch(epoch)[pos]
+    def batch(self, step: int) -> list[list[int]]:
+        """The global batch of stage step ``step`` (0-based): its micro-batches of dataset indices."""
+        out = []
+        for j in range(step * self.per_batch, (step + 1) * self.per_batch):
+            epoch, pos = divmod(j, self.micro_per_epoch)
+            out.append(self.epoch(epoch)[pos])
+        return out
 
 
-def shard(batch: list[int], rank: int, world: int, micro_batches: int) -> list[list[tuple[int, int]]]:
+def shard(batch: list[list[int]], rank: int, world: int) -> list[list[tuple[int, int]]]:
     """This process's micro-batches of a global batch, as (slot in the global batch, dataset index).
 
-    Contiguous shards: process r takes slots [r·n, (r+1)·n). The slot, not the process, seeds a
-    sample's noise and σ, so the global batch is the same computation for any process count.
+    Contiguous shards: process r takes micro-batches [r·n, (r+1)·n). The slot, not the process,
+    seeds a sample's noise and σ, so the global batch is the same computation for any process count.
     """
+    size = len(batch[0])
+    slotted = [[(m * size + j, idx) for j, idx in enumerate(micro)] for m, micro in enumerate(batch)]
     per = len(batch) // world
-    mine = list(enumerate(batch))[rank * per : (rank + 1) * per]
-    size = per // micro_batches
-    return [mine[m * size : (m + 1) * size] for m in range(micro_batches)]
+    return slotted[rank * per : (rank + 1) * per]

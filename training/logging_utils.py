@@ -17,6 +17,14 @@ PLOT_FILE = "loss.png"
 STAGE_COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf"]
 
 
+def _parse(line: str) -> dict | None:
+    """One log record, or None for a blank line or the torn last line of a killed run."""
+    try:
+        return json.loads(line) if line.strip() else None
+    except ValueError:
+        return None
+
+
 class RunLogger:
     def __init__(self, output_dir, enabled: bool = True, tensorboard: bool = True):
         self.dir = Path(output_dir)
@@ -39,7 +47,7 @@ class RunLogger:
         """On resume: drop records a killed run wrote after the checkpoint it resumes from."""
         if not self.enabled or not self.path.is_file():
             return
-        keep = [ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+        keep = [ln for ln in self.path.read_text().splitlines() if (r := _parse(ln)) and r["step"] <= step]
         self.path.write_text("".join(ln + "\n" for ln in keep))
 
     def write(self, record: dict) -> None:
@@ -64,7 +72,7 @@ class RunLogger:
     def records(self, kind: str = "train") -> list[dict]:
         if not self.path.is_file():
             return []
-        rows = [json.loads(ln) for ln in self.path.read_text().splitlines() if ln.strip()]
+        rows = [r for ln in self.path.read_text().splitlines() if (r := _parse(ln))]
         return [r for r in rows if r.get("kind", "train") == kind]
 
     def close(self) -> None:
@@ -85,7 +93,9 @@ def plot_loss(records: list[dict], path, stage_labels: list[str] | None = None) 
     for r in records:
         if "loss" in r and math.isfinite(r["loss"]):
             by_stage.setdefault(r["stage"], []).append((r["step"], r["loss"]))
-    label = lambda s: f"stage {s}" + (f" ({stage_labels[s - 1]})" if stage_labels and s <= len(stage_labels) else "")  # noqa: E731
+    def label(s: int) -> str:
+        return f"stage {s}" + (f" ({stage_labels[s - 1]})" if stage_labels and s <= len(stage_labels) else "")
+
     try:
         import matplotlib
 

@@ -2,8 +2,10 @@
 
     python -m training.make_shapecompose --out data/shapecompose --train 4000 --val 64 --size 128
 
-Train and val use disjoint seeds and K in ``K_TRAIN`` (1…6: every K the model should handle is
-trained on); ``--ks`` narrows or widens it.
+``make_split`` draws the kind uniformly from compose and the five single-image edits, so only ~1/6
+of its samples have K > 1. SFT must see every K it promises (a tiny model trained on K = 1…3 did
+not compose K = 4), so this writes ``--compose-fraction`` compositions (K drawn from ``--ks``,
+default 1…6) and single-image edits for the rest, from disjoint seeds; train and val never share one.
 """
 
 from __future__ import annotations
@@ -11,7 +13,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .shapecompose import K_TRAIN, make_split, write_manifest
+from .shapecompose import EDIT_KINDS, K_TRAIN, make_split, write_manifest
+
+
+def make_mixture(split: str, n: int, compose_fraction: float, ks, size: int) -> list:
+    n_compose = round(n * compose_fraction)
+    compose = make_split(split, n_compose, ks=ks, kinds=("compose",), size=size)
+    edits = make_split(split, n - n_compose, kinds=EDIT_KINDS, size=size, start=n_compose)
+    return compose + edits
 
 
 def main(argv=None) -> int:
@@ -20,11 +29,16 @@ def main(argv=None) -> int:
     p.add_argument("--train", type=int, default=4000, help="training samples")
     p.add_argument("--val", type=int, default=64, help="validation samples")
     p.add_argument("--size", type=int, default=128, help="target side in pixels")
-    p.add_argument("--ks", type=int, nargs="+", default=list(K_TRAIN), help="numbers of references to include")
+    p.add_argument("--ks", type=int, nargs="+", default=list(K_TRAIN), help="numbers of references in compositions")
+    p.add_argument("--compose-fraction", type=float, default=0.5, help="share of multi-reference compositions")
     a = p.parse_args(argv)
+    if not 0.0 <= a.compose_fraction <= 1.0:
+        p.error(f"--compose-fraction is {a.compose_fraction}: give a share between 0 and 1")
     for split, n in (("train", a.train), ("val", a.val)):
-        path = write_manifest(make_split(split, n, ks=a.ks, size=a.size), Path(a.out) / split)
-        print(f"{split}: {n} samples → {path}")
+        samples = make_mixture(split, n, a.compose_fraction, a.ks, a.size)
+        path = write_manifest(samples, Path(a.out) / split)
+        ks = sorted({s.k for s in samples})
+        print(f"{split}: {n} samples (K in {ks}) → {path}")
     return 0
 
 

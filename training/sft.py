@@ -31,7 +31,7 @@ from uniref_core.errors import UniRefError
 from uniref_core.model import check_model_folder, load_components
 
 from . import checkpoint as ckpt_mod
-from .config import SFTConfig, Stage, check_world, load_config
+from .config import SFTConfig, Stage, check_world, load_config, micro_batch_size
 from .data import BucketSampler, SampleEncoder, collate, layout_key, load_rows, plan_row, shard
 from .evaluate import evaluate
 from .logging_utils import PLOT_FILE, RunLogger, plot_loss
@@ -80,8 +80,10 @@ def _make_accelerator(cfg: SFTConfig):
     # gradients never arrive, which DDP must be told about.
     ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
     # cpu=True where there is no GPU: accelerate then runs DDP over gloo under torchrun / accelerate launch.
-    return Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum,
-                       cpu=not torch.cuda.is_available(), kwargs_handlers=[ddp])  # fmt: skip
+    # No gradient_accumulation_steps: the number of micro-batches per process varies by stage and process
+    # count, so the loop accumulates itself with accelerator.no_sync (what accumulate() does inside).
+    return Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available(),
+                       kwargs_handlers=[ddp])  # fmt: skip
 
 
 def run(cfg: SFTConfig, resume: str | None = None) -> RunResult:
@@ -162,7 +164,9 @@ def run(cfg: SFTConfig, resume: str | None = None) -> RunResult:
     for si in range(stage0, len(cfg.stages)):
         stage = cfg.stages[si]
         first = step0 if si == stage0 else 0
-        sampler = BucketSampler([layout_key(plan_row(r, stage, cfg)) for r in rows], stage.batch_size, cfg.seed, si)
+        micro = micro_batch_size(stage, cfg)
+        keys = [layout_key(plan_row(r, stage, cfg)) for r in rows]
+        sampler = BucketSampler(keys, stage.batch_size, micro, cfg.seed, si)
         inner = torch.optim.AdamW(params.values(), lr=stage.lr, betas=cfg.betas, eps=cfg.eps,
                                   weight_decay=cfg.weight_decay)  # fmt: skip
         # Not prepared by accelerate: its scheduler wrapper steps once per process, which would make the
@@ -174,22 +178,27 @@ def run(cfg: SFTConfig, resume: str | None = None) -> RunResult:
         optimizer = accelerator.prepare(inner)
         if main:
             print(f"stage {si + 1}/{len(cfg.stages)}: budget {stage.label}, {stage.steps} steps, lr {stage.lr:g}, "
-                  f"global batch {stage.batch_size} ({world} process(es) × {cfg.grad_accum} micro-batches of "
-                  f"{stage.batch_size // world // cfg.grad_accum}), {len(sampler.buckets)} layouts")  # fmt: skip
+                  f"global batch {stage.batch_size} = {world} process(es) × {sampler.per_batch // world} "
+                  f"micro-batch(es) of {micro}, {len(sampler.buckets)} layouts")  # fmt: skip
         for step in range(first, stage.steps):
             t0 = time.perf_counter()
             lr = scheduler.get_last_lr()[0]
             loss_sum = torch.zeros((), device=accelerator.device)
             sigma_sum = torch.zeros((), device=accelerator.device)
-            for micro in shard(sampler.batch(step), rank, world, cfg.grad_accum):
-                with accelerator.accumulate(model):
-                    slots, indices = [s for s, _ in micro], [i for _, i in micro]
+            mine = shard(sampler.batch(step), rank, world)
+            share = sum(len(m) for m in mine)
+            for k, part in enumerate(mine):
+                # Gradient accumulation over this process's micro-batches: DDP syncs on the last one only.
+                sync = contextlib.nullcontext() if k == len(mine) - 1 else accelerator.no_sync(model)
+                with sync:
+                    slots, indices = [s for s, _ in part], [i for _, i in part]
                     encoded = [encoder.latents(i, rows[i], si, stage) for i in indices]
                     prompts = [encoder.prompt(rows[i], e.plan) for i, e in zip(indices, encoded)]
                     batch = collate(encoded, prompts, accelerator.device, torch.float32)
                     noise, sigma = draw_noise_and_sigma(cfg.seed, global_step, slots, batch.x0.shape[1:], cfg.logit_normal)
                     loss, per_sample = flow_matching_loss(model, batch, noise, sigma)
-                    accelerator.backward(loss)
+                    # Weighted so the summed gradient is this process's mean; DDP then averages the processes.
+                    accelerator.backward(loss * (len(part) / share))
                     loss_sum += per_sample.detach().sum()
                     sigma_sum += sigma.sum().to(loss_sum.device)
             grad_norm = None
