@@ -1,29 +1,51 @@
-"""Draw the example references shipped with the pack (run once; the PNGs are committed).
+"""Render the example references shipped with the pack with ShapeCompose (run once; the PNGs are committed).
 
-This folder is not named examples/: ComfyUI serves the first of examples/, workflows/ … as the
-pack's template folder, and our workflows live in workflows/."""
+    .venv/bin/python assets/make_examples.py
 
+This folder is not named examples/: ComfyUI serves the first of examples/, workflows/ … as the pack's
+template folder, and our workflows live in workflows/.
+
+Two object references (each its own size and background) and a background reference, at sizes the
+built-in model was trained on (64–160 px a side) so it knows their kind, plus assets/example_spec.json: the ShapeCompose spec
+of the composition that scripts/main.sh asks for, so the checker can score out.png
+(`python -m training.checker out.png assets/example_spec.json`).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
 from pathlib import Path
 
-from PIL import Image, ImageDraw
+ROOT = Path(__file__).resolve().parent.parent  # the repository
+sys.path.insert(0, str(ROOT))
 
-HERE = Path(__file__).resolve().parent
+from training.shapecompose import render_background, render_scene, slot_layout  # noqa: E402
+
+SIZE = 128  # the default model's output side
+PROMPT = ("Put the object from Picture 1 on the left and the object from Picture 2 on the right, "
+          "on the background of Picture 3.")  # fmt: skip
 
 
 def main() -> None:
-    obj1 = Image.new("RGB", (320, 240), (235, 235, 225))
-    ImageDraw.Draw(obj1).ellipse((100, 60, 220, 180), fill=(210, 40, 40))
-    obj1.save(HERE / "ref_red_circle.png")
-
-    obj2 = Image.new("RGB", (256, 256), (225, 235, 235))
-    ImageDraw.Draw(obj2).rectangle((78, 78, 178, 178), fill=(40, 70, 200))
-    obj2.save(HERE / "ref_blue_square.png")
-
-    bg = Image.new("RGB", (480, 270), (120, 180, 230))
-    d = ImageDraw.Draw(bg)
-    d.rectangle((0, 180, 480, 270), fill=(90, 160, 80))
-    d.ellipse((380, 20, 440, 80), fill=(250, 220, 90))
-    bg.save(HERE / "ref_background.png")
+    assets = ROOT / "assets"
+    circle = {"shape": "circle", "colour": "red", "centre": [80, 56], "size": 64}
+    square = {"shape": "square", "colour": "blue", "centre": [52, 74], "size": 56}
+    render_scene("white", [circle], 150, 112).save(assets / "ref_red_circle.png")
+    render_scene("gray", [square], 104, 144).save(assets / "ref_blue_square.png")
+    render_background("blue_green", 160, 96).save(assets / "ref_background.png")
+    layout = {s["slot"]: s for s in slot_layout(2, SIZE)}
+    objects = [
+        {"shape": "circle", "colour": "red", "ref": 0, **{k: layout["left"][k] for k in ("slot", "box", "centre", "size")}},
+        {"shape": "square", "colour": "blue", "ref": 1, **{k: layout["right"][k] for k in ("slot", "box", "centre", "size")}},
+    ]  # fmt: skip
+    spec = {"kind": "compose", "size": SIZE, "background": "blue_green", "objects": objects, "edit": None,
+            "instruction": PROMPT,
+            "references": [{"role": "object", "shape": "circle", "colour": "red", "background": "white"},
+                           {"role": "object", "shape": "square", "colour": "blue", "background": "gray"},
+                           {"role": "background", "background": "blue_green"}]}  # fmt: skip
+    (assets / "example_spec.json").write_text(json.dumps(spec, indent=1) + "\n")
+    print("wrote", ", ".join(p.name for p in sorted(assets.iterdir())))
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ FIXED_IMAGE_INPUTS = 6
 MAX_AUTOGROW_IMAGES = 16
 AUTOGROW_PREFIX = "images."
 CUSTOM = "custom"
+MODEL_DEFAULT = "model default"
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
 
 
@@ -151,10 +152,11 @@ class SelfEncode(io.ComfyNode):
                 ),
                 io.Combo.Input(
                     "budget",
-                    options=[*BUDGETS, CUSTOM],
-                    default="1024²",
-                    tooltip="Total pixels of ALL references together. 1024² is what the model is trained at; "
-                    "larger keeps more detail and costs more.",
+                    options=[MODEL_DEFAULT, *BUDGETS, CUSTOM],
+                    default=MODEL_DEFAULT,
+                    tooltip="Total pixels of ALL references together. model default: what the checkpoint was "
+                    "trained at (1024² for Qwen-Image-Edit, 256² for the built-in model); larger keeps more detail "
+                    "and costs more.",
                 ),
                 io.Int.Input(
                     "custom_budget",
@@ -177,7 +179,8 @@ class SelfEncode(io.ComfyNode):
                     min=0,
                     max=8192,
                     step=16,
-                    tooltip="Output width; 0 takes reference 'match_reference's aspect ratio at 1024².",
+                    tooltip="Output width; 0 takes reference 'match_reference's aspect ratio at the model's output "
+                    "area (1024², 128² for the built-in model).",
                 ),
                 io.Int.Input(
                     "height",
@@ -185,7 +188,8 @@ class SelfEncode(io.ComfyNode):
                     min=0,
                     max=8192,
                     step=16,
-                    tooltip="Output height; 0 takes reference 'match_reference's aspect ratio at 1024².",
+                    tooltip="Output height; 0 takes reference 'match_reference's aspect ratio at the model's output "
+                    "area (1024², 128² for the built-in model).",
                 ),
                 io.Int.Input(
                     "match_reference",
@@ -216,7 +220,7 @@ class SelfEncode(io.ComfyNode):
         references,
         prompt,
         negative_prompt=" ",
-        budget="1024²",
+        budget=MODEL_DEFAULT,
         custom_budget=1024,
         mode="budget",
         width=0,
@@ -225,7 +229,7 @@ class SelfEncode(io.ComfyNode):
         upscale_small=True,
     ) -> io.NodeOutput:
         pipe = model.load("text_encoder", "vae")
-        area = custom_budget * custom_budget if budget == CUSTOM else BUDGETS[budget]
+        area = custom_budget * custom_budget if budget == CUSTOM else BUDGETS.get(budget)  # None: the model's
         cond = pipe.encode(
             references,
             prompt,
@@ -255,14 +259,15 @@ class UniRefSampler(io.ComfyNode):
                 io.Int.Input(
                     "seed", default=0, min=0, max=MAX_SEED, control_after_generate=True, tooltip="Noise seed."
                 ),
-                io.Int.Input("steps", default=DEFAULT_STEPS, min=1, max=1000, tooltip="Denoising steps; 30–50 is typical, 8 for distilled checkpoints."),
+                io.Int.Input("steps", default=DEFAULT_STEPS, min=1, max=1000, tooltip="Denoising steps; 30–50 is typical, 8 for distilled checkpoints, 20 for the built-in model."),
                 io.Float.Input(
                     "cfg",
                     default=DEFAULT_CFG,
                     min=1.0,
                     max=30.0,
                     step=0.1,
-                    tooltip="True CFG scale with the negative prompt; 1 turns it off and runs twice as fast.",
+                    tooltip="True CFG scale with the negative prompt; 1 turns it off and runs twice as fast (use 1 with the "
+                    "built-in model, which is trained without it).",
                 ),
                 io.Combo.Input(
                     "sampler",

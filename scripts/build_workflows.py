@@ -71,7 +71,7 @@ class Graph:
 NOTE_COLOR = ("#432", "#653")
 
 
-def build(name, images, prompt, note, budget="1024²", custom_budget=1024, match_reference=1):
+def build(name, images, prompt, note, budget="model default", custom_budget=1024, match_reference=1, steps=20, cfg=1.0, width=128, height=128):
     g = Graph()
     g.node("Note", (0, -330), (340, 300), widgets=[note], title="Read me", color=NOTE_COLOR)
     loaders = [
@@ -88,13 +88,13 @@ def build(name, images, prompt, note, budget="1024²", custom_budget=1024, match
     enc_inputs = [("model", "UNIREF_MODEL", False), ("references", "UNIREF_REFS", False)]
     encode = g.node(
         "UniRefSelfEncode", (740, -330), (400, 460), inputs=enc_inputs, outputs=[("conditioning", "UNIREF_COND")],
-        widgets=[prompt, " ", budget, custom_budget, "budget", 0, 0, match_reference, True],
+        widgets=[prompt, " ", budget, custom_budget, "budget", width, height, match_reference, True],
     )  # fmt: skip
     sampler = g.node(
         "UniRefSampler", (1180, -330), (320, 300),
         inputs=[("model", "UNIREF_MODEL", False), ("conditioning", "UNIREF_COND", False), ("init_image", "IMAGE", False)],
         outputs=[("image", "IMAGE"), ("latent", "LATENT")],
-        widgets=[0, "fixed", 30, 4.0, "ode", 1.0, 0.7],
+        widgets=[0, "fixed", steps, cfg, "ode", 1.0, 0.7],
     )  # fmt: skip
     save = g.node("SaveImage", (1540, -330), (420, 460), inputs=[("images", "IMAGE", False)], widgets=["UniRef"])
     for i, loader in enumerate(loaders):
@@ -114,10 +114,12 @@ def main() -> None:
     build(
         "uniref_single_edit",
         ["uniref_red_circle.png"],
-        "Change the colour of the object in Picture 1 to blue.",
+        "Recolour the red circle in Picture 1 to blue.",
         "UniRef single-image edit\n\n1. Picture 1: load the image to edit.\n2. SELF Encode: write the instruction "
         "(call the image 'Picture 1').\n3. Load UniRef Model: pick your model (models/uniref/).\n4. Queue.\n\n"
-        "Sizes: the output takes Picture 1's aspect ratio at 1024²; set width/height to choose it yourself.",
+        "Sizes: 128×128, what the built-in model makes; with Qwen-Image-Edit checkpoints set width and height to 0 "
+        "(Picture 1's aspect ratio at 1024²) or to the size you want.\n\nSampler: 20 steps and cfg 1 suit the "
+        "built-in model; use 30–50 steps and cfg 4 with Qwen-Image-Edit checkpoints.",
     )
     build(
         "uniref_multi_compose",
@@ -127,7 +129,10 @@ def main() -> None:
         "UniRef multi-reference composition\n\nEach LoadImage is one reference; its slot number is its 'Picture k' "
         "in the prompt. Connect more images to Reference Batch (a new slot appears), or chain a second Reference "
         "Batch into 'previous' for even more.\n\nAll references share ONE pixel budget (SELF Encode > budget), so "
-        "adding references barely slows sampling. Output follows Picture 3 (match_reference).",
+        "adding references barely slows sampling. 'model default' is the budget the checkpoint was trained at. "
+        "Output 128×128, what the built-in model makes; with Qwen-Image-Edit checkpoints set width and height to 0 (Picture 3's "
+        "aspect ratio at 1024², match_reference) or to the size you want.\n\nSampler: 20 steps and cfg 1 suit the built-in model; use "
+        "30–50 steps and cfg 4 with Qwen-Image-Edit checkpoints.",
         match_reference=3,
     )
 

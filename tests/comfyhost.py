@@ -448,11 +448,13 @@ class WsListener:
 @contextlib.contextmanager
 def uniref_host(version: str, tiny_model: Path):
     """A host with this pack and a tiny model as both `models/uniref/tiny` and the built-in default
-    (the shipped workflows name the built-in model)."""
+    (the shipped workflows name the built-in model, and a random model makes the tests fast); the
+    shipped, trained default model is there too, as `models/uniref/shipped`."""
     old = os.environ.get("UNIREF_DEFAULT_MODEL")
     os.environ["UNIREF_DEFAULT_MODEL"] = str(tiny_model)
     try:
-        with ComfyHost(version, ROOT, models={"uniref/tiny": tiny_model}) as h:
+        models = {"uniref/tiny": tiny_model, "uniref/shipped": ROOT / "models" / "uniref-default"}
+        with ComfyHost(version, ROOT, models=models) as h:
             yield h
     finally:
         if old is None:

@@ -97,6 +97,22 @@ def test_example_workflow_runs_to_a_saved_image(host, workflow):
     assert img.size == (96, 64)
 
 
+def test_shipped_workflow_composes_the_references_with_the_trained_model(host):
+    """The multi-reference workflow exactly as shipped (only the model is picked by its folder name, since
+    the tests point the built-in name at a tiny random model): the ShapeCompose checker finds each
+    reference's object in its place on Picture 3's background."""
+    from training.checker import score
+
+    prompt = workflow_prompt(host, ROOT / "workflows" / "uniref_multi_compose.json", overrides={})
+    node_of(prompt, "UniRefLoadModel")["inputs"]["model"] = "shipped"
+    entry = host.run(prompt, timeout=300)
+    meta = output_images(entry)[0]
+    image = Image.open(io.BytesIO(host.view(meta["filename"], meta["subfolder"], meta["type"]))).convert("RGB")
+    assert image.size == (128, 128)
+    s = score(image, json.loads((ROOT / "assets" / "example_spec.json").read_text()))
+    assert min(s.per_reference) >= 0.7 and s.instruction >= 0.7, s
+
+
 def test_nodes_give_the_same_image_as_the_cli(host, tiny_model, tmp_path):
     from uniref_core.__main__ import main
 

@@ -458,3 +458,31 @@ def score(image: Image.Image, sample_or_spec) -> Scores:
     overall = 0.5 * (mean_ref + instruction) * (0.75 + 0.25 * quality)
     return Scores([float(v) for v in per_ref], float(instruction), float(quality), float(overall),
                   background=bg_score, objects=objs, details=details)  # fmt: skip
+
+
+def main(argv=None) -> int:
+    """``python -m training.checker IMAGE SPEC.json``: print the scores of IMAGE against a spec as JSON."""
+    import argparse
+    import json
+    import sys
+
+    p = argparse.ArgumentParser(prog="python -m training.checker", description=main.__doc__.split(":")[0])
+    p.add_argument("image", help="output image to score")
+    p.add_argument("spec", help="ShapeCompose spec (JSON): a manifest row's 'spec', or assets/example_spec.json")
+    a = p.parse_args(argv)
+    try:
+        with Image.open(a.image) as im:
+            image = im.convert("RGB")
+        with open(a.spec, encoding="utf-8") as f:
+            spec = json.load(f)
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    s = score(image, spec.get("spec", spec))
+    print(json.dumps({"per_reference": s.per_reference, "per_reference_mean": s.per_reference_mean,
+                      "instruction": s.instruction, "quality": s.quality, "overall": s.overall}, indent=1))  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -107,7 +107,7 @@ class SFTConfig:
     ema_decay: float | None = None  # None: no EMA
     cache_text_embeddings: bool = True  # the text encoder is frozen: encode each prompt once, keep it on CPU
     cache_latents: bool = True  # keep each sample's VAE latents (per stage) on CPU
-    vl_budget: int | None = None  # area of ALL VL copies together; None: 384² each, like inference
+    vl_budget: int | None = None  # area of ALL VL copies together; None: the model's default (uniref.json), else 384² each, like inference
     upscale: bool = True  # references smaller than their budget share are upscaled (inference default)
     allow_target_upscale: bool = False  # a target smaller than a stage's output size is a bad row unless set
     logit_normal: LogitNormal = field(default_factory=LogitNormal)

@@ -233,6 +233,8 @@ class SampleEncoder:
         self.cfg = cfg
         self._prompts: dict[tuple, PromptEmbeds] = {}
         self._latents: dict[tuple[int, int], Encoded] = {}
+        # Targets by (row, output size): stages that share an output size encode each target once.
+        self._targets: dict[tuple[int, tuple[int, int]], torch.Tensor] = {}
 
     def prompt(self, row: Row, plan: Plan) -> PromptEmbeds:
         """The instruction encoded with the references' VL copies, on the CPU.
@@ -260,12 +262,16 @@ class SampleEncoder:
         vae = self.c.vae
         images = [load_image(p, name=f"reference {k}") for k, p in enumerate(row.references, 1)]
         refs = [pack_latents(vae_encode(vae, to_pixels(im, *r.vae))).cpu() for im, r in zip(images, plan.references)]
-        x0 = pack_latents(vae_encode(vae, to_pixels(load_image(row.target, name="target"), *plan.output))).cpu()
+        x0 = self._targets.get((index, plan.output))
+        if x0 is None:
+            x0 = pack_latents(vae_encode(vae, to_pixels(load_image(row.target, name="target"), *plan.output))).cpu()
         enc = Encoded(x0, refs, plan.img_shapes, plan)
         if self.cfg.cache_latents:
             if self._latents and next(iter(self._latents))[0] != stage_index:
-                self._latents.clear()  # a new stage: the old sizes are not used again
+                self._latents.clear()  # a new stage: the old reference sizes are not used again
+                self._targets = {k: v for k, v in self._targets.items() if k[1] == plan.output}
             self._latents[key] = enc
+            self._targets[(index, plan.output)] = x0
         return enc
 
 

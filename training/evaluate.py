@@ -1,4 +1,12 @@
-"""Evaluation during SFT: sample validation edits with the in-training weights, grid them, score them.
+"""Evaluation: during SFT (validation rows, in-training weights) and of finished models (held-out split).
+
+    python -m training.evaluate --model default --split test --refs 1-6 --n 24 --seed 0 [--grid eval.png]
+
+The CLI makes ``--n`` ShapeCompose compositions per K (K references each, from the split's own seeds),
+plus ``--edits`` single-image edits, edits them with the model at its own defaults (``uniref.json``) or
+the options given, scores every output with ``training.checker`` and prints per-K means as JSON:
+``per_reference`` (each reference's object: right shape, colour and place), ``instruction``,
+``quality`` and ``overall``; a PNG grid shows the first ``--grid-rows`` samples of every K.
 
 Sampling is ``UniRefPipeline.edit`` itself, built around the live transformer (``Components`` with the
 training transformer swapped in), so what is evaluated is exactly what inference would produce.
@@ -7,7 +15,12 @@ ShapeCompose rows (a ``spec`` with objects) are scored by ``training.checker.sco
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -57,3 +70,129 @@ def evaluate(components: Components, transformer, rows: list[Row], stage: Stage,
     captions = [f"{r['row']} K={r['k']}" + (f" overall {r['scores']['overall']:.2f}" if r["scores"] else "")
                 for r in records]  # fmt: skip
     return make_grid(grid_rows, captions=captions), records, means
+
+
+# --------------------------------------------------------------------------------------------------
+# Finished models on a held-out split (the CLI)
+# --------------------------------------------------------------------------------------------------
+
+#: Seeds of K's samples start at K · SEED_STRIDE inside the split, so adding a K never changes another's.
+SEED_STRIDE = 100_000
+
+
+def parse_refs(text: str) -> list[int]:
+    """'1-6' → [1..6]; '1,3,7' → [1, 3, 7]; each K in 1..K_MAX."""
+    from uniref_core.errors import UniRefError
+
+    from .shapecompose import K_MAX
+
+    ks: list[int] = []
+    try:
+        for part in str(text).split(","):
+            if "-" in part:
+                lo, hi = (int(v) for v in part.split("-", 1))
+                ks += list(range(lo, hi + 1))
+            elif part.strip():
+                ks.append(int(part))
+    except ValueError:
+        raise UniRefError(f"--refs {text!r} is not a list of K: write 1-6 or 1,2,7") from None
+    bad = [k for k in ks if not 1 <= k <= K_MAX]
+    if not ks or bad:
+        raise UniRefError(f"--refs {text!r}: every K must be in 1..{K_MAX}")
+    return sorted(set(ks))
+
+
+def _mean_scores(scored: list[dict]) -> dict:
+    out = {"n": len(scored)}
+    for key in ("per_reference", "instruction", "quality", "overall"):
+        out[key] = round(float(np.mean([s[key] for s in scored])), 4) if scored else None
+    return out
+
+
+def evaluate_model(model, split: str, ks: list[int], n: int, seed: int = 0, edits: int = 0, grid_path=None,
+                   grid_rows: int = 2, device: str = "cpu", progress: bool = False, **options) -> dict:  # fmt: skip
+    """Edit and score ``n`` compositions per K (and ``edits`` single-image edits); per-K mean scores.
+
+    ``options`` go to ``UniRefPipeline.edit`` (steps, cfg, budget, …); unset ones take the model's defaults.
+    Returns {"model", "split", "seed", "options", "per_k": {K: means}, "edit": means, "seconds"}.
+    """
+    from .shapecompose import EDIT_KINDS, make_split
+
+    t0 = time.perf_counter()
+    pipe = UniRefPipeline.from_pretrained(model, device=device, dtype="fp32")
+    groups: list[tuple[str, list]] = [
+        (str(k), make_split(split, n, ks=(k,), kinds=("compose",), start=k * SEED_STRIDE)) for k in ks
+    ]  # fmt: skip
+    if edits:
+        groups.append(("edit", make_split(split, edits, kinds=EDIT_KINDS, start=0)))
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=sum(len(g) for _, g in groups), desc="evaluate", disable=not progress, file=sys.stderr)
+    result: dict = {"model": str(model), "split": split, "seed": seed, "options": options, "per_k": {}}
+    grid, captions = [], []
+    for name, samples in groups:
+        scored = []
+        for i, s in enumerate(samples):
+            out = pipe.edit(s.references, s.instruction, seed=seed + i, mode="budget", width=s.target.width,
+                            height=s.target.height, **options).images[0]  # fmt: skip
+            sc = score(out, s.spec)
+            scored.append({"per_reference": sc.per_reference_mean, "instruction": sc.instruction,
+                           "quality": sc.quality, "overall": sc.overall})  # fmt: skip
+            if i < grid_rows:
+                grid.append((s.references, s.target, out))
+                captions.append(f"K={s.k} {s.kind} seed {s.seed}: overall {sc.overall:.2f}")
+            bar.update(1)
+        if name == "edit":
+            result["edit"] = _mean_scores(scored)
+        else:
+            result["per_k"][name] = _mean_scores(scored)
+    bar.close()
+    if grid_path is not None and grid:
+        Path(grid_path).parent.mkdir(parents=True, exist_ok=True)
+        make_grid(grid, captions=captions).save(grid_path)
+        result["grid"] = str(grid_path)
+    result["seconds"] = round(time.perf_counter() - t0, 1)
+    return result
+
+
+def main(argv=None) -> int:
+    from uniref_core.defaults import default_model_path
+    from uniref_core.errors import UniRefError
+
+    from .shapecompose import SPLIT_SEED_BASE
+
+    p = argparse.ArgumentParser(prog="python -m training.evaluate", description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="default", help="'default' (the built-in model) or a model folder")
+    p.add_argument("--split", default="test", choices=sorted(SPLIT_SEED_BASE))
+    p.add_argument("--refs", default="1-6", help="numbers of references K: 1-6, or 1,2,7 …")
+    p.add_argument("--n", type=int, default=16, help="compositions per K")
+    p.add_argument("--edits", type=int, default=0, help="single-image edits (recolour, move, …) to add")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed of the first sample of every K")
+    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
+    p.add_argument("--cfg", type=float, default=None, help="true-CFG scale (default: the model's)")
+    p.add_argument("--budget", default=None, help="reference budget, e.g. 256 for 256² (default: the model's)")
+    p.add_argument("--grid", default="eval_grid.png", help="PNG grid of samples ('' for none)")
+    p.add_argument("--grid-rows", type=int, default=2, help="samples per K in the grid")
+    p.add_argument("--device", default="cpu")
+    a = p.parse_args(argv)
+    if not 1 <= a.n <= SEED_STRIDE - 1:
+        p.error(f"--n {a.n}: give 1..{SEED_STRIDE - 1}")
+    try:
+        from uniref_core.budget import parse_area
+
+        ks = parse_refs(a.refs)
+        model = default_model_path() if a.model == "default" else a.model
+        options = {k: v for k, v in (("steps", a.steps), ("cfg", a.cfg)) if v is not None}
+        if a.budget is not None:
+            options["budget"] = parse_area(a.budget)
+        result = evaluate_model(model, a.split, ks, a.n, a.seed, a.edits, a.grid or None, a.grid_rows, a.device,
+                                progress=True, **options)  # fmt: skip
+    except UniRefError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -90,6 +90,12 @@ def run(cfg: SFTConfig, resume: str | None = None) -> RunResult:
     """Train as ``cfg`` says; ``resume``: None (fresh), "auto" (newest checkpoint if any) or a path."""
     from accelerate.utils import set_seed
 
+    if cfg.vl_budget is None:  # as at inference: the model folder's default (uniref.json), else 384² each
+        from dataclasses import replace
+
+        from uniref_core.model import read_defaults
+
+        cfg = replace(cfg, vl_budget=read_defaults(cfg.model).get("vl_budget"))
     accelerator = _make_accelerator(cfg)
     main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
     out = Path(cfg.output_dir)

@@ -31,22 +31,22 @@ def _parser() -> argparse.ArgumentParser:
     def size_options(q: argparse.ArgumentParser) -> None:
         q.add_argument("--ref", action="append", default=[], metavar="IMAGE", help="reference image (repeat; order = Picture k)")
         q.add_argument("--mode", choices=MODES, default="budget", help="budget: SELF, all references within --budget; per_image: each at ~1024² (diffusers behaviour)")
-        q.add_argument("--budget", type=_area, default=1024 * 1024, help="total reference pixels: 1024, 1536, 2048 (squared) or WxH (default 1024)")
+        q.add_argument("--budget", type=_area, default=None, help="total reference pixels: 1024, 1536, 2048 (squared) or WxH (default: the model's, else 1024)")
         q.add_argument("--per-image-area", type=_area, default=PER_IMAGE_AREA, help=argparse.SUPPRESS)
-        q.add_argument("--vl-budget", type=_area, default=None, help="total area of the VL encoder's copies (default: 384² each)")
+        q.add_argument("--vl-budget", type=_area, default=None, help="total area of the VL encoder's copies (default: the model's, else 384² each)")
         q.add_argument("--no-upscale", action="store_true", help="never enlarge references smaller than their share of the budget")
         q.add_argument("--width", type=int, help="output width (multiple of 16)")
         q.add_argument("--height", type=int, help="output height (multiple of 16)")
         q.add_argument("--match-ref", type=int, default=1, metavar="K", help="output takes reference K's aspect ratio (default 1)")
-        q.add_argument("--output-area", type=_area, default=1024 * 1024, help="output area when matching a reference (default 1024)")
+        q.add_argument("--output-area", type=_area, default=None, help="output area when matching a reference (default: the model's, else 1024)")
 
     e = sub.add_parser("edit", help="edit / compose references with an instruction")
     e.add_argument("--model", help="diffusers-format model folder (default: the built-in default model)")
     size_options(e)
     e.add_argument("--prompt", required=True, help="the instruction, e.g. 'put the cat from Picture 1 on the sofa of Picture 2'")
     e.add_argument("--negative-prompt", default=None, help="what to avoid (used when --cfg > 1; default ' ')")
-    e.add_argument("--steps", type=int, default=30)
-    e.add_argument("--cfg", type=float, default=4.0, help="true-CFG scale; 1 turns guidance off")
+    e.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's, else 30)")
+    e.add_argument("--cfg", type=float, default=None, help="true-CFG scale; 1 turns guidance off (default: the model's, else 4)")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--num-images", type=int, default=1, help="images with seeds S, S+1, …")
     e.add_argument("--sampler", choices=("ode", "sde"), default="ode")
@@ -87,6 +87,18 @@ def output_paths(output: str, n: int) -> list[Path]:
     return [path] if n == 1 else [path.with_name(f"{path.stem}-{i}{path.suffix}") for i in range(1, n + 1)]
 
 
+def _fill_defaults(a, model_defaults: dict) -> None:
+    """Options left unset take the model folder's defaults (uniref.json), else the built-in ones."""
+    from .pipeline import BUILTIN_DEFAULTS
+
+    for name in ("budget", "vl_budget", "output_area", "steps", "cfg"):
+        if getattr(a, name, None) is None and hasattr(a, name):
+            value = model_defaults.get(name, BUILTIN_DEFAULTS[name])
+            if value is not None and name != "cfg":
+                value = int(value)
+            setattr(a, name, value)
+
+
 def _size_kwargs(a) -> dict:
     return {
         "mode": a.mode,
@@ -108,6 +120,7 @@ def cmd_plan(a) -> int:
     if not a.ref:
         raise UniRefError("no reference images: pass at least one --ref IMAGE")
     sizes = [load_image(r, name=f"reference {k} ({r})").size for k, r in enumerate(a.ref, start=1)]
+    _fill_defaults(a, {})
     plan = plan_references(sizes, **_size_kwargs(a))
     if a.json:
         print(json.dumps(plan.to_dict(), indent=2))
@@ -143,10 +156,13 @@ def cmd_edit(a) -> int:
     from .budget import plan_references
     from .pipeline import check_sampling
 
+    from .model import read_defaults
+
+    model = a.model or default_model_path()
+    _fill_defaults(a, read_defaults(model))
     plan_references([r.size for r in refs], **_size_kwargs(a))
     check_sampling(a.steps, a.cfg, a.sampler, a.eta, a.denoise, init, a.num_images)
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = a.model or default_model_path()
     pipe = UniRefPipeline.from_pretrained(model, device=device, dtype=a.dtype)
 
     bar = None
@@ -181,7 +197,7 @@ def cmd_edit(a) -> int:
             bar.close()
     for img, p in zip(result.images, paths):
         img.save(p)
-    print(f"{', '.join(str(p) for p in paths)}: {result.summary()}")
+    print(f"{', '.join(str(p) for p in paths)}: {result.summary()}; model {model}")
     return 0
 
 

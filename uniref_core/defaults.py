@@ -1,4 +1,4 @@
-"""Where the built-in default model lives (shipped in the repository, trained by training/sft.py).
+"""Where the built-in default model lives (shipped in the repository, made by ``python -m training.build_default``).
 
 ``UNIREF_DEFAULT_MODEL`` (a model folder) replaces it: for site set-ups and for tests.
 """
@@ -23,7 +23,10 @@ def default_model_path() -> Path:
     path = default_model_dir()
     if (path / "model_index.json").is_file():
         return path
-    raise UniRefError(
-        f"no built-in default model at {path}: pass --model DIR "
-        "(a Qwen-Image-Edit-2509/2511 folder, or a test model from `python -m uniref_core make-tiny-model DIR`)"
-    )
+    if path == SHIPPED_MODEL_DIR:
+        raise UniRefError(
+            f"the built-in default model is missing from {path}: it ships with the repository (restore it with "
+            "`git checkout -- models/`, or rebuild it with `python -m training.build_default`), or pass --model DIR"
+        )
+    raise UniRefError(f"UNIREF_DEFAULT_MODEL points at {path}, which is not a model folder (no model_index.json): "
+                      "fix the variable or unset it to use the built-in model")  # fmt: skip

@@ -8,6 +8,8 @@ remote code.
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +44,8 @@ class Components:
     processor: object
     scheduler_config: dict
     path: Path
+    #: The settings the checkpoint was trained for (``uniref.json`` "defaults"), used where a caller gives none.
+    defaults: dict = dataclasses.field(default_factory=dict)
 
 
 def _read_json(path: Path, what: str) -> dict:
@@ -150,4 +154,34 @@ def load_components(path, device="cpu", dtype="auto") -> Components:
     scheduler_config = _read_json(root / "scheduler" / "scheduler_config.json", "scheduler config")
     for m in (transformer, vae, text_encoder):
         m.to(device).eval().requires_grad_(False)
-    return Components(transformer, vae, text_encoder, processor, scheduler_config, root)
+    return Components(transformer, vae, text_encoder, processor, scheduler_config, root, read_defaults(root))
+
+
+#: Optional file in a model folder: {"defaults": {...}} with the settings the checkpoint was trained for.
+DEFAULTS_FILE = "uniref.json"
+#: Keys "defaults" may hold, and what each is (areas in pixels).
+DEFAULT_KEYS = {
+    "budget": "reference pixel budget (area) of mode 'budget'",
+    "vl_budget": "total area of the VL encoder's reference copies",
+    "output_area": "output area when the output follows a reference's aspect ratio",
+    "steps": "denoising steps",
+    "cfg": "true-CFG scale",
+}
+
+
+def read_defaults(root) -> dict:
+    """The "defaults" of ``<root>/uniref.json``, checked; {} when the folder has none (Qwen checkpoints)."""
+    path = Path(root) / DEFAULTS_FILE
+    if not path.is_file():
+        return {}
+    data = _read_json(path, "model defaults")
+    defaults = data.get("defaults", {}) if isinstance(data, dict) else None
+    if not isinstance(defaults, dict):
+        raise UniRefError(f"{path}: 'defaults' must be an object of settings; delete the file to use built-in defaults")
+    unknown = sorted(set(defaults) - set(DEFAULT_KEYS))
+    if unknown:
+        raise UniRefError(f"{path}: unknown default(s) {', '.join(unknown)}; known: {', '.join(DEFAULT_KEYS)}")
+    for key, value in defaults.items():
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+            raise UniRefError(f"{path}: default '{key}' ({DEFAULT_KEYS[key]}) must be a positive number, got {value!r}")
+    return dict(defaults)

@@ -40,6 +40,14 @@ DEFAULT_STEPS = 30
 DEFAULT_CFG = 4.0
 DEFAULT_NEGATIVE = " "
 DEFAULT_ETA = 0.7
+#: What a setting left as None becomes when the model folder's ``uniref.json`` does not name it.
+BUILTIN_DEFAULTS = {
+    "steps": DEFAULT_STEPS,
+    "cfg": DEFAULT_CFG,
+    "budget": budget_mod.DEFAULT_BUDGET,
+    "vl_budget": None,  # 384² per reference, like the reference pipeline
+    "output_area": budget_mod.DEFAULT_OUTPUT_AREA,
+}
 SAMPLERS = ("ode", "sde")
 MAX_STEPS = 1000
 MAX_CFG = 30.0
@@ -182,6 +190,15 @@ class UniRefPipeline:
     def latent_channels(self) -> int:
         return self.c.transformer.config.in_channels // 4
 
+    def setting(self, name: str, value):
+        """``value``, or when None the model folder's default for ``name`` (``uniref.json``), else ours."""
+        if value is not None:
+            return value
+        if name in self.c.defaults:
+            v = self.c.defaults[name]
+            return int(v) if name in ("budget", "vl_budget", "output_area", "steps") else float(v)
+        return BUILTIN_DEFAULTS[name]
+
     # 1. SELF encoding -------------------------------------------------------------------------
 
     def plan(self, references, **options) -> Plan:
@@ -195,21 +212,27 @@ class UniRefPipeline:
         prompt: str,
         negative_prompt: str | None = None,
         *,
-        cfg: float = DEFAULT_CFG,
+        cfg: float | None = None,
         mode: str = "budget",
-        budget: int = budget_mod.DEFAULT_BUDGET,
+        budget: int | None = None,
         upscale: bool = True,
         per_image_area: int = budget_mod.PER_IMAGE_AREA,
         vl_budget: int | None = None,
         width: int | None = None,
         height: int | None = None,
         match_ref: int = 1,
-        output_area: int = budget_mod.DEFAULT_OUTPUT_AREA,
+        output_area: int | None = None,
     ) -> SelfConditioning:
         """References (paths, PIL, numpy, ComfyUI tensors) + prompt → SELF conditioning.
 
-        The negative prompt is encoded only when ``cfg`` > 1 (it is unused otherwise).
+        The negative prompt is encoded only when ``cfg`` > 1 (it is unused otherwise). ``cfg``,
+        ``budget``, ``vl_budget`` and ``output_area`` left as None take the model folder's defaults
+        (``uniref.json``), else the built-in ones (1024² budget and output, 384² per VL copy).
         """
+        cfg = self.setting("cfg", cfg)
+        budget = self.setting("budget", budget)
+        vl_budget = self.setting("vl_budget", vl_budget)
+        output_area = self.setting("output_area", output_area)
         if not isinstance(prompt, str):
             raise UniRefError(f"prompt must be text, got {type(prompt).__name__}")
         references = list(references or [])
@@ -278,8 +301,8 @@ class UniRefPipeline:
         cond: SelfConditioning,
         *,
         seed: int = 0,
-        steps: int = DEFAULT_STEPS,
-        cfg: float = DEFAULT_CFG,
+        steps: int | None = None,
+        cfg: float | None = None,
         sampler: str = "ode",
         eta: float = DEFAULT_ETA,
         denoise: float = 1.0,
@@ -289,7 +312,8 @@ class UniRefPipeline:
         is_cancelled: Callable[[], bool] | None = None,
     ) -> torch.Tensor:
         """Denoise; returns packed target latents [num_images, L, 64]. Image i uses seed ``seed + i``
-        and equals a single run with that seed."""
+        and equals a single run with that seed. ``steps`` / ``cfg`` None: the model's defaults."""
+        steps, cfg = self.setting("steps", steps), self.setting("cfg", cfg)
         check_sampling(steps, cfg, sampler, eta, denoise, init_image, num_images)
         if cond.positive.embeds.device != self.device or cond.positive.embeds.dtype != self.dtype:
             cond = cond.to(self.device, self.dtype)
@@ -369,8 +393,8 @@ class UniRefPipeline:
         negative_prompt: str | None = None,
         *,
         seed: int = 0,
-        steps: int = DEFAULT_STEPS,
-        cfg: float = DEFAULT_CFG,
+        steps: int | None = None,
+        cfg: float | None = None,
         sampler: str = "ode",
         eta: float = DEFAULT_ETA,
         denoise: float = 1.0,
@@ -381,6 +405,7 @@ class UniRefPipeline:
         **encode_options,
     ) -> EditResult:
         t0 = time.perf_counter()
+        steps, cfg = self.setting("steps", steps), self.setting("cfg", cfg)
         check_sampling(steps, cfg, sampler, eta, denoise, init_image, num_images)
         cond = self.encode(references, prompt, negative_prompt, cfg=cfg, **encode_options)
         latents = self.sample(

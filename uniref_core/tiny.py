@@ -244,11 +244,12 @@ def _build_text_encoder(tokenizer):
     return Qwen2_5_VLForConditionalGeneration(config).eval()
 
 
-def make_tiny_model(path, zero_cond_t: bool = False, seed: int = 0) -> pathlib.Path:
+def make_tiny_model(path, zero_cond_t: bool = False, seed: int = 0, transformer: dict | None = None) -> pathlib.Path:
     """Build the tiny model and save it to ``path`` (created if missing); return the path.
 
     ``zero_cond_t=True`` gives the Qwen-Image-Edit-2511 transformer variant. The same
-    ``seed`` gives bitwise identical weights.
+    ``seed`` gives bitwise identical weights. ``transformer``: overrides of
+    :data:`TRANSFORMER_CONFIG` (e.g. more layers for a model that will be trained).
     """
     from diffusers import (
         AutoencoderKLQwenImage,
@@ -266,7 +267,8 @@ def make_tiny_model(path, zero_cond_t: bool = False, seed: int = 0) -> pathlib.P
         video_processor=Qwen2VLVideoProcessor(**VIDEO_PROCESSOR_CONFIG),
     )
     torch.manual_seed(seed)
-    transformer = QwenImageTransformer2DModel(**TRANSFORMER_CONFIG, zero_cond_t=zero_cond_t)
+    transformer_config = dict(TRANSFORMER_CONFIG, **(transformer or {}))
+    transformer = QwenImageTransformer2DModel(**transformer_config, zero_cond_t=zero_cond_t)
     torch.manual_seed(seed)
     vae = AutoencoderKLQwenImage(**VAE_CONFIG)
     torch.manual_seed(seed)

@@ -1,0 +1,138 @@
+"""The built-in default model as a user meets it: shipped in the repository, used when no model is given,
+composing the shipped example references into an image the ShapeCompose checker scores as correct."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from training.checker import score
+from training.shapecompose import render_target
+from uniref_core.defaults import SHIPPED_MODEL_DIR
+from uniref_core.model import DEFAULT_KEYS, read_defaults
+
+ROOT = Path(__file__).resolve().parent.parent
+ASSETS = ROOT / "assets"
+SPEC = json.loads((ASSETS / "example_spec.json").read_text())
+REFS = [ASSETS / n for n in ("ref_red_circle.png", "ref_blue_square.png", "ref_background.png")]
+
+
+def run(*args, env_extra=None):
+    env = {k: v for k, v in os.environ.items() if k != "UNIREF_DEFAULT_MODEL"}
+    env.update(PYTHONPATH=str(ROOT), **(env_extra or {}))
+    return subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, cwd=ROOT, env=env,
+                          timeout=600)  # fmt: skip
+
+
+def test_shipped_model_is_small_safetensors_with_its_defaults():
+    folder = ROOT / SHIPPED_MODEL_DIR
+    files = [p for p in folder.rglob("*") if p.is_file()]
+    assert sum(p.stat().st_size for p in files) <= 50 * 2**20
+    weights = [p for p in files if p.suffix in (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".pkl")]
+    assert weights and all(p.suffix == ".safetensors" for p in weights)
+    defaults = read_defaults(folder)
+    assert set(defaults) == set(DEFAULT_KEYS)
+    assert defaults["output_area"] == 128 * 128 and defaults["cfg"] == 1.0
+
+
+def test_example_spec_describes_the_main_command():
+    """The spec main.sh's output is scored against: its rendered ground truth scores 1, and it is where
+    main.sh takes its prompt from."""
+    assert score(render_target(SPEC), SPEC).overall >= 0.95
+    assert "assets/example_spec.json" in (ROOT / "scripts" / "main.sh").read_text()
+
+
+def test_cli_without_a_model_composes_the_example_references(tmp_path):
+    out = tmp_path / "out.png"
+    r = run("-m", "uniref_core", "edit", *sum((["--ref", p] for p in REFS), []), "--prompt", SPEC["instruction"],
+            "--width", "128", "--height", "128", "--seed", "0", "--quiet", "-o", out)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "uniref-default" in r.stdout  # the summary names the model it used
+    image = Image.open(out)
+    assert image.size == (128, 128)
+    s = score(image, SPEC)
+    # Each object from its own reference, in its slot, on the background of Picture 3.
+    assert min(s.per_reference) >= 0.7, s
+    assert s.instruction >= 0.7, s
+
+
+def test_checker_cli_scores_an_image_against_a_spec(tmp_path):
+    good, blank = tmp_path / "good.png", tmp_path / "blank.png"
+    render_target(SPEC).save(good)
+    Image.new("RGB", (128, 128), (128, 128, 128)).save(blank)
+    r_good = run("-m", "training.checker", good, ASSETS / "example_spec.json")
+    r_blank = run("-m", "training.checker", blank, ASSETS / "example_spec.json")
+    assert r_good.returncode == 0 and r_blank.returncode == 0, r_good.stderr + r_blank.stderr
+    assert json.loads(r_good.stdout)["overall"] >= 0.95
+    assert json.loads(r_blank.stdout)["overall"] <= 0.2
+    bad = run("-m", "training.checker", tmp_path / "missing.png", ASSETS / "example_spec.json")
+    assert bad.returncode == 2 and "missing.png" in bad.stderr
+
+
+def test_evaluate_cli_prints_per_k_scores_and_writes_a_grid(tmp_path):
+    grid = tmp_path / "grid.png"
+    r = run("-m", "training.evaluate", "--model", "default", "--split", "test", "--refs", "1-2", "--n", "2",
+            "--edits", "1", "--seed", "0", "--grid", grid, "--grid-rows", "1")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout)
+    assert set(result["per_k"]) == {"1", "2"} and result["edit"]["n"] == 1
+    for means in [*result["per_k"].values(), result["edit"]]:
+        assert all(0.0 <= means[k] <= 1.0 for k in ("per_reference", "instruction", "quality", "overall"))
+    assert result["per_k"]["1"]["n"] == 2
+    # The trained model composes one or two references (the full table is in the README).
+    assert result["per_k"]["1"]["overall"] >= 0.5, result
+    with Image.open(grid) as im:  # one row per K and one for the edits, each with a caption
+        assert im.height >= 3 * 128
+    bad = run("-m", "training.evaluate", "--refs", "0-3")
+    assert bad.returncode == 2 and "--refs" in bad.stderr
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ({"defaults": {"budjet": 65536}}, "unknown default(s) budjet"),
+        ({"defaults": {"steps": -3}}, "'steps' (denoising steps) must be a positive number"),
+        ({"defaults": [1, 2]}, "'defaults' must be an object"),
+    ],
+)
+def test_bad_model_defaults_file_names_the_key(tiny_model, tmp_path, content, message):
+    import shutil
+
+    from uniref_core.errors import UniRefError
+    from uniref_core.model import DEFAULTS_FILE
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model, folder)
+    (folder / DEFAULTS_FILE).write_text(json.dumps(content))
+    with pytest.raises(UniRefError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        read_defaults(folder)
+
+
+def test_model_defaults_fill_what_the_caller_leaves_unset(tiny_model, tmp_path):
+    import shutil
+
+    from uniref_core import UniRefPipeline
+    from uniref_core.model import DEFAULTS_FILE
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model, folder)
+    (folder / DEFAULTS_FILE).write_text(json.dumps({"defaults": {"budget": 128 * 128, "vl_budget": 56 * 56 * 3,
+                                                                  "output_area": 64 * 64, "steps": 2, "cfg": 1.0}}))  # fmt: skip
+    pipe = UniRefPipeline.from_pretrained(folder)
+    refs = [Image.open(p).convert("RGB") for p in REFS]
+    cond = pipe.encode(refs, "x", match_ref=2)
+    assert cond.plan.budget == 128 * 128
+    assert sum(r.vae[0] * r.vae[1] for r in cond.plan.references) <= 128 * 128 + 3 * 32 * 160
+    assert all(r.vl == (56, 56) for r in cond.plan.references)
+    assert abs(cond.width * cond.height - 64 * 64) <= 16 * 80  # reference 2's aspect ratio at 64²
+    assert cond.negative is None  # cfg 1 from the file: no negative prompt encoded
+    explicit = pipe.encode(refs, "x", budget=256 * 256, width=96, height=96)
+    assert explicit.plan.budget == 256 * 256 and (explicit.width, explicit.height) == (96, 96)
+    # Steps: the model's 2 unless given.
+    seen = []
+    pipe.sample(cond, on_step=lambda info: seen.append(info.total))
+    assert seen == [2, 2]

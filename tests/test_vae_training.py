@@ -1,0 +1,38 @@
+"""Training a model's VAE for reconstruction (the first step of the default model's recipe)."""
+
+import json
+
+import numpy as np
+import torch
+
+from training.vae import latent_stats, train_vae
+from uniref_core.latents import to_pixels, vae_decode, vae_encode
+
+
+def test_vae_learns_to_reconstruct_and_its_latents_are_normalised(tiny_model, tmp_path):
+    from diffusers import AutoencoderKLQwenImage
+
+    out = train_vae(tiny_model, tmp_path / "vae", steps=60, batch_size=4, crop=32, lr=2e-3, seed=0, log=lambda m: None)
+    l1 = [r["l1"] for r in json.loads((out / "train_log.json").read_text())]
+    assert len(l1) == 60 and all(np.isfinite(l1))  # one record a step (crops differ a lot: no trend test here)
+    assert not list(out.glob("*.bin")) and list(out.glob("*.safetensors"))
+
+    trained = AutoencoderKLQwenImage.from_pretrained(out, use_safetensors=True).eval()
+    mean, std = trained.config.latents_mean, trained.config.latents_std
+    assert len(mean) == len(std) == trained.config.z_dim
+    with torch.no_grad():
+        # The saved statistics are those of its latents: fresh images, normalised, have ~0 mean and ~1 std.
+        fresh_mean, fresh_std = (np.array(v) for v in latent_stats(trained, seed=7, n_images=32, size=128))
+        assert np.abs((fresh_mean - np.array(mean)) / np.array(std)).max() < 0.5
+        assert 0.5 < (fresh_std / np.array(std)).min() and (fresh_std / np.array(std)).max() < 2.0
+        from training.shapecompose import make_sample
+
+        image = make_sample(3, k=1, kind="compose").target
+        z = vae_encode(trained, to_pixels(image, 128, 128))
+        assert abs(float(z.mean())) < 0.5 and 0.3 < float(z.std()) < 3.0
+        # ...and decoding undoes the normalisation: the round trip is better than the untrained VAE's.
+        untrained = AutoencoderKLQwenImage.from_pretrained(tiny_model / "vae", use_safetensors=True).eval()
+        x = to_pixels(image, 128, 128)
+        err_trained = (vae_decode(trained, z) - x).abs().mean()
+        err_untrained = (vae_decode(untrained, vae_encode(untrained, x)) - x).abs().mean()
+        assert err_trained < err_untrained

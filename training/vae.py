@@ -1,0 +1,188 @@
+"""Train a model folder's VAE (``AutoencoderKLQwenImage``) for reconstruction on ShapeCompose images.
+
+    python -m training.vae --model tiny_models/uniref-tiny --steps 1500 --out runs/vae
+
+The tiny default model's VAE starts random, and a random VAE's latents carry nothing a transformer can
+learn to compose, so it is trained first, on the kind of images it will encode and decode: references
+(objects on their own backgrounds, scenes) and composed targets, as random square crops. Loss: L1 on
+pixels plus a small KL term (the posterior stays close to deterministic; inference takes its mode).
+
+At the end the per-channel mean and standard deviation of the encoded latents (posterior modes of
+held-out ShapeCompose images) are written to the config as ``latents_mean`` / ``latents_std``, the
+fields Qwen-Image's VAE uses to normalise latents, so the transformer trains on unit-scale latents.
+The result is saved, weights in safetensors, to ``<out>`` (a ``vae/`` folder of a diffusers model).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from uniref_core.errors import UniRefError
+from uniref_core.latents import to_pixels
+
+from .shapecompose import K_TRAIN, make_sample
+
+
+def _random_images(rng: np.random.Generator, size: int):
+    """The images of one random ShapeCompose sample (references and target)."""
+    seed = int(rng.integers(0, 2**31 - 1))
+    k = int(rng.choice(K_TRAIN))
+    kind = "compose" if rng.random() < 0.6 else "edit"
+    s = make_sample(seed, k=k if kind == "compose" else 1, kind=kind, size=size)
+    return list(s.references) + [s.target]
+
+
+def _crop(rng, image, crop: int, focus: int = 1) -> torch.Tensor:
+    """A random ``crop``² square; with ``focus`` > 1 the busiest (highest pixel spread) of ``focus`` tries,
+    so batches hold objects and edges, not mostly flat background."""
+    w, h = image.size
+    if min(w, h) < crop:  # small references: enlarge so a crop fits (the planner may enlarge them too)
+        f = crop / min(w, h)
+        w, h = max(crop, math.ceil(w * f)), max(crop, math.ceil(h * f))
+        image = image.resize((w, h))
+    best, best_spread = None, -1.0
+    for _ in range(max(1, focus)):
+        x0, y0 = int(rng.integers(0, w - crop + 1)), int(rng.integers(0, h - crop + 1))
+        x = to_pixels(image.crop((x0, y0, x0 + crop, y0 + crop)), crop, crop)
+        spread = float(x.std())
+        if spread > best_spread:
+            best, best_spread = x, spread
+    return best
+
+
+def batches(seed: int, batch_size: int, crop: int, size: int, focus: int = 1):
+    """Endless batches [B, 3, crop, crop] in −1..1, deterministic from ``seed``."""
+    rng = np.random.default_rng([seed, 0xAE])
+    pool: list = []
+    while True:
+        out = []
+        while len(out) < batch_size:
+            if not pool:
+                pool = _random_images(rng, size)
+            out.append(_crop(rng, pool.pop(int(rng.integers(0, len(pool)))), crop, focus))
+        yield torch.cat(out)
+
+
+def reconstruction_loss(vae, x: torch.Tensor, kl_weight: float, l2_weight: float = 0.0):
+    """(loss, L1) of one batch: L1 (+ l2_weight · MSE, which punishes large colour errors harder) of the
+    sampled reconstruction + kl_weight · mean KL per latent element."""
+    post = vae.encode(x.unsqueeze(2)).latent_dist
+    rec = vae.decode(post.sample()).sample[:, :, 0].float()
+    l1 = (rec - x).abs().mean()
+    kl = 0.5 * (post.mean.float().pow(2) + post.var.float() - 1.0 - post.logvar.float()).mean()
+    return l1 + l2_weight * (rec - x).pow(2).mean() + kl_weight * kl, l1
+
+
+@torch.no_grad()
+def latent_stats(vae, seed: int, n_images: int, size: int) -> tuple[list[float], list[float]]:
+    """Per-channel (mean, std) of posterior modes over ``n_images`` whole ShapeCompose images."""
+    rng = np.random.default_rng([seed, 0x57A7])
+    sums = None
+    count = 0
+    done = 0
+    while done < n_images:
+        for image in _random_images(rng, size):
+            w, h = (max(8, (d // 8) * 8) for d in image.size)
+            z = vae.encode(to_pixels(image, w, h).unsqueeze(2)).latent_dist.mode().float()  # [1, C, 1, h, w]
+            flat = z.flatten(2)
+            s = torch.stack([flat.sum(dim=(0, 2)), flat.pow(2).sum(dim=(0, 2))])
+            sums = s if sums is None else sums + s
+            count += flat.shape[2]
+            done += 1
+    mean = sums[0] / count
+    std = (sums[1] / count - mean.pow(2)).clamp_min(1e-8).sqrt()
+    return mean.tolist(), std.tolist()
+
+
+def train_vae(model_dir, out_dir, steps: int = 1500, batch_size: int = 8, crop: int = 64, lr: float = 1e-3,
+              kl_weight: float = 1e-4, seed: int = 0, size: int = 128, bf16: bool = True, focus: int = 1,
+              l2_weight: float = 0.0, log=print) -> Path:  # fmt: skip
+    """Train a VAE and save it with fitted latent statistics to ``out_dir``; return out_dir.
+
+    ``model_dir``: a diffusers model folder (its ``vae/`` is trained) or a VAE folder (a second phase).
+    """
+    from diffusers import AutoencoderKLQwenImage
+    from tqdm.auto import tqdm
+
+    src = Path(model_dir) / "vae"
+    if not (src / "config.json").is_file() and (Path(model_dir) / "config.json").is_file():
+        src = Path(model_dir)
+    if not (src / "config.json").is_file():
+        raise UniRefError(f"{model_dir} has no vae/config.json: give a diffusers-format model folder or a VAE folder")
+    torch.manual_seed(seed)
+    vae = AutoencoderKLQwenImage.from_pretrained(src, use_safetensors=True).float().train()
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    warmup = min(100, steps // 10)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: (s + 1) / (warmup + 1) if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(steps - warmup, 1)))
+    )  # fmt: skip
+    data = batches(seed, batch_size, crop, size, focus)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    records = []
+    t0 = time.perf_counter()
+    bar = tqdm(range(steps), desc="vae", dynamic_ncols=True)
+    for step in bar:
+        x = next(data)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss, l1 = reconstruction_loss(vae, x, kl_weight, l2_weight)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        if not math.isfinite(float(loss.detach())):
+            raise UniRefError(f"VAE loss is {float(loss.detach())} at step {step + 1}: lower --lr")
+        bar.set_postfix(l1=f"{float(l1):.4f}")
+        records.append({"step": step + 1, "loss": float(loss.detach()), "l1": float(l1.detach()),
+                        "seconds": round(time.perf_counter() - t0, 3)})  # fmt: skip
+    vae.eval()
+    mean, std = latent_stats(vae, seed + 1, 256, size)
+    vae.register_to_config(latents_mean=mean, latents_std=std)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    vae.save_pretrained(tmp, safe_serialization=True)
+    (tmp / "train_log.json").write_text(json.dumps(records))
+    if out_dir.exists():
+        import shutil
+
+        shutil.rmtree(out_dir)
+    tmp.rename(out_dir)
+    log(f"vae: {steps} steps in {time.perf_counter() - t0:.0f} s, final L1 {records[-1]['l1']:.4f} → {out_dir}")
+    return out_dir
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m training.vae", description=__doc__.split("\n")[0])
+    p.add_argument("--model", required=True, help="diffusers-format model folder whose vae/ is trained")
+    p.add_argument("--out", required=True, help="folder for the trained VAE (config + safetensors)")
+    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--crop", type=int, default=64, help="square crop side in pixels (a multiple of 8)")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--kl-weight", type=float, default=1e-4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--l2-weight", type=float, default=0.0, help="weight of an MSE term beside the L1")
+    p.add_argument("--focus", type=int, default=1, help="take the busiest of N random crops (objects, edges)")
+    p.add_argument("--no-bf16", action="store_true", help="train in fp32 (bf16 autocast is ~2x faster on CPU)")
+    a = p.parse_args(argv)
+    if a.crop % 8:
+        p.error(f"--crop {a.crop} is not a multiple of 8")
+    try:
+        train_vae(a.model, a.out, a.steps, a.batch_size, a.crop, a.lr, a.kl_weight, a.seed, bf16=not a.no_bf16,
+                  focus=a.focus, l2_weight=a.l2_weight)
+    except UniRefError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
