@@ -449,11 +449,14 @@ class WsListener:
 def uniref_host(version: str, tiny_model: Path):
     """A host with this pack and a tiny model as both `models/uniref/tiny` and the built-in default
     (the shipped workflows name the built-in model, and a random model makes the tests fast); the
-    shipped, trained default model is there too, as `models/uniref/shipped`."""
+    shipped, trained default model is there too, as `models/uniref/shipped`, once the repository has it."""
     old = os.environ.get("UNIREF_DEFAULT_MODEL")
     os.environ["UNIREF_DEFAULT_MODEL"] = str(tiny_model)
     try:
-        models = {"uniref/tiny": tiny_model, "uniref/shipped": ROOT / "models" / "uniref-default"}
+        models = {"uniref/tiny": tiny_model}
+        shipped = ROOT / "models" / "uniref-default"
+        if (shipped / "model_index.json").is_file():
+            models["uniref/shipped"] = shipped
         with ComfyHost(version, ROOT, models=models) as h:
             yield h
     finally:
