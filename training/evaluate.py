@@ -25,6 +25,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from uniref_core.budget import parse_area
+from uniref_core.defaults import default_model_path
+from uniref_core.errors import UniRefError
 from uniref_core.images import load_image
 from uniref_core.model import Components
 from uniref_core.pipeline import UniRefPipeline
@@ -33,6 +36,7 @@ from .checker import score
 from .config import SFTConfig, Stage
 from .data import Row, target_dims
 from .logging_utils import make_grid
+from .shapecompose import EDIT_KINDS, K_MAX, SPLIT_SEED_BASE, make_split
 
 SCORE_FIELDS = ("per_reference_mean", "instruction", "quality", "overall")
 
@@ -82,10 +86,6 @@ SEED_STRIDE = 100_000
 
 def parse_refs(text: str) -> list[int]:
     """'1-6' → [1..6]; '1,3,7' → [1, 3, 7]; each K in 1..K_MAX."""
-    from uniref_core.errors import UniRefError
-
-    from .shapecompose import K_MAX
-
     ks: list[int] = []
     try:
         for part in str(text).split(","):
@@ -116,8 +116,6 @@ def evaluate_model(model, split: str, ks: list[int], n: int, seed: int = 0, edit
     ``options`` go to ``UniRefPipeline.edit`` (steps, cfg, budget, …); unset ones take the model's defaults.
     Returns {"model", "split", "seed", "options", "per_k": {K: means}, "edit": means, "seconds"}.
     """
-    from .shapecompose import EDIT_KINDS, make_split
-
     t0 = time.perf_counter()
     pipe = UniRefPipeline.from_pretrained(model, device=device, dtype="fp32")
     groups: list[tuple[str, list]] = [
@@ -156,11 +154,6 @@ def evaluate_model(model, split: str, ks: list[int], n: int, seed: int = 0, edit
 
 
 def main(argv=None) -> int:
-    from uniref_core.defaults import default_model_path
-    from uniref_core.errors import UniRefError
-
-    from .shapecompose import SPLIT_SEED_BASE
-
     p = argparse.ArgumentParser(prog="python -m training.evaluate", description=__doc__.split("\n")[0])
     p.add_argument("--model", default="default", help="'default' (the built-in model) or a model folder")
     p.add_argument("--split", default="test", choices=sorted(SPLIT_SEED_BASE))
@@ -178,8 +171,6 @@ def main(argv=None) -> int:
     if not 1 <= a.n <= SEED_STRIDE - 1:
         p.error(f"--n {a.n}: give 1..{SEED_STRIDE - 1}")
     try:
-        from uniref_core.budget import parse_area
-
         ks = parse_refs(a.refs)
         model = default_model_path() if a.model == "default" else a.model
         options = {k: v for k, v in (("steps", a.steps), ("cfg", a.cfg)) if v is not None}

@@ -89,14 +89,11 @@ def output_paths(output: str, n: int) -> list[Path]:
 
 def _fill_defaults(a, model_defaults: dict) -> None:
     """Options left unset take the model folder's defaults (uniref.json), else the built-in ones."""
-    from .pipeline import BUILTIN_DEFAULTS
+    from .pipeline import BUILTIN_DEFAULTS, resolve_setting
 
-    for name in ("budget", "vl_budget", "output_area", "steps", "cfg"):
-        if getattr(a, name, None) is None and hasattr(a, name):
-            value = model_defaults.get(name, BUILTIN_DEFAULTS[name])
-            if value is not None and name != "cfg":
-                value = int(value)
-            setattr(a, name, value)
+    for name in BUILTIN_DEFAULTS:
+        if hasattr(a, name):
+            setattr(a, name, resolve_setting(name, getattr(a, name), model_defaults))
 
 
 def _size_kwargs(a) -> dict:

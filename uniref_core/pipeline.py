@@ -48,6 +48,17 @@ BUILTIN_DEFAULTS = {
     "vl_budget": None,  # 384² per reference, like the reference pipeline
     "output_area": budget_mod.DEFAULT_OUTPUT_AREA,
 }
+
+
+def resolve_setting(name: str, value, model_defaults: dict):
+    """``value``, or when None ``model_defaults[name]`` (a model's uniref.json), else BUILTIN_DEFAULTS."""
+    if value is not None:
+        return value
+    if name not in model_defaults:
+        return BUILTIN_DEFAULTS[name]
+    return float(model_defaults[name]) if name == "cfg" else int(model_defaults[name])
+
+
 SAMPLERS = ("ode", "sde")
 MAX_STEPS = 1000
 MAX_CFG = 30.0
@@ -192,12 +203,7 @@ class UniRefPipeline:
 
     def setting(self, name: str, value):
         """``value``, or when None the model folder's default for ``name`` (``uniref.json``), else ours."""
-        if value is not None:
-            return value
-        if name in self.c.defaults:
-            v = self.c.defaults[name]
-            return int(v) if name in ("budget", "vl_budget", "output_area", "steps") else float(v)
-        return BUILTIN_DEFAULTS[name]
+        return resolve_setting(name, value, self.c.defaults)
 
     # 1. SELF encoding -------------------------------------------------------------------------
 
