@@ -220,6 +220,9 @@ def test_every_k_generates_with_varied_reference_sizes_and_named_pictures():
             for r in s.references:
                 assert r.mode == "RGB" and 64 <= min(r.size) and max(r.size) <= 160
                 sizes.append(r.size)
+            for r in s.spec["references"]:  # objects shown large, so they survive K = 6 sharing a small budget
+                if r["role"] == "object":
+                    assert 0.58 <= r["object"]["size"] / min(r["width"], r["height"]) <= 0.86, r
     assert len(set(sizes)) > 100
     aspects = [w / h for w, h in sizes]
     assert min(aspects) < 0.6 and max(aspects) > 1.6

@@ -106,6 +106,10 @@ K_EVAL: tuple[int, ...] = (7, 8)
 SPLIT_SEED_BASE = {"train": 0, "val": 5_000_000, "test": 10_000_000}
 SPLIT_SEED_SPAN = 5_000_000
 RESIZE_FACTORS = {"bigger": 1.45, "smaller": 0.65}
+# An object reference shows its object large, as a subject photo does: the object's side is this share of
+# the reference's shorter side. At small budgets (K = 6 shares 128² px) smaller objects shrink below one
+# 16 px latent token and a tiny model cannot learn to find them.
+REF_OBJECT_FRAC = (0.6, 0.85)
 MIN_CONTRAST = 40.0  # CIE76 distance every object colour keeps from every colour of its background
 
 
@@ -384,7 +388,7 @@ def _make_compose(rng, k: int, size: int) -> tuple[list, str, dict]:
         w, h = int(rng.integers(lo, hi + 1)), int(rng.integers(lo, hi + 1))
         bgs = [b for b in BACKGROUNDS if b != target_bg and colour in compatible_colours(b)]
         rbg = _choice(rng, bgs)
-        s = int(round(min(w, h) * rng.uniform(0.35, 0.7)))
+        s = int(round(min(w, h) * rng.uniform(REF_OBJECT_FRAC[0], REF_OBJECT_FRAC[1])))
         cx = rng.uniform(s / 2 + 2, w - s / 2 - 2)
         cy = rng.uniform(s / 2 + 2, h - s / 2 - 2)
         o = {"shape": shape, "colour": colour, "centre": [round(cx), round(cy)], "size": s}
