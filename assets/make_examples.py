@@ -6,7 +6,7 @@ This folder is not named examples/: ComfyUI serves the first of examples/, workf
 template folder, and our workflows live in workflows/.
 
 Two object references (each its own size and background) and a background reference, at sizes the
-built-in model was trained on (64–160 px a side) so it knows their kind, plus assets/example_spec.json: the ShapeCompose spec
+built-in model was trained on (64–160 px a side, the object 0.6–0.85 of the shorter side) so it knows their kind, plus assets/example_spec.json: the ShapeCompose spec
 of the composition that scripts/main.sh asks for, so the checker can score out.png
 (`python -m training.checker out.png assets/example_spec.json`).
 """
@@ -29,8 +29,8 @@ PROMPT = ("Put the object from Picture 1 on the left and the object from Picture
 
 def main() -> None:
     assets = ROOT / "assets"
-    circle = {"shape": "circle", "colour": "red", "centre": [80, 56], "size": 64}
-    square = {"shape": "square", "colour": "blue", "centre": [52, 74], "size": 56}
+    circle = {"shape": "circle", "colour": "red", "centre": [80, 56], "size": 80}
+    square = {"shape": "square", "colour": "blue", "centre": [52, 74], "size": 72}
     render_scene("white", [circle], 150, 112).save(assets / "ref_red_circle.png")
     render_scene("gray", [square], 104, 144).save(assets / "ref_blue_square.png")
     render_background("blue_green", 160, 96).save(assets / "ref_background.png")

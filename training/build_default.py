@@ -1,6 +1,6 @@
 """Reproduce the built-in default model from scratch: data, VAE, SFT with progressive budgets, export, evaluation.
 
-    python -m training.build_default                      # ~2 h on 2 CPU cores; resumes where it stopped
+    python -m training.build_default                      # under 2 h on 2 CPU cores (VAE ~30 min, SFT ~55 min); resumes where it stopped
     python -m training.build_default --out /tmp/my-default --work runs/my-default
 
 Every step writes its result atomically and is skipped when that result exists, so running the command
@@ -10,7 +10,7 @@ again after a crash (or Ctrl-C) continues where it stopped; SFT itself resumes f
 2. ``init``: the tiny Qwen-Image-Edit model (``uniref_core.tiny``, a 6-layer transformer) with its VAE
    trained for reconstruction on ShapeCompose images (``training.vae``) and a ``uniref.json`` with the
    settings it is trained for (budget 256², VL copies 112² in all, 128² output, 20 steps, no CFG).
-3. ``sft``: ``training.sft`` with ``training/configs/default_model.json`` (budgets 128² → 192² → 256²).
+3. ``sft``: ``training.sft`` with ``training/configs/default_model.json`` (budgets 128² → 256²).
 4. ``export``: the EMA weights after the last stage to ``--out`` (the model the CLI, main.sh and the
    ComfyUI loader use), and those after the first stage to ``<work>/after_stage1`` for comparison.
 5. ``eval``: ``training.evaluate`` on the held-out test split, K = 1…8, for both; JSON + PNG grids in ``<work>/eval``.
