@@ -404,12 +404,31 @@ def test_bad_rows_are_reported_and_skipped(tiny_model, data, tmp_path):
         ({"lora": {"rank": 4, "alpha": 4, "rnak": 2}}, "unknown config key 'rnak' in lora"),
         ({"mixed_precision": "fp8"}, "mixed_precision is 'fp8'"),
         ({"micro_batch_size": 3}, "stages[0] (stage 1): batch_size 2 is not a multiple of micro_batch_size 3"),
+        ({"logit_normal": {"mean": 0, "std": 1, "pure_noise": 1.0}}, "logit_normal.pure_noise is 1.0: give a share"),
     ],
 )
 def test_config_errors_name_the_key_and_stage(tiny_model, data, tmp_path, change, message):
     with pytest.raises(ConfigError) as e:
         config_from_dict(make_config(tiny_model, data, tmp_path, **change))
     assert message in str(e.value)
+
+
+def test_pure_noise_share_puts_that_share_of_draws_at_sigma_one():
+    """The sampler's first step is at σ = 1; ``pure_noise`` trains there, the plain logit-normal never does."""
+    from training.config import LogitNormal
+    from training.loss import draw_noise_and_sigma
+
+    slots = list(range(400))
+    _, plain = draw_noise_and_sigma(0, 0, slots, (4, 64), LogitNormal(0.5, 1.0))
+    noise_mixed, mixed = draw_noise_and_sigma(0, 0, slots, (4, 64), LogitNormal(0.5, 1.0, pure_noise=0.25))
+    assert not (plain == 1).any() and 0 < plain.min() and plain.max() < 1
+    share = float((mixed == 1).float().mean())
+    assert 0.19 < share < 0.31, share
+    rest = mixed[mixed < 1]
+    assert 0.5 < float(rest.median()) < 0.75  # the others stay logit-normal(0.5, 1): median sigmoid(0.5) = 0.62
+    # Per-slot draws stay independent of the process layout: slot 7 alone draws what it drew among 400.
+    n7, s7 = draw_noise_and_sigma(0, 0, [7], (4, 64), LogitNormal(0.5, 1.0, pure_noise=0.25))
+    assert torch.equal(n7[0], noise_mixed[7]) and torch.equal(s7[0], mixed[7])
 
 
 def test_config_file_json_and_toml(tiny_model, data, tmp_path):

@@ -87,10 +87,18 @@ class LoraSettings:
 
 @dataclass
 class LogitNormal:
-    """σ = sigmoid(N(mean, std)): the SD3 / Qwen-Image training-time distribution."""
+    """σ = sigmoid(N(mean, std)): the SD3 / Qwen-Image training-time distribution.
+
+    ``pure_noise``: the share of draws put at σ = 1 exactly, where the sampler takes its first step and
+    only the references and the instruction can say what the image is. A logit-normal almost never
+    draws σ that high (mean 1, std 1: 0.7 % above 0.97), and a small model then learns to read the
+    layout from the faint image left in x_σ instead of from the conditioning: its first step from pure
+    noise is wrong and sampling gives blobs.
+    """
 
     mean: float = 0.0
     std: float = 1.0
+    pure_noise: float = 0.0
 
 
 @dataclass
@@ -270,6 +278,9 @@ def _check_top(cfg: SFTConfig) -> None:
         raise ConfigError(f"ema_decay is {cfg.ema_decay!r}: use a value in (0, 1) such as 0.999, or null for no EMA")
     if cfg.logit_normal.std <= 0:
         raise ConfigError(f"logit_normal.std is {cfg.logit_normal.std!r}: it must be positive")
+    if not 0.0 <= cfg.logit_normal.pure_noise < 1.0:
+        raise ConfigError(f"logit_normal.pure_noise is {cfg.logit_normal.pure_noise!r}: give a share in [0, 1), "
+                          "e.g. 0.25")  # fmt: skip
     if cfg.max_grad_norm is not None and cfg.max_grad_norm <= 0:
         raise ConfigError(f"max_grad_norm is {cfg.max_grad_norm!r}: give a positive norm or null for no clipping")
     for key in ("micro_batch_size", "eval_steps", "keep_checkpoints", "log_every"):

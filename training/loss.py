@@ -1,6 +1,6 @@
 """The flow-matching objective of SFT, on the target tokens only.
 
-σ ~ sigmoid(N(mean, std)) (logit-normal), x_σ = σ·noise + (1−σ)·x0, the model predicts the velocity
+σ ~ sigmoid(N(mean, std)) (logit-normal; a share ``pure_noise`` of draws at σ = 1), x_σ = σ·noise + (1−σ)·x0, the model predicts the velocity
 v = noise − x0 from [x_σ ; ref 1 ; … ; ref K] through ``predict_velocity`` (the one transformer call that
 sampling uses too) at timestep σ·1000, and the loss is the MSE on the target tokens.
 """
@@ -28,7 +28,10 @@ def draw_noise_and_sigma(seed: int, step: int, slots: list[int], shape, dist: Lo
     for slot in slots:
         gen = torch.Generator("cpu").manual_seed(sample_seed(seed, step, slot))
         u = torch.randn((), generator=gen) * dist.std + dist.mean
-        sigmas.append(torch.sigmoid(u))
+        sigma = torch.sigmoid(u)
+        if dist.pure_noise > 0 and float(torch.rand((), generator=gen)) < dist.pure_noise:
+            sigma = torch.ones_like(sigma)
+        sigmas.append(sigma)
         noises.append(torch.randn(tuple(shape), generator=gen))
     return torch.stack(noises), torch.stack(sigmas)
 
