@@ -31,6 +31,8 @@ from pathlib import Path
 
 from uniref_core.errors import UniRefError
 
+from .cli import exit_on_error
+
 CONFIG = Path(__file__).parent / "configs" / "default_model.json"
 
 #: The recipe's fixed choices (the SFT ones are in CONFIG).
@@ -163,6 +165,7 @@ def step_eval(models: dict[str, Path], work: Path, log) -> dict:
     return results
 
 
+@exit_on_error
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m training.build_default", description=__doc__.split("\n")[0])
     p.add_argument("--out", default="models/uniref-default", help="where the trained model folder goes")
@@ -181,16 +184,12 @@ def main(argv=None) -> int:
             f.write(line + "\n")
 
     t0 = time.perf_counter()
-    try:
-        step_data(work, log)
-        step_init(work, log)
-        cfg = step_sft(Path(a.config), log)
-        models = step_export(cfg, Path(a.out), work, log)
-        if not a.skip_eval:
-            step_eval(models, work, log)
-    except UniRefError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    step_data(work, log)
+    step_init(work, log)
+    cfg = step_sft(Path(a.config), log)
+    models = step_export(cfg, Path(a.out), work, log)
+    if not a.skip_eval:
+        step_eval(models, work, log)
     log(f"build_default: done in {time.perf_counter() - t0:.0f} s (this invocation); model in {a.out}")
     return 0
 

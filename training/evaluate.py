@@ -32,6 +32,7 @@ from uniref_core.images import load_image
 from uniref_core.model import Components
 from uniref_core.pipeline import UniRefPipeline
 
+from .cli import exit_on_error
 from .checker import score
 from .config import SFTConfig, Stage
 from .data import Row, target_dims
@@ -153,6 +154,7 @@ def evaluate_model(model, split: str, ks: list[int], n: int, seed: int = 0, edit
     return result
 
 
+@exit_on_error
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m training.evaluate", description=__doc__.split("\n")[0])
     p.add_argument("--model", default="default", help="'default' (the built-in model) or a model folder")
@@ -170,17 +172,13 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     if not 1 <= a.n <= SEED_STRIDE - 1:
         p.error(f"--n {a.n}: give 1..{SEED_STRIDE - 1}")
-    try:
-        ks = parse_refs(a.refs)
-        model = default_model_path() if a.model == "default" else a.model
-        options = {k: v for k, v in (("steps", a.steps), ("cfg", a.cfg)) if v is not None}
-        if a.budget is not None:
-            options["budget"] = parse_area(a.budget)
-        result = evaluate_model(model, a.split, ks, a.n, a.seed, a.edits, a.grid or None, a.grid_rows, a.device,
-                                progress=True, **options)  # fmt: skip
-    except UniRefError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    ks = parse_refs(a.refs)
+    model = default_model_path() if a.model == "default" else a.model
+    options = {k: v for k, v in (("steps", a.steps), ("cfg", a.cfg)) if v is not None}
+    if a.budget is not None:
+        options["budget"] = parse_area(a.budget)
+    result = evaluate_model(model, a.split, ks, a.n, a.seed, a.edits, a.grid or None, a.grid_rows, a.device,
+                            progress=True, **options)  # fmt: skip
     print(json.dumps(result, indent=1))
     return 0
 

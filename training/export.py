@@ -27,6 +27,7 @@ from safetensors.torch import save_file
 from uniref_core.errors import UniRefError
 from uniref_core.model import check_model_folder
 
+from .cli import exit_on_error
 from . import checkpoint as ckpt_mod
 from .trainable import comfy_lora_state_dict, merge_comfy_lora
 
@@ -112,6 +113,7 @@ def export(checkpoint, out, lora_only: bool = False, weights: str = "auto", mode
     return out
 
 
+@exit_on_error
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training.export", description=__doc__.split("\n")[0])
     parser.add_argument("--checkpoint", required=True, help="a step_… folder written by training.sft")
@@ -121,11 +123,7 @@ def main(argv=None) -> int:
                         help="auto: EMA weights when the checkpoint has them")  # fmt: skip
     parser.add_argument("--model", default=None, help="base model folder, if it moved since training")
     args = parser.parse_args(argv)
-    try:
-        path = export(args.checkpoint, args.out, args.lora_only, args.weights, args.model)
-    except UniRefError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    path = export(args.checkpoint, args.out, args.lora_only, args.weights, args.model)
     print(f"exported {path}")
     return 0
 

@@ -30,6 +30,7 @@ import torch
 from uniref_core.errors import UniRefError
 from uniref_core.model import check_model_folder, load_components
 
+from .cli import exit_on_error
 from . import checkpoint as ckpt_mod
 from .config import SFTConfig, Stage, check_world, load_config, micro_batch_size
 from .data import BucketSampler, SampleEncoder, collate, layout_key, load_rows, plan_row, shard
@@ -299,17 +300,14 @@ def run_eval(accelerator, cfg, components, transformer, ema, params, rows, stage
     accelerator.wait_for_everyone()
 
 
+@exit_on_error
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training.sft", description=__doc__.split("\n")[0])
     parser.add_argument("--config", required=True, help="JSON or TOML config (see training/config.py)")
     parser.add_argument("--resume", default=None, help="'auto' (newest checkpoint of output_dir, if any) or a "
                         "checkpoint folder")  # fmt: skip
     args = parser.parse_args(argv)
-    try:
-        result = run(load_config(args.config), resume=args.resume)
-    except UniRefError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    result = run(load_config(args.config), resume=args.resume)
     if result.is_main:
         print(f"done: {result.global_step} steps; outputs in {result.output_dir}")
     return 0

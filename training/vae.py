@@ -28,6 +28,7 @@ import torch
 from uniref_core.errors import UniRefError
 from uniref_core.latents import to_pixels
 
+from .cli import exit_on_error
 from .shapecompose import K_TRAIN, make_sample
 
 
@@ -159,6 +160,7 @@ def train_vae(model_dir, out_dir, steps: int = 1500, batch_size: int = 8, crop: 
     return out_dir
 
 
+@exit_on_error
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m training.vae", description=__doc__.split("\n")[0])
     p.add_argument("--model", required=True, help="diffusers-format model folder whose vae/ is trained")
@@ -175,12 +177,8 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     if a.crop % 8:
         p.error(f"--crop {a.crop} is not a multiple of 8")
-    try:
-        train_vae(a.model, a.out, a.steps, a.batch_size, a.crop, a.lr, a.kl_weight, a.seed, bf16=not a.no_bf16,
-                  focus=a.focus, l2_weight=a.l2_weight)
-    except UniRefError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    train_vae(a.model, a.out, a.steps, a.batch_size, a.crop, a.lr, a.kl_weight, a.seed, bf16=not a.no_bf16,
+              focus=a.focus, l2_weight=a.l2_weight)
     return 0
 
 
