@@ -229,6 +229,32 @@ def test_every_k_generates_with_varied_reference_sizes_and_named_pictures():
     assert make_sample(TEST, k=3, kind="compose", size=256).target.size == (256, 256)
 
 
+def test_reading_order_puts_pictures_into_slots_in_order_and_free_order_shuffles_them():
+    # "reading" (the default, what the built-in model learns): Picture 1 fills the first slot of the
+    # layout, Picture 2 the second, ...; a background reference is the last picture.
+    for k in range(2, K_MAX + 1):
+        for seed in range(TEST + 4000, TEST + 4012):
+            s = make_sample(seed, k=k, kind="compose")
+            refs_in_slot_order = [o["ref"] for o in s.spec["objects"]]
+            assert refs_in_slot_order == sorted(refs_in_slot_order), s.instruction
+            roles = [r["role"] for r in s.spec["references"]]
+            assert "background" not in roles[:-1], s.instruction
+            first = re.findall(r"Picture (\d+)", s.instruction)
+            assert first[: len(refs_in_slot_order)] == [str(r + 1) for r in refs_in_slot_order]
+    # "free": only the words say which picture goes where.
+    shuffled = bg_not_last = 0
+    for seed in range(TEST + 4000, TEST + 4040):
+        s = make_sample(seed, k=4, kind="compose", order="free")
+        refs_in_slot_order = [o["ref"] for o in s.spec["objects"]]
+        shuffled += refs_in_slot_order != sorted(refs_in_slot_order)
+        roles = [r["role"] for r in s.spec["references"]]
+        bg_not_last += "background" in roles[:-1]
+        assert score(s.target, s).overall >= 0.95
+    assert shuffled >= 20 and bg_not_last >= 2
+    with pytest.raises(ValueError, match="compose order"):
+        make_sample(1, k=2, kind="compose", order="random")
+
+
 def test_edit_kinds_have_one_reference_and_change_the_scene():
     for j, kind in enumerate(EDIT_KINDS):
         for seed in range(TEST + 3000 + 10 * j, TEST + 3004 + 10 * j):

@@ -13,12 +13,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .shapecompose import EDIT_KINDS, K_TRAIN, make_split, write_manifest
+from .shapecompose import COMPOSE_ORDERS, EDIT_KINDS, K_TRAIN, make_split, write_manifest
 
 
-def make_mixture(split: str, n: int, compose_fraction: float, ks, size: int) -> list:
+def make_mixture(split: str, n: int, compose_fraction: float, ks, size: int, order: str = "reading") -> list:
     n_compose = round(n * compose_fraction)
-    compose = make_split(split, n_compose, ks=ks, kinds=("compose",), size=size)
+    compose = make_split(split, n_compose, ks=ks, kinds=("compose",), size=size, order=order)
     edits = make_split(split, n - n_compose, kinds=EDIT_KINDS, size=size, start=n_compose)
     return compose + edits
 
@@ -31,11 +31,13 @@ def main(argv=None) -> int:
     p.add_argument("--size", type=int, default=128, help="target side in pixels")
     p.add_argument("--ks", type=int, nargs="+", default=list(K_TRAIN), help="numbers of references in compositions")
     p.add_argument("--compose-fraction", type=float, default=0.5, help="share of multi-reference compositions")
+    p.add_argument("--order", choices=COMPOSE_ORDERS, default="reading",
+                   help="compositions: objects in picture order (reading) or in slots at random (free)")
     a = p.parse_args(argv)
     if not 0.0 <= a.compose_fraction <= 1.0:
         p.error(f"--compose-fraction is {a.compose_fraction}: give a share between 0 and 1")
     for split, n in (("train", a.train), ("val", a.val)):
-        samples = make_mixture(split, n, a.compose_fraction, a.ks, a.size)
+        samples = make_mixture(split, n, a.compose_fraction, a.ks, a.size, a.order)
         path = write_manifest(samples, Path(a.out) / split)
         ks = sorted({s.k for s in samples})
         print(f"{split}: {n} samples (K in {ks}) → {path}")
