@@ -214,9 +214,9 @@ def run(cfg: SFTConfig, resume: str | None = None) -> RunResult:
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            if ema is not None:
-                ema.update(params)
             global_step += 1
+            if ema is not None:
+                ema.update(params, global_step)
             totals = accelerator.reduce(torch.stack([loss_sum, sigma_sum]), reduction="sum") / stage.batch_size
             seconds = time.perf_counter() - t0
             loss_value = float(totals[0])
