@@ -142,7 +142,7 @@ def train_vae(model_dir, out_dir, steps: int = 1500, batch_size: int = 8, crop: 
         opt.zero_grad(set_to_none=True)
         if not math.isfinite(float(loss.detach())):
             raise UniRefError(f"VAE loss is {float(loss.detach())} at step {step + 1}: lower --lr")
-        bar.set_postfix(l1=f"{float(l1):.4f}")
+        bar.set_postfix(l1=f"{float(l1.detach()):.4f}")
         records.append({"step": step + 1, "loss": float(loss.detach()), "l1": float(l1.detach()),
                         "seconds": round(time.perf_counter() - t0, 3)})  # fmt: skip
     vae.eval()
