@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from uniref_core.errors import UniRefError
-from uniref_core.latents import to_pixels
+from uniref_core.latents import to_images, to_pixels
 
 from .cli import exit_on_error
 from .shapecompose import K_TRAIN, make_sample
@@ -103,6 +103,41 @@ def latent_stats(vae, seed: int, n_images: int, size: int) -> tuple[list[float],
     return mean.tolist(), std.tolist()
 
 
+@torch.no_grad()
+def reconstruction_ceiling(vae, size: int = 128, ks=(1, 2, 3, 4, 5, 6, 8), n: int = 16, split: str = "test") -> dict:
+    """Checker scores of the VAE's reconstructions of ``n`` held-out composition targets per K.
+
+    No transformer can score above what its VAE gives back for the ground truth itself, so this is the
+    ceiling of any model built on ``vae``: {K: {"per_reference", "instruction"}} (means, in [0, 1]).
+    """
+    from .checker import score
+    from .evaluate import SEED_STRIDE
+    from .shapecompose import make_split
+
+    out = {}
+    for k in ks:
+        per_ref, instruction = [], []
+        # The very targets `training.evaluate` scores a model on.
+        for s in make_split(split, n, ks=(k,), kinds=("compose",), start=k * SEED_STRIDE, size=size):
+            x = to_pixels(s.target, size, size).unsqueeze(2).to(vae.device, vae.dtype)
+            rec = to_images(vae.decode(vae.encode(x).latent_dist.mode()).sample[:, :, 0])[0]
+            sc = score(rec, s.spec)
+            per_ref.append(sc.per_reference_mean)
+            instruction.append(sc.instruction)
+        out[str(k)] = {"per_reference": round(float(np.mean(per_ref)), 3),
+                       "instruction": round(float(np.mean(instruction)), 3)}  # fmt: skip
+    return out
+
+
+def _vae_folder(model_dir) -> Path:
+    src = Path(model_dir) / "vae"
+    if not (src / "config.json").is_file() and (Path(model_dir) / "config.json").is_file():
+        src = Path(model_dir)
+    if not (src / "config.json").is_file():
+        raise UniRefError(f"{model_dir} has no vae/config.json: give a diffusers-format model folder or a VAE folder")
+    return src
+
+
 def train_vae(model_dir, out_dir, steps: int = 1500, batch_size: int = 8, crop: int = 64, lr: float = 1e-3,
               kl_weight: float = 1e-4, seed: int = 0, size: int = 128, bf16: bool = True, focus: int = 1,
               l2_weight: float = 0.0, log=print) -> Path:  # fmt: skip
@@ -113,11 +148,7 @@ def train_vae(model_dir, out_dir, steps: int = 1500, batch_size: int = 8, crop: 
     from diffusers import AutoencoderKLQwenImage
     from tqdm.auto import tqdm
 
-    src = Path(model_dir) / "vae"
-    if not (src / "config.json").is_file() and (Path(model_dir) / "config.json").is_file():
-        src = Path(model_dir)
-    if not (src / "config.json").is_file():
-        raise UniRefError(f"{model_dir} has no vae/config.json: give a diffusers-format model folder or a VAE folder")
+    src = _vae_folder(model_dir)
     torch.manual_seed(seed)
     vae = AutoencoderKLQwenImage.from_pretrained(src, use_safetensors=True).float().train()
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
@@ -164,7 +195,11 @@ def train_vae(model_dir, out_dir, steps: int = 1500, batch_size: int = 8, crop: 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m training.vae", description=__doc__.split("\n")[0])
     p.add_argument("--model", required=True, help="diffusers-format model folder whose vae/ is trained")
-    p.add_argument("--out", required=True, help="folder for the trained VAE (config + safetensors)")
+    p.add_argument("--out", help="folder for the trained VAE (config + safetensors)")
+    p.add_argument("--ceiling", action="store_true", help="do not train: print the checker scores of the VAE's "
+                   "reconstructions of held-out targets per K as JSON (the most any model on it can score)")
+    p.add_argument("--size", type=int, default=128, help="ShapeCompose image side (training and --ceiling)")
+    p.add_argument("--n", type=int, default=16, help="--ceiling: targets per K")
     p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--crop", type=int, default=64, help="square crop side in pixels (a multiple of 8)")
@@ -175,10 +210,20 @@ def main(argv=None) -> int:
     p.add_argument("--focus", type=int, default=1, help="take the busiest of N random crops (objects, edges)")
     p.add_argument("--no-bf16", action="store_true", help="train in fp32 (bf16 autocast is ~2x faster on CPU)")
     a = p.parse_args(argv)
+    if a.size % 16 or not 32 <= a.size <= 1024:
+        p.error(f"--size {a.size}: give a multiple of 16 in 32..1024")
+    if a.ceiling:
+        from diffusers import AutoencoderKLQwenImage
+
+        vae = AutoencoderKLQwenImage.from_pretrained(_vae_folder(a.model), use_safetensors=True).float().eval()
+        print(json.dumps(reconstruction_ceiling(vae, a.size, n=a.n), indent=1))
+        return 0
+    if not a.out:
+        p.error("--out is required to train (or give --ceiling to only measure)")
     if a.crop % 8:
         p.error(f"--crop {a.crop} is not a multiple of 8")
-    train_vae(a.model, a.out, a.steps, a.batch_size, a.crop, a.lr, a.kl_weight, a.seed, bf16=not a.no_bf16,
-              focus=a.focus, l2_weight=a.l2_weight)
+    train_vae(a.model, a.out, a.steps, a.batch_size, a.crop, a.lr, a.kl_weight, a.seed, a.size,
+              bf16=not a.no_bf16, focus=a.focus, l2_weight=a.l2_weight)
     return 0
 
 
