@@ -89,6 +89,7 @@ def test_evaluate_cli_prints_per_k_scores_and_writes_a_grid(tiny_model, tmp_path
     result = json.loads(r.stdout)
     assert set(result["per_k"]) == {"1", "2"} and result["edit"]["n"] == 1
     assert result["per_k"]["1"]["n"] == 2 and result["options"] == {"steps": 2, "cfg": 1.0, "budget": 128 * 128}
+    assert result["size"] == 128  # a model folder without uniref.json: ShapeCompose's default side
     for means in [*result["per_k"].values(), result["edit"]]:
         assert all(0.0 <= means[k] <= 1.0 for k in ("per_reference", "instruction", "quality", "overall"))
     with Image.open(grid) as im:  # one row per K and one for the edits

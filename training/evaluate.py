@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -110,24 +111,36 @@ def _mean_scores(scored: list[dict]) -> dict:
     return out
 
 
+def sample_size(pipe: UniRefPipeline, size: int | None = None) -> int:
+    """ShapeCompose target side to evaluate at: ``size``, else the side of the model's trained output area
+    (``uniref.json``), else 128."""
+    if size is not None:
+        return int(size)
+    area = pipe.c.defaults.get("output_area")
+    return int(round(math.sqrt(area))) if area else 128
+
+
 def evaluate_model(model, split: str, ks: list[int], n: int, seed: int = 0, edits: int = 0, grid_path=None,
-                   grid_rows: int = 2, device: str = "cpu", progress: bool = False, **options) -> dict:  # fmt: skip
+                   grid_rows: int = 2, device: str = "cpu", progress: bool = False, size: int | None = None,
+                   **options) -> dict:  # fmt: skip
     """Edit and score ``n`` compositions per K (and ``edits`` single-image edits); per-K mean scores.
 
+    Samples are ``size`` px square (default: the model's trained output size, see `sample_size`).
     ``options`` go to ``UniRefPipeline.edit`` (steps, cfg, budget, …); unset ones take the model's defaults.
-    Returns {"model", "split", "seed", "options", "per_k": {K: means}, "edit": means, "seconds"}.
+    Returns {"model", "split", "seed", "size", "options", "per_k": {K: means}, "edit": means, "seconds"}.
     """
     t0 = time.perf_counter()
     pipe = UniRefPipeline.from_pretrained(model, device=device, dtype="fp32")
+    side = sample_size(pipe, size)
     groups: list[tuple[str, list]] = [
-        (str(k), make_split(split, n, ks=(k,), kinds=("compose",), start=k * SEED_STRIDE)) for k in ks
+        (str(k), make_split(split, n, ks=(k,), kinds=("compose",), start=k * SEED_STRIDE, size=side)) for k in ks
     ]  # fmt: skip
     if edits:
-        groups.append(("edit", make_split(split, edits, kinds=EDIT_KINDS, start=0)))
+        groups.append(("edit", make_split(split, edits, kinds=EDIT_KINDS, start=0, size=side)))
     from tqdm.auto import tqdm
 
     bar = tqdm(total=sum(len(g) for _, g in groups), desc="evaluate", disable=not progress, file=sys.stderr)
-    result: dict = {"model": str(model), "split": split, "seed": seed, "options": options, "per_k": {}}
+    result: dict = {"model": str(model), "split": split, "seed": seed, "size": side, "options": options, "per_k": {}}
     grid, captions = [], []
     for name, samples in groups:
         scored = []
@@ -166,6 +179,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
     p.add_argument("--cfg", type=float, default=None, help="true-CFG scale (default: the model's)")
     p.add_argument("--budget", default=None, help="reference budget, e.g. 256 for 256² (default: the model's)")
+    p.add_argument("--size", type=int, default=None, help="sample side in px (default: the model's output size)")
     p.add_argument("--grid", default="eval_grid.png", help="PNG grid of samples ('' for none)")
     p.add_argument("--grid-rows", type=int, default=2, help="samples per K in the grid")
     p.add_argument("--device", default="cpu")
@@ -177,8 +191,10 @@ def main(argv=None) -> int:
     options = {k: v for k, v in (("steps", a.steps), ("cfg", a.cfg)) if v is not None}
     if a.budget is not None:
         options["budget"] = parse_area(a.budget)
+    if a.size is not None and not 32 <= a.size <= 2048:
+        p.error(f"--size {a.size}: give a side of 32..2048 px")
     result = evaluate_model(model, a.split, ks, a.n, a.seed, a.edits, a.grid or None, a.grid_rows, a.device,
-                            progress=True, **options)  # fmt: skip
+                            progress=True, size=a.size, **options)  # fmt: skip
     print(json.dumps(result, indent=1))
     return 0
 
