@@ -126,12 +126,9 @@ def step_init(work: Path, log) -> Path:
 def vae_ceiling(vae_dir: Path, log) -> dict:
     """Log the checker scores of the trained VAE's reconstructions of held-out targets (`reconstruction_ceiling`):
     what SFT can reach at best. Run 4's VAE gave back 0.80 per reference at K = 1 and 0.36 at K = 3."""
-    from diffusers import AutoencoderKLQwenImage
+    from .vae import load_vae, reconstruction_ceiling
 
-    from .vae import reconstruction_ceiling
-
-    vae = AutoencoderKLQwenImage.from_pretrained(vae_dir, use_safetensors=True).float().eval()
-    ceiling = reconstruction_ceiling(vae, RECIPE["size"])
+    ceiling = reconstruction_ceiling(load_vae(vae_dir).eval(), RECIPE["size"])
     log("vae ceiling (checker on reconstructions, per K): " + json.dumps(ceiling))
     return ceiling
 

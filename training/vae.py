@@ -129,13 +129,16 @@ def reconstruction_ceiling(vae, size: int = 128, ks=(1, 2, 3, 4, 5, 6, 8), n: in
     return out
 
 
-def _vae_folder(model_dir) -> Path:
+def load_vae(model_dir):
+    """The fp32 ``AutoencoderKLQwenImage`` of a diffusers model folder (its ``vae/``) or of a VAE folder."""
+    from diffusers import AutoencoderKLQwenImage
+
     src = Path(model_dir) / "vae"
     if not (src / "config.json").is_file() and (Path(model_dir) / "config.json").is_file():
         src = Path(model_dir)
     if not (src / "config.json").is_file():
         raise UniRefError(f"{model_dir} has no vae/config.json: give a diffusers-format model folder or a VAE folder")
-    return src
+    return AutoencoderKLQwenImage.from_pretrained(src, use_safetensors=True).float()
 
 
 def train_vae(model_dir, out_dir, steps: int = 1500, batch_size: int = 8, crop: int = 64, lr: float = 1e-3,
@@ -145,12 +148,10 @@ def train_vae(model_dir, out_dir, steps: int = 1500, batch_size: int = 8, crop: 
 
     ``model_dir``: a diffusers model folder (its ``vae/`` is trained) or a VAE folder (a second phase).
     """
-    from diffusers import AutoencoderKLQwenImage
     from tqdm.auto import tqdm
 
-    src = _vae_folder(model_dir)
     torch.manual_seed(seed)
-    vae = AutoencoderKLQwenImage.from_pretrained(src, use_safetensors=True).float().train()
+    vae = load_vae(model_dir).train()
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     warmup = min(100, steps // 10)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -213,10 +214,9 @@ def main(argv=None) -> int:
     if a.size % 16 or not 32 <= a.size <= 1024:
         p.error(f"--size {a.size}: give a multiple of 16 in 32..1024")
     if a.ceiling:
-        from diffusers import AutoencoderKLQwenImage
-
-        vae = AutoencoderKLQwenImage.from_pretrained(_vae_folder(a.model), use_safetensors=True).float().eval()
-        print(json.dumps(reconstruction_ceiling(vae, a.size, n=a.n), indent=1))
+        if a.n < 1:
+            p.error(f"--n {a.n}: give at least 1 target per K")
+        print(json.dumps(reconstruction_ceiling(load_vae(a.model).eval(), a.size, n=a.n), indent=1))
         return 0
     if not a.out:
         p.error("--out is required to train (or give --ceiling to only measure)")
