@@ -31,9 +31,14 @@ def test_sharded_transformer_loads_and_gives_the_same_image(tiny_model, broken):
     assert "diffusion_pytorch_model.safetensors.index.json" in files and len(files) > 3
     refs = make_refs([(96, 64)])
     opts = dict(cfg=1.0, steps=2, budget=64 * 64, width=64, height=64)
-    a = UniRefPipeline.from_pretrained(tiny_model).edit(refs, "make it red", **opts).images[0]
-    b = UniRefPipeline.from_pretrained(broken).edit(refs, "make it red", **opts).images[0]
-    assert np.array_equal(np.asarray(a), np.asarray(b))
+    whole, sharded = UniRefPipeline.from_pretrained(tiny_model), UniRefPipeline.from_pretrained(broken)
+    w_sd, s_sd = whole.c.transformer.state_dict(), sharded.c.transformer.state_dict()
+    assert w_sd.keys() == s_sd.keys() and all(torch.equal(w_sd[k], s_sd[k]) for k in w_sd)
+    a = np.asarray(whole.edit(refs, "make it red", **opts).images[0]).astype(int)
+    b = np.asarray(sharded.edit(refs, "make it red", **opts).images[0]).astype(int)
+    # Same weights, same image. Shards are memory-mapped at unaligned addresses, so some CPUs
+    # (seen on AMD EPYC) sum in another order: at most one 8-bit level on a rare pixel.
+    assert np.abs(a - b).max() <= 1 and (a != b).mean() < 0.01
 
 
 def test_missing_component_is_named(broken):
