@@ -38,3 +38,11 @@ def make_refs(sizes, seed=0):
         img = img + rng.integers(-20, 20, img.shape)
         out.append(Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)))
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model_4x(tmp_path_factory):
+    """A tiny model with a 4x VAE (two down-sampling stages): 8 px tokens, like the built-in default model."""
+    from uniref_core.tiny import VAE_4X
+
+    return make_tiny_model(tmp_path_factory.mktemp("tiny4x") / "model", vae=VAE_4X)

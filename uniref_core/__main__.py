@@ -11,7 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-from .budget import MODES, PER_IMAGE_AREA, parse_area
+from .budget import MODES, PER_IMAGE_AREA, TOKEN_PX, parse_area
 from .errors import UniRefCancelled, UniRefError
 
 SAVE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
@@ -35,8 +35,8 @@ def _parser() -> argparse.ArgumentParser:
         q.add_argument("--per-image-area", type=_area, default=PER_IMAGE_AREA, help=argparse.SUPPRESS)
         q.add_argument("--vl-budget", type=_area, default=None, help="total area of the VL encoder's copies (default: the model's, else 384² each)")
         q.add_argument("--no-upscale", action="store_true", help="never enlarge references smaller than their share of the budget")
-        q.add_argument("--width", type=int, help="output width (multiple of 16)")
-        q.add_argument("--height", type=int, help="output height (multiple of 16)")
+        q.add_argument("--width", type=int, help="output width (a multiple of the model's token size: 16 px for Qwen-Image-Edit)")
+        q.add_argument("--height", type=int, help="output height (a multiple of the model's token size)")
         q.add_argument("--match-ref", type=int, default=1, metavar="K", help="output takes reference K's aspect ratio (default 1)")
         q.add_argument("--output-area", type=_area, default=None, help="output area when matching a reference (default: the model's, else 1024)")
 
@@ -59,6 +59,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--quiet", action="store_true", help="no progress bar")
 
     pl = sub.add_parser("plan", help="print the SELF allocation without loading a model")
+    pl.add_argument("--model", help="plan with this model folder's token size and defaults (its configs are read, "
+                    "no weights); without it: 16 px tokens, as every Qwen-Image-Edit checkpoint")
     size_options(pl)
     pl.add_argument("--json", action="store_true", help="print JSON")
 
@@ -66,6 +68,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("dir")
     t.add_argument("--zero-cond-t", action="store_true", help="like Qwen-Image-Edit-2511")
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--vae-scale", type=int, choices=(4, 8), default=8, help="8 like real checkpoints (16 px tokens); 4 gives 8 px tokens")
     return p
 
 
@@ -96,8 +99,9 @@ def _fill_defaults(a, model_defaults: dict) -> None:
             setattr(a, name, resolve_setting(name, getattr(a, name), model_defaults))
 
 
-def _size_kwargs(a) -> dict:
+def _size_kwargs(a, token_px: int) -> dict:
     return {
+        "token_px": token_px,
         "mode": a.mode,
         "budget": a.budget,
         "upscale": not a.no_upscale,
@@ -117,12 +121,19 @@ def cmd_plan(a) -> int:
     if not a.ref:
         raise UniRefError("no reference images: pass at least one --ref IMAGE")
     sizes = [load_image(r, name=f"reference {k} ({r})").size for k, r in enumerate(a.ref, start=1)]
-    _fill_defaults(a, {})
-    plan = plan_references(sizes, **_size_kwargs(a))
+    token_px = TOKEN_PX
+    defaults = {}
+    if a.model:
+        from .model import check_model_folder, read_defaults, token_px_of
+
+        check_model_folder(a.model)
+        token_px, defaults = token_px_of(a.model), read_defaults(a.model)
+    _fill_defaults(a, defaults)
+    plan = plan_references(sizes, **_size_kwargs(a, token_px))
     if a.json:
         print(json.dumps(plan.to_dict(), indent=2))
         return 0
-    head = f"mode {plan.mode}" + (f", budget {plan.budget} px" if plan.budget else "")
+    head = f"mode {plan.mode}" + (f", budget {plan.budget} px" if plan.budget else "") + f", {plan.token_px} px tokens"
     print(head)
     for r in plan.references:
         print(
@@ -153,11 +164,13 @@ def cmd_edit(a) -> int:
     from .budget import plan_references
     from .pipeline import check_sampling
 
-    from .model import read_defaults
+    from .model import check_model_folder, read_defaults, token_px_of
 
     model = a.model or default_model_path()
+    check_model_folder(model)
+    token_px = token_px_of(model)
     _fill_defaults(a, read_defaults(model))
-    plan_references([r.size for r in refs], **_size_kwargs(a))
+    plan_references([r.size for r in refs], **_size_kwargs(a, token_px))
     check_sampling(a.steps, a.cfg, a.sampler, a.eta, a.denoise, init, a.num_images)
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     pipe = UniRefPipeline.from_pretrained(model, device=device, dtype=a.dtype)
@@ -187,7 +200,7 @@ def cmd_edit(a) -> int:
             init_image=init,
             num_images=a.num_images,
             on_step=on_step,
-            **_size_kwargs(a),
+            **{k: v for k, v in _size_kwargs(a, token_px).items() if k != "token_px"},
         )
     finally:
         if bar is not None:
@@ -201,7 +214,9 @@ def cmd_edit(a) -> int:
 def cmd_make_tiny(a) -> int:
     from .tiny import make_tiny_model
 
-    path = make_tiny_model(a.dir, zero_cond_t=a.zero_cond_t, seed=a.seed)
+    from .tiny import VAE_4X
+
+    path = make_tiny_model(a.dir, zero_cond_t=a.zero_cond_t, seed=a.seed, vae=VAE_4X if a.vae_scale == 4 else None)
     print(f"tiny model written to {path}")
     return 0
 

@@ -18,12 +18,15 @@ from dataclasses import dataclass, field
 
 from .errors import UniRefError
 
-# Each side is rounded to this, like Qwen's ``calculate_dimensions``.
+# Qwen's ``calculate_dimensions`` rounds each side to this (per_image mode and VL copies keep it).
 SIDE_MULTIPLE = 32
-# One transformer token covers 2×2 latents of an 8× VAE: 16×16 pixels.
+# One transformer token covers 2×2 latents. Real checkpoints have an 8× VAE: 16×16 pixels. A model
+# with another VAE scale plans with its own token size (``token_px`` below; ``model.token_px_of``);
+# SELF then rounds sides to 2 tokens and keeps at least 2 tokens per side, which for 16 px tokens is
+# the 32 px of Qwen's rounding.
 TOKEN_PX = 16
 # No reference may shrink below this many pixels per side (2 tokens): below it, it is a smear.
-MIN_SIDE_PX = 32
+MIN_SIDE_PX = 2 * TOKEN_PX
 # Beyond this aspect ratio a reference is a line, not a picture.
 MAX_ASPECT = 64.0
 # The reference pipeline's areas (diffusers: VAE_IMAGE_SIZE and CONDITION_IMAGE_SIZE).
@@ -50,9 +53,9 @@ def calculate_dimensions(target_area: float, ratio: float) -> tuple[int, int]:
     return round(width / SIDE_MULTIPLE) * SIDE_MULTIPLE, round(height / SIDE_MULTIPLE) * SIDE_MULTIPLE
 
 
-def tokens_of(width: int, height: int) -> int:
-    """Transformer tokens of an image of this pixel size (one token = 16×16 px)."""
-    return (width // TOKEN_PX) * (height // TOKEN_PX)
+def tokens_of(width: int, height: int, token_px: int = TOKEN_PX) -> int:
+    """Transformer tokens of an image of this pixel size (one token = ``token_px``² px, 16² for real models)."""
+    return (width // token_px) * (height // token_px)
 
 
 def vl_tokens_of(width: int, height: int) -> int:
@@ -70,8 +73,9 @@ def vl_tokens_of(width: int, height: int) -> int:
     return (h // VL_PATCH_PX) * (w // VL_PATCH_PX)
 
 
-def _round_side(x: float) -> int:
-    return max(MIN_SIDE_PX, round(x / SIDE_MULTIPLE) * SIDE_MULTIPLE)
+def _round_side(x: float, token_px: int = TOKEN_PX) -> int:
+    multiple = 2 * token_px
+    return max(multiple, round(x / multiple) * multiple)
 
 
 def _check_aspect(sizes: list[tuple[int, int]]) -> None:
@@ -85,13 +89,15 @@ def _check_aspect(sizes: list[tuple[int, int]]) -> None:
             )
 
 
-def allocate_budget(sizes: list[tuple[int, int]], budget: int, upscale: bool = True) -> list[tuple[int, int]]:
+def allocate_budget(
+    sizes: list[tuple[int, int]], budget: int, upscale: bool = True, token_px: int = TOKEN_PX
+) -> list[tuple[int, int]]:
     """SELF allocation: one scale s = sqrt(B / Σ w·h) for all references, aspect and order kept.
 
-    Each side is rounded to a multiple of 32, so the total may exceed ``budget`` by at most
-    ``rounding_slack(result)``. With ``upscale=False`` references smaller than their share keep
-    their size (rounded). A reference whose short side would fall below 32 px cannot be placed:
-    the error names it and the budget that would fit.
+    Each side is rounded to a multiple of 2 tokens (32 px for real models), so the total may exceed
+    ``budget`` by at most ``rounding_slack(result, token_px)``. With ``upscale=False`` references
+    smaller than their share keep their size (rounded). A reference whose short side would fall below
+    2 tokens cannot be placed: the error names it and the budget that would fit.
     """
     if not sizes:
         raise UniRefError("no reference images: connect at least one reference")
@@ -102,18 +108,19 @@ def allocate_budget(sizes: list[tuple[int, int]], budget: int, upscale: bool = T
     scale = math.sqrt(budget / total)
     if not upscale:
         scale = min(scale, 1.0)
+    min_side, multiple = 2 * token_px, 2 * token_px
     for k, (w, h) in enumerate(sizes, start=1):
         short = min(w, h) * scale
         # Half a multiple below the floor still rounds up onto it; further down it cannot.
-        if short < MIN_SIDE_PX - SIDE_MULTIPLE / 2:
-            needed = math.ceil(total * ((MIN_SIDE_PX - SIDE_MULTIPLE / 2) / min(w, h)) ** 2)
+        if short < min_side - multiple / 2:
+            needed = math.ceil(total * ((min_side - multiple / 2) / min(w, h)) ** 2)
             side = math.ceil(math.sqrt(needed))
             raise UniRefError(
                 f"reference {k} is {w}×{h} px: with {len(sizes)} references in a budget of {_fmt_area(budget)} "
-                f"its short side would be {short:.0f} px, below the {MIN_SIDE_PX} px minimum; "
+                f"its short side would be {short:.0f} px, below the {min_side} px minimum; "
                 f"raise the budget to at least {side}² ({needed} px), use fewer references, or crop it"
             )
-    return [(_round_side(w * scale), _round_side(h * scale)) for w, h in sizes]
+    return [(_round_side(w * scale, token_px), _round_side(h * scale, token_px)) for w, h in sizes]
 
 
 def allocate_per_image(sizes: list[tuple[int, int]], area: int = PER_IMAGE_AREA) -> list[tuple[int, int]]:
@@ -133,9 +140,9 @@ def allocate_per_image(sizes: list[tuple[int, int]], area: int = PER_IMAGE_AREA)
     return out
 
 
-def rounding_slack(allocated: list[tuple[int, int]]) -> int:
-    """Most pixels that rounding each side to the nearest 32 can add over the exact budget."""
-    half = SIDE_MULTIPLE // 2
+def rounding_slack(allocated: list[tuple[int, int]], token_px: int = TOKEN_PX) -> int:
+    """Most pixels that rounding each side to the nearest 2 tokens (32 px) can add over the exact budget."""
+    half = token_px
     return sum(half * (w + h) + half * half for w, h in allocated)
 
 
@@ -158,10 +165,11 @@ class ReferencePlan:
     source: tuple[int, int]
     vae: tuple[int, int]
     vl: tuple[int, int]
+    token_px: int = TOKEN_PX
 
     @property
     def tokens(self) -> int:
-        return tokens_of(*self.vae)
+        return tokens_of(*self.vae, self.token_px)
 
     @property
     def vl_tokens(self) -> int:
@@ -176,10 +184,12 @@ class Plan:
     budget: int | None
     output: tuple[int, int]
     references: list[ReferencePlan] = field(default_factory=list)
+    #: Pixels per token side: 16 for real checkpoints (8× VAE, 2×2 patches); the model's own otherwise.
+    token_px: int = TOKEN_PX
 
     @property
     def output_tokens(self) -> int:
-        return tokens_of(*self.output)
+        return tokens_of(*self.output, self.token_px)
 
     @property
     def reference_tokens(self) -> int:
@@ -197,8 +207,9 @@ class Plan:
     @property
     def img_shapes(self) -> list[tuple[int, int, int]]:
         """(frames, rows, cols) in token units per image, target first: what the transformer's RoPE reads."""
-        shapes = [(1, self.output[1] // TOKEN_PX, self.output[0] // TOKEN_PX)]
-        shapes += [(1, r.vae[1] // TOKEN_PX, r.vae[0] // TOKEN_PX) for r in self.references]
+        t = self.token_px
+        shapes = [(1, self.output[1] // t, self.output[0] // t)]
+        shapes += [(1, r.vae[1] // t, r.vae[0] // t) for r in self.references]
         return shapes
 
     def summary(self) -> str:
@@ -213,6 +224,7 @@ class Plan:
         return {
             "mode": self.mode,
             "budget": self.budget,
+            "token_px": self.token_px,
             "output": {"width": self.output[0], "height": self.output[1], "tokens": self.output_tokens},
             "references": [
                 {
@@ -238,17 +250,19 @@ def output_size(
     height: int | None = None,
     match_ref: int = 1,
     area: int = DEFAULT_OUTPUT_AREA,
+    token_px: int = TOKEN_PX,
 ) -> tuple[int, int]:
-    """The target size: explicit ``width``×``height`` (multiples of 16), or reference ``match_ref``'s
-    aspect ratio at ``area`` pixels."""
+    """The target size: explicit ``width``×``height`` (multiples of the token size, 16 px for real
+    models), or reference ``match_ref``'s aspect ratio at ``area`` pixels."""
+    t = token_px
     if (width is None) != (height is None):
         raise UniRefError("give both width and height for an explicit output size, or neither to match a reference")
     if width is not None:
         for name, v in (("width", width), ("height", height)):
-            if v < TOKEN_PX or v % TOKEN_PX:
+            if v < t or v % t:
                 raise UniRefError(
-                    f"output {name} is {v} px: it must be a positive multiple of {TOKEN_PX}; "
-                    f"try {max(TOKEN_PX, round(v / TOKEN_PX) * TOKEN_PX)}"
+                    f"output {name} is {v} px: it must be a positive multiple of {t}; try {max(t, round(v / t) * t)} "
+                    f"(one token is {t} px for this model)"
                 )
         return int(width), int(height)
     if not sizes:
@@ -259,7 +273,7 @@ def output_size(
         raise UniRefError(f"output area is {area} px: give a positive area such as 1024*1024")
     w, h = sizes[match_ref - 1]
     cw, ch = calculate_dimensions(area, w / h)
-    return max(TOKEN_PX, cw // TOKEN_PX * TOKEN_PX), max(TOKEN_PX, ch // TOKEN_PX * TOKEN_PX)
+    return max(t, cw // t * t), max(t, ch // t * t)
 
 
 def plan_references(
@@ -274,18 +288,28 @@ def plan_references(
     height: int | None = None,
     match_ref: int = 1,
     output_area: int = DEFAULT_OUTPUT_AREA,
+    token_px: int = TOKEN_PX,
 ) -> Plan:
-    """The one planner used by the CLI, the nodes and the trainers."""
+    """The one planner used by the CLI, the nodes and the trainers. ``token_px``: the model's token
+    side in pixels (``model.token_px_of``); 16, the default, is every real Qwen-Image-Edit checkpoint."""
     if mode not in MODES:
         raise UniRefError(f"mode is {mode!r}: use one of {', '.join(MODES)}")
+    check_token_px(token_px)
     if mode == "budget":
-        vae = allocate_budget(sizes, budget, upscale=upscale)
+        vae = allocate_budget(sizes, budget, upscale=upscale, token_px=token_px)
     else:
         vae = allocate_per_image(sizes, per_image_area)
     vl = allocate_vl(sizes, vl_budget)
-    out = output_size(sizes, width, height, match_ref, output_area)
-    refs = [ReferencePlan(k, s, v, c) for k, (s, v, c) in enumerate(zip(sizes, vae, vl), start=1)]
-    return Plan(mode=mode, budget=budget if mode == "budget" else None, output=out, references=refs)
+    out = output_size(sizes, width, height, match_ref, output_area, token_px=token_px)
+    refs = [ReferencePlan(k, s, v, c, token_px) for k, (s, v, c) in enumerate(zip(sizes, vae, vl), start=1)]
+    return Plan(mode=mode, budget=budget if mode == "budget" else None, output=out, references=refs,
+                token_px=token_px)  # fmt: skip
+
+
+def check_token_px(token_px: int) -> None:
+    """A token side the planner can work with: a power of two that divides Qwen's 32 px rounding."""
+    if not isinstance(token_px, int) or token_px < 2 or token_px & (token_px - 1) or SIDE_MULTIPLE % token_px:
+        raise UniRefError(f"token size {token_px!r} px: the planner supports powers of two from 2 to {SIDE_MULTIPLE}")
 
 
 def parse_area(text: str | int) -> int:

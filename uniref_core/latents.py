@@ -1,6 +1,7 @@
 """VAE latents and the SELF token sequence.
 
-A latent image [B, 16, 1, h, w] (h, w = pixels / 8) is cut into 2×2 patches: [B, h/2·w/2, 64].
+A latent image [B, 16, 1, h, w] (h, w = pixels / VAE scale: 8 for real checkpoints, the model's own
+otherwise) is cut into 2×2 patches: [B, h/2·w/2, 64].
 The SELF sequence is [target ; ref 1 ; … ; ref K] along the token axis; ``img_shapes`` tells the
 transformer each image's (frames, rows, cols) so RoPE gives image i frame index i and centred
 row/column positions.
@@ -12,9 +13,6 @@ import numpy as np
 import torch
 from PIL import Image
 
-VAE_SCALE = 8
-
-
 def pack_latents(latents: torch.Tensor) -> torch.Tensor:
     """[B, C, 1, h, w] or [B, C, h, w] → [B, (h/2)·(w/2), 4C] in the order the transformer expects."""
     if latents.ndim == 5:
@@ -24,10 +22,10 @@ def pack_latents(latents: torch.Tensor) -> torch.Tensor:
     return x.reshape(b, (h // 2) * (w // 2), c * 4)
 
 
-def unpack_latents(tokens: torch.Tensor, width: int, height: int) -> torch.Tensor:
-    """[B, L, 4C] → [B, C, 1, h, w] for an image of ``width``×``height`` pixels."""
+def unpack_latents(tokens: torch.Tensor, width: int, height: int, vae_scale: int) -> torch.Tensor:
+    """[B, L, 4C] → [B, C, 1, h, w] for an image of ``width``×``height`` pixels and a ``vae_scale``× VAE."""
     b, _, c4 = tokens.shape
-    h, w = height // VAE_SCALE, width // VAE_SCALE
+    h, w = height // vae_scale, width // vae_scale
     x = tokens.view(b, h // 2, w // 2, c4 // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
     return x.reshape(b, c4 // 4, 1, h, w)
 
@@ -41,7 +39,7 @@ def latent_stats(vae, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def vae_encode(vae, pixels: torch.Tensor) -> torch.Tensor:
-    """Pixels [B, 3, H, W] in −1..1 → normalised latents [B, C, 1, H/8, W/8] (the distribution's mode)."""
+    """Pixels [B, 3, H, W] in −1..1 → normalised latents [B, C, 1, H/s, W/s] (the distribution's mode)."""
     x = pixels.unsqueeze(2).to(vae.device, vae.dtype)
     latents = vae.encode(x).latent_dist.mode()
     mean, std = latent_stats(vae, latents.device, latents.dtype)

@@ -47,6 +47,47 @@ class Components:
     #: The settings the checkpoint was trained for (``uniref.json`` "defaults"), used where a caller gives none.
     defaults: dict = dataclasses.field(default_factory=dict)
 
+    @property
+    def vae_scale(self) -> int:
+        """Pixels per latent side: 8 for real checkpoints."""
+        return vae_scale_of(dict(self.vae.config), self.path)
+
+    @property
+    def token_px(self) -> int:
+        """Pixels per transformer token side (VAE scale × patch size): 16 for real checkpoints."""
+        return self.vae_scale * int(self.transformer.config.patch_size)
+
+
+def vae_scale_of(vae_config: dict, folder="the model folder") -> int:
+    """The VAE's down-sampling factor, as diffusers' pipeline derives it: 2 ** len(temperal_downsample).
+
+    Its encoder down-samples once per entry (len(dim_mult) − 1 stages); a config where the two disagree
+    does not describe a VAE the pipeline can size images for, and is refused naming the folder.
+    """
+    stages = vae_config.get("temperal_downsample")
+    dim_mult = vae_config.get("dim_mult")
+    if not isinstance(stages, list) or not isinstance(dim_mult, list) or len(stages) != len(dim_mult) - 1:
+        raise UniRefError(
+            f"{folder}: vae/config.json has temperal_downsample {stages!r} and dim_mult {dim_mult!r}; an "
+            "AutoencoderKLQwenImage down-samples once per dim_mult entry after the first, so give "
+            "len(dim_mult) - 1 entries (real checkpoints: 3, an 8x VAE)"
+        )
+    scale = 2 ** len(stages)
+    if not 2 <= scale <= 16:
+        raise UniRefError(f"{folder}: its VAE scale is {scale}x; UniRef supports 2x to 16x VAEs (real checkpoints: 8x)")
+    return scale
+
+
+def token_px_of(path) -> int:
+    """Pixels per token side of a model folder, from its configs alone (no weights loaded)."""
+    root = Path(path).expanduser()
+    vcfg = _read_json(root / "vae" / "config.json", "vae/config.json")
+    tcfg = _read_json(root / "transformer" / "config.json", "transformer/config.json")
+    token = vae_scale_of(vcfg, root) * int(tcfg.get("patch_size", 2))
+    if token > 32 or token & (token - 1):
+        raise UniRefError(f"{root}: a token of {token} px (VAE scale × patch size) is not a power of two up to 32")
+    return token
+
 
 def _read_json(path: Path, what: str) -> dict:
     try:
@@ -116,6 +157,7 @@ def check_model_folder(path) -> dict:
     tcfg = _read_json(root / "transformer" / "config.json", "transformer/config.json")
     if tcfg.get("use_additional_t_cond") or tcfg.get("use_layer3d_rope"):
         raise UniRefError(f"{root} is a layered (Qwen-Image-Layered) transformer; UniRef runs edit models only")
+    token_px_of(root)  # a VAE scale the planner cannot size images for is refused here, naming the folder
     return index
 
 

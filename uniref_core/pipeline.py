@@ -22,7 +22,6 @@ from .budget import Plan, plan_references
 from .errors import UniRefCancelled, UniRefError
 from .images import load_image
 from .latents import (
-    VAE_SCALE,
     build_sequence,
     latent_stats,
     pack_latents,
@@ -170,10 +169,10 @@ def check_sampling(steps, cfg, sampler, eta, denoise, init_image, num_images) ->
         raise UniRefError(f"denoise {denoise} with {steps} steps leaves no step to run: raise denoise or steps")
 
 
-def draw_noise(seed: int, channels: int, width: int, height: int) -> tuple[torch.Tensor, torch.Generator]:
+def draw_noise(seed: int, channels: int, width: int, height: int, vae_scale: int) -> tuple[torch.Tensor, torch.Generator]:
     """Initial noise for one image, drawn on the CPU in fp32 exactly as diffusers draws it; packed."""
     gen = torch.Generator("cpu").manual_seed(int(seed))
-    h, w = height // VAE_SCALE, width // VAE_SCALE
+    h, w = height // vae_scale, width // vae_scale
     noise = torch.randn((1, 1, channels, h, w), generator=gen, dtype=torch.float32)
     return pack_latents(noise.view(1, channels, h, w)), gen
 
@@ -201,6 +200,15 @@ class UniRefPipeline:
     def latent_channels(self) -> int:
         return self.c.transformer.config.in_channels // 4
 
+    @property
+    def vae_scale(self) -> int:
+        return self.c.vae_scale
+
+    @property
+    def token_px(self) -> int:
+        """Pixels per token side: 16 for real checkpoints; output sides must be multiples of it."""
+        return self.c.token_px
+
     def setting(self, name: str, value):
         """``value``, or when None the model folder's default for ``name`` (``uniref.json``), else ours."""
         return resolve_setting(name, value, self.c.defaults)
@@ -209,7 +217,7 @@ class UniRefPipeline:
 
     def plan(self, references, **options) -> Plan:
         images = [load_image(r, name=f"reference {k}") for k, r in enumerate(references, start=1)]
-        return plan_references([im.size for im in images], **options)
+        return plan_references([im.size for im in images], token_px=self.token_px, **options)
 
     @torch.no_grad()
     def encode(
@@ -245,6 +253,13 @@ class UniRefPipeline:
         images = [load_image(r, name=f"reference {k}") for k, r in enumerate(references, start=1)]
         if not images and (width is None or height is None):
             raise UniRefError("no reference images: connect at least one reference (or give width and height)")
+        t = self.token_px
+        for name, v in (("width", width), ("height", height)):
+            if v is not None and (v < t or v % t):
+                raise UniRefError(
+                    f"output {name} is {v} px: {self.c.path.name} makes images in {t} px tokens, so give a "
+                    f"multiple of {t}; try {max(t, round(v / t) * t)}"
+                )
         plan = (
             plan_references(
                 [im.size for im in images],
@@ -257,9 +272,10 @@ class UniRefPipeline:
                 height=height,
                 match_ref=match_ref,
                 output_area=output_area,
+                token_px=t,
             )
             if images
-            else Plan(mode=mode, budget=None, output=budget_mod.output_size([], width, height))
+            else Plan(mode=mode, budget=None, output=budget_mod.output_size([], width, height, token_px=t), token_px=t)
         )
         vl_images = [im.resize(r.vl, resample=Image.Resampling.LANCZOS) for im, r in zip(images, plan.references)]
         te = self.c.text_encoder
@@ -329,7 +345,7 @@ class UniRefPipeline:
         if denoise < 1:
             start = int(max(steps - steps * denoise, 0))
 
-        noises, gens = zip(*(draw_noise(seed + i, self.latent_channels, w, h) for i in range(num_images)))
+        noises, gens = zip(*(draw_noise(seed + i, self.latent_channels, w, h, self.vae_scale) for i in range(num_images)))
         x = torch.cat(noises).to(self.device, self.dtype)
         if denoise < 1:
             init = load_image(init_image, name="init image")
@@ -357,14 +373,14 @@ class UniRefPipeline:
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, width: int, height: int) -> list[Image.Image]:
-        pixels = vae_decode(self.c.vae, unpack_latents(latents, width, height))
+        pixels = vae_decode(self.c.vae, unpack_latents(latents, width, height, self.vae_scale))
         return to_images(pixels)
 
     @torch.no_grad()
     def raw_latents(self, latents: torch.Tensor, width: int, height: int) -> torch.Tensor:
         """Packed target tokens → the VAE's own (un-normalised) latents [B, C, h, w], fp32 on the CPU:
         what ComfyUI's LATENT holds for Qwen-Image, so its VAE Decode can take them."""
-        lat = unpack_latents(latents.float(), width, height)
+        lat = unpack_latents(latents.float(), width, height, self.vae_scale)
         mean, std = latent_stats(self.c.vae, lat.device, lat.dtype)
         return (lat * std + mean)[:, :, 0].cpu()
 
@@ -373,7 +389,7 @@ class UniRefPipeline:
         """A cheap RGB view of packed latents (first image) through a linear map fitted to this VAE."""
         if self._preview_map is None:
             self._preview_map = self._fit_preview_map()
-        lat = unpack_latents(packed[:1].float().cpu(), width, height)[0, :, 0]  # [C, h, w]
+        lat = unpack_latents(packed[:1].float().cpu(), width, height, self.vae_scale)[0, :, 0]  # [C, h, w]
         c, h, w = lat.shape
         feats = torch.cat([lat.reshape(c, -1).T, torch.ones(h * w, 1)], dim=1)
         rgb = (feats @ self._preview_map).clamp(0, 1).reshape(h, w, 3)

@@ -27,7 +27,7 @@ import pathlib
 
 import torch
 
-__all__ = ["make_tiny_model", "check_tokenizer", "TEMPLATE_PREFIX_TOKENS", "SPECIAL_TOKENS"]
+__all__ = ["make_tiny_model", "VAE_4X", "check_tokenizer", "TEMPLATE_PREFIX_TOKENS", "SPECIAL_TOKENS"]
 
 # --- transformer / VAE / scheduler configs ------------------------------------------------
 
@@ -52,6 +52,10 @@ VAE_CONFIG = dict(
     latents_mean=[0.0] * 16,
     latents_std=[1.0] * 16,
 )
+
+#: A 4x VAE of the same class (two down-sampling stages): one transformer token is then 8×8 px.
+#: Real checkpoints are 8x; the built-in default model uses this to see small objects in more tokens.
+VAE_4X = dict(dim_mult=[1, 2, 4], temperal_downsample=[False, True])
 
 # The real Qwen-Image scheduler/scheduler_config.json.
 SCHEDULER_CONFIG = dict(
@@ -244,12 +248,15 @@ def _build_text_encoder(tokenizer):
     return Qwen2_5_VLForConditionalGeneration(config).eval()
 
 
-def make_tiny_model(path, zero_cond_t: bool = False, seed: int = 0, transformer: dict | None = None) -> pathlib.Path:
+def make_tiny_model(
+    path, zero_cond_t: bool = False, seed: int = 0, transformer: dict | None = None, vae: dict | None = None
+) -> pathlib.Path:
     """Build the tiny model and save it to ``path`` (created if missing); return the path.
 
     ``zero_cond_t=True`` gives the Qwen-Image-Edit-2511 transformer variant. The same
     ``seed`` gives bitwise identical weights. ``transformer``: overrides of
-    :data:`TRANSFORMER_CONFIG` (e.g. more layers for a model that will be trained).
+    :data:`TRANSFORMER_CONFIG` (e.g. more layers for a model that will be trained); ``vae``: overrides
+    of :data:`VAE_CONFIG` (e.g. :data:`VAE_4X`).
     """
     from diffusers import (
         AutoencoderKLQwenImage,
@@ -270,7 +277,7 @@ def make_tiny_model(path, zero_cond_t: bool = False, seed: int = 0, transformer:
     transformer_config = dict(TRANSFORMER_CONFIG, **(transformer or {}))
     transformer = QwenImageTransformer2DModel(**transformer_config, zero_cond_t=zero_cond_t)
     torch.manual_seed(seed)
-    vae = AutoencoderKLQwenImage(**VAE_CONFIG)
+    vae = AutoencoderKLQwenImage(**dict(VAE_CONFIG, **(vae or {})))
     torch.manual_seed(seed)
     text_encoder = _build_text_encoder(tokenizer)
 
