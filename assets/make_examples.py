@@ -5,8 +5,9 @@
 This folder is not named examples/: ComfyUI serves the first of examples/, workflows/ … as the pack's
 template folder, and our workflows live in workflows/.
 
-Two object references (each its own size and background) and a background reference, at sizes the
-built-in model was trained on (64–160 px a side, the object 0.6–0.85 of the shorter side) so it knows their kind, plus assets/example_spec.json: the ShapeCompose spec
+Two object references (each on its own background) and a background reference, of the kind the
+built-in model was trained on (squares of `training.build_default.RECIPE["ref_side"]` px, the object
+0.6–0.85 of the side) so it knows them, plus assets/example_spec.json: the ShapeCompose spec
 of the composition that scripts/main.sh asks for, so the checker can score out.png
 (`python -m training.checker out.png assets/example_spec.json`).
 """
@@ -20,20 +21,22 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent  # the repository
 sys.path.insert(0, str(ROOT))
 
+from training.build_default import RECIPE  # noqa: E402
 from training.shapecompose import render_background, render_scene, slot_layout  # noqa: E402
 
 SIZE = 128  # the default model's output side
+SIDE = RECIPE["ref_side"]  # 96: the side of the square references it was trained on
 PROMPT = ("Put the object from Picture 1 on the left and the object from Picture 2 on the right, "
           "on the background of Picture 3.")  # fmt: skip
 
 
 def main() -> None:
     assets = ROOT / "assets"
-    circle = {"shape": "circle", "colour": "red", "centre": [80, 56], "size": 80}
-    square = {"shape": "square", "colour": "blue", "centre": [52, 74], "size": 72}
-    render_scene("white", [circle], 150, 112).save(assets / "ref_red_circle.png")
-    render_scene("gray", [square], 104, 144).save(assets / "ref_blue_square.png")
-    render_background("blue_green", 160, 96).save(assets / "ref_background.png")
+    circle = {"shape": "circle", "colour": "red", "centre": [54, 44], "size": 72}
+    square = {"shape": "square", "colour": "blue", "centre": [44, 52], "size": 64}
+    render_scene("white", [circle], SIDE, SIDE).save(assets / "ref_red_circle.png")
+    render_scene("gray", [square], SIDE, SIDE).save(assets / "ref_blue_square.png")
+    render_background("blue_green", SIDE, SIDE).save(assets / "ref_background.png")
     layout = {s["slot"]: s for s in slot_layout(2, SIZE)}
     objects = [
         {"shape": "circle", "colour": "red", "ref": 0, **{k: layout["left"][k] for k in ("slot", "box", "centre", "size")}},

@@ -34,7 +34,7 @@ def test_plan_prints_each_reference_without_a_model(capsys):
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "mode budget, budget 262144 px" in out
-    assert "Picture 1: 150×112 →" in out and "Picture 3: 160×96 →" in out
+    assert "Picture 1: 96×96 →" in out and "Picture 3: 96×96 →" in out and "16 px tokens" in out
     assert "image sequence" in out
     assert main(argv + ["--json"]) == 0
     import json

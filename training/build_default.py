@@ -1,27 +1,29 @@
 """Reproduce the built-in default model from scratch: data, VAE, SFT with progressive budgets, export, evaluation.
 
     python -m training.build_default                      # resumes where it stopped
+    python -m training.build_default --recipe k123        # the K = 1…3 probe (what ships today, see README)
     python -m training.build_default --out /tmp/my-default --work runs/my-default
 
-On 2 CPU cores (run 4, 2026-12-02): VAE ~18 min (+5.4 min for phase 4, added after run 4), SFT stage 1
-~64 min, stage 2 ~45 min, which is over the 2 h it must fit (see training/README.md). After the VAE, the
-checker's scores of its reconstructions of held-out targets are logged (`vae_ceiling`): no transformer
-on that VAE can score higher. Every step writes its result atomically and is skipped
-when that result exists, so running the command again after a crash (or Ctrl-C) continues where it
-stopped; SFT itself resumes from its newest checkpoint.
+Every step writes its result atomically and is skipped when that result exists, so running the command
+again after a crash (or Ctrl-C) continues where it stopped; SFT itself resumes from its newest checkpoint.
+Times on 2 cores are in training/README.md. After the VAE, the checker's scores of its reconstructions of
+held-out targets are logged (`vae ceiling`): no transformer on that VAE can score higher.
 
-1. ``data``: ShapeCompose train / val manifests (K = 1…6 compositions and single-image edits), 128² targets.
-2. ``init``: the tiny Qwen-Image-Edit model (``uniref_core.tiny``, a 6-layer transformer) with its VAE
-   trained for reconstruction on ShapeCompose images (``training.vae``) and a ``uniref.json`` with the
-   settings it is trained for (budget 256², VL copies 112² in all, 128² output, 20 steps, no CFG).
-3. ``sft``: ``training.sft`` with ``training/configs/default_model.json`` (budgets 128² → 256²).
+1. ``data``: ShapeCompose train / val manifests, 128² targets, compositions' references squares of
+   ``RECIPE["ref_side"]`` px (one SELF layout per K, so a forward pass holds a whole batch of 16).
+   full: K = 1…6 compositions and single-image edits; k123: K = 1…3 compositions.
+2. ``init``: the tiny Qwen-Image-Edit model (``uniref_core.tiny``, a 6-layer transformer) with a 4× VAE
+   (8 px tokens) trained for reconstruction on ShapeCompose images (``training.vae``) and a ``uniref.json``
+   with the settings it is trained for (VL copies 112² in all, 128² output, 20 steps, no CFG; the budget
+   is the last stage's, set at export).
+3. ``sft``: ``training.sft`` with ``training/configs/default_model.json`` (budgets 128² → 192²) or
+   ``default_model_k123.json`` (128²).
 4. ``export``: the EMA weights after the last stage to ``--out`` (the model the CLI, main.sh and the
    ComfyUI loader use), and those after the first stage to ``<work>/after_stage1`` for comparison.
 5. ``eval``: ``training.evaluate`` on the held-out test split, K = 1…8, for both; JSON + PNG grids in ``<work>/eval``.
 
-Why 128² output: the VAE makes 8×8-pixel latents and the transformer 2×2 patches, so a 128² image is
-64 tokens and a step of the 6-layer transformer on a whole K = 6 sample costs milliseconds on a CPU;
-shapes of ~25–45 px per object are still easy to read. 256² would be 4× the tokens and ~3–5× the time.
+Why a 4× VAE and 128² output: one token is then 8×8 px, so a 128² target is 256 tokens and a 52 px
+object ~6 tokens across (~3 with the 8× VAE of real checkpoints, where run after run gave blobs).
 """
 
 from __future__ import annotations
@@ -45,24 +47,28 @@ RECIPE = {
     "val_samples": 48,
     "compose_fraction": 0.75,  # the rest are single-image edits (K = 1)
     "size": 128,
+    # Compositions' references are squares of one side: under SELF every composition of one K then has one
+    # layout, so a forward pass holds a whole batch (diffusers builds RoPE from the first sample's layout).
+    "ref_side": 96,
     "transformer": {"num_layers": 6},  # 4 heads × 32 = 128 wide, ~3.7 M parameters
-    # VAE, four phases: random crops with a small KL term, then the busiest of 4 crops (objects and edges,
-    # where colour and shape live) with almost none, then smaller busy crops with an MSE term; after
-    # phase 1 purple and green objects came back grey, after phase 2 still dull. Phase 4 (fp32, 32 px busy
-    # crops, batch 32) raised the checker's score of reconstructed targets (`vae_ceiling`) from 0.80 to
-    # 0.97 per reference at K = 1 and from 0.36 to 0.46 at K = 3 (which of its changes did it: not separated).
+    # The VAE is 4x (`uniref_core.tiny.VAE_4X`): one transformer token is 8×8 px, so a 52 px object is
+    # ~6 tokens across instead of ~3 with the 8x VAE of real checkpoints. Trained in fp32: on AVX2 CPUs
+    # without AVX512-BF16, bf16 autocast made a step ~30x SLOWER (0.6 s vs 18.5 s, batch 8, 64² crops).
+    # Phase 1: the busiest of 4 random 64² crops (objects and edges); phase 2: whole 128² images, so the
+    # mid-block attention sees the 32×32 latents of a whole target (trained only on crops, an earlier
+    # VAE painted bands onto whole images).
+    "vae": {"dim_mult": [1, 2, 4], "temperal_downsample": [False, True]},
     "vae_phases": [
-        {"steps": 1800, "lr": 1e-3, "kl_weight": 1e-4, "focus": 1, "seed": 0},
-        {"steps": 1000, "lr": 5e-4, "kl_weight": 1e-6, "focus": 4, "seed": 1},
-        {"steps": 2000, "lr": 1e-3, "kl_weight": 1e-6, "focus": 4, "seed": 2, "crop": 48, "l2_weight": 1.0},
-        {"steps": 1000, "lr": 5e-4, "kl_weight": 1e-6, "focus": 4, "seed": 3, "crop": 32, "batch_size": 32,
+        {"steps": 1500, "lr": 1.5e-3, "kl_weight": 1e-6, "focus": 4, "seed": 0, "crop": 64, "l2_weight": 1.0,
+         "bf16": False},
+        {"steps": 700, "lr": 1e-3, "kl_weight": 1e-6, "focus": 1, "seed": 1, "crop": 128, "batch_size": 4,
          "l2_weight": 1.0, "bf16": False},
     ],
     "eval_n": 24,  # test samples per K
     "eval_refs": "1-8",
 }
 #: The settings the model is trained for, written to its uniref.json (areas in pixels).
-MODEL_DEFAULTS = {"budget": 256 * 256, "vl_budget": 112 * 112, "output_area": 128 * 128, "steps": 20, "cfg": 1.0}
+MODEL_DEFAULTS = {"budget": 192 * 192, "vl_budget": 112 * 112, "output_area": 128 * 128, "steps": 20, "cfg": 1.0}
 
 
 def _done(path: Path) -> bool:
@@ -73,18 +79,32 @@ def _mark(path: Path, info: dict) -> None:
     (path / ".done").write_text(json.dumps(info))
 
 
-def step_data(work: Path, log) -> None:
+#: Variants of the recipe (``--recipe``): what differs from RECIPE and CONFIG. "k123" is the K = 1…3 probe
+#: the full recipe is checked against first (compositions only, one stage at the lowest budget); it shares
+#: the VAE and the start model with the full recipe, so running both trains the VAE once.
+VARIANTS = {
+    "full": {"config": CONFIG, "data": "data", "ks": None},
+    "k123": {"config": CONFIG.with_name("default_model_k123.json"), "data": "data-k123", "ks": (1, 2, 3),
+             "train_samples": 4000, "val_samples": 32, "compose_fraction": 1.0},
+}
+
+
+def step_data(work: Path, log, variant: dict | None = None) -> None:
     from .make_shapecompose import make_mixture
     from .shapecompose import K_TRAIN, write_manifest
 
-    for split, n in (("train", RECIPE["train_samples"]), ("val", RECIPE["val_samples"])):
-        final = work / "data" / split
+    v = {**VARIANTS["full"], **(variant or {})}
+    ks = v["ks"] or K_TRAIN
+    fraction = v.get("compose_fraction", RECIPE["compose_fraction"])
+    for split, n in (("train", v.get("train_samples", RECIPE["train_samples"])),
+                     ("val", v.get("val_samples", RECIPE["val_samples"]))):  # fmt: skip
+        final = work / v["data"] / split
         if _done(final):
             continue
         tmp = final.with_name(split + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         t0 = time.perf_counter()
-        samples = make_mixture(split, n, RECIPE["compose_fraction"], K_TRAIN, RECIPE["size"])
+        samples = make_mixture(split, n, fraction, ks, RECIPE["size"], ref_side=RECIPE["ref_side"])
         write_manifest(samples, tmp)
         _mark(tmp, {"samples": n, "seconds": time.perf_counter() - t0})
         shutil.rmtree(final, ignore_errors=True)
@@ -102,7 +122,7 @@ def step_init(work: Path, log) -> Path:
         return init
     base = work / "base"
     if not (base / "model_index.json").is_file():
-        make_tiny_model(base.with_name("base.tmp"), seed=0, transformer=RECIPE["transformer"])
+        make_tiny_model(base.with_name("base.tmp"), seed=0, transformer=RECIPE["transformer"], vae=RECIPE["vae"])
         shutil.rmtree(base, ignore_errors=True)
         base.with_name("base.tmp").rename(base)
     source = base
@@ -116,7 +136,8 @@ def step_init(work: Path, log) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(base, tmp, ignore=shutil.ignore_patterns("vae"))
     shutil.copytree(source, tmp / "vae", ignore=shutil.ignore_patterns("train_log.json"))
-    (tmp / "uniref.json").write_text(json.dumps({"name": "uniref-default", "defaults": MODEL_DEFAULTS}, indent=1))
+    info = {"name": "uniref-default", "defaults": MODEL_DEFAULTS, "shapecompose": {"ref_side": RECIPE["ref_side"]}}
+    (tmp / "uniref.json").write_text(json.dumps(info, indent=1))
     _mark(tmp, {"vae_ceiling": ceiling})
     shutil.rmtree(init, ignore_errors=True)
     tmp.rename(init)
@@ -163,10 +184,16 @@ def step_export(cfg, out: Path, work: Path, log) -> dict[str, Path]:
         raise UniRefError(f"{cfg.output_dir} has {len(ends)} stage-end checkpoints, expected {len(cfg.stages)}: "
                           "run the command again to finish SFT")  # fmt: skip
     models = {"after_stage1": work / "after_stage1", "final": out}
-    for name, ckpt in (("after_stage1", ends[0]), ("final", ends[-1])):
+    pairs = [("after_stage1", ends[0]), ("final", ends[-1])] if len(ends) > 1 else [("final", ends[-1])]
+    for (name, ckpt), stage in zip(pairs, [cfg.stages[0], cfg.stages[-1]][-len(pairs):]):
         export(ckpt, models[name], weights="auto")
-        log(f"export: {ckpt.name} → {models[name]}")
-    return models
+        # The model's default budget is the one it was last trained at.
+        info_path = models[name] / "uniref.json"
+        info = json.loads(info_path.read_text())
+        info["defaults"]["budget"] = stage.budget
+        info_path.write_text(json.dumps(info, indent=1))
+        log(f"export: {ckpt.name} → {models[name]} (default budget {stage.label})")
+    return {name: models[name] for name, _ in pairs}
 
 
 def step_eval(models: dict[str, Path], work: Path, log) -> dict:
@@ -189,7 +216,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m training.build_default", description=__doc__.split("\n")[0])
     p.add_argument("--out", default="models/uniref-default", help="where the trained model folder goes")
     p.add_argument("--work", default="runs/uniref-default", help="data, runs, checkpoints and evaluations")
-    p.add_argument("--config", default=str(CONFIG), help="SFT config (its paths must lie in --work)")
+    p.add_argument("--recipe", choices=sorted(VARIANTS), default="full",
+                   help="full: K = 1…6 and edits, budgets 128² → 192²; k123: the K = 1…3 probe (compositions, 128²)")
+    p.add_argument("--config", default=None, help="SFT config (default: the recipe's; its paths must lie in --work)")
     p.add_argument("--skip-eval", action="store_true")
     a = p.parse_args(argv)
     work = Path(a.work)
@@ -203,9 +232,10 @@ def main(argv=None) -> int:
             f.write(line + "\n")
 
     t0 = time.perf_counter()
-    step_data(work, log)
+    variant = VARIANTS[a.recipe]
+    step_data(work, log, variant)
     step_init(work, log)
-    cfg = step_sft(Path(a.config), log)
+    cfg = step_sft(Path(a.config or variant["config"]), log)
     models = step_export(cfg, Path(a.out), work, log)
     if not a.skip_eval:
         step_eval(models, work, log)

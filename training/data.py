@@ -22,7 +22,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from uniref_core.budget import TOKEN_PX, Plan, output_size, plan_references
+from functools import lru_cache
+
+from uniref_core.budget import Plan, output_size, plan_references
+from uniref_core.model import token_px_of
 from uniref_core.errors import UniRefError
 from uniref_core.images import load_image
 from uniref_core.latents import pack_latents, to_pixels, vae_encode
@@ -88,18 +91,25 @@ class DataReport:
 # --------------------------------------------------------------------------------------------------
 
 
-def target_dims(target_size: tuple[int, int], stage: Stage) -> tuple[int, int]:
+@lru_cache(maxsize=16)
+def model_token_px(model: str) -> int:
+    """Pixels per token side of the model being trained (16 for real checkpoints; read from its configs)."""
+    return token_px_of(model)
+
+
+def target_dims(target_size: tuple[int, int], stage: Stage, token_px: int = 16) -> tuple[int, int]:
     """The size a target is trained at in ``stage``: its own, or its aspect ratio at the stage's area."""
     if stage.output_size is None:
         return target_size
-    return output_size([target_size], area=stage.output_size)
+    return output_size([target_size], area=stage.output_size, token_px=token_px)
 
 
 def plan_row(row: Row, stage: Stage, cfg: SFTConfig) -> Plan:
-    """The SELF plan of a row in a stage: the one planner, mode "budget", the stage's budget."""
-    width, height = target_dims(row.target_size, stage)
+    """The SELF plan of a row in a stage: the one planner, mode "budget", the stage's budget, the model's tokens."""
+    token_px = model_token_px(str(cfg.model))
+    width, height = target_dims(row.target_size, stage, token_px)
     return plan_references(row.ref_sizes, "budget", stage.budget, upscale=cfg.upscale, vl_budget=cfg.vl_budget,
-                           width=width, height=height)  # fmt: skip
+                           width=width, height=height, token_px=token_px)  # fmt: skip
 
 
 def layout_key(plan: Plan) -> tuple:
@@ -113,14 +123,16 @@ def layout_key(plan: Plan) -> tuple:
 
 def _check_stage_fit(row: Row, stages: list[Stage], cfg: SFTConfig) -> str | None:
     """Why some stage cannot train on this row, or None."""
+    token_px = model_token_px(str(cfg.model))
     for i, stage in enumerate(stages, start=1):
         tw, th = row.target_size
         if stage.output_size is None:
-            if tw % TOKEN_PX or th % TOKEN_PX:
+            if tw % token_px or th % token_px:
                 return (f"target is {tw}×{th} px: with no output_size in stage {i} targets train at their own size, "
-                        f"which must be a multiple of {TOKEN_PX} px on each side; set output_size or resize it")  # fmt: skip
+                        f"which must be a multiple of the model's {token_px} px token on each side; set "
+                        "output_size or resize it")  # fmt: skip
         else:
-            ow, oh = target_dims(row.target_size, stage)
+            ow, oh = target_dims(row.target_size, stage, token_px)
             if not cfg.allow_target_upscale and (tw < ow or th < oh):
                 return (f"target is {tw}×{th} px, smaller than stage {i}'s output {ow}×{oh}: it would be upscaled; "
                         "lower output_size or set allow_target_upscale")  # fmt: skip

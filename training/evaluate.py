@@ -59,7 +59,7 @@ def evaluate(components: Components, transformer, rows: list[Row], stage: Stage,
     transformer.eval()
     try:
         for i, row in enumerate(rows[: cfg.eval_samples]):
-            width, height = target_dims(row.target_size, stage)
+            width, height = target_dims(row.target_size, stage, pipe.token_px)
             result = pipe.edit(
                 [str(p) for p in row.references], row.instruction, seed=seed + i, steps=cfg.eval_steps,
                 cfg=cfg.eval_cfg, mode="budget", budget=stage.budget, upscale=cfg.upscale,
@@ -120,27 +120,42 @@ def sample_size(pipe: UniRefPipeline, size: int | None = None) -> int:
     return int(round(math.sqrt(area))) if area else 128
 
 
+def trained_ref_side(model) -> int | None:
+    """The square reference side the model's ShapeCompose data used (``uniref.json`` "shapecompose"), or None."""
+    path = Path(model) / "uniref.json"
+    if not path.is_file():
+        return None
+    side = (json.loads(path.read_text()).get("shapecompose") or {}).get("ref_side")
+    return int(side) if side else None
+
+
 def evaluate_model(model, split: str, ks: list[int], n: int, seed: int = 0, edits: int = 0, grid_path=None,
                    grid_rows: int = 2, device: str = "cpu", progress: bool = False, size: int | None = None,
-                   **options) -> dict:  # fmt: skip
+                   ref_side: int | None = -1, **options) -> dict:  # fmt: skip
     """Edit and score ``n`` compositions per K (and ``edits`` single-image edits); per-K mean scores.
 
-    Samples are ``size`` px square (default: the model's trained output size, see `sample_size`).
+    Samples are ``size`` px square (default: the model's trained output size, see `sample_size`); their
+    references are ``ref_side`` px squares (-1, the default: as the model was trained, `trained_ref_side`;
+    None: 64–160 px a side at random).
     ``options`` go to ``UniRefPipeline.edit`` (steps, cfg, budget, …); unset ones take the model's defaults.
     Returns {"model", "split", "seed", "size", "options", "per_k": {K: means}, "edit": means, "seconds"}.
     """
     t0 = time.perf_counter()
     pipe = UniRefPipeline.from_pretrained(model, device=device, dtype="fp32")
     side = sample_size(pipe, size)
+    if ref_side == -1:
+        ref_side = trained_ref_side(model)
     groups: list[tuple[str, list]] = [
-        (str(k), make_split(split, n, ks=(k,), kinds=("compose",), start=k * SEED_STRIDE, size=side)) for k in ks
+        (str(k), make_split(split, n, ks=(k,), kinds=("compose",), start=k * SEED_STRIDE, size=side,
+                            ref_side=ref_side)) for k in ks
     ]  # fmt: skip
     if edits:
         groups.append(("edit", make_split(split, edits, kinds=EDIT_KINDS, start=0, size=side)))
     from tqdm.auto import tqdm
 
     bar = tqdm(total=sum(len(g) for _, g in groups), desc="evaluate", disable=not progress, file=sys.stderr)
-    result: dict = {"model": str(model), "split": split, "seed": seed, "size": side, "options": options, "per_k": {}}
+    result: dict = {"model": str(model), "split": split, "seed": seed, "size": side, "ref_side": ref_side,
+                    "options": options, "per_k": {}}  # fmt: skip
     grid, captions = [], []
     for name, samples in groups:
         scored = []
@@ -180,6 +195,8 @@ def main(argv=None) -> int:
     p.add_argument("--cfg", type=float, default=None, help="true-CFG scale (default: the model's)")
     p.add_argument("--budget", default=None, help="reference budget, e.g. 256 for 256² (default: the model's)")
     p.add_argument("--size", type=int, default=None, help="sample side in px (default: the model's output size)")
+    p.add_argument("--ref-side", type=int, default=-1, help="compositions' references: squares of this side; 0: "
+                   "64-160 px a side at random (default: as the model was trained, uniref.json)")
     p.add_argument("--grid", default="eval_grid.png", help="PNG grid of samples ('' for none)")
     p.add_argument("--grid-rows", type=int, default=2, help="samples per K in the grid")
     p.add_argument("--device", default="cpu")
@@ -194,7 +211,7 @@ def main(argv=None) -> int:
     if a.size is not None and not 32 <= a.size <= 2048:
         p.error(f"--size {a.size}: give a side of 32..2048 px")
     result = evaluate_model(model, a.split, ks, a.n, a.seed, a.edits, a.grid or None, a.grid_rows, a.device,
-                            progress=True, size=a.size, **options)  # fmt: skip
+                            progress=True, size=a.size, ref_side=a.ref_side or None, **options)  # fmt: skip
     print(json.dumps(result, indent=1))
     return 0
 

@@ -16,9 +16,10 @@ from pathlib import Path
 from .shapecompose import COMPOSE_ORDERS, EDIT_KINDS, K_TRAIN, make_split, write_manifest
 
 
-def make_mixture(split: str, n: int, compose_fraction: float, ks, size: int, order: str = "reading") -> list:
+def make_mixture(split: str, n: int, compose_fraction: float, ks, size: int, order: str = "reading",
+                 ref_side: int | None = None) -> list:  # fmt: skip
     n_compose = round(n * compose_fraction)
-    compose = make_split(split, n_compose, ks=ks, kinds=("compose",), size=size, order=order)
+    compose = make_split(split, n_compose, ks=ks, kinds=("compose",), size=size, order=order, ref_side=ref_side)
     edits = make_split(split, n - n_compose, kinds=EDIT_KINDS, size=size, start=n_compose)
     return compose + edits
 
@@ -33,11 +34,15 @@ def main(argv=None) -> int:
     p.add_argument("--compose-fraction", type=float, default=0.5, help="share of multi-reference compositions")
     p.add_argument("--order", choices=COMPOSE_ORDERS, default="reading",
                    help="compositions: objects in picture order (reading) or in slots at random (free)")
+    p.add_argument("--ref-side", type=int, default=None, help="compositions: square references of this side "
+                   "(one SELF layout per K, so training batches fill) instead of 64-160 px a side at random")
     a = p.parse_args(argv)
+    if a.ref_side is not None and not 32 <= a.ref_side <= 1024:
+        p.error(f"--ref-side {a.ref_side}: give a side of 32..1024 px")
     if not 0.0 <= a.compose_fraction <= 1.0:
         p.error(f"--compose-fraction is {a.compose_fraction}: give a share between 0 and 1")
     for split, n in (("train", a.train), ("val", a.val)):
-        samples = make_mixture(split, n, a.compose_fraction, a.ks, a.size, a.order)
+        samples = make_mixture(split, n, a.compose_fraction, a.ks, a.size, a.order, a.ref_side)
         path = write_manifest(samples, Path(a.out) / split)
         ks = sorted({s.k for s in samples})
         print(f"{split}: {n} samples (K in {ks}) → {path}")

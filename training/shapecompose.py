@@ -372,7 +372,14 @@ def _bg_phrase(name: str) -> str:
     return f"a {BACKGROUNDS[name].phrase} background"
 
 
-def _make_compose(rng, k: int, size: int, order: str = "reading") -> tuple[list, str, dict]:
+def _ref_dims(rng, lo: int, hi: int, ref_side: int | None) -> tuple[int, int]:
+    """A reference's (w, h): random in [lo, hi] per side, or ``ref_side`` square (the draws are made either
+    way, so the rest of a sample is the same for the same seed)."""
+    w, h = int(rng.integers(lo, hi + 1)), int(rng.integers(lo, hi + 1))
+    return (w, h) if ref_side is None else (int(ref_side), int(ref_side))
+
+
+def _make_compose(rng, k: int, size: int, order: str = "reading", ref_side: int | None = None) -> tuple[list, str, dict]:
     has_bg_ref = k >= 2 and rng.random() < 0.35
     n = k - int(has_bg_ref)
     if not has_bg_ref:
@@ -395,7 +402,7 @@ def _make_compose(rng, k: int, size: int, order: str = "reading") -> tuple[list,
     references, ref_specs = [None] * k, [None] * k
     for j, ri in enumerate(obj_refs):
         shape, colour = pairs[j]
-        w, h = int(rng.integers(lo, hi + 1)), int(rng.integers(lo, hi + 1))
+        w, h = _ref_dims(rng, lo, hi, ref_side)
         bgs = [b for b in BACKGROUNDS if b != target_bg and colour in compatible_colours(b)]
         rbg = _choice(rng, bgs)
         s = int(round(min(w, h) * rng.uniform(REF_OBJECT_FRAC[0], REF_OBJECT_FRAC[1])))
@@ -406,7 +413,7 @@ def _make_compose(rng, k: int, size: int, order: str = "reading") -> tuple[list,
         ref_specs[ri] = {"role": "object", "shape": shape, "colour": colour, "background": rbg,
                          "width": w, "height": h, "object": o}  # fmt: skip
     if has_bg_ref:
-        w, h = int(rng.integers(lo, hi + 1)), int(rng.integers(lo, hi + 1))
+        w, h = _ref_dims(rng, lo, hi, ref_side)
         references[bg_index] = render_background(target_bg, w, h)
         ref_specs[bg_index] = {"role": "background", "background": target_bg, "width": w, "height": h}
 
@@ -501,13 +508,17 @@ def _make_edit(rng, kind: str, size: int) -> tuple[list, str, dict]:
 
 
 def make_sample(seed: int, k: int | None = None, kind: str | None = None, size: int = 128,
-                order: str = "reading") -> Sample:  # fmt: skip
-    """One sample, deterministic from (seed, k, kind, size, order).
+                order: str = "reading", ref_side: int | None = None) -> Sample:  # fmt: skip
+    """One sample, deterministic from (seed, k, kind, size, order, ref_side).
 
     kind: "compose", an edit kind (see EDIT_KINDS), "edit" (any edit) or None (compose or edit,
     half each when K = 1 is allowed). k: number of references; edits need k = 1; compose allows
-    1..8; None draws k from K_TRAIN for compose. order: see `COMPOSE_ORDERS`.
+    1..8; None draws k from K_TRAIN for compose. order: see `COMPOSE_ORDERS`. ref_side: compose
+    references are ``ref_side`` px squares instead of 64–160 px a side at random (then every
+    composition of one K has one SELF layout, so training batches many samples per forward pass).
     """
+    if ref_side is not None and not 32 <= int(ref_side) <= 1024:
+        raise ValueError(f"ref_side must be 32..1024 px, got {ref_side}")
     if order not in COMPOSE_ORDERS:
         raise ValueError(f"unknown compose order {order!r}; known: {', '.join(COMPOSE_ORDERS)}")
     if k is not None and not 1 <= int(k) <= K_MAX:
@@ -523,7 +534,7 @@ def make_sample(seed: int, k: int | None = None, kind: str | None = None, size: 
         kind = _choice(rng, EDIT_KINDS)
     if kind == "compose":
         k = int(k) if k is not None else int(_choice(rng, K_TRAIN))
-        refs, instruction, spec = _make_compose(rng, k, size, order)
+        refs, instruction, spec = _make_compose(rng, k, size, order, ref_side)
     else:
         k = 1
         refs, instruction, spec = _make_edit(rng, kind, size)
@@ -549,9 +560,11 @@ def make_split(
     size: int = 128,
     start: int = 0,
     order: str = "reading",
+    ref_side: int | None = None,
 ) -> list[Sample]:
     """n samples of a split. ks: allowed K (default K_TRAIN for train/val, 1..8 for test);
-    kinds: allowed kinds (default all). Sample i uses seed SPLIT_SEED_BASE[split] + start + i."""
+    kinds: allowed kinds (default all); ref_side: see `make_sample`. Sample i uses seed
+    SPLIT_SEED_BASE[split] + start + i."""
     if ks is None:
         ks = tuple(range(1, K_MAX + 1)) if split == "test" else K_TRAIN
     ks = tuple(ks)
@@ -563,7 +576,7 @@ def make_split(
         if kind != "compose" and 1 not in ks:
             kind = "compose"
         k = 1 if kind != "compose" else int(_choice(rng, ks))
-        out.append(make_sample(seed, k=k, kind=kind, size=size, order=order))
+        out.append(make_sample(seed, k=k, kind=kind, size=size, order=order, ref_side=ref_side))
     return out
 
 

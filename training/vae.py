@@ -89,9 +89,10 @@ def latent_stats(vae, seed: int, n_images: int, size: int) -> tuple[list[float],
     sums = None
     count = 0
     done = 0
+    m = 2 ** len(vae.config.temperal_downsample)  # the VAE's scale: sides must be multiples of it
     while done < n_images:
         for image in _random_images(rng, size):
-            w, h = (max(8, (d // 8) * 8) for d in image.size)
+            w, h = (max(m, (d // m) * m) for d in image.size)
             z = vae.encode(to_pixels(image, w, h).unsqueeze(2)).latent_dist.mode().float()  # [1, C, 1, h, w]
             flat = z.flatten(2)
             s = torch.stack([flat.sum(dim=(0, 2)), flat.pow(2).sum(dim=(0, 2))])
