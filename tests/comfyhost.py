@@ -446,12 +446,13 @@ class WsListener:
 
 
 @contextlib.contextmanager
-def uniref_host(version: str, tiny_model: Path):
-    """A host with this pack and a tiny model as both `models/uniref/tiny` and the built-in default
-    (the shipped workflows name the built-in model, and a random model makes the tests fast); the
-    shipped, trained default model is there too, as `models/uniref/shipped`, once the repository has it."""
+def uniref_host(version: str, tiny_model: Path, default_model: Path | None = None):
+    """A host with this pack and a tiny model as `models/uniref/tiny` and, unless ``default_model`` is
+    given, as the built-in default too (the shipped workflows name the built-in model, and a random model
+    makes the tests fast); the shipped, trained default model is there too, as `models/uniref/shipped`,
+    once the repository has it."""
     old = os.environ.get("UNIREF_DEFAULT_MODEL")
-    os.environ["UNIREF_DEFAULT_MODEL"] = str(tiny_model)
+    os.environ["UNIREF_DEFAULT_MODEL"] = str(default_model or tiny_model)
     try:
         models = {"uniref/tiny": tiny_model}
         shipped = ROOT / "models" / "uniref-default"

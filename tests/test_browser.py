@@ -7,10 +7,14 @@ workflows/, headless Chromium (Debian's, driven by Playwright):
 2. opens the Templates dialog from the sidebar, picks the "ComfyUI-UniRef" extension entry and
    clicks the workflow's card (the frontend fetches it from /api/workflow_templates/<pack>/<name>.json);
 3. checks that the frontend resolved every node (no "missing nodes" dialog or card, no placeholder);
-4. lowers the cost for CPU through the nodes' widgets (3 steps, cfg 1, 128×96 output, budget 256);
+4. with the trained built-in model in the repository, runs the workflow with its shipped settings on it
+   (20 steps, 128×128, the model's budget); without it, a tiny random model stands in and the widgets
+   are set to the cheap 3 steps, 128×96, budget 256;
 5. clicks the Run button and waits until the SaveImage node shows the UniRef image;
-6. checks the saved image through the host's history (128×96) and writes a screenshot to
-   docs/screenshots/<host>_<workflow>.png with UNIREF_UPDATE_SCREENSHOTS=1 (else .cache/screenshots/).
+6. checks the saved image through the host's history (and, for the multi-reference workflow on the
+   trained model, that the ShapeCompose checker finds each object of the example in its place) and
+   writes a screenshot to docs/screenshots/<host>_<workflow>.png with UNIREF_UPDATE_SCREENSHOTS=1
+   (else .cache/screenshots/).
 
 Needs /usr/bin/chromium (scripts/ensure_chromium.sh installs it; scripts/test.sh calls it) and the
 playwright package from requirements-dev.txt (its bundled browsers are never downloaded). Set
@@ -44,12 +48,20 @@ CHROMIUM_ARGS = [
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
 ]  # fmt: skip
 VIEWPORT = {"width": 1600, "height": 1000}
-OUT_W, OUT_H = 128, 96
-# The cheap settings, set through the widgets as a user would: {node type: {widget: value}}.
-FAST = {
-    "UniRefSampler": {"steps": 3, "cfg": 1.0},
-    "UniRefSelfEncode": {"width": OUT_W, "height": OUT_H, "budget": "custom", "custom_budget": 256},
-}
+SHIPPED = ROOT / "models" / "uniref-default"
+TRAINED = (SHIPPED / "model_index.json").is_file()
+# The settings, set through the widgets as a user would: {node type: {widget: value}}. With the trained
+# model: the workflows' own (what an artist gets); with a random stand-in: the cheapest.
+if TRAINED:
+    OUT_W, OUT_H = 128, 128
+    FAST = {"UniRefSampler": {"steps": 20, "cfg": 1.0},
+            "UniRefSelfEncode": {"width": OUT_W, "height": OUT_H, "budget": "model default"}}  # fmt: skip
+else:
+    OUT_W, OUT_H = 128, 96
+    FAST = {
+        "UniRefSampler": {"steps": 3, "cfg": 1.0},
+        "UniRefSelfEncode": {"width": OUT_W, "height": OUT_H, "budget": "custom", "custom_budget": 256},
+    }
 # Settings a user would pick for a clean screenshot: no minimap over the graph.
 # MinFontSizeForLOD 1: draw widget text even at the small zoom that fits a whole graph in a screenshot.
 UI_SETTINGS = {"Comfy.TutorialCompleted": True, "Comfy.Minimap.Visible": False, "LiteGraph.Canvas.MinFontSizeForLOD": 1}
@@ -94,7 +106,7 @@ def browser():
 
 @pytest.fixture(scope="module", params=["0.30.0", "0.3.75"])
 def host(request, tiny_model):
-    with uniref_host(request.param, tiny_model) as h:
+    with uniref_host(request.param, tiny_model, default_model=SHIPPED if TRAINED else None) as h:
         log(f"ComfyUI {h.version} ready in {h.startup_s:.1f} s")
         settings = h.base_dir / "user" / "default" / "comfy.settings.json"
         current = json.loads(settings.read_text()) if settings.exists() else {}
@@ -284,6 +296,11 @@ def test_template_loads_resolved_and_runs_from_the_run_button(host, page, workfl
     assert images[0]["filename"] in src
     saved = Image.open(io.BytesIO(host.view(images[0]["filename"], images[0]["subfolder"], images[0]["type"])))
     assert saved.size == (OUT_W, OUT_H)
+    if TRAINED and workflow.stem == "uniref_multi_compose":
+        from training.checker import score
+
+        s = score(saved.convert("RGB"), json.loads((ROOT / "assets" / "example_spec.json").read_text()))
+        assert min(s.per_reference) >= 0.7 and s.instruction >= 0.7, s
 
     assert missing_node_problems(page) == []
     assert not [e for e in page.page_errors if "UniRef" in e], page.page_errors

@@ -314,3 +314,21 @@ def test_rendered_shapes_are_told_apart_at_the_smallest_size():
             if other != shape:
                 wrong = {**spec, "objects": [{**spec["objects"][0], "shape": other}]}
                 assert score(img, wrong).per_reference[0] <= 0.05, (shape, other)
+
+
+def test_square_references_give_one_layout_per_k_and_the_same_task():
+    """ref_side: every composition of one K plans to one SELF layout (so a training batch fills), and the
+    sample is otherwise the one its seed makes (same instruction, same objects in the same slots)."""
+    from uniref_core.budget import plan_references
+
+    for k in (1, 2, 3, 6):
+        free = make_split("train", 12, ks=(k,), kinds=("compose",))
+        square = make_split("train", 12, ks=(k,), kinds=("compose",), ref_side=96)
+        assert all(r.size == (96, 96) for s in square for r in s.references)
+        assert [s.instruction for s in square] == [s.instruction for s in free]
+        assert [s.spec["objects"] for s in square] == [s.spec["objects"] for s in free]
+        layouts = {tuple(plan_references([r.size for r in s.references], "budget", 128 * 128, width=128, height=128,
+                                         token_px=8).img_shapes) for s in square}  # fmt: skip
+        assert len(layouts) == 1
+    with pytest.raises(ValueError, match="ref_side"):
+        make_sample(0, k=2, kind="compose", ref_side=8)
