@@ -43,7 +43,7 @@ CONFIG = Path(__file__).parent / "configs" / "default_model.json"
 
 #: The recipe's fixed choices (the SFT ones are in CONFIG).
 RECIPE = {
-    "train_samples": 8000,  # encoding is ~0.1 s a sample a stage on 2 cores: more would not fit 2 h
+    "train_samples": 5000,  # encoding is ~0.16 s a sample a stage on 2 cores: more would not fit 2.5 h
     "val_samples": 48,
     "compose_fraction": 0.75,  # the rest are single-image edits (K = 1)
     "size": 128,
