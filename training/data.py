@@ -24,7 +24,7 @@ from PIL import Image
 
 from functools import lru_cache
 
-from uniref_core.budget import Plan, output_size, plan_references
+from uniref_core.budget import TOKEN_PX, Plan, output_size, plan_references
 from uniref_core.model import token_px_of
 from uniref_core.errors import UniRefError
 from uniref_core.images import load_image
@@ -97,7 +97,7 @@ def model_token_px(model: str) -> int:
     return token_px_of(model)
 
 
-def target_dims(target_size: tuple[int, int], stage: Stage, token_px: int = 16) -> tuple[int, int]:
+def target_dims(target_size: tuple[int, int], stage: Stage, token_px: int = TOKEN_PX) -> tuple[int, int]:
     """The size a target is trained at in ``stage``: its own, or its aspect ratio at the stage's area."""
     if stage.output_size is None:
         return target_size

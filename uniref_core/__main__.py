@@ -99,9 +99,8 @@ def _fill_defaults(a, model_defaults: dict) -> None:
             setattr(a, name, resolve_setting(name, getattr(a, name), model_defaults))
 
 
-def _size_kwargs(a, token_px: int) -> dict:
+def _size_kwargs(a) -> dict:
     return {
-        "token_px": token_px,
         "mode": a.mode,
         "budget": a.budget,
         "upscale": not a.no_upscale,
@@ -129,7 +128,7 @@ def cmd_plan(a) -> int:
         check_model_folder(a.model)
         token_px, defaults = token_px_of(a.model), read_defaults(a.model)
     _fill_defaults(a, defaults)
-    plan = plan_references(sizes, **_size_kwargs(a, token_px))
+    plan = plan_references(sizes, token_px=token_px, **_size_kwargs(a))
     if a.json:
         print(json.dumps(plan.to_dict(), indent=2))
         return 0
@@ -170,7 +169,7 @@ def cmd_edit(a) -> int:
     check_model_folder(model)
     token_px = token_px_of(model)
     _fill_defaults(a, read_defaults(model))
-    plan_references([r.size for r in refs], **_size_kwargs(a, token_px))
+    plan_references([r.size for r in refs], token_px=token_px, **_size_kwargs(a))
     check_sampling(a.steps, a.cfg, a.sampler, a.eta, a.denoise, init, a.num_images)
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     pipe = UniRefPipeline.from_pretrained(model, device=device, dtype=a.dtype)
@@ -200,7 +199,7 @@ def cmd_edit(a) -> int:
             init_image=init,
             num_images=a.num_images,
             on_step=on_step,
-            **{k: v for k, v in _size_kwargs(a, token_px).items() if k != "token_px"},
+            **_size_kwargs(a),
         )
     finally:
         if bar is not None:
