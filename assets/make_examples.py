@@ -7,7 +7,7 @@ template folder, and our workflows live in workflows/.
 
 Two object references (each on its own background) and a background reference, of the kind the
 built-in model was trained on (squares of `training.build_default.RECIPE["ref_side"]` px, the object
-0.6–0.85 of the side) so it knows them, plus assets/example_spec.json: the ShapeCompose spec
+centred at 0.55 of the side on a flat background: ShapeCompose's "anchored" order) so it knows them, plus assets/example_spec.json: the ShapeCompose spec
 of the composition that scripts/main.sh asks for, so the checker can score out.png
 (`python -m training.checker out.png assets/example_spec.json`).
 """
@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent  # the repository
 sys.path.insert(0, str(ROOT))
 
 from training.build_default import RECIPE  # noqa: E402
-from training.shapecompose import render_background, render_scene, slot_layout  # noqa: E402
+from training.shapecompose import ANCHORED_OBJECT_FRAC, render_background, render_scene, slot_layout  # noqa: E402
 
 SIZE = 128  # the default model's output side
 SIDE = RECIPE["ref_side"]  # 96: the side of the square references it was trained on
@@ -32,8 +32,10 @@ PROMPT = ("Put the object from Picture 1 on the left and the object from Picture
 
 def main() -> None:
     assets = ROOT / "assets"
-    circle = {"shape": "circle", "colour": "red", "centre": [54, 44], "size": 72}
-    square = {"shape": "square", "colour": "blue", "centre": [44, 52], "size": 64}
+    # As in the model's "anchored" training data: centred, at the middle of ANCHORED_OBJECT_FRAC of the side.
+    side = round(SIDE * sum(ANCHORED_OBJECT_FRAC) / 2)
+    circle = {"shape": "circle", "colour": "red", "centre": [SIDE // 2, SIDE // 2], "size": side}
+    square = {"shape": "square", "colour": "blue", "centre": [SIDE // 2, SIDE // 2], "size": side}
     render_scene("white", [circle], SIDE, SIDE).save(assets / "ref_red_circle.png")
     render_scene("gray", [square], SIDE, SIDE).save(assets / "ref_blue_square.png")
     render_background("blue_green", SIDE, SIDE).save(assets / "ref_background.png")

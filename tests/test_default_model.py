@@ -100,6 +100,32 @@ def test_evaluate_cli_prints_per_k_scores_and_writes_a_grid(tiny_model, tmp_path
     assert bad.returncode == 2 and "--refs" in bad.stderr and "Traceback" not in bad.stderr
 
 
+def test_evaluation_samples_the_task_the_model_was_trained_on(tiny_model_4x, tmp_path, monkeypatch):
+    """uniref.json "shapecompose" says how the model's data was made; the held-out evaluation draws its
+    compositions the same way (here "anchored": the last picture is the background), and says so."""
+    import shutil
+
+    from training.evaluate import evaluate_model, trained_order
+    from uniref_core.errors import UniRefError
+    from uniref_core.model import DEFAULTS_FILE
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_4x, folder)
+    (folder / DEFAULTS_FILE).write_text(json.dumps({"shapecompose": {"ref_side": 64, "order": "anchored"}}))
+    import training.evaluate as ev
+
+    drawn = []
+    real = ev.make_split
+    monkeypatch.setattr(ev, "make_split", lambda *a, **kw: drawn.extend(real(*a, **kw)) or drawn[-1:])
+    result = evaluate_model(folder, "test", [2], 1, steps=1, cfg=1.0)
+    assert [r["role"] for r in drawn[0].spec["references"]] == ["object", "background"]
+    assert all(im.size == (64, 64) for im in drawn[0].references)
+    assert result["order"] == "anchored" and result["ref_side"] == 64 and result["per_k"]["2"]["n"] == 1
+    (folder / DEFAULTS_FILE).write_text(json.dumps({"shapecompose": {"order": "sideways"}}))
+    with pytest.raises(UniRefError, match="shapecompose order 'sideways' is unknown; use one of reading, free, anchored"):
+        trained_order(folder)
+
+
 @pytest.mark.parametrize(
     "content, message",
     [

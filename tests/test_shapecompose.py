@@ -332,3 +332,35 @@ def test_square_references_give_one_layout_per_k_and_the_same_task():
         assert len(layouts) == 1
     with pytest.raises(ValueError, match="ref_side"):
         make_sample(0, k=2, kind="compose", ref_side=8)
+
+
+def test_anchored_order_fixes_each_picture_role_and_sizes_objects_for_their_slot():
+    """"anchored" (what the built-in model ships on): at K ≥ 2 the last picture is always the background, the
+    objects sit centred on a flat background at about the size SELF then gives their slot (96 px references
+    at budget 128², K = 2, 3), and reading order holds; the checker still passes the ground truth."""
+    from uniref_core.budget import plan_references
+    from training.shapecompose import ANCHORED_OBJECT_FRAC
+
+    for k in (1, 2, 3, 4):
+        for seed in range(TEST + 6000, TEST + 6010):
+            s = make_sample(seed, k=k, kind="compose", order="anchored", ref_side=96)
+            roles = [r["role"] for r in s.spec["references"]]
+            assert roles == ["object"] * (k - 1) + ["background"] if k >= 2 else roles == ["object"]
+            assert f"on the background of Picture {k}" in s.instruction if k >= 2 else "Picture 2" not in s.instruction
+            assert [o["ref"] for o in s.spec["objects"]] == list(range(len(s.spec["objects"])))
+            plan = plan_references([r.size for r in s.references], "budget", 128 * 128, width=128, height=128,
+                                   token_px=8)  # fmt: skip
+            for ref, rs, rp in zip(s.references, s.spec["references"], plan.references):
+                if rs["role"] != "object":
+                    continue
+                o = rs["object"]
+                assert o["centre"] == [48, 48] and BACKGROUNDS[rs["background"]].style == "flat"
+                assert ANCHORED_OBJECT_FRAC[0] * 96 - 1 <= o["size"] <= ANCHORED_OBJECT_FRAC[1] * 96 + 1
+                # The corners show the reference's own background, the centre the object's colour.
+                px = np.asarray(ref)
+                assert tuple(px[2, 2]) == BACKGROUNDS[rs["background"]].top
+                assert np.abs(px[48, 48].astype(int) - COLOURS[rs["colour"]]).max() <= 2 or rs["shape"] == "ring"
+                if k in (2, 3):  # under SELF the object arrives at its slot's size, within 25 %
+                    slot = s.spec["objects"][0]["size"]
+                    assert 0.75 <= o["size"] * rp.vae[0] / 96 / slot <= 1.25, (k, o["size"], rp.vae, slot)
+            assert score(s.target, s).overall >= 0.95

@@ -38,7 +38,7 @@ from .checker import score
 from .config import SFTConfig, Stage
 from .data import Row, target_dims
 from .logging_utils import make_grid
-from .shapecompose import EDIT_KINDS, K_MAX, SPLIT_SEED_BASE, make_split
+from .shapecompose import COMPOSE_ORDERS, EDIT_KINDS, K_MAX, SPLIT_SEED_BASE, make_split
 
 SCORE_FIELDS = ("per_reference_mean", "instruction", "quality", "overall")
 
@@ -120,23 +120,34 @@ def sample_size(pipe: UniRefPipeline, size: int | None = None) -> int:
     return int(round(math.sqrt(area))) if area else 128
 
 
+def _trained_shapecompose(model) -> dict:
+    path = Path(model) / "uniref.json"
+    return (json.loads(path.read_text()).get("shapecompose") or {}) if path.is_file() else {}
+
+
 def trained_ref_side(model) -> int | None:
     """The square reference side the model's ShapeCompose data used (``uniref.json`` "shapecompose"), or None."""
-    path = Path(model) / "uniref.json"
-    if not path.is_file():
-        return None
-    side = (json.loads(path.read_text()).get("shapecompose") or {}).get("ref_side")
+    side = _trained_shapecompose(model).get("ref_side")
     return int(side) if side else None
+
+
+def trained_order(model) -> str:
+    """The compose order the model's ShapeCompose data used (``uniref.json`` "shapecompose"; "reading" if unset)."""
+    order = _trained_shapecompose(model).get("order") or "reading"
+    if order not in COMPOSE_ORDERS:
+        raise UniRefError(f"{Path(model) / 'uniref.json'}: shapecompose order {order!r} is unknown; "
+                          f"use one of {', '.join(COMPOSE_ORDERS)}")  # fmt: skip
+    return order
 
 
 def evaluate_model(model, split: str, ks: list[int], n: int, seed: int = 0, edits: int = 0, grid_path=None,
                    grid_rows: int = 2, device: str = "cpu", progress: bool = False, size: int | None = None,
-                   ref_side: int | None = -1, **options) -> dict:  # fmt: skip
+                   ref_side: int | None = -1, order: str | None = None, **options) -> dict:  # fmt: skip
     """Edit and score ``n`` compositions per K (and ``edits`` single-image edits); per-K mean scores.
 
     Samples are ``size`` px square (default: the model's trained output size, see `sample_size`); their
     references are ``ref_side`` px squares (-1, the default: as the model was trained, `trained_ref_side`;
-    None: 64–160 px a side at random).
+    None: 64–160 px a side at random); ``order``: the compose order (None: as the model was trained, `trained_order`).
     ``options`` go to ``UniRefPipeline.edit`` (steps, cfg, budget, …); unset ones take the model's defaults.
     Returns {"model", "split", "seed", "size", "options", "per_k": {K: means}, "edit": means, "seconds"}.
     """
@@ -145,9 +156,10 @@ def evaluate_model(model, split: str, ks: list[int], n: int, seed: int = 0, edit
     side = sample_size(pipe, size)
     if ref_side == -1:
         ref_side = trained_ref_side(model)
+    order = order or trained_order(model)
     groups: list[tuple[str, list]] = [
         (str(k), make_split(split, n, ks=(k,), kinds=("compose",), start=k * SEED_STRIDE, size=side,
-                            ref_side=ref_side)) for k in ks
+                            ref_side=ref_side, order=order)) for k in ks
     ]  # fmt: skip
     if edits:
         groups.append(("edit", make_split(split, edits, kinds=EDIT_KINDS, start=0, size=side)))
@@ -155,7 +167,7 @@ def evaluate_model(model, split: str, ks: list[int], n: int, seed: int = 0, edit
 
     bar = tqdm(total=sum(len(g) for _, g in groups), desc="evaluate", disable=not progress, file=sys.stderr)
     result: dict = {"model": str(model), "split": split, "seed": seed, "size": side, "ref_side": ref_side,
-                    "options": options, "per_k": {}}  # fmt: skip
+                    "order": order, "options": options, "per_k": {}}  # fmt: skip
     grid, captions = [], []
     for name, samples in groups:
         scored = []
@@ -197,6 +209,8 @@ def main(argv=None) -> int:
     p.add_argument("--size", type=int, default=None, help="sample side in px (default: the model's output size)")
     p.add_argument("--ref-side", type=int, default=-1, help="compositions' references: squares of this side; 0: "
                    "64-160 px a side at random (default: as the model was trained, uniref.json)")
+    p.add_argument("--order", choices=COMPOSE_ORDERS, default=None,
+                   help="compositions' order (default: as the model was trained, uniref.json; else reading)")
     p.add_argument("--grid", default="eval_grid.png", help="PNG grid of samples ('' for none)")
     p.add_argument("--grid-rows", type=int, default=2, help="samples per K in the grid")
     p.add_argument("--device", default="cpu")
@@ -211,7 +225,7 @@ def main(argv=None) -> int:
     if a.size is not None and not 32 <= a.size <= 2048:
         p.error(f"--size {a.size}: give a side of 32..2048 px")
     result = evaluate_model(model, a.split, ks, a.n, a.seed, a.edits, a.grid or None, a.grid_rows, a.device,
-                            progress=True, size=a.size, ref_side=a.ref_side or None, **options)  # fmt: skip
+                            progress=True, size=a.size, ref_side=a.ref_side or None, order=a.order, **options)  # fmt: skip
     print(json.dumps(result, indent=1))
     return 0
 

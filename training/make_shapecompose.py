@@ -30,10 +30,11 @@ def main(argv=None) -> int:
     p.add_argument("--train", type=int, default=4000, help="training samples")
     p.add_argument("--val", type=int, default=64, help="validation samples")
     p.add_argument("--size", type=int, default=128, help="target side in pixels")
-    p.add_argument("--ks", type=int, nargs="+", default=list(K_TRAIN), help="numbers of references in compositions")
+    p.add_argument("--ks", type=int, nargs="+", default=list(K_TRAIN), help="numbers of references in compositions, drawn uniformly from this list (repeat a K to weight it)")
     p.add_argument("--compose-fraction", type=float, default=0.5, help="share of multi-reference compositions")
     p.add_argument("--order", choices=COMPOSE_ORDERS, default="reading",
-                   help="compositions: objects in picture order (reading) or in slots at random (free)")
+                   help="compositions: objects in picture order (reading), in slots at random (free), or "
+                   "reading with fixed references: objects centred, a background reference last (anchored)")
     p.add_argument("--ref-side", type=int, default=None, help="compositions: square references of this side "
                    "(one SELF layout per K, so training batches fill) instead of 64-160 px a side at random")
     a = p.parse_args(argv)
