@@ -123,7 +123,7 @@ def main() -> None:
     )
     build(
         "uniref_multi_compose",
-        ["uniref_red_circle.png", "uniref_blue_square.png", "uniref_background.png"],
+        ["uniref_red_circle.png", "uniref_blue_triangle.png", "uniref_background.png"],
         "Put the object from Picture 1 on the left and the object from Picture 2 on the right, on the background "
         "of Picture 3.",
         "UniRef multi-reference composition\n\nEach LoadImage is one reference; its slot number is its 'Picture k' "

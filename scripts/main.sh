@@ -16,7 +16,7 @@ if [ ! -f models/uniref-default/model_index.json ]; then
   MODEL_ARGS=(--model .cache/tiny-model --budget 256 --steps 20 --cfg 1)
 fi
 .venv/bin/python -m uniref_core edit "${MODEL_ARGS[@]}" \
-  --ref assets/ref_red_circle.png --ref assets/ref_blue_square.png --ref assets/ref_background.png \
+  --ref assets/ref_red_circle.png --ref assets/ref_blue_triangle.png --ref assets/ref_background.png \
   --prompt "$PROMPT" --width 128 --height 128 --seed 0 -o out.png "$@"
 if [ -f models/uniref-default/model_index.json ]; then
   echo "checker scores of out.png (1 = every object right; see training/checker.py):"

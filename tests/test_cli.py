@@ -15,7 +15,7 @@ from uniref_core.__main__ import main
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "assets"
-REFS = [EXAMPLES / "ref_red_circle.png", EXAMPLES / "ref_blue_square.png", EXAMPLES / "ref_background.png"]
+REFS = [EXAMPLES / "ref_red_circle.png", EXAMPLES / "ref_blue_triangle.png", EXAMPLES / "ref_background.png"]
 
 
 def run_cli(*args):

@@ -125,7 +125,7 @@ def test_nodes_give_the_same_image_as_the_cli(host, tiny_model, tmp_path):
     entry = host.run(prompt, timeout=240)
     meta = output_images(entry)[0]
     node_img = np.asarray(Image.open(io.BytesIO(host.view(meta["filename"], meta["subfolder"], meta["type"]))))
-    refs = [ROOT / "assets" / n for n in ("ref_red_circle.png", "ref_blue_square.png", "ref_background.png")]
+    refs = [ROOT / "assets" / n for n in ("ref_red_circle.png", "ref_blue_triangle.png", "ref_background.png")]
     out = tmp_path / "cli.png"
     code = main(
         ["edit", "--model", str(tiny_model), *sum((["--ref", str(r)] for r in refs), []),

@@ -19,7 +19,7 @@ from uniref_core.model import DEFAULT_KEYS, read_defaults
 ROOT = Path(__file__).resolve().parent.parent
 ASSETS = ROOT / "assets"
 SPEC = json.loads((ASSETS / "example_spec.json").read_text())
-REFS = [ASSETS / n for n in ("ref_red_circle.png", "ref_blue_square.png", "ref_background.png")]
+REFS = [ASSETS / n for n in ("ref_red_circle.png", "ref_blue_triangle.png", "ref_background.png")]
 shipped = pytest.mark.skipif(
     not (SHIPPED_MODEL_DIR / "model_index.json").is_file(),
     reason="the built-in default model is not in the repository yet (issue 6): `python -m training.build_default`",

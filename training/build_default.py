@@ -1,26 +1,32 @@
 """Reproduce the built-in default model from scratch: data, VAE, SFT with progressive budgets, export, evaluation.
 
-    python -m training.build_default                      # resumes where it stopped
-    python -m training.build_default --recipe k123        # the K = 1…3 probe (what ships today, see README)
-    python -m training.build_default --out /tmp/my-default --work runs/my-default
+    python -m training.build_default                      # the shipped recipe ("anchored"); resumes where it stopped
+    python -m training.build_default --recipe k123        # the K = 1…3 probe alone
+    python -m training.build_default --out /tmp/my-default --work runs/my-default --nproc 2
 
 Every step writes its result atomically and is skipped when that result exists, so running the command
 again after a crash (or Ctrl-C) continues where it stopped; SFT itself resumes from its newest checkpoint.
+SFT runs as ``--nproc`` processes under ``torch.distributed.run`` (default: one per GPU, else 2 on a CPU).
 Times on 2 cores are in training/README.md. After the VAE, the checker's scores of its reconstructions of
 held-out targets are logged (`vae ceiling`): no transformer on that VAE can score higher.
 
+A recipe may start from another one's model (``VARIANTS[...]["start"]``): "anchored" first builds "k123"
+(exported to ``<work>/final-k123``), then continues it on its own data.
+
 1. ``data``: ShapeCompose train / val manifests, 128² targets, compositions' references squares of
    ``RECIPE["ref_side"]`` px (one SELF layout per K, so a forward pass holds a whole batch of 16).
-   full: K = 1…6 compositions and single-image edits; k123: K = 1…3 compositions.
+   full: K = 1…6 compositions and single-image edits; k123: K = 1…3 compositions; anchored: K = 1…3
+   compositions in ShapeCompose's "anchored" order (objects centred, the background reference last).
 2. ``init``: the tiny Qwen-Image-Edit model (``uniref_core.tiny``, a 6-layer transformer) with a 4× VAE
    (8 px tokens) trained for reconstruction on ShapeCompose images (``training.vae``) and a ``uniref.json``
    with the settings it is trained for (VL copies 112² in all, 128² output, 20 steps, no CFG; the budget
-   is the last stage's, set at export).
-3. ``sft``: ``training.sft`` with ``training/configs/default_model.json`` (budgets 128² → 192²) or
-   ``default_model_k123.json`` (128²).
+   is the last stage's and "shapecompose" the data's, both set at export).
+3. ``sft``: ``training.sft`` with the recipe's config in ``training/configs/`` (``default_model.json``:
+   budgets 128² → 192²; ``default_model_k123.json`` and ``default_model_anchored.json``: 128²).
 4. ``export``: the EMA weights after the last stage to ``--out`` (the model the CLI, main.sh and the
    ComfyUI loader use), and those after the first stage to ``<work>/after_stage1`` for comparison.
-5. ``eval``: ``training.evaluate`` on the held-out test split, K = 1…8, for both; JSON + PNG grids in ``<work>/eval``.
+5. ``eval``: ``training.evaluate`` on the held-out test split, K = 1…8, for both, drawn as the model was
+   trained, and the VAE's ceiling on the same targets; JSON + PNG grids in ``<work>/eval-<recipe>``.
 
 Why a 4× VAE and 128² output: one token is then 8×8 px, so a 128² target is 256 tokens and a 52 px
 object ~6 tokens across (~3 with the 8× VAE of real checkpoints, where run after run gave blobs).
@@ -95,6 +101,11 @@ VARIANTS = {
     "anchored": {"config": CONFIG.with_name("default_model_anchored.json"), "data": "data-anchored",
                  "ks": (1, 2, 3, 3), "order": "anchored", "train_samples": 3000, "val_samples": 32,
                  "compose_fraction": 1.0, "start": "k123"},
+    # 600 more steps on the same data, a new cosine cycle at lr 1e-3 (after 1,600 steps objects had their
+    # picture's colour and slot but not yet its shape).
+    "anchored2": {"config": CONFIG.with_name("default_model_anchored2.json"), "data": "data-anchored",
+                  "ks": (1, 2, 3, 3), "order": "anchored", "train_samples": 3000, "val_samples": 32,
+                  "compose_fraction": 1.0, "start": "anchored"},
 }
 
 
@@ -217,6 +228,8 @@ def step_start(name: str, work: Path, log, nproc: int = 1) -> Path:
     if (folder / "model_index.json").is_file():
         return folder
     variant = VARIANTS[name]
+    if variant.get("start"):
+        step_start(variant["start"], work, log, nproc)
     step_data(work, log, variant)
     step_init(work, log)
     cfg = step_sft(Path(variant["config"]), log, nproc)
@@ -246,11 +259,11 @@ def step_export(cfg, out: Path, work: Path, log, shapecompose: dict | None = Non
     return {name: models[name] for name, _ in pairs}
 
 
-def step_eval(models: dict[str, Path], work: Path, log) -> dict:
+def step_eval(models: dict[str, Path], work: Path, log, order: str = "reading", folder_name: str = "eval") -> dict:
     from .evaluate import evaluate_model, parse_refs
 
     results = {}
-    folder = work / "eval"
+    folder = work / folder_name
     folder.mkdir(parents=True, exist_ok=True)
     for name, path in models.items():
         res = evaluate_model(path, "test", parse_refs(RECIPE["eval_refs"]), RECIPE["eval_n"], seed=0,
@@ -258,6 +271,15 @@ def step_eval(models: dict[str, Path], work: Path, log) -> dict:
         (folder / f"{name}.json").write_text(json.dumps(res, indent=1))
         results[name] = res
         log(f"eval {name}: " + json.dumps(res["per_k"]))
+    ceiling_file = folder / "vae_ceiling.json"
+    if not ceiling_file.is_file():  # the same targets, decoded from the VAE's own latents: the ceiling beside them
+        from .vae import load_vae, reconstruction_ceiling
+
+        ks = parse_refs(RECIPE["eval_refs"])
+        vae = load_vae(next(iter(models.values()))).eval()
+        ceiling = reconstruction_ceiling(vae, RECIPE["size"], ks=ks, n=RECIPE["eval_n"], order=order)
+        ceiling_file.write_text(json.dumps(ceiling, indent=1))
+        log(f"vae ceiling on the evaluation's targets ({order}): " + json.dumps(ceiling))
     return results
 
 
@@ -297,7 +319,7 @@ def main(argv=None) -> int:
     cfg = step_sft(Path(a.config or variant["config"]), log, a.nproc)
     models = step_export(cfg, Path(a.out), work, log, shapecompose_info(variant))
     if not a.skip_eval:
-        step_eval(models, work, log)
+        step_eval(models, work, log, variant.get("order", "reading"), f"eval-{a.recipe}")
     log(f"build_default: done in {time.perf_counter() - t0:.0f} s (this invocation); model in {a.out}")
     return 0
 
