@@ -1,6 +1,6 @@
 """Reproduce the built-in default model from scratch: data, VAE, SFT with progressive budgets, export, evaluation.
 
-    python -m training.build_default                      # the shipped recipe ("anchored"); resumes where it stopped
+    python -m training.build_default                      # the shipped recipe ("anchored2"); resumes where it stopped
     python -m training.build_default --recipe k123        # the K = 1…3 probe alone
     python -m training.build_default --out /tmp/my-default --work runs/my-default --nproc 2
 
@@ -10,8 +10,8 @@ SFT runs as ``--nproc`` processes under ``torch.distributed.run`` (default: one 
 Times on 2 cores are in training/README.md. After the VAE, the checker's scores of its reconstructions of
 held-out targets are logged (`vae ceiling`): no transformer on that VAE can score higher.
 
-A recipe may start from another one's model (``VARIANTS[...]["start"]``): "anchored" first builds "k123"
-(exported to ``<work>/final-k123``), then continues it on its own data.
+A recipe may start from another one's model (``VARIANTS[...]["start"]``): "anchored2" first builds
+"anchored", which first builds "k123" (each exported to ``<work>/final-<name>``), then continues it.
 
 1. ``data``: ShapeCompose train / val manifests, 128² targets, compositions' references squares of
    ``RECIPE["ref_side"]`` px (one SELF layout per K, so a forward pass holds a whole batch of 16).
@@ -90,7 +90,7 @@ def _mark(path: Path, info: dict) -> None:
 #: Variants of the recipe (``--recipe``): what differs from RECIPE and CONFIG. "k123" is the K = 1…3 probe
 #: the full recipe is checked against first (compositions only, one stage at the lowest budget); it shares
 #: the VAE and the start model with the full recipe, so running both trains the VAE once.
-#: "anchored" (what ships) continues the k123 model (``start``: that variant is built first and exported to
+#: "anchored" continues the k123 model (``start``: that variant is built first and exported to
 #: ``<work>/final-k123``) on "anchored" compositions (`training.shapecompose.COMPOSE_ORDERS`): objects
 #: centred in their references at about the size their slot asks for, a background reference last at K ≥ 2,
 #: K = 3 drawn twice as often as K = 1 or 2. The k123 probe placed objects but did not bind them to pictures.
@@ -288,9 +288,10 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m training.build_default", description=__doc__.split("\n")[0])
     p.add_argument("--out", default="models/uniref-default", help="where the trained model folder goes")
     p.add_argument("--work", default="runs/uniref-default", help="data, runs, checkpoints and evaluations")
-    p.add_argument("--recipe", choices=sorted(VARIANTS), default="anchored",
-                   help="anchored (what ships): k123, then anchored K = 1…3 compositions; full: K = 1…6 and edits, "
-                   "budgets 128² → 192² (not run); k123: the K = 1…3 probe (compositions, 128²)")
+    p.add_argument("--recipe", choices=sorted(VARIANTS), default="anchored2",
+                   help="anchored2 (what ships): k123, then 1,600 + 600 steps on anchored K = 1…3 compositions "
+                   "(anchored: the first 1,600 only); full: K = 1…6 and edits, budgets 128² → 192² (not run); "
+                   "k123: the K = 1…3 probe (compositions, 128²)")
     p.add_argument("--config", default=None, help="SFT config (default: the recipe's; its paths must lie in --work)")
     p.add_argument("--skip-eval", action="store_true")
     p.add_argument("--nproc", type=int, default=None,
