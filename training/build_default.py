@@ -98,15 +98,14 @@ VARIANTS = {
     "full": {"config": CONFIG, "data": "data", "ks": None},
     "k123": {"config": CONFIG.with_name("default_model_k123.json"), "data": "data-k123", "ks": (1, 2, 3),
              "train_samples": 4000, "val_samples": 32, "compose_fraction": 1.0},
-    "anchored": {"config": CONFIG.with_name("default_model_anchored.json"), "data": "data-anchored",
-                 "ks": (1, 2, 3, 3), "order": "anchored", "train_samples": 3000, "val_samples": 32,
-                 "compose_fraction": 1.0, "start": "k123"},
-    # 600 more steps on the same data, a new cosine cycle at lr 1e-3 (after 1,600 steps objects had their
-    # picture's colour and slot but not yet its shape).
-    "anchored2": {"config": CONFIG.with_name("default_model_anchored2.json"), "data": "data-anchored",
-                  "ks": (1, 2, 3, 3), "order": "anchored", "train_samples": 3000, "val_samples": 32,
-                  "compose_fraction": 1.0, "start": "anchored"},
 }
+VARIANTS["anchored"] = {"config": CONFIG.with_name("default_model_anchored.json"), "data": "data-anchored",
+                        "ks": (1, 2, 3, 3), "order": "anchored", "train_samples": 3000, "val_samples": 32,
+                        "compose_fraction": 1.0, "start": "k123"}  # fmt: skip
+# 600 more steps on the same data, a new cosine cycle at lr 1e-3 (after 1,600 steps objects had their
+# picture's colour and slot but not yet its shape).
+VARIANTS["anchored2"] = {**VARIANTS["anchored"], "config": CONFIG.with_name("default_model_anchored2.json"),
+                         "start": "anchored"}  # fmt: skip
 
 
 def shapecompose_info(variant: dict) -> dict:
@@ -222,18 +221,22 @@ def stage_end_checkpoints(cfg) -> list[Path]:
     return [p for p in ckpt_mod.complete_checkpoints(cfg.output_dir) if ckpt_mod.read_state(p).get("stage_end")]
 
 
-def step_start(name: str, work: Path, log, nproc: int = 1) -> Path:
-    """Build variant ``name`` (data, SFT) and export it to ``<work>/final-<name>``, the start of another variant."""
-    folder = work / f"final-{name}"
-    if (folder / "model_index.json").is_file():
-        return folder
+def step_build(name: str, out: Path, work: Path, log, nproc: int = 1, config: Path | None = None) -> dict[str, Path]:
+    """Variant ``name``: its start model first (`step_start`), then data, init, SFT and export to ``out``."""
     variant = VARIANTS[name]
     if variant.get("start"):
         step_start(variant["start"], work, log, nproc)
     step_data(work, log, variant)
     step_init(work, log)
-    cfg = step_sft(Path(variant["config"]), log, nproc)
-    step_export(cfg, folder, work, log, shapecompose_info(variant))
+    cfg = step_sft(Path(config or variant["config"]), log, nproc)
+    return step_export(cfg, out, work, log, shapecompose_info(variant))
+
+
+def step_start(name: str, work: Path, log, nproc: int = 1) -> Path:
+    """Variant ``name`` built and exported to ``<work>/final-<name>``, the start of another variant."""
+    folder = work / f"final-{name}"
+    if not (folder / "model_index.json").is_file():
+        step_build(name, folder, work, log, nproc)
     return folder
 
 
@@ -313,12 +316,7 @@ def main(argv=None) -> int:
 
     t0 = time.perf_counter()
     variant = VARIANTS[a.recipe]
-    if variant.get("start"):
-        step_start(variant["start"], work, log, a.nproc)
-    step_data(work, log, variant)
-    step_init(work, log)
-    cfg = step_sft(Path(a.config or variant["config"]), log, a.nproc)
-    models = step_export(cfg, Path(a.out), work, log, shapecompose_info(variant))
+    models = step_build(a.recipe, Path(a.out), work, log, a.nproc, a.config)
     if not a.skip_eval:
         step_eval(models, work, log, variant.get("order", "reading"), f"eval-{a.recipe}")
     log(f"build_default: done in {time.perf_counter() - t0:.0f} s (this invocation); model in {a.out}")
