@@ -14,7 +14,7 @@ import comfy.utils
 from ..uniref_core.budget import BUDGETS, MODES
 from ..uniref_core.errors import UniRefError
 from ..uniref_core.images import pil_to_comfy, split_image_batch
-from ..uniref_core.pipeline import DEFAULT_CFG, DEFAULT_ETA, DEFAULT_STEPS, SAMPLERS, check_sampling
+from ..uniref_core.pipeline import DEFAULT_CFG, DEFAULT_ETA, DEFAULT_STEPS, SAMPLERS, SamplingOptions
 from . import comfy_model
 
 ModelType = io.Custom("UNIREF_MODEL")
@@ -296,7 +296,8 @@ class UniRefSampler(io.ComfyNode):
         cls, model, conditioning, seed, steps, cfg, sampler, denoise, eta=DEFAULT_ETA, init_image=None
     ) -> io.NodeOutput:
         init = split_image_batch(init_image, name="init_image")[0] if init_image is not None else None
-        check_sampling(steps, cfg, sampler, eta, denoise, init, 1)
+        options = SamplingOptions(seed=seed, steps=steps, cfg=cfg, sampler=sampler, eta=eta, denoise=denoise)
+        options.check(init)
         pipe = model.load("transformer", "vae")
         cond = conditioning
         bar = comfy.utils.ProgressBar(steps)
@@ -308,18 +309,7 @@ class UniRefSampler(io.ComfyNode):
                 preview = ("JPEG", pipe.preview(info.x0, info.width, info.height), _preview_size())
             bar.update_absolute(info.step, info.total, preview)
 
-        latents = pipe.sample(
-            cond,
-            seed=seed,
-            steps=steps,
-            cfg=cfg,
-            sampler=sampler,
-            eta=eta,
-            denoise=denoise,
-            init_image=init,
-            on_step=on_step,
-            is_cancelled=_interrupted,
-        )
+        latents = pipe.sample(cond, options, init_image=init, on_step=on_step, is_cancelled=_interrupted)
         images = pipe.decode(latents, cond.width, cond.height)
         return io.NodeOutput(pil_to_comfy(images), {"samples": pipe.raw_latents(latents, cond.width, cond.height)})
 

@@ -124,12 +124,47 @@ def test_sde_sampler_is_seeded_and_differs_from_ode(pipe):
         ({"denoise": 0.5}, "denoise < 1 needs an init image"),
         ({"sampler": "dpm"}, "sampler is 'dpm': use one of ode, sde"),
         ({"num_images": 0}, "num_images is 0"),
+        ({"sampler": "sde", "steps": 4, "sde_window": (2, 6)}, r"sde_window is \(2, 6\).*≤ 4"),
+        ({"steps": 4, "sde_window": (0, 2)}, "sde_window is set but sampler is 'ode'"),
     ],
 )
 def test_bad_sampling_options_are_named(pipe, kwargs, match):
     cond = pipe.encode(make_refs([(64, 64)]), PROMPT, cfg=1.0, budget=64 * 64, width=64, height=64)
     with pytest.raises(UniRefError, match=match):
         pipe.sample(cond, **{"cfg": 1.0, **kwargs})
+
+
+def test_unknown_sampling_option_is_named(pipe):
+    cond = pipe.encode(make_refs([(64, 64)]), PROMPT, cfg=1.0, budget=64 * 64, width=64, height=64)
+    with pytest.raises(TypeError, match="unknown sampling option.*samplr"):
+        pipe.sample(cond, cfg=1.0, samplr="sde")
+
+
+def test_rollout_steps_carry_what_rl_rescores_with_the_same_model_call(pipe):
+    """The one denoising loop: its last step is what ``sample`` returns; each SDE step's log-probability is
+    the one `sde_step` gives back when the same velocity re-scores the kept latents (policy ratio 1);
+    steps outside the SDE window are plain Euler steps with no log-probability."""
+    from uniref_core import SamplingOptions
+    from uniref_core.sampling import euler_step, sde_step
+
+    cond = pipe.encode(make_refs([(96, 64)]), PROMPT, cfg=1.0, budget=128 * 128, width=64, height=64)
+    opts = SamplingOptions(seed=3, steps=5, cfg=1.0, sampler="sde", num_images=2, sde_window=(1, 3))
+    steps = list(pipe.denoise(cond, opts))
+    assert [s.step for s in steps] == [1, 2, 3, 4, 5] and steps[0].total == 5
+    assert torch.equal(steps[-1].x_next, pipe.sample(cond, opts))
+    assert [s.log_prob is not None for s in steps] == [False, True, True, False, False]
+    for s in steps:
+        assert torch.equal(s.x, steps[s.step - 2].x_next) if s.step > 1 else True
+        v = pipe.velocity(s.x, s.timestep, cond, 1.0)
+        if s.log_prob is None:
+            assert torch.equal(s.x_next, euler_step(s.x, v, s.sigma, s.sigma_next))
+        else:
+            _, again, _, _ = sde_step(s.x, v, s.sigma, s.sigma_next, eta=opts.eta, prev_sample=s.x_next)
+            assert again.shape == (2,)
+            torch.testing.assert_close(again, s.log_prob, rtol=0, atol=1e-5)
+    # The window's noise moves the result off the ODE sampler's.
+    ode = pipe.sample(cond, opts, sampler="ode", sde_window=None)
+    assert not torch.allclose(ode, steps[-1].x_next, atol=1e-3)
 
 
 def test_bad_encode_inputs_are_named(pipe, tmp_path):

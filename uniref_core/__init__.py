@@ -6,13 +6,15 @@ No ComfyUI import here: the nodes, the CLI and the trainers all call into this p
 from .budget import BUDGETS, Plan, allocate_budget, allocate_per_image, plan_references
 from .errors import UniRefCancelled, UniRefError
 from .images import load_image, pil_to_comfy, split_image_batch
-from .pipeline import EditResult, SelfConditioning, StepInfo, UniRefPipeline
-from .sampling import euler_step, flow_schedule, sde_step, true_cfg
+from .pipeline import EditResult, SamplingOptions, SelfConditioning, StepInfo, UniRefPipeline
+from .sampling import DenoiseStep, denoise_steps, euler_step, flow_schedule, sde_step, true_cfg
 
 __all__ = [
     "BUDGETS",
+    "DenoiseStep",
     "EditResult",
     "Plan",
+    "SamplingOptions",
     "SelfConditioning",
     "StepInfo",
     "UniRefCancelled",
@@ -20,6 +22,7 @@ __all__ = [
     "UniRefPipeline",
     "allocate_budget",
     "allocate_per_image",
+    "denoise_steps",
     "euler_step",
     "flow_schedule",
     "load_image",

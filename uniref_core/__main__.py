@@ -152,7 +152,7 @@ def cmd_edit(a) -> int:
 
     from .defaults import default_model_path
     from .images import load_image
-    from .pipeline import UniRefPipeline
+    from .pipeline import SamplingOptions, UniRefPipeline
 
     if not a.ref:
         raise UniRefError("no reference images: pass at least one --ref IMAGE")
@@ -161,8 +161,6 @@ def cmd_edit(a) -> int:
     refs = [load_image(r, name=f"reference {k} ({r})") for k, r in enumerate(a.ref, start=1)]
     init = load_image(a.init, name=f"init image ({a.init})") if a.init else None
     from .budget import plan_references
-    from .pipeline import check_sampling
-
     from .model import check_model_folder, read_defaults, token_px_of
 
     model = a.model or default_model_path()
@@ -170,7 +168,9 @@ def cmd_edit(a) -> int:
     token_px = token_px_of(model)
     _fill_defaults(a, read_defaults(model))
     plan_references([r.size for r in refs], token_px=token_px, **_size_kwargs(a))
-    check_sampling(a.steps, a.cfg, a.sampler, a.eta, a.denoise, init, a.num_images)
+    options = SamplingOptions(seed=a.seed, steps=a.steps, cfg=a.cfg, sampler=a.sampler, eta=a.eta, denoise=a.denoise,
+                              num_images=a.num_images)  # fmt: skip
+    options.check(init)
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     pipe = UniRefPipeline.from_pretrained(model, device=device, dtype=a.dtype)
 
@@ -186,21 +186,8 @@ def cmd_edit(a) -> int:
             bar.update(1)
 
     try:
-        result = pipe.edit(
-            refs,
-            a.prompt,
-            a.negative_prompt,
-            seed=a.seed,
-            steps=a.steps,
-            cfg=a.cfg,
-            sampler=a.sampler,
-            eta=a.eta,
-            denoise=a.denoise,
-            init_image=init,
-            num_images=a.num_images,
-            on_step=on_step,
-            **_size_kwargs(a),
-        )
+        result = pipe.edit(refs, a.prompt, a.negative_prompt, options, init_image=init, on_step=on_step,
+                           **_size_kwargs(a))  # fmt: skip
     finally:
         if bar is not None:
             bar.close()

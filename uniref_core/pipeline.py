@@ -10,8 +10,8 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
-from typing import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, fields, replace
 
 import numpy as np
 import torch
@@ -33,7 +33,7 @@ from .latents import (
 )
 from .model import Components, load_components
 from .prompt import PromptEmbeds, encode_prompt
-from .sampling import Schedule, euler_step, flow_schedule, noise_latents, sde_step, true_cfg
+from .sampling import DenoiseStep, Schedule, denoise_steps, flow_schedule, noise_latents, true_cfg
 
 DEFAULT_STEPS = 30
 DEFAULT_CFG = 4.0
@@ -167,6 +167,63 @@ def check_sampling(steps, cfg, sampler, eta, denoise, init_image, num_images) ->
         raise UniRefError("denoise < 1 needs an init image to start from: give one, or set denoise to 1")
     if denoise < 1 and int(max(steps - steps * denoise, 0)) >= steps:
         raise UniRefError(f"denoise {denoise} with {steps} steps leaves no step to run: raise denoise or steps")
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    """How to denoise: what the sampler node, the CLI, ``edit`` and RL rollouts hand to ``sample``.
+
+    ``steps`` / ``cfg`` None take the model's defaults (`UniRefPipeline.sampling_options`). Image i of
+    ``num_images`` uses seed ``seed + i``. ``sde_window`` (sampler "sde" only): the run's steps
+    [first, stop) (0-based) that take the stochastic step, the others the ODE one; None: all of them.
+    """
+
+    seed: int = 0
+    steps: int | None = None
+    cfg: float | None = None
+    sampler: str = "ode"
+    eta: float = DEFAULT_ETA
+    denoise: float = 1.0
+    num_images: int = 1
+    sde_window: tuple[int, int] | None = None
+
+    @classmethod
+    def names(cls) -> frozenset[str]:
+        return frozenset(f.name for f in fields(cls))
+
+    @property
+    def start(self) -> int:
+        """The schedule step a run starts at (> 0 when denoise < 1 keeps part of an init image)."""
+        return int(max(self.steps - self.steps * self.denoise, 0)) if self.denoise < 1 else 0
+
+    @property
+    def sde_steps(self) -> range:
+        """The run-relative steps that take the SDE step."""
+        if self.sampler != "sde":
+            return range(0)
+        return range(*self.sde_window) if self.sde_window is not None else range(self.steps)
+
+    def check(self, init_image=None) -> None:
+        """Clear errors for out-of-range values (``steps`` and ``cfg`` must be resolved first)."""
+        if self.steps is None or self.cfg is None:
+            raise UniRefError("steps and cfg are unset: resolve the options against a model first")
+        check_sampling(self.steps, self.cfg, self.sampler, self.eta, self.denoise, init_image, self.num_images)
+        if self.sde_window is not None:
+            first, stop = self.sde_window
+            total = self.steps - self.start
+            if self.sampler != "sde":
+                raise UniRefError(f"sde_window is set but sampler is {self.sampler!r}: use sampler 'sde' or drop it")
+            if not (0 <= first < stop <= total):
+                raise UniRefError(f"sde_window is {self.sde_window}: give [first, stop) with 0 ≤ first < stop ≤ "
+                                  f"{total} (the steps this run takes)")  # fmt: skip
+
+
+def _sampling_overrides(options: SamplingOptions | None, overrides: dict, where: str) -> SamplingOptions:
+    unknown = sorted(set(overrides) - SamplingOptions.names())
+    if unknown:
+        raise TypeError(f"{where}() got unknown sampling option(s) {', '.join(unknown)}; "
+                        f"known: {', '.join(sorted(SamplingOptions.names()))}")  # fmt: skip
+    return replace(options or SamplingOptions(), **overrides)
 
 
 def draw_noise(seed: int, channels: int, width: int, height: int, vae_scale: int) -> tuple[torch.Tensor, torch.Generator]:
@@ -317,56 +374,68 @@ class UniRefPipeline:
     def schedule(self, steps: int, output_tokens: int) -> Schedule:
         return flow_schedule(steps, output_tokens, self.c.scheduler_config)
 
+    def sampling_options(self, options: SamplingOptions | None = None, /, init_image=None, **overrides) -> SamplingOptions:
+        """``options`` with ``overrides`` applied, ``steps`` / ``cfg`` None filled from the model's
+        defaults (``uniref.json``, else ours), checked: clear errors before any model work."""
+        opts = _sampling_overrides(options, overrides, "sampling_options")
+        opts = replace(opts, steps=self.setting("steps", opts.steps), cfg=self.setting("cfg", opts.cfg))
+        opts.check(init_image)
+        return opts
+
     @torch.no_grad()
-    def sample(
+    def denoise(
         self,
         cond: SelfConditioning,
+        options: SamplingOptions | None = None,
         *,
-        seed: int = 0,
-        steps: int | None = None,
-        cfg: float | None = None,
-        sampler: str = "ode",
-        eta: float = DEFAULT_ETA,
-        denoise: float = 1.0,
         init_image=None,
-        num_images: int = 1,
-        on_step: Callable[[StepInfo], None] | None = None,
         is_cancelled: Callable[[], bool] | None = None,
-    ) -> torch.Tensor:
-        """Denoise; returns packed target latents [num_images, L, 64]. Image i uses seed ``seed + i``
-        and equals a single run with that seed. ``steps`` / ``cfg`` None: the model's defaults."""
-        steps, cfg = self.setting("steps", steps), self.setting("cfg", cfg)
-        check_sampling(steps, cfg, sampler, eta, denoise, init_image, num_images)
+        **overrides,
+    ) -> Iterator[DenoiseStep]:
+        """The denoising steps one by one (`sampling.denoise_steps` on this model): ``sample`` takes the
+        last one's ``x_next``, RL rollouts keep every step's latents and log-probabilities."""
+        opts = _sampling_overrides(options, overrides, "denoise")
+        opts = self.sampling_options(opts, init_image=init_image)
         if cond.positive.embeds.device != self.device or cond.positive.embeds.dtype != self.dtype:
             cond = cond.to(self.device, self.dtype)
         w, h = cond.width, cond.height
-        schedule = self.schedule(steps, cond.output_tokens)
-        start = 0
-        if denoise < 1:
-            start = int(max(steps - steps * denoise, 0))
-
-        noises, gens = zip(*(draw_noise(seed + i, self.latent_channels, w, h, self.vae_scale) for i in range(num_images)))
+        schedule = self.schedule(opts.steps, cond.output_tokens)
+        noises, gens = zip(*(draw_noise(opts.seed + i, self.latent_channels, w, h, self.vae_scale)
+                             for i in range(opts.num_images)))  # fmt: skip
         x = torch.cat(noises).to(self.device, self.dtype)
-        if denoise < 1:
+        if opts.denoise < 1:
             init = load_image(init_image, name="init image")
             x0 = pack_latents(vae_encode(self.c.vae, to_pixels(init, w, h))).to(self.device, self.dtype)
-            x = noise_latents(x0.expand_as(x), x, schedule.sigmas[start])
+            x = noise_latents(x0.expand_as(x), x, schedule.sigmas[opts.start])
 
-        total = steps - start
-        for i in range(start, steps):
+        def velocity(x: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+            return self.velocity(x, timestep, cond, opts.cfg)
+
+        steps = denoise_steps(velocity, x, schedule, start=opts.start, sde=opts.sde_steps, eta=opts.eta,
+                              generators=gens)  # fmt: skip
+        total = opts.steps - opts.start
+        for n in range(total):
             if is_cancelled is not None and is_cancelled():
-                raise UniRefCancelled(f"cancelled before step {i - start + 1} of {total}")
-            sigma, sigma_next = schedule.sigmas[i], schedule.sigmas[i + 1]
-            v = self.velocity(x, schedule.timesteps[i], cond, cfg)
-            # The last step of the SDE sampler is deterministic so no fresh noise is left in the image.
-            if sampler == "sde" and sigma_next > 0:
-                eps = torch.cat([torch.randn(x.shape[1:], generator=g, dtype=torch.float32)[None] for g in gens])
-                x = sde_step(x, v, sigma, sigma_next, eta=eta, noise=eps.to(x.device))[0].to(v.dtype)
-            else:
-                x = euler_step(x, v, sigma, sigma_next)
+                raise UniRefCancelled(f"cancelled before step {n + 1} of {total}")
+            yield next(steps)
+
+    def sample(
+        self,
+        cond: SelfConditioning,
+        options: SamplingOptions | None = None,
+        *,
+        init_image=None,
+        on_step: Callable[[StepInfo], None] | None = None,
+        is_cancelled: Callable[[], bool] | None = None,
+        **overrides,
+    ) -> torch.Tensor:
+        """Denoise; returns packed target latents [num_images, L, 64]. Image i uses seed ``seed + i``
+        and equals a single run with that seed. ``overrides``: fields of `SamplingOptions`."""
+        x = None
+        for step in self.denoise(cond, options, init_image=init_image, is_cancelled=is_cancelled, **overrides):
+            x = step.x_next
             if on_step is not None:
-                x0 = (x.float() - float(sigma_next) * v.float()) if sigma_next > 0 else x.float()
-                on_step(StepInfo(i - start + 1, total, float(sigma_next), x, x0, w, h))
+                on_step(StepInfo(step.step, step.total, step.sigma_next, x, step.x0, cond.width, cond.height))
         return x
 
     # 3. Decoding ------------------------------------------------------------------------------
@@ -413,35 +482,21 @@ class UniRefPipeline:
         references,
         prompt: str,
         negative_prompt: str | None = None,
+        options: SamplingOptions | None = None,
         *,
-        seed: int = 0,
-        steps: int | None = None,
-        cfg: float | None = None,
-        sampler: str = "ode",
-        eta: float = DEFAULT_ETA,
-        denoise: float = 1.0,
         init_image=None,
-        num_images: int = 1,
         on_step=None,
         is_cancelled=None,
-        **encode_options,
+        **kwargs,
     ) -> EditResult:
+        """Encode, sample, decode. ``kwargs``: fields of `SamplingOptions` (seed, steps, cfg, …) override
+        ``options``; the rest go to ``encode`` (mode, budget, width, …)."""
         t0 = time.perf_counter()
-        steps, cfg = self.setting("steps", steps), self.setting("cfg", cfg)
-        check_sampling(steps, cfg, sampler, eta, denoise, init_image, num_images)
-        cond = self.encode(references, prompt, negative_prompt, cfg=cfg, **encode_options)
-        latents = self.sample(
-            cond,
-            seed=seed,
-            steps=steps,
-            cfg=cfg,
-            sampler=sampler,
-            eta=eta,
-            denoise=denoise,
-            init_image=init_image,
-            num_images=num_images,
-            on_step=on_step,
-            is_cancelled=is_cancelled,
-        )
+        names = SamplingOptions.names()
+        overrides = {k: v for k, v in kwargs.items() if k in names}
+        encode_options = {k: v for k, v in kwargs.items() if k not in names}
+        opts = self.sampling_options(options, init_image=init_image, **overrides)
+        cond = self.encode(references, prompt, negative_prompt, cfg=opts.cfg, **encode_options)
+        latents = self.sample(cond, opts, init_image=init_image, on_step=on_step, is_cancelled=is_cancelled)
         images = self.decode(latents, cond.width, cond.height)
         return EditResult(images, cond.plan, time.perf_counter() - t0, latents)

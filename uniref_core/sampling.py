@@ -7,6 +7,7 @@ Every function here is pure (tensors in, tensors out) and computes in fp32.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -109,10 +110,14 @@ def sde_step(
         if noise is None:
             raise ValueError("sde_step needs either noise (to sample) or prev_sample (to score)")
         prev_sample = mean + scale * noise.to(torch.float32)
-    prev32 = prev_sample.detach().to(torch.float32)
-    log_prob = -((prev32 - mean) ** 2) / (2 * scale**2) - torch.log(scale) - 0.5 * math.log(2 * math.pi)
-    log_prob = log_prob.mean(dim=tuple(range(1, log_prob.ndim)))
-    return prev_sample, log_prob, mean, scale
+    return prev_sample, gaussian_log_prob(prev_sample, mean, scale), mean, scale
+
+
+def gaussian_log_prob(sample: torch.Tensor, mean: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """log N(sample; mean, scale²) per element, averaged over all but the batch dim → [B] (fp32)."""
+    s32 = sample.detach().to(torch.float32)
+    log_prob = -((s32 - mean) ** 2) / (2 * scale**2) - torch.log(scale) - 0.5 * math.log(2 * math.pi)
+    return log_prob.mean(dim=tuple(range(1, log_prob.ndim)))
 
 
 def true_cfg(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
@@ -129,3 +134,60 @@ def noise_latents(x0: torch.Tensor, noise: torch.Tensor, sigma) -> torch.Tensor:
     while s.ndim and s.ndim < x0.ndim:
         s = s.unsqueeze(-1)
     return (s * noise.to(torch.float32) + (1 - s) * x0.to(torch.float32)).to(x0.dtype)
+
+
+@dataclass(frozen=True)
+class DenoiseStep:
+    """One step of `denoise_steps`: what the sampler shows and what an RL rollout keeps."""
+
+    index: int  # position in the schedule (0-based)
+    step: int  # 1-based among the steps this run takes
+    total: int  # steps this run takes
+    sigma: float
+    sigma_next: float
+    timestep: torch.Tensor  # σ·1000, as handed to the model
+    x: torch.Tensor  # latents before the step [N, L, C]
+    velocity: torch.Tensor  # the model's (guided) velocity at x
+    x_next: torch.Tensor  # latents after the step
+    log_prob: torch.Tensor | None  # [N]: log-density of x_next under the SDE step; None on an ODE step
+
+    @property
+    def x0(self) -> torch.Tensor:
+        """The clean-image estimate after this step (fp32): x_next − σ_next·v, or x_next at the end."""
+        x = self.x_next.float()
+        return x - self.sigma_next * self.velocity.float() if self.sigma_next > 0 else x
+
+
+def denoise_steps(
+    velocity: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    schedule: Schedule,
+    *,
+    start: int = 0,
+    sde: range = range(0),
+    eta: float = 0.7,
+    generators: Sequence[torch.Generator] = (),
+) -> Iterator[DenoiseStep]:
+    """The one denoising loop: sampling, previews and RL rollouts all iterate it.
+
+    ``velocity(x, timestep)`` is the model call (CFG included); steps ``start``… of ``schedule`` run,
+    those whose run-relative index lies in ``sde`` (and whose σ_next > 0, so no fresh noise is left in
+    the image) take `sde_step` with noise ε drawn per image from ``generators`` (CPU, fp32, one
+    generator per row of ``x``), the others `euler_step`.
+    """
+    total = len(schedule) - start
+    for n, i in enumerate(range(start, len(schedule))):
+        sigma, sigma_next = schedule.sigmas[i], schedule.sigmas[i + 1]
+        timestep = schedule.timesteps[i]
+        v = velocity(x, timestep)
+        log_prob = None
+        if n in sde and sigma_next > 0:
+            eps = torch.cat([torch.randn(x.shape[1:], generator=g, dtype=torch.float32)[None] for g in generators])
+            x_next, _, mean, scale = sde_step(x, v, sigma, sigma_next, eta=eta, noise=eps.to(x.device))
+            x_next = x_next.to(v.dtype)
+            # Scored after the cast, so a policy equal to the rollout's gives a ratio of exactly 1.
+            log_prob = gaussian_log_prob(x_next, mean, scale)
+        else:
+            x_next = euler_step(x, v, sigma, sigma_next)
+        yield DenoiseStep(i, n + 1, total, float(sigma), float(sigma_next), timestep, x, v, x_next, log_prob)
+        x = x_next
