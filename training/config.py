@@ -101,8 +101,25 @@ class LogitNormal:
     pure_noise: float = 0.0
 
 
+class HashedConfig:
+    """A config dataclass whose fields, less ``not_hashed``, decide the trained weights (resume checks)."""
+
+    not_hashed: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def hashed_dict(self) -> dict:
+        """The fields that decide the trained weights (what a resumed run must share)."""
+        return {k: v for k, v in self.to_dict().items() if k not in self.not_hashed}
+
+    def hash(self) -> str:
+        text = json.dumps(self.hashed_dict(), sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 @dataclass
-class SFTConfig:
+class SFTConfig(HashedConfig):
     model: str  # diffusers-format model folder to start from
     train_manifest: list[str]  # one or more ShapeCompose-style JSONL manifests
     stages: list[Stage]
@@ -138,20 +155,12 @@ class SFTConfig:
     log_every: int = 1
     tensorboard: bool = True
 
+    not_hashed = NOT_HASHED
+
     @property
     def total_steps(self) -> int:
         return sum(s.steps for s in self.stages)
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    def hashed_dict(self) -> dict:
-        """The fields that decide the trained weights (what a resumed run must share)."""
-        return {k: v for k, v in self.to_dict().items() if k not in NOT_HASHED}
-
-    def hash(self) -> str:
-        text = json.dumps(self.hashed_dict(), sort_keys=True, default=str)
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -311,18 +320,22 @@ def check_world(cfg: SFTConfig, num_processes: int) -> None:
             )
 
 
-def load_config(path) -> SFTConfig:
-    """Read a ``.json`` or ``.toml`` config file."""
+def read_config_data(path) -> dict:
+    """The plain data of a ``.json`` or ``.toml`` config file (SFT and RL configs alike)."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise ConfigError(f"config file {path} could not be read: {e}") from None
     try:
-        data = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
+        return tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
     except (ValueError, tomllib.TOMLDecodeError) as e:
         raise ConfigError(f"config file {path} is not valid {'TOML' if path.suffix == '.toml' else 'JSON'}: {e}") from None
-    return config_from_dict(data)
+
+
+def load_config(path) -> SFTConfig:
+    """Read a ``.json`` or ``.toml`` SFT config file."""
+    return config_from_dict(read_config_data(path))
 
 
 def diff_configs(old: dict, new: dict, prefix: str = "") -> list[str]:

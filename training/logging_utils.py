@@ -88,32 +88,46 @@ class RunLogger:
 
 def plot_loss(records: list[dict], path, stage_labels: list[str] | None = None) -> Path:
     """Loss against step, one colour per stage (matplotlib when installed, else a plain PIL chart)."""
-    path = Path(path)
     by_stage: dict[int, list[tuple[int, float]]] = {}
     for r in records:
         if "loss" in r and math.isfinite(r["loss"]):
             by_stage.setdefault(r["stage"], []).append((r["step"], r["loss"]))
+
     def label(s: int) -> str:
         return f"stage {s}" + (f" ({stage_labels[s - 1]})" if stage_labels and s <= len(stage_labels) else "")
 
+    return _plot(by_stage, Path(path), label, "flow-matching loss", log_scale=True)
+
+
+def plot_series(records: list[dict], path, prefix: str, ylabel: str) -> Path:
+    """Every ``prefix…`` field of the records against step, one line each (MSGRPO: reward per signal)."""
+    series: dict[str, list[tuple[int, float]]] = {}
+    for r in records:
+        for key, value in r.items():
+            if key.startswith(prefix) and isinstance(value, (int, float)) and math.isfinite(value):
+                series.setdefault(key[len(prefix) :], []).append((r["step"], float(value)))
+    return _plot(series, Path(path), str, ylabel)
+
+
+def _plot(series: dict, path: Path, label, ylabel: str, log_scale: bool = False) -> Path:
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return _plot_pil(by_stage, path, label)
+        return _plot_pil(series, path, label)
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-    for i, (stage, pts) in enumerate(sorted(by_stage.items())):
+    for i, (name, pts) in enumerate(sorted(series.items())):
         xs, ys = zip(*pts)
-        ax.plot(xs, ys, color=STAGE_COLOURS[i % len(STAGE_COLOURS)], lw=1, label=label(stage))
+        ax.plot(xs, ys, color=STAGE_COLOURS[i % len(STAGE_COLOURS)], lw=1, label=label(name))
     ax.set_xlabel("step")
-    ax.set_ylabel("flow-matching loss")
-    ys_all = [y for pts in by_stage.values() for _, y in pts]
-    if ys_all and min(ys_all) > 0 and max(ys_all) / min(ys_all) > 20:
+    ax.set_ylabel(ylabel)
+    ys_all = [y for pts in series.values() for _, y in pts]
+    if log_scale and ys_all and min(ys_all) > 0 and max(ys_all) / min(ys_all) > 20:
         ax.set_yscale("log")  # long runs fall by orders of magnitude; short ones read better linear
     ax.grid(alpha=0.3)
-    if by_stage:
+    if series:
         ax.legend()
     fig.tight_layout()
     fig.savefig(path)
