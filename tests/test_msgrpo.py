@@ -246,3 +246,13 @@ def test_two_processes_take_whole_groups_and_train_like_one(tiny_model, prompts,
     w2 = ckpt_mod.load_tensors(ckpt_mod.complete_checkpoints(tmp_path / "two")[-1], ckpt_mod.TRAINABLE_FILE)
     for name in w1:
         torch.testing.assert_close(w2[name], w1[name], rtol=1e-4, atol=1e-4)
+
+
+def test_shipped_rl_configs_load():
+    from training.rl.config import load_config
+
+    configs = sorted((ROOT / "training" / "configs").glob("msgrpo_*.json"))
+    assert configs
+    for path in configs:
+        cfg = load_config(path)
+        assert cfg.group_size >= 2 and cfg.rewards
