@@ -91,7 +91,8 @@ def test_evaluate_cli_prints_per_k_scores_and_writes_a_grid(tiny_model, tmp_path
     assert result["per_k"]["1"]["n"] == 2 and result["options"] == {"steps": 2, "cfg": 1.0, "budget": 128 * 128}
     assert result["size"] == 128  # a model folder without uniref.json: ShapeCompose's default side
     for means in [*result["per_k"].values(), result["edit"]]:
-        assert all(0.0 <= means[k] <= 1.0 for k in ("per_reference", "instruction", "quality", "overall"))
+        assert all(0.0 <= means[k] <= 1.0 for k in ("per_reference", "per_reference_min", "instruction", "quality", "overall"))
+        assert means["per_reference_min"] <= means["per_reference"]  # the weakest reference of each sample
     with Image.open(grid) as im:  # one row per K and one for the edits
         assert im.height >= 3 * 128
     # The samples of a K are the split's own: the test split never shares a seed with train or val.

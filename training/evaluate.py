@@ -106,7 +106,7 @@ def parse_refs(text: str) -> list[int]:
 
 def _mean_scores(scored: list[dict]) -> dict:
     out = {"n": len(scored)}
-    for key in ("per_reference", "instruction", "quality", "overall"):
+    for key in ("per_reference", "per_reference_min", "instruction", "quality", "overall"):
         out[key] = round(float(np.mean([s[key] for s in scored])), 4) if scored else None
     return out
 
@@ -175,8 +175,9 @@ def evaluate_model(model, split: str, ks: list[int], n: int, seed: int = 0, edit
             out = pipe.edit(s.references, s.instruction, seed=seed + i, mode="budget", width=s.target.width,
                             height=s.target.height, **options).images[0]  # fmt: skip
             sc = score(out, s.spec)
-            scored.append({"per_reference": sc.per_reference_mean, "instruction": sc.instruction,
-                           "quality": sc.quality, "overall": sc.overall})  # fmt: skip
+            # per_reference_min: the weakest reference of the sample (what MSGRPO's "min" aggregation lifts)
+            scored.append({"per_reference": sc.per_reference_mean, "per_reference_min": min(sc.per_reference, default=0.0),
+                           "instruction": sc.instruction, "quality": sc.quality, "overall": sc.overall})  # fmt: skip
             if i < grid_rows:
                 grid.append((s.references, s.target, out))
                 captions.append(f"K={s.k} {s.kind} seed {s.seed}: overall {sc.overall:.2f}")
