@@ -36,7 +36,9 @@ def prompts(tmp_path_factory):
 def rl_config(model, manifest, out, **over) -> dict:
     cfg = {"model": str(model), "train_manifest": manifest, "output_dir": str(out), "steps": 2, "lr": 1e-3,
            "group_size": 3, "groups_per_step": 2, "rollout_steps": 4, "sde_window": [0, 2], "budget": 64,
-           "output_size": 64, "vl_budget": 56, "tensorboard": False, "grid_every": 1, "seed": 1}  # fmt: skip
+           "output_size": 64, "vl_budget": 56, "tensorboard": False, "grid_every": 1, "seed": 1,
+           # A random tiny model often scores 0 on every checker signal; brightness always varies, so groups teach.
+           "rewards": [{"source": "checker"}, {"source": "tests.test_msgrpo:custom_source", "weight": 0.5}]}  # fmt: skip
     cfg.update(over)
     return cfg
 
@@ -116,6 +118,13 @@ def custom_source(offset=0.0):
     return source
 
 
+def constant_source():
+    def source(images, row):
+        return RewardBatch({"same": Signal(np.ones(len(images)))})
+
+    return source
+
+
 def test_reward_plugin_named_by_dotted_path_loads_and_bad_paths_say_what_is_wrong():
     src = load_source("tests.test_msgrpo:custom_source", {"offset": 1.0})
     from PIL import Image
@@ -186,6 +195,7 @@ def test_msgrpo_run_logs_every_source_and_resumes_exactly(tiny_model, prompts, t
                 "reward_std/checker/ref1", "loss"):  # fmt: skip
         assert key in rec and math.isfinite(rec[key]), key
     assert rec["items"] == 2 * 3 * 2  # groups × G × SDE steps in the window (no image dropped)
+    assert rec["groups_without_signal"] == 0 and "reward/tests.test_msgrpo:custom_source/brightness" in rec
     out = tmp_path / "a"
     assert (out / "rewards.png").stat().st_size > 0 and sorted(p.name for p in (out / "rollouts").iterdir())
     log = [json.loads(l) for l in (out / "log.jsonl").read_text().splitlines()]
@@ -256,3 +266,20 @@ def test_shipped_rl_configs_load():
     for path in configs:
         cfg = load_config(path)
         assert cfg.group_size >= 2 and cfg.rewards
+
+
+def test_groups_whose_images_all_score_alike_take_no_step(tiny_model, prompts, tmp_path):
+    """A reward that never varies gives zero advantages: no re-scoring and no optimizer step (Adam would
+    otherwise drift on momentum), and the log says so."""
+    from training import checkpoint as ckpt_mod
+    from training.msgrpo import run
+    from training.rl.config import config_from_dict as rl_from_dict
+    from uniref_core.model import load_components
+
+    cfg = rl_config(tiny_model, prompts, tmp_path / "c", steps=1, grid_every=0,
+                    rewards=[{"source": "tests.test_msgrpo:constant_source"}])  # fmt: skip
+    res = run(rl_from_dict(cfg))
+    assert res.records[0]["groups_without_signal"] == 2 and res.records[0]["items"] == 0
+    after = ckpt_mod.load_tensors(ckpt_mod.complete_checkpoints(tmp_path / "c")[-1], ckpt_mod.TRAINABLE_FILE)
+    before = dict(load_components(tiny_model, device="cpu", dtype="fp32").transformer.named_parameters())
+    assert all(torch.equal(after[k], before[k].detach()) for k in after)

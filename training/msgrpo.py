@@ -67,6 +67,13 @@ class Rollout:
     def keep(self) -> np.ndarray:
         return np.isfinite(self.advantages)
 
+    @property
+    def informative(self) -> bool:
+        """Some kept image has a non-zero advantage. A group whose images all scored alike teaches nothing:
+        it is not re-scored, and a step with no such group takes no optimizer step (Adam's momentum would
+        otherwise keep moving the weights on a zero gradient)."""
+        return bool(self.keep.any() and np.abs(self.advantages[self.keep]).max() > 0)
+
 
 @dataclass
 class RLResult:
@@ -268,14 +275,14 @@ def run(cfg: RLConfig, resume: str | None = None) -> RLResult:
         t_roll = time.perf_counter() - t0
         for r in rollouts:
             score_rollout(r, sources, cfg)
-        local = sum(int(r.keep.sum()) * len(r.steps) for r in rollouts)
+        local = sum(int(r.keep.sum()) * len(r.steps) for r in rollouts if r.informative)
         count = int(_all_reduce_sum(torch.tensor([float(local)]), world)[0])
         stats: dict[str, list[float]] = {}
         for _ in range(cfg.inner_epochs):
             optimizer.zero_grad(set_to_none=False)
             for r in rollouts:
                 n_keep = int(r.keep.sum())
-                if n_keep == 0:
+                if not r.informative:
                     continue
                 for s in r.steps:
                     loss, st = policy_loss(pipe, r, s, cfg, ref_velocity)
@@ -299,12 +306,14 @@ def run(cfg: RLConfig, resume: str | None = None) -> RLResult:
 
         notes = [n for r in rollouts for n in r.rewards.notes]
         parts = _gather((_signal_stats(rollouts), {k: (sum(v), len(v)) for k, v in stats.items()},
-                         sum(int((~r.keep).sum()) for r in rollouts), notes[:5]), world)  # fmt: skip
+                         sum(int((~r.keep).sum()) for r in rollouts), notes[:5],
+                         sum(not r.informative for r in rollouts)), world)  # fmt: skip
         record = {"kind": "train", "step": global_step, "lr": scheduler.get_last_lr()[0], **_merge_stats([p[0] for p in parts])}
         for key in {k for p in parts for k in p[1]}:
             total, n = sum(p[1].get(key, (0, 0))[0] for p in parts), sum(p[1].get(key, (0, 0))[1] for p in parts)
             record[key] = total / n if n else None
-        record.update({"dropped": sum(p[2] for p in parts), "drop_notes": [n for p in parts for n in p[3]], "items": count, "grad_norm": grad_norm,
+        record.update({"dropped": sum(p[2] for p in parts), "drop_notes": [n for p in parts for n in p[3]],
+                       "groups_without_signal": sum(p[4] for p in parts), "items": count, "grad_norm": grad_norm,
                        "rollout_seconds": t_roll, "seconds": time.perf_counter() - t0})  # fmt: skip
         if record.get("loss") is not None and not math.isfinite(record["loss"]):
             raise UniRefError(f"loss is {record['loss']} at step {global_step}: lower lr or keep max_grad_norm; "
