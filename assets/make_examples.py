@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent  # the repository
 sys.path.insert(0, str(ROOT))
 
 from training.build_default import RECIPE  # noqa: E402
-from training.shapecompose import ANCHORED_OBJECT_FRAC, render_background, render_scene, slot_layout  # noqa: E402
+from training.tasks.shapecompose import ANCHORED_OBJECT_FRAC, render_background, render_scene, slot_layout  # noqa: E402
 
 SIZE = 128  # the default model's output side
 SIDE = RECIPE["ref_side"]  # 96: the side of the square references it was trained on

@@ -32,8 +32,8 @@ import torch  # noqa: E402
 
 
 def build_rows(folder: Path, k: int, n: int, cfg, ref_side: int):
-    from training.data import load_rows
-    from training.shapecompose import make_split, write_manifest
+    from training.common.data import load_rows
+    from training.tasks.shapecompose import make_split, write_manifest
 
     samples = make_split("val", n, ks=(k,), kinds=("compose",), ref_side=ref_side)
     manifest = write_manifest(samples, folder / "data")
@@ -43,7 +43,7 @@ def build_rows(folder: Path, k: int, n: int, cfg, ref_side: int):
 
 def step_time(model, batches, bf16: bool) -> float:
     """Seconds of one global step made of ``batches`` (forward + backward of each, gradients summed)."""
-    from training.loss import flow_matching_loss
+    from training.sft.loss import flow_matching_loss
 
     t0 = time.perf_counter()
     for batch, noise, sigma in batches:
@@ -64,9 +64,10 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
 
     from training.build_default import RECIPE
-    from training.config import SFTConfig, Stage
-    from training.data import SampleEncoder, collate
-    from training.loss import draw_noise_and_sigma
+    from training.common.config import Stage
+    from training.sft.config import SFTConfig
+    from training.sft.data import SampleEncoder, collate
+    from training.sft.loss import draw_noise_and_sigma
     from uniref_core.model import load_components
     from uniref_core.tiny import make_tiny_model
 

@@ -19,6 +19,6 @@ fi
   --ref assets/ref_red_circle.png --ref assets/ref_blue_triangle.png --ref assets/ref_background.png \
   --prompt "$PROMPT" --width 128 --height 128 --seed 0 -o out.png "$@"
 if [ -f models/uniref-default/model_index.json ]; then
-  echo "checker scores of out.png (1 = every object right; see training/checker.py):"
+  echo "checker scores of out.png (1 = every object right; see training/tasks/shapecompose/checker.py):"
   .venv/bin/python -m training.checker out.png assets/example_spec.json
 fi

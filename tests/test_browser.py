@@ -297,7 +297,7 @@ def test_template_loads_resolved_and_runs_from_the_run_button(host, page, workfl
     saved = Image.open(io.BytesIO(host.view(images[0]["filename"], images[0]["subfolder"], images[0]["type"])))
     assert saved.size == (OUT_W, OUT_H)
     if TRAINED and workflow.stem == "uniref_multi_compose":
-        from training.checker import score
+        from training.tasks.shapecompose import score
 
         s = score(saved.convert("RGB"), json.loads((ROOT / "assets" / "example_spec.json").read_text()))
         assert min(s.per_reference) >= 0.7 and s.instruction >= 0.7, s

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from training.build_default import RECIPE, VARIANTS, main, shapecompose_info
-from training.config import load_config
-from training.shapecompose import COMPOSE_ORDERS
+from training.sft.config import load_config
+from training.tasks.shapecompose import COMPOSE_ORDERS
 
 WORK = Path("runs/uniref-default")  # the work folder every shipped config's paths lie in
 

@@ -103,7 +103,7 @@ def test_shipped_workflow_composes_the_references_with_the_trained_model(host):
     """The multi-reference workflow exactly as shipped (only the model is picked by its folder name, since
     the tests point the built-in name at a tiny random model): the ShapeCompose checker finds each
     reference's object in its place on Picture 3's background."""
-    from training.checker import score
+    from training.tasks.shapecompose import score
 
     prompt = workflow_prompt(host, ROOT / "workflows" / "uniref_multi_compose.json", overrides={})
     node_of(prompt, "UniRefLoadModel")["inputs"]["model"] = "shipped"

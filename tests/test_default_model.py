@@ -11,8 +11,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from training.checker import score
-from training.shapecompose import render_target
+from training.tasks.shapecompose import render_target, score
 from uniref_core.defaults import SHIPPED_MODEL_DIR
 from uniref_core.model import DEFAULT_KEYS, read_defaults
 

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from training.config import ConfigError
+from training.common.config import ConfigError
 from training.rewards import RewardBatch, RewardError, Signal, check_batch, load_source
 from training.rl.advantages import group_advantages, normalise
 from training.rl.config import config_from_dict
 from training.rl.loss import clipped_policy_loss
-from training.shapecompose import make_split, write_manifest
+from training.tasks.shapecompose import make_split, write_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -183,8 +183,8 @@ def test_bad_rl_config_keys_are_named(over, match):
 def test_msgrpo_run_logs_every_source_and_resumes_exactly(tiny_model, prompts, tmp_path):
     """A 2-step run from a tiny model: per-reference rewards logged, a plot and rollout grids written, a final
     checkpoint; resumed from step 1 it ends with the same weights as the uninterrupted run."""
-    from training import checkpoint as ckpt_mod
-    from training.msgrpo import run
+    from training.common import checkpoint as ckpt_mod
+    from training.rl.trainer import run
     from training.rl.config import config_from_dict as rl_from_dict
 
     cfg = rl_from_dict(rl_config(tiny_model, prompts, tmp_path / "a", save_every=1, keep_checkpoints=5))
@@ -231,8 +231,8 @@ def test_two_processes_take_whole_groups_and_train_like_one(tiny_model, prompts,
     import subprocess
     import sys
 
-    from training import checkpoint as ckpt_mod
-    from training.msgrpo import run
+    from training.common import checkpoint as ckpt_mod
+    from training.rl.trainer import run
     from training.rl.config import config_from_dict as rl_from_dict
 
     run(rl_from_dict(rl_config(tiny_model, prompts, tmp_path / "one", grid_every=0)))
@@ -271,8 +271,8 @@ def test_shipped_rl_configs_load():
 def test_groups_whose_images_all_score_alike_take_no_step(tiny_model, prompts, tmp_path):
     """A reward that never varies gives zero advantages: no re-scoring and no optimizer step (Adam would
     otherwise drift on momentum), and the log says so."""
-    from training import checkpoint as ckpt_mod
-    from training.msgrpo import run
+    from training.common import checkpoint as ckpt_mod
+    from training.rl.trainer import run
     from training.rl.config import config_from_dict as rl_from_dict
     from uniref_core.model import load_components
 

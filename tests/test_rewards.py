@@ -95,7 +95,7 @@ class _Judge(BaseHTTPRequestHandler):
         if colour == "red" or (colour == "green" and _Judge.calls[key] == 1):
             return self._reply(500)
         if colour == "blue":
-            time.sleep(1.0)
+            time.sleep(4.0)  # far beyond the client timeout, even on a loaded machine
         if colour == "black":
             return self._reply(200, "I cannot judge this image.")
         answer = "Score: 8/10" if "Picture" in question and "reference" in question else ("7" if "instruction" in question else "**9**")
@@ -113,7 +113,7 @@ def judge_server():
 
 
 def test_judge_scores_each_reference_and_drops_images_it_could_not_score(judge_server, row):
-    src = load_source("judge", {"endpoint": judge_server, "timeout": 0.4, "retries": 1, "backoff": 0.01})
+    src = load_source("judge", {"endpoint": judge_server, "timeout": 1.5, "retries": 1, "backoff": 0.01})
     images = [Image.new("RGB", (32, 32), c) for c in ("white", "black", "red", "green", "blue")]
     out = check_batch(src(images, row), "judge", 5)
     assert out.failed.tolist() == [False, True, True, False, True]

@@ -1,4 +1,4 @@
-"""SFT trainer on tiny models and small ShapeCompose manifests at 64² (training/sft.py and friends)."""
+"""SFT trainer on tiny models and small ShapeCompose manifests at 64² (training/sft/ and friends)."""
 
 import json
 import os
@@ -12,10 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from training import checkpoint as ckpt_mod
-from training.config import ConfigError, config_from_dict, load_config
-from training.data import BucketSampler, SampleEncoder, collate, layout_key, load_rows, plan_row, shard
-from training.shapecompose import make_split, write_manifest
+from training.common import checkpoint as ckpt_mod
+from training.common.config import ConfigError
+from training.common.data import layout_key, load_rows, plan_row
+from training.sft.config import config_from_dict, load_config
+from training.sft.data import BucketSampler, SampleEncoder, collate, shard
+from training.tasks.shapecompose import make_split, write_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -147,7 +149,7 @@ def test_lora_export_in_comfyui_key_format_merges_to_the_trained_model(tiny_mode
 
     from uniref_core import UniRefPipeline
     from uniref_core.pipeline import predict_velocity
-    from training.trainable import load_trainable_state_dict, setup_transformer
+    from training.common.trainable import load_trainable_state_dict, setup_transformer
 
     cfg, last, lora_file, merged_dir = lora_run
     lora = load_file(lora_file)
@@ -263,7 +265,8 @@ def test_two_processes_give_the_loss_curve_of_one(tiny_model, data, tmp_path):
 KILL_CHILD = """
 import sys, time
 from pathlib import Path
-from training import checkpoint, sft
+from training.common import checkpoint
+from training.sft import trainer
 
 save, marker, stop_at = checkpoint.save_checkpoint, Path(sys.argv[2]), int(sys.argv[3])
 
@@ -275,7 +278,7 @@ def save_then_hang(accelerator, final, **kw):
     return path
 
 checkpoint.save_checkpoint = save_then_hang
-sys.exit(sft.main(["--config", sys.argv[1]]))
+sys.exit(trainer.main(["--config", sys.argv[1]]))
 """
 
 
@@ -324,14 +327,14 @@ def test_sigkill_after_a_checkpoint_then_resume_ends_with_the_same_weights(tiny_
 def test_crash_during_save_leaves_the_previous_checkpoint_loadable(tiny_model, data, tmp_path, monkeypatch):
     out = tmp_path / "crash"
     cfg = make_config(tiny_model, data, out, save_every=1, stages=[make_config(tiny_model, data, out)["stages"][0]])
-    commit = ckpt_mod._commit
+    commit = ckpt_mod.commit
 
-    def crash(tmp, final):
+    def crash(tmp, final, **kw):
         if final.name == "step_00000002":
             raise OSError("disk full (simulated) after the files were written")
-        commit(tmp, final)
+        commit(tmp, final, **kw)
 
-    monkeypatch.setattr(ckpt_mod, "_commit", crash)
+    monkeypatch.setattr(ckpt_mod, "commit", crash)
     with pytest.raises(OSError, match="simulated"):
         run(cfg)
     root = out / ckpt_mod.CHECKPOINTS
@@ -342,7 +345,7 @@ def test_crash_during_save_leaves_the_previous_checkpoint_loadable(tiny_model, d
     assert ckpt_mod.read_state(found)["global_step"] == 1
     assert ckpt_mod.load_tensors(found, ckpt_mod.TRAINABLE_FILE) and ckpt_mod.load_torch(found, ckpt_mod.OPTIMIZER_FILE)
 
-    monkeypatch.setattr(ckpt_mod, "_commit", commit)
+    monkeypatch.setattr(ckpt_mod, "commit", commit)
     from accelerate.state import AcceleratorState, GradientState
 
     AcceleratorState._reset_state(reset_partial_state=True)
@@ -415,8 +418,8 @@ def test_config_errors_name_the_key_and_stage(tiny_model, data, tmp_path, change
 
 def test_pure_noise_share_puts_that_share_of_draws_at_sigma_one():
     """The sampler's first step is at σ = 1; ``pure_noise`` trains there, the plain logit-normal never does."""
-    from training.config import LogitNormal
-    from training.loss import draw_noise_and_sigma
+    from training.sft.config import LogitNormal
+    from training.sft.loss import draw_noise_and_sigma
 
     slots = list(range(400))
     _, plain = draw_noise_and_sigma(0, 0, slots, (4, 64), LogitNormal(0.5, 1.0))
@@ -433,7 +436,7 @@ def test_pure_noise_share_puts_that_share_of_draws_at_sigma_one():
 
 def test_ema_warms_up_so_an_early_average_follows_the_live_weights():
     """With a fixed 0.998 the EMA would still be 55 % random start after 300 steps (early grids: noise)."""
-    from training.trainable import EMA
+    from training.common.trainable import EMA
 
     params = {"w": torch.nn.Parameter(torch.zeros(3))}
     ema = EMA(params, 0.998)

@@ -17,8 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `pytest` without `python -m`
     sys.path.insert(0, str(ROOT))
 
-from training.checker import score  # noqa: E402
-from training.shapecompose import (  # noqa: E402
+from training.tasks.shapecompose import (  # noqa: E402
     BACKGROUNDS,
     COLOURS,
     EDIT_KINDS,
@@ -32,6 +31,7 @@ from training.shapecompose import (  # noqa: E402
     read_manifest,
     render_background,
     render_target,
+    score,
     split_seeds,
     write_manifest,
 )
@@ -339,7 +339,7 @@ def test_anchored_order_fixes_each_picture_role_and_sizes_objects_for_their_slot
     objects sit centred on a flat background at about the size SELF then gives their slot (96 px references
     at budget 128², K = 2, 3), and reading order holds; the checker still passes the ground truth."""
     from uniref_core.budget import plan_references
-    from training.shapecompose import ANCHORED_OBJECT_FRAC
+    from training.tasks.shapecompose import ANCHORED_OBJECT_FRAC
 
     for k in (1, 2, 3, 4):
         for seed in range(TEST + 6000, TEST + 6010):

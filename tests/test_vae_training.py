@@ -25,7 +25,7 @@ def test_vae_learns_to_reconstruct_and_its_latents_are_normalised(tiny_model, tm
         fresh_mean, fresh_std = (np.array(v) for v in latent_stats(trained, seed=7, n_images=32, size=128))
         assert np.abs((fresh_mean - np.array(mean)) / np.array(std)).max() < 0.5
         assert 0.5 < (fresh_std / np.array(std)).min() and (fresh_std / np.array(std)).max() < 2.0
-        from training.shapecompose import make_sample
+        from training.tasks.shapecompose import make_sample
 
         image = make_sample(3, k=1, kind="compose").target
         z = vae_encode(trained, to_pixels(image, 128, 128))

@@ -45,7 +45,8 @@ from pathlib import Path
 
 from uniref_core.errors import UniRefError
 
-from .cli import exit_on_error
+from .common.atomic import atomic_dir
+from .common.cli import exit_on_error
 
 CONFIG = Path(__file__).parent / "configs" / "default_model.json"
 
@@ -91,7 +92,7 @@ def _mark(path: Path, info: dict) -> None:
 #: the full recipe is checked against first (compositions only, one stage at the lowest budget); it shares
 #: the VAE and the start model with the full recipe, so running both trains the VAE once.
 #: "anchored" continues the k123 model (``start``: that variant is built first and exported to
-#: ``<work>/final-k123``) on "anchored" compositions (`training.shapecompose.COMPOSE_ORDERS`): objects
+#: ``<work>/final-k123``) on "anchored" compositions (`training.tasks.shapecompose.COMPOSE_ORDERS`): objects
 #: centred in their references at about the size their slot asks for, a background reference last at K ≥ 2,
 #: K = 3 drawn twice as often as K = 1 or 2. The k123 probe placed objects but did not bind them to pictures.
 VARIANTS = {
@@ -114,8 +115,7 @@ def shapecompose_info(variant: dict) -> dict:
 
 
 def step_data(work: Path, log, variant: dict | None = None) -> None:
-    from .make_shapecompose import make_mixture
-    from .shapecompose import K_TRAIN, write_manifest
+    from .tasks.shapecompose import K_TRAIN, make_mixture, write_manifest
 
     v = {**VARIANTS["full"], **(variant or {})}
     ks = v["ks"] or K_TRAIN
@@ -125,15 +125,12 @@ def step_data(work: Path, log, variant: dict | None = None) -> None:
         final = work / v["data"] / split
         if _done(final):
             continue
-        tmp = final.with_name(split + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        t0 = time.perf_counter()
-        samples = make_mixture(split, n, fraction, ks, RECIPE["size"], order=v.get("order", "reading"),
-                               ref_side=RECIPE["ref_side"])
-        write_manifest(samples, tmp)
-        _mark(tmp, {"samples": n, "seconds": time.perf_counter() - t0})
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
+        with atomic_dir(final) as tmp:
+            t0 = time.perf_counter()
+            samples = make_mixture(split, n, fraction, ks, RECIPE["size"], order=v.get("order", "reading"),
+                                   ref_side=RECIPE["ref_side"])
+            write_manifest(samples, tmp)
+            _mark(tmp, {"samples": n, "seconds": time.perf_counter() - t0})
         log(f"data: {split} {n} samples in {time.perf_counter() - t0:.0f} s")
 
 
@@ -147,9 +144,8 @@ def step_init(work: Path, log) -> Path:
         return init
     base = work / "base"
     if not (base / "model_index.json").is_file():
-        make_tiny_model(base.with_name("base.tmp"), seed=0, transformer=RECIPE["transformer"], vae=RECIPE["vae"])
-        shutil.rmtree(base, ignore_errors=True)
-        base.with_name("base.tmp").rename(base)
+        with atomic_dir(base) as tmp:
+            make_tiny_model(tmp, seed=0, transformer=RECIPE["transformer"], vae=RECIPE["vae"])
     source = base
     for i, phase in enumerate(RECIPE["vae_phases"], start=1):
         vae = work / ("vae" if i == 1 else f"vae{i}")
@@ -157,15 +153,12 @@ def step_init(work: Path, log) -> Path:
             train_vae(source, vae, size=RECIPE["size"], log=log, **phase)
         source = vae
     ceiling = vae_ceiling(source, log)
-    tmp = work / "init.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(base, tmp, ignore=shutil.ignore_patterns("vae"))
-    shutil.copytree(source, tmp / "vae", ignore=shutil.ignore_patterns("train_log.json"))
-    info = {"name": "uniref-default", "defaults": MODEL_DEFAULTS, "shapecompose": {"ref_side": RECIPE["ref_side"]}}
-    (tmp / "uniref.json").write_text(json.dumps(info, indent=1))
-    _mark(tmp, {"vae_ceiling": ceiling})
-    shutil.rmtree(init, ignore_errors=True)
-    tmp.rename(init)
+    with atomic_dir(init) as tmp:
+        shutil.copytree(base, tmp, ignore=shutil.ignore_patterns("vae"))
+        shutil.copytree(source, tmp / "vae", ignore=shutil.ignore_patterns("train_log.json"))
+        info = {"name": "uniref-default", "defaults": MODEL_DEFAULTS, "shapecompose": {"ref_side": RECIPE["ref_side"]}}
+        (tmp / "uniref.json").write_text(json.dumps(info, indent=1))
+        _mark(tmp, {"vae_ceiling": ceiling})
     return init
 
 
@@ -190,9 +183,9 @@ def default_nproc() -> int:
 
 
 def step_sft(config_path: Path, log, nproc: int = 1):
-    from . import checkpoint as ckpt_mod
-    from .config import load_config
+    from .common import checkpoint as ckpt_mod
     from .sft import run
+    from .sft.config import load_config
 
     cfg = load_config(config_path)
     out = Path(cfg.output_dir)
@@ -216,7 +209,7 @@ def step_sft(config_path: Path, log, nproc: int = 1):
 
 
 def stage_end_checkpoints(cfg) -> list[Path]:
-    from . import checkpoint as ckpt_mod
+    from .common import checkpoint as ckpt_mod
 
     return [p for p in ckpt_mod.complete_checkpoints(cfg.output_dir) if ckpt_mod.read_state(p).get("stage_end")]
 

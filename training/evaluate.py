@@ -4,13 +4,13 @@
 
 The CLI makes ``--n`` ShapeCompose compositions per K (K references each, from the split's own seeds),
 plus ``--edits`` single-image edits, edits them with the model at its own defaults (``uniref.json``) or
-the options given, scores every output with ``training.checker`` and prints per-K means as JSON:
+the options given, scores every output with the ShapeCompose checker and prints per-K means as JSON:
 ``per_reference`` (each reference's object: right shape, colour and place), ``instruction``,
 ``quality`` and ``overall``; a PNG grid shows the first ``--grid-rows`` samples of every K.
 
 Sampling is ``UniRefPipeline.edit`` itself, built around the live transformer (``Components`` with the
 training transformer swapped in), so what is evaluated is exactly what inference would produce.
-ShapeCompose rows (a ``spec`` with objects) are scored by ``training.checker.score``.
+ShapeCompose rows (a ``spec`` with objects) are scored by ``training.tasks.shapecompose.score``.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import math
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
@@ -33,12 +34,14 @@ from uniref_core.images import load_image
 from uniref_core.model import Components
 from uniref_core.pipeline import UniRefPipeline
 
-from .cli import exit_on_error
-from .checker import score
-from .config import SFTConfig, Stage
-from .data import Row, target_dims
-from .logging_utils import make_grid
-from .shapecompose import COMPOSE_ORDERS, EDIT_KINDS, K_MAX, SPLIT_SEED_BASE, make_split
+from .common.cli import exit_on_error
+from .common.config import Stage
+from .common.data import Row, target_dims
+from .common.logging_utils import make_grid
+from .tasks.shapecompose import COMPOSE_ORDERS, EDIT_KINDS, K_MAX, SPLIT_SEED_BASE, make_split, score
+
+if TYPE_CHECKING:  # the SFT trainer imports this module: a run-time import of training.sft would be circular
+    from .sft.config import SFTConfig
 
 SCORE_FIELDS = ("per_reference_mean", "instruction", "quality", "overall")
 

@@ -27,9 +27,10 @@ from safetensors.torch import save_file
 from uniref_core.errors import UniRefError
 from uniref_core.model import check_model_folder
 
-from .cli import exit_on_error
-from . import checkpoint as ckpt_mod
-from .trainable import comfy_lora_state_dict, merge_comfy_lora
+from .common import checkpoint as ckpt_mod
+from .common.atomic import atomic_dir
+from .common.cli import exit_on_error
+from .common.trainable import comfy_lora_state_dict, merge_comfy_lora
 
 DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 
@@ -99,24 +100,20 @@ def export(checkpoint, out, lora_only: bool = False, weights: str = "auto", mode
         if missing or unexpected:
             raise UniRefError(f"{ckpt} does not fit {base}'s transformer (missing {missing[:3]}, "
                               f"unexpected {unexpected[:3]})")  # fmt: skip
-    tmp = out.with_name(out.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    shutil.copytree(base, tmp, ignore=shutil.ignore_patterns("transformer"))
-    if dtype != torch.float32:
-        transformer.to(dtype)  # back to the base model's storage dtype (bf16 for the published ones)
-    transformer.save_pretrained(tmp / "transformer", safe_serialization=True)
-    (tmp / "uniref_training.json").write_text(json.dumps({**meta, "weights": used, "checkpoint": str(ckpt)}, indent=1))
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    with atomic_dir(out) as tmp:
+        shutil.copytree(base, tmp, ignore=shutil.ignore_patterns("transformer"))
+        if dtype != torch.float32:
+            transformer.to(dtype)  # back to the base model's storage dtype (bf16 for the published ones)
+        transformer.save_pretrained(tmp / "transformer", safe_serialization=True)
+        (tmp / "uniref_training.json").write_text(json.dumps({**meta, "weights": used, "checkpoint": str(ckpt)},
+                                                             indent=1))  # fmt: skip
     return out
 
 
 @exit_on_error
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training.export", description=__doc__.split("\n")[0])
-    parser.add_argument("--checkpoint", required=True, help="a step_… folder written by training.sft")
+    parser.add_argument("--checkpoint", required=True, help="a step_… folder written by training.sft or training.msgrpo")
     parser.add_argument("--out", required=True, help="model folder to write, or the .safetensors file with --lora-only")
     parser.add_argument("--lora-only", action="store_true", help="write only the LoRA, in ComfyUI's key format")
     parser.add_argument("--weights", choices=("auto", "ema", "live"), default="auto",

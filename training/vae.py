@@ -28,8 +28,9 @@ import torch
 from uniref_core.errors import UniRefError
 from uniref_core.latents import to_images, to_pixels
 
-from .cli import exit_on_error
-from .shapecompose import COMPOSE_ORDERS, K_TRAIN, make_sample
+from .common.atomic import atomic_dir
+from .common.cli import exit_on_error
+from .tasks.shapecompose import COMPOSE_ORDERS, K_TRAIN, make_sample
 
 
 def _random_images(rng: np.random.Generator, size: int):
@@ -113,9 +114,8 @@ def reconstruction_ceiling(vae, size: int = 128, ks=(1, 2, 3, 4, 5, 6, 8), n: in
     No transformer can score above what its VAE gives back for the ground truth itself, so this is the
     ceiling of any model built on ``vae``: {K: {"per_reference", "instruction"}} (means, in [0, 1]).
     """
-    from .checker import score
     from .evaluate import SEED_STRIDE
-    from .shapecompose import make_split
+    from .tasks.shapecompose import make_split, score
 
     out = {}
     for k in ks:
@@ -184,14 +184,9 @@ def train_vae(model_dir, out_dir, steps: int = 1500, batch_size: int = 8, crop: 
     vae.eval()
     mean, std = latent_stats(vae, seed + 1, 256, size)
     vae.register_to_config(latents_mean=mean, latents_std=std)
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    vae.save_pretrained(tmp, safe_serialization=True)
-    (tmp / "train_log.json").write_text(json.dumps(records))
-    if out_dir.exists():
-        import shutil
-
-        shutil.rmtree(out_dir)
-    tmp.rename(out_dir)
+    with atomic_dir(out_dir) as tmp:
+        vae.save_pretrained(tmp, safe_serialization=True)
+        (tmp / "train_log.json").write_text(json.dumps(records))
     log(f"vae: {steps} steps in {time.perf_counter() - t0:.0f} s, final L1 {records[-1]['l1']:.4f} → {out_dir}")
     return out_dir
 

@@ -1,7 +1,7 @@
 """Reward sources for MSGRPO: each scores a group's images and returns NAMED signals, one per thing it judges.
 
 A source is a callable ``source(images, row) -> RewardBatch``: ``images`` are the G PIL images of one group
-(same references, different noise), ``row`` the prompt they were made for (`training.data.Row`: references,
+(same references, different noise), ``row`` the prompt they were made for (`training.common.data.Row`: references,
 instruction, ShapeCompose ``spec`` when there is one). Each signal is one float per image, with a role:
 
 - ``"reference"`` (with its 1-based ``reference`` index): how well the image keeps that reference;

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..checker import score
+from ..tasks.shapecompose import score
 from . import RewardBatch, RewardError, Signal
 
 
 def checker_source():
-    """Scores each image against its row's ShapeCompose spec (`training.checker.score`)."""
+    """Scores each image against its row's ShapeCompose spec (`training.tasks.shapecompose.score`)."""
 
     def source(images, row) -> RewardBatch:
         spec = getattr(row, "spec", None)

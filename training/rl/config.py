@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..config import (
+from ..common.config import (
     MIXED_PRECISION,
     ConfigError,
     HashedConfig,
@@ -28,6 +28,7 @@ from ..config import (
     Stage,
     _area,
     _check_keys,
+    _lora,
     _paths,
     _positive,
     read_config_data,
@@ -85,7 +86,7 @@ class RLConfig(HashedConfig):
 
     not_hashed = NOT_HASHED
 
-    # What the shared data loader asks of a config (`training.data.load_rows`): one stage.
+    # What the shared data loader asks of a config (`training.common.data.load_rows`): one stage.
     @property
     def stages(self) -> list[Stage]:
         return [Stage(budget=self.budget or 1, steps=self.steps, lr=self.lr,
@@ -134,12 +135,7 @@ def config_from_dict(data: dict) -> RLConfig:
     if not isinstance(rewards, list) or not rewards:
         raise ConfigError("rewards is empty: give at least one source, e.g. [{\"source\": \"checker\"}]")
     kw["rewards"] = [_reward(r, i) for i, r in enumerate(rewards)]
-    if data.get("lora") is not None:
-        if not isinstance(data["lora"], dict):
-            raise ConfigError("lora must be an object {rank, alpha, targets} or null for a full fine-tune")
-        _check_keys(data["lora"], LoraSettings, "lora")
-        kw["lora"] = LoraSettings(**data["lora"])
-        _positive(kw["lora"].rank, "lora", "rank")
+    kw["lora"] = _lora(data.get("lora"))
     if "betas" in data:
         kw["betas"] = tuple(data["betas"])
     for key in ("budget", "output_size", "vl_budget"):

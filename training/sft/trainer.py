@@ -16,11 +16,9 @@ The run, top to bottom:
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import math
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,14 +28,17 @@ import torch
 from uniref_core.errors import UniRefError
 from uniref_core.model import check_model_folder, load_components
 
-from .cli import exit_on_error
-from . import checkpoint as ckpt_mod
-from .config import SFTConfig, Stage, check_world, load_config, micro_batch_size
-from .data import BucketSampler, SampleEncoder, collate, layout_key, load_rows, plan_row, shard
-from .evaluate import evaluate
-from .logging_utils import PLOT_FILE, RunLogger, plot_loss
+from ..common import checkpoint as ckpt_mod
+from ..common.cli import exit_on_error, trainer_main
+from ..common.config import Stage
+from ..common.data import layout_key, load_rows, plan_row
+from ..common.logging_utils import PLOT_FILE, RunLogger, plot_loss
+from ..common.schedules import lr_multiplier
+from ..common.trainable import EMA, load_trainable_state_dict, named_trainable, setup_transformer, trainable_state_dict
+from ..evaluate import evaluate
+from .config import SFTConfig, check_world, load_config, micro_batch_size
+from .data import BucketSampler, SampleEncoder, collate, shard
 from .loss import draw_noise_and_sigma, flow_matching_loss
-from .trainable import EMA, load_trainable_state_dict, named_trainable, setup_transformer, trainable_state_dict
 
 
 @dataclass
@@ -49,20 +50,10 @@ class RunResult:
     checkpoint: Path | None = None  # the last one written
 
 
-def lr_multiplier(stage: Stage, cfg: SFTConfig):
-    """Warmup (linear from 1/(w+1)) then constant, or cosine to 0 at the stage's last step."""
+def stage_lr_multiplier(stage: Stage, cfg: SFTConfig):
+    """The stage's schedule: its own warmup and schedule where it sets them, else the config's."""
     warmup = cfg.warmup if stage.warmup is None else stage.warmup
-    schedule = stage.schedule or cfg.schedule
-
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        if schedule == "cosine":
-            progress = (step - warmup) / max(stage.steps - warmup, 1)
-            return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
-        return 1.0
-
-    return f
+    return lr_multiplier(stage.steps, warmup, stage.schedule or cfg.schedule)
 
 
 def _position(state: dict, cfg: SFTConfig) -> tuple[int, int, int]:
@@ -178,7 +169,7 @@ def run(cfg: SFTConfig, resume: str | None = None) -> RunResult:
                                   weight_decay=cfg.weight_decay)  # fmt: skip
         # Not prepared by accelerate: its scheduler wrapper steps once per process, which would make the
         # LR curve depend on the process count.
-        scheduler = torch.optim.lr_scheduler.LambdaLR(inner, lr_multiplier(stage, cfg))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(inner, stage_lr_multiplier(stage, cfg))
         if first > 0:
             inner.load_state_dict(ckpt_mod.load_optimizer(ckpt, rank))
             scheduler.load_state_dict(ckpt_mod.load_torch(ckpt, ckpt_mod.SCHEDULER_FILE))
@@ -302,16 +293,6 @@ def run_eval(accelerator, cfg, components, transformer, ema, params, rows, stage
 
 @exit_on_error
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m training.sft", description=__doc__.split("\n")[0])
-    parser.add_argument("--config", required=True, help="JSON or TOML config (see training/config.py)")
-    parser.add_argument("--resume", default=None, help="'auto' (newest checkpoint of output_dir, if any) or a "
-                        "checkpoint folder")  # fmt: skip
-    args = parser.parse_args(argv)
-    result = run(load_config(args.config), resume=args.resume)
-    if result.is_main:
-        print(f"done: {result.global_step} steps; outputs in {result.output_dir}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    return trainer_main(argv, prog="python -m training.sft", description=__doc__.split("\n")[0],
+                        config_help="JSON or TOML config (see training/sft/config.py)", load_config=load_config,
+                        run=run)  # fmt: skip

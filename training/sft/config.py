@@ -25,64 +25,29 @@ rectangle's area, a number ≥ 65536 a pixel count (`uniref_core.budget.parse_ar
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
-import hashlib
-import json
-import math
-import tomllib
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from uniref_core.budget import parse_area
-from uniref_core.errors import UniRefError
+from ..common.config import (
+    MIXED_PRECISION,
+    ConfigError,
+    HashedConfig,
+    LoraSettings,
+    Stage,
+    _area,
+    _check_keys,
+    _lora,
+    _paths,
+    _positive,
+    read_config_data,
+)
+from ..common.schedules import SCHEDULES
 
-# Linear layers of QwenImageTransformer2DModel's blocks (diffusers transformer_qwenimage.py): joint
-# attention projections of both streams and both MLPs. ComfyUI's qwen_image model uses the same names.
-DEFAULT_LORA_TARGETS = (
-    "to_q", "to_k", "to_v", "to_out.0",
-    "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
-    "img_mlp.net.0.proj", "img_mlp.net.2", "txt_mlp.net.0.proj", "txt_mlp.net.2",
-)  # fmt: skip
-SCHEDULES = ("constant", "cosine")
-MIXED_PRECISION = ("no", "bf16")
 # Keys that change how a run is watched or stored, not the weights it produces: a resume may change them.
 # The model is checked by its fingerprint instead of its path, so a moved model folder still resumes.
 NOT_HASHED = (
     "model", "output_dir", "cache_text_embeddings", "cache_latents", "save_every", "keep_checkpoints",
     "eval_every", "eval_samples", "eval_steps", "eval_cfg", "log_every", "tensorboard", "val_manifest",
 )  # fmt: skip
-
-
-class ConfigError(UniRefError):
-    """A config that cannot be trained; the message names the key and the fix."""
-
-
-@dataclass
-class Stage:
-    """One step of the progressive-budget ladder."""
-
-    budget: int  # reference pixel budget (areas parse like "1024" → 1024²)
-    steps: int  # optimizer steps in this stage
-    lr: float
-    batch_size: int  # global batch: the same whatever the number of processes
-    output_size: int | None = None  # target area; None trains each target at its own size
-    micro_batch_size: int | None = None  # None: the top-level ``micro_batch_size``
-    warmup: int | None = None  # None: the top-level ``warmup``
-    schedule: str | None = None  # None: the top-level ``schedule``
-
-    @property
-    def label(self) -> str:
-        side = math.isqrt(self.budget)
-        return f"{side}²" if side * side == self.budget else f"{self.budget}px"
-
-
-@dataclass
-class LoraSettings:
-    rank: int = 16
-    alpha: float = 16.0
-    targets: list[str] = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
-    dropout: float = 0.0
 
 
 @dataclass
@@ -99,23 +64,6 @@ class LogitNormal:
     mean: float = 0.0
     std: float = 1.0
     pure_noise: float = 0.0
-
-
-class HashedConfig:
-    """A config dataclass whose fields, less ``not_hashed``, decide the trained weights (resume checks)."""
-
-    not_hashed: tuple[str, ...] = ()
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    def hashed_dict(self) -> dict:
-        """The fields that decide the trained weights (what a resumed run must share)."""
-        return {k: v for k, v in self.to_dict().items() if k not in self.not_hashed}
-
-    def hash(self) -> str:
-        text = json.dumps(self.hashed_dict(), sort_keys=True, default=str)
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 @dataclass
@@ -142,7 +90,7 @@ class SFTConfig(HashedConfig):
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     max_grad_norm: float | None = 1.0
-    # Samples per forward pass, all of ONE layout (see data.layout_key). A global batch is
+    # Samples per forward pass, all of ONE layout (see common.data.layout_key). A global batch is
     # batch_size / micro_batch_size micro-batches, each drawn from its own layout bucket; a process
     # accumulates gradients over its share of them. 1 lets every sample keep its own layout.
     micro_batch_size: int = 1
@@ -162,38 +110,9 @@ class SFTConfig(HashedConfig):
         return sum(s.steps for s in self.stages)
 
 
-
 # --------------------------------------------------------------------------------------------------
 # Loading and checking
 # --------------------------------------------------------------------------------------------------
-
-
-def _check_keys(data: dict, cls, where: str) -> None:
-    known = [f.name for f in dataclasses.fields(cls)]
-    for key in data:
-        if key not in known:
-            close = difflib.get_close_matches(key, known, n=1)
-            hint = f"did you mean {close[0]!r}?" if close else f"known keys: {', '.join(known)}"
-            raise ConfigError(f"unknown config key {key!r} in {where}: {hint}")
-
-
-def _area(value, where: str, key: str, allow_none: bool = False) -> int | None:
-    if value is None and allow_none:
-        return None
-    try:
-        area = parse_area(value)
-    except UniRefError:
-        raise ConfigError(f"{where}: {key} is {value!r}: write 1024 (for 1024²), 1536x1024 or a pixel count") from None
-    if area <= 0:
-        raise ConfigError(f"{where}: {key} is {value!r}: give a positive size such as 1024 (for 1024²)")
-    return area
-
-
-def _positive(value, where: str, key: str, kind=int, minimum=1) -> None:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or (kind is int and int(value) != value):
-        raise ConfigError(f"{where}: {key} is {value!r}: it must be a {'whole number' if kind is int else 'number'}")
-    if value < minimum:
-        raise ConfigError(f"{where}: {key} is {value!r}: it must be at least {minimum}")
 
 
 def _stage(data, i: int) -> Stage:
@@ -227,16 +146,6 @@ def _stage(data, i: int) -> Stage:
     return stage
 
 
-def _paths(value, key: str) -> list[str]:
-    if value is None:
-        return []
-    if isinstance(value, str):
-        return [value]
-    if isinstance(value, list) and all(isinstance(v, str) for v in value):
-        return list(value)
-    raise ConfigError(f"{key} must be a path or a list of paths, got {value!r}")
-
-
 def config_from_dict(data: dict) -> SFTConfig:
     """Build and check a config from plain data (what JSON/TOML give)."""
     if not isinstance(data, dict):
@@ -255,15 +164,9 @@ def config_from_dict(data: dict) -> SFTConfig:
     kwargs["val_manifest"] = _paths(data.get("val_manifest"), "val_manifest")
     if not kwargs["train_manifest"]:
         raise ConfigError("train_manifest is empty: give the JSONL manifest(s) to train on")
-    lora = data.get("lora")
-    if lora is not None:
-        if not isinstance(lora, dict):
-            raise ConfigError("lora must be an object {rank, alpha, targets} or null for a full fine-tune")
-        _check_keys(lora, LoraSettings, "lora")
-        kwargs["lora"] = LoraSettings(**lora)
-        _positive(kwargs["lora"].rank, "lora", "rank")
-        if not kwargs["lora"].targets:
-            raise ConfigError("lora.targets is empty: name the linear layers to adapt, e.g. to_q, to_k, to_v")
+    kwargs["lora"] = _lora(data.get("lora"))
+    if kwargs["lora"] is not None and not kwargs["lora"].targets:
+        raise ConfigError("lora.targets is empty: name the linear layers to adapt, e.g. to_q, to_k, to_v")
     ln = data.get("logit_normal", {})
     if not isinstance(ln, dict):
         raise ConfigError("logit_normal must be an object {mean, std}")
@@ -320,33 +223,6 @@ def check_world(cfg: SFTConfig, num_processes: int) -> None:
             )
 
 
-def read_config_data(path) -> dict:
-    """The plain data of a ``.json`` or ``.toml`` config file (SFT and RL configs alike)."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise ConfigError(f"config file {path} could not be read: {e}") from None
-    try:
-        return tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
-    except (ValueError, tomllib.TOMLDecodeError) as e:
-        raise ConfigError(f"config file {path} is not valid {'TOML' if path.suffix == '.toml' else 'JSON'}: {e}") from None
-
-
 def load_config(path) -> SFTConfig:
     """Read a ``.json`` or ``.toml`` SFT config file."""
     return config_from_dict(read_config_data(path))
-
-
-def diff_configs(old: dict, new: dict, prefix: str = "") -> list[str]:
-    """Human-readable differences between two hashed config dicts: 'stages[0].lr: 0.0001 → 0.0002'."""
-    out = []
-    if isinstance(old, dict) and isinstance(new, dict):
-        for key in sorted(set(old) | set(new)):
-            out += diff_configs(old.get(key), new.get(key), f"{prefix}.{key}" if prefix else key)
-    elif isinstance(old, (list, tuple)) and isinstance(new, (list, tuple)) and len(old) == len(new):
-        for i, (a, b) in enumerate(zip(old, new)):
-            out += diff_configs(a, b, f"{prefix}[{i}]")
-    elif old != new:
-        out.append(f"{prefix}: {old!r} → {new!r}")
-    return out

@@ -11,15 +11,14 @@ A checkpoint is a folder ``<output_dir>/checkpoints/step_00000042/`` holding
 - ``state.json`` (written last): data position (stage, step), config hash and hashed config, model
   fingerprint.
 
-It is written into ``step_….tmp`` (each file fsynced), then renamed: a crash at any point leaves the
-previous checkpoints as they were and at worst a ``.tmp`` folder that is ignored and replaced later.
+It is written into ``step_….tmp`` (each file fsynced), then renamed (`atomic.commit`): a crash at any point
+leaves the previous checkpoints as they were and at worst a ``.tmp`` folder that is ignored and replaced later.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 import re
 import shutil
@@ -33,7 +32,8 @@ from safetensors.torch import load_file, save_file
 
 from uniref_core.errors import UniRefError
 
-from .config import SFTConfig, diff_configs
+from .atomic import commit, fsync, tmp_path
+from .config import HashedConfig, diff_configs
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "state.json"
@@ -114,45 +114,27 @@ def checkpoint_path(output_dir, step: int) -> Path:
     return Path(output_dir) / CHECKPOINTS / f"step_{step:08d}"
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_json(path: Path, data) -> None:
     path.write_text(json.dumps(data, indent=1, sort_keys=True))
-    _fsync(path)
+    fsync(path)
 
 
 def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
-    _fsync(path)
+    fsync(path)
 
 
 def _torch_save(path: Path, obj) -> None:
     torch.save(obj, path)
-    _fsync(path)
-
-
-def _commit(tmp: Path, final: Path) -> None:
-    """Move the finished ``tmp`` folder into place (one rename; an older copy of ``final`` goes last)."""
-    old = final.with_name(final.name + ".old")
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    _fsync(final.parent)
-    if old.exists():
-        shutil.rmtree(old)
+    fsync(path)
 
 
 def save_checkpoint(accelerator, final: Path, *, trainable, ema, optimizer, scheduler, state: dict,
                     sharded_optimizer: bool = False) -> Path:  # fmt: skip
     """Write a checkpoint atomically from all processes (each writes its RNG state, and under FSDP its
-    optimizer shard; the main process the rest)."""
-    tmp = final.with_name(final.name + ".tmp")
+    optimizer shard; the main process the rest). Not `atomic.atomic_dir`: every process writes into the
+    folder between barriers, and only the main one creates and commits it."""
+    tmp = tmp_path(final)
     if accelerator.is_main_process:
         if tmp.exists():
             shutil.rmtree(tmp)  # left by a crash during an earlier save
@@ -171,8 +153,8 @@ def save_checkpoint(accelerator, final: Path, *, trainable, ema, optimizer, sche
                 _torch_save(tmp / OPTIMIZER_FILE, optimizer)
             _torch_save(tmp / SCHEDULER_FILE, scheduler)
         _write_json(tmp / STATE_FILE, {**state, "saved_at": time.time()})
-        _fsync(tmp)
-        _commit(tmp, final)
+        fsync(tmp)
+        commit(tmp, final, durable=True)
     accelerator.wait_for_everyone()
     return final
 
@@ -215,7 +197,7 @@ def find_checkpoint(resume: str, output_dir) -> Path | None:
     return path
 
 
-def check_resume(path: Path, state: dict, cfg: SFTConfig, fingerprint: str) -> None:
+def check_resume(path: Path, state: dict, cfg: HashedConfig, fingerprint: str) -> None:
     """Refuse a checkpoint of another model or another config, saying which differs."""
     problems = []
     if state["model"]["fingerprint"] != fingerprint:

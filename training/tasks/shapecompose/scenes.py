@@ -2,7 +2,7 @@
 
 Every sample is deterministic from an integer seed. A sample is a list of reference images (each its
 own size), an instruction naming "Picture k" for every reference, the target image (``size`` x
-``size``), and a machine-readable ``spec`` that `training.checker` scores any output against.
+``size``), and a machine-readable ``spec`` that `checker.score` scores any output against.
 
 Kinds
 -----

@@ -7,19 +7,14 @@ sampling uses too) at timestep σ·1000, and the loss is the MSE on the target t
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from uniref_core.pipeline import predict_velocity
 from uniref_core.sampling import noise_latents
 
+from ..common.seeds import sample_seed
 from .config import LogitNormal
 from .data import Batch
-
-
-def sample_seed(seed: int, step: int, slot: int) -> int:
-    """A generator seed for one slot of one global batch: independent of process count and rank."""
-    return int(np.random.SeedSequence([seed, step, slot]).generate_state(1, np.uint64)[0] >> 1)
 
 
 def draw_noise_and_sigma(seed: int, step: int, slots: list[int], shape, dist: LogitNormal):

@@ -1,0 +1,38 @@
+"""What every training command does with a UniRefError (one line on stderr that names the problem, exit 2),
+and the command line the two trainers share."""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+
+from uniref_core.errors import UniRefError
+
+
+def exit_on_error(main):
+    """Wrap a ``main(argv) -> int`` so a UniRefError prints ``error: …`` instead of a stack trace."""
+
+    @functools.wraps(main)
+    def wrapper(argv=None) -> int:
+        try:
+            return main(argv)
+        except UniRefError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+
+    return wrapper
+
+
+def trainer_main(argv, *, prog: str, description: str, config_help: str, load_config, run) -> int:
+    """``--config`` and ``--resume``, then ``run(load_config(config), resume)``; the main process says where
+    the outputs went (``run``'s result has ``is_main``, ``global_step`` and ``output_dir``)."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--config", required=True, help=config_help)
+    parser.add_argument("--resume", default=None, help="'auto' (newest checkpoint of output_dir, if any) or a "
+                        "checkpoint folder")  # fmt: skip
+    args = parser.parse_args(argv)
+    result = run(load_config(args.config), resume=args.resume)
+    if result.is_main:
+        print(f"done: {result.global_step} steps; outputs in {result.output_dir}")
+    return 0

@@ -1,0 +1,160 @@
+"""Config pieces the SFT and RL configs share: the error type, the hash that guards a resume, the stage
+the shared data loader reads, LoRA settings, the key and value checks, and reading JSON or TOML.
+
+Sizes (``budget``, ``output_size``, ``vl_budget``) are areas: 256 means 256², "1536x1024" a
+rectangle's area, a number ≥ 65536 a pixel count (`uniref_core.budget.parse_area`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import math
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from uniref_core.budget import parse_area
+from uniref_core.errors import UniRefError
+
+# Linear layers of QwenImageTransformer2DModel's blocks (diffusers transformer_qwenimage.py): joint
+# attention projections of both streams and both MLPs. ComfyUI's qwen_image model uses the same names.
+DEFAULT_LORA_TARGETS = (
+    "to_q", "to_k", "to_v", "to_out.0",
+    "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
+    "img_mlp.net.0.proj", "img_mlp.net.2", "txt_mlp.net.0.proj", "txt_mlp.net.2",
+)  # fmt: skip
+MIXED_PRECISION = ("no", "bf16")
+
+
+class ConfigError(UniRefError):
+    """A config that cannot be trained; the message names the key and the fix."""
+
+
+@dataclass
+class Stage:
+    """One step of the progressive-budget ladder (an RL config is one stage: ``RLConfig.stages``), what the
+    shared row loader (`common.data.load_rows`) checks every row against."""
+
+    budget: int  # reference pixel budget (areas parse like "1024" → 1024²)
+    steps: int  # optimizer steps in this stage
+    lr: float
+    batch_size: int  # global batch: the same whatever the number of processes
+    output_size: int | None = None  # target area; None trains each target at its own size
+    micro_batch_size: int | None = None  # None: the top-level ``micro_batch_size``
+    warmup: int | None = None  # None: the top-level ``warmup``
+    schedule: str | None = None  # None: the top-level ``schedule``
+
+    @property
+    def label(self) -> str:
+        side = math.isqrt(self.budget)
+        return f"{side}²" if side * side == self.budget else f"{self.budget}px"
+
+
+@dataclass
+class LoraSettings:
+    rank: int = 16
+    alpha: float = 16.0
+    targets: list[str] = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
+    dropout: float = 0.0
+
+
+class HashedConfig:
+    """A config dataclass whose fields, less ``not_hashed``, decide the trained weights (resume checks)."""
+
+    not_hashed: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def hashed_dict(self) -> dict:
+        """The fields that decide the trained weights (what a resumed run must share)."""
+        return {k: v for k, v in self.to_dict().items() if k not in self.not_hashed}
+
+    def hash(self) -> str:
+        text = json.dumps(self.hashed_dict(), sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading and checking
+# --------------------------------------------------------------------------------------------------
+
+
+def _check_keys(data: dict, cls, where: str) -> None:
+    known = [f.name for f in dataclasses.fields(cls)]
+    for key in data:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"known keys: {', '.join(known)}"
+            raise ConfigError(f"unknown config key {key!r} in {where}: {hint}")
+
+
+def _area(value, where: str, key: str, allow_none: bool = False) -> int | None:
+    if value is None and allow_none:
+        return None
+    try:
+        area = parse_area(value)
+    except UniRefError:
+        raise ConfigError(f"{where}: {key} is {value!r}: write 1024 (for 1024²), 1536x1024 or a pixel count") from None
+    if area <= 0:
+        raise ConfigError(f"{where}: {key} is {value!r}: give a positive size such as 1024 (for 1024²)")
+    return area
+
+
+def _positive(value, where: str, key: str, kind=int, minimum=1) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or (kind is int and int(value) != value):
+        raise ConfigError(f"{where}: {key} is {value!r}: it must be a {'whole number' if kind is int else 'number'}")
+    if value < minimum:
+        raise ConfigError(f"{where}: {key} is {value!r}: it must be at least {minimum}")
+
+
+def _lora(data) -> LoraSettings | None:
+    """A config's ``lora`` value checked: None (a full fine-tune) or the adapters' settings."""
+    if data is None:
+        return None
+    if not isinstance(data, dict):
+        raise ConfigError("lora must be an object {rank, alpha, targets} or null for a full fine-tune")
+    _check_keys(data, LoraSettings, "lora")
+    lora = LoraSettings(**data)
+    _positive(lora.rank, "lora", "rank")
+    return lora
+
+
+def _paths(value, key: str) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return list(value)
+    raise ConfigError(f"{key} must be a path or a list of paths, got {value!r}")
+
+
+def read_config_data(path) -> dict:
+    """The plain data of a ``.json`` or ``.toml`` config file (SFT and RL configs alike)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"config file {path} could not be read: {e}") from None
+    try:
+        return tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
+    except (ValueError, tomllib.TOMLDecodeError) as e:
+        raise ConfigError(f"config file {path} is not valid {'TOML' if path.suffix == '.toml' else 'JSON'}: {e}") from None
+
+
+def diff_configs(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Human-readable differences between two hashed config dicts: 'stages[0].lr: 0.0001 → 0.0002'."""
+    out = []
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in sorted(set(old) | set(new)):
+            out += diff_configs(old.get(key), new.get(key), f"{prefix}.{key}" if prefix else key)
+    elif isinstance(old, (list, tuple)) and isinstance(new, (list, tuple)) and len(old) == len(new):
+        for i, (a, b) in enumerate(zip(old, new)):
+            out += diff_configs(a, b, f"{prefix}[{i}]")
+    elif old != new:
+        out.append(f"{prefix}: {old!r} → {new!r}")
+    return out

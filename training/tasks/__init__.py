@@ -1,0 +1,1 @@
+"""Synthetic training tasks, each a package of its own that imports nothing from the trainers."""
