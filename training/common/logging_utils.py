@@ -99,17 +99,26 @@ def plot_loss(records: list[dict], path, stage_labels: list[str] | None = None) 
     return _plot(by_stage, Path(path), label, "flow-matching loss", log_scale=True)
 
 
-def plot_series(records: list[dict], path, prefix: str, ylabel: str) -> Path:
+def moving_average(values: list[float], window: int) -> list[float]:
+    """Trailing mean over up to ``window`` values (the first points average what there is)."""
+    out, acc = [], 0.0
+    for i, v in enumerate(values):
+        acc += v - (values[i - window] if i >= window else 0.0)
+        out.append(acc / min(i + 1, window))
+    return out
+
+
+def plot_series(records: list[dict], path, prefix: str, ylabel: str, smooth: int = 1) -> Path:
     """Every ``prefix…`` field of the records against step, one line each (MSGRPO: reward per signal)."""
     series: dict[str, list[tuple[int, float]]] = {}
     for r in records:
         for key, value in r.items():
             if key.startswith(prefix) and isinstance(value, (int, float)) and math.isfinite(value):
                 series.setdefault(key[len(prefix) :], []).append((r["step"], float(value)))
-    return _plot(series, Path(path), str, ylabel)
+    return _plot(series, Path(path), str, ylabel, smooth=smooth)
 
 
-def _plot(series: dict, path: Path, label, ylabel: str, log_scale: bool = False) -> Path:
+def _plot(series: dict, path: Path, label, ylabel: str, log_scale: bool = False, smooth: int = 1) -> Path:
     try:
         import matplotlib
 
@@ -120,7 +129,12 @@ def _plot(series: dict, path: Path, label, ylabel: str, log_scale: bool = False)
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
     for i, (name, pts) in enumerate(sorted(series.items())):
         xs, ys = zip(*pts)
-        ax.plot(xs, ys, color=STAGE_COLOURS[i % len(STAGE_COLOURS)], lw=1, label=label(name))
+        colour = STAGE_COLOURS[i % len(STAGE_COLOURS)]
+        if smooth > 1:  # RL rewards swing with each step's prompts: raw faint, the trailing mean drawn over it
+            ax.plot(xs, ys, color=colour, lw=0.6, alpha=0.3)
+            ax.plot(xs, moving_average(list(ys), smooth), color=colour, lw=1.5, label=f"{label(name)} (mean of {smooth})")
+        else:
+            ax.plot(xs, ys, color=colour, lw=1, label=label(name))
     ax.set_xlabel("step")
     ax.set_ylabel(ylabel)
     ys_all = [y for pts in series.values() for _, y in pts]

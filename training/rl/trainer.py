@@ -47,6 +47,7 @@ from .config import RLConfig, check_world, load_config
 from .loss import clipped_policy_loss, kl_to_reference
 
 REWARD_PLOT = "rewards.png"
+REWARD_SMOOTH = 10  # steps in the plotted trailing mean
 
 
 @dataclass
@@ -330,7 +331,8 @@ def run(cfg: RLConfig, resume: str | None = None) -> RLResult:
     bar.close()
     result.global_step = global_step
     if main:
-        plot_series(log.records(), out / REWARD_PLOT, prefix="reward/", ylabel="reward (mean over kept images)")
+        plot_series(log.records(), out / REWARD_PLOT, prefix="reward/", ylabel="reward (mean over kept images)",
+                    smooth=REWARD_SMOOTH)
     log.close()
     accelerator.wait_for_everyone()
     accelerator.end_training()
