@@ -107,6 +107,10 @@ VARIANTS["anchored"] = {"config": CONFIG.with_name("default_model_anchored.json"
 # picture's colour and slot but not yet its shape).
 VARIANTS["anchored2"] = {**VARIANTS["anchored"], "config": CONFIG.with_name("default_model_anchored2.json"),
                          "start": "anchored"}  # fmt: skip
+# The anchored data straight from the untrained model, without the k123 probe before it: 2,000 steps at
+# lr 3e-3 cosine fit one 2.5 h session on 2 cores with the VAE (the k123 → anchored → anchored2 chain took
+# ~3.6 h, and work files do not outlive a session here).
+VARIANTS["direct"] = {**VARIANTS["anchored"], "config": CONFIG.with_name("default_model_direct.json"), "start": None}
 
 
 def shapecompose_info(variant: dict) -> dict:
