@@ -91,11 +91,33 @@ class UniRefModel:
     name: str
     pipe: UniRefPipeline
     patchers: dict
+    #: (LoraWeights, strength) pairs from UniRef LoRA nodes upstream; merged into the transformer when a sampler
+    #: runs, and taken out again when a run's model carries other LoRAs or none (the node left the graph).
+    loras: tuple = ()
 
     def load(self, *parts: str) -> UniRefPipeline:
-        """Ask ComfyUI to put these parts on its device (it offloads other models if needed)."""
+        """Ask ComfyUI to put these parts on its device (it offloads other models if needed); the transformer then
+        carries exactly this model's LoRAs."""
         mm.load_models_gpu([self.patchers[p] for p in parts])
+        if "transformer" in parts:
+            self.pipe.set_loras(self.loras)
         return self.pipe
+
+    def with_lora(self, lora_name: str, strength: float) -> "UniRefModel":
+        """This model plus one LoRA from ComfyUI's models/loras/ (a new link value; the input is unchanged)."""
+        from dataclasses import replace
+
+        from ..uniref_core.lora import read_lora
+
+        path = Path(folder_paths.get_full_path_or_raise("loras", lora_name))
+        key = (str(path), path.stat().st_mtime_ns)
+        if key not in _LORA_CACHE:
+            _LORA_CACHE.clear()  # one file at a time is kept read; ComfyUI caches the node's output anyway
+            _LORA_CACHE[key] = read_lora(path)
+        return replace(self, loras=(*self.loras, (_LORA_CACHE[key], float(strength))))
+
+
+_LORA_CACHE: dict = {}
 
 
 def pick_dtype(choice: str, device: torch.device) -> torch.dtype:

@@ -332,4 +332,32 @@ def _preview_size() -> int:
     return int(getattr(args, "preview_size", 512))
 
 
-NODES = [LoadUniRefModel, ReferenceBatch, SelfEncode, UniRefSampler]
+class UniRefLora(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        import folder_paths
+
+        return io.Schema(
+            node_id="UniRefLora",
+            display_name="UniRef LoRA",
+            category=CATEGORY,
+            description="Applies a LoRA from models/loras/ (peft/diffusers, kohya/musubi or ComfyUI/ai-toolkit keys) to a "
+            "UniRef model's transformer at a strength. Chain several; remove the node and the model is as it was.",
+            inputs=[
+                ModelType.Input("model", tooltip="From Load UniRef Model or another UniRef LoRA."),
+                io.Combo.Input("lora_name", options=folder_paths.get_filename_list("loras"),
+                               tooltip="A Qwen-Image / Qwen-Image-Edit LoRA (.safetensors) in models/loras/."),
+                io.Float.Input("strength", default=1.0, min=-10.0, max=10.0, step=0.01,
+                               tooltip="How strongly the LoRA changes the model; 0 leaves it out, negative inverts it."),
+            ],  # fmt: skip
+            outputs=[ModelType.Output(display_name="model")],
+        )
+
+    @classmethod
+    def execute(cls, model, lora_name, strength=1.0) -> io.NodeOutput:
+        if strength == 0:
+            return io.NodeOutput(model)
+        return io.NodeOutput(model.with_lora(lora_name, strength))
+
+
+NODES = [LoadUniRefModel, ReferenceBatch, SelfEncode, UniRefSampler, UniRefLora]

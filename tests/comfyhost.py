@@ -446,15 +446,15 @@ class WsListener:
 
 
 @contextlib.contextmanager
-def uniref_host(version: str, tiny_model: Path, default_model: Path | None = None):
+def uniref_host(version: str, tiny_model: Path, default_model: Path | None = None, extra_models: dict | None = None):
     """A host with this pack and a tiny model as `models/uniref/tiny` and, unless ``default_model`` is
     given, as the built-in default too (the shipped workflows name the built-in model, and a random model
     makes the tests fast); the shipped, trained default model is there too, as `models/uniref/shipped`,
-    once the repository has it."""
+    once the repository has it. ``extra_models`` adds more (``{"loras/x.safetensors": path}``)."""
     old = os.environ.get("UNIREF_DEFAULT_MODEL")
     os.environ["UNIREF_DEFAULT_MODEL"] = str(default_model or tiny_model)
     try:
-        models = {"uniref/tiny": tiny_model}
+        models = {"uniref/tiny": tiny_model, **(extra_models or {})}
         shipped = ROOT / "models" / "uniref-default"
         if (shipped / "model_index.json").is_file():
             models["uniref/shipped"] = shipped

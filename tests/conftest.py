@@ -1,7 +1,11 @@
 """Shared fixtures: tiny random models of the Qwen-Image-Edit architecture, built once per session."""
 
+import json
+
 import numpy as np
 import pytest
+import torch
+from safetensors.torch import save_file
 from PIL import Image
 
 from uniref_core.tiny import make_tiny_model
@@ -46,3 +50,52 @@ def tiny_model_4x(tmp_path_factory):
     from uniref_core.tiny import VAE_4X
 
     return make_tiny_model(tmp_path_factory.mktemp("tiny4x") / "model", vae=VAE_4X)
+
+
+# LoRA files for tests: random low-rank changes on these layers of every block, saved in a real file layout.
+LORA_TARGETS = ("attn.to_q", "attn.to_v", "attn.add_k_proj", "attn.to_out.0", "img_mlp.net.0.proj", "txt_mlp.net.2",
+                "img_mod.1")  # fmt: skip
+
+
+def random_lora(transformer, rank=4, alpha=8.0, seed=0, scale=0.3):
+    """module → (down, up, alpha) on LORA_TARGETS of every block, big enough to change the image visibly."""
+    g = torch.Generator().manual_seed(seed)
+    modules = dict(transformer.named_modules())
+    out = {}
+    for i in range(len(transformer.transformer_blocks)):
+        for t in LORA_TARGETS:
+            name = f"transformer_blocks.{i}.{t}"
+            w = modules[name].weight
+            down = torch.randn(rank, w.shape[1], generator=g) * scale
+            up = torch.randn(w.shape[0], rank, generator=g) * scale
+            out[name] = (down, up, alpha)
+    return out
+
+
+def write_lora(layers, path, layout):
+    """Save ``layers`` as a LoRA file in one of the layouts real files use."""
+    sd, metadata = {}, None
+    for name, (down, up, alpha) in layers.items():
+        if layout == "kohya":  # musubi-tuner / kohya: flattened names, lora_down / lora_up, alpha per layer
+            key = "lora_unet_" + name.replace(".", "_")
+            sd.update({f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up, f"{key}.alpha": torch.tensor(alpha)})
+        elif layout == "comfy":  # ComfyUI / ai-toolkit (and training.export --lora)
+            key = "diffusion_model." + name
+            sd.update({f"{key}.lora_A.weight": down, f"{key}.lora_B.weight": up, f"{key}.alpha": torch.tensor(alpha)})
+        elif layout == "diffusers":  # save_lora_weights: no alpha tensors; lora_alpha / r in the file's metadata
+            sd.update({f"transformer.{name}.lora_A.weight": down, f"transformer.{name}.lora_B.weight": up})
+            rank = down.shape[0]
+            metadata = {"lora_adapter_metadata": json.dumps({"transformer.r": rank, "transformer.lora_alpha": alpha,
+                                                             "transformer.target_modules": list(LORA_TARGETS)})}  # fmt: skip
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(path), metadata=metadata)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_lora(tiny_model, tmp_path_factory):
+    """A LoRA for `tiny_model` in ComfyUI's layout (what training.export --lora writes)."""
+    from diffusers import QwenImageTransformer2DModel
+
+    transformer = QwenImageTransformer2DModel.from_pretrained(tiny_model / "transformer")
+    return write_lora(random_lora(transformer, seed=1), tmp_path_factory.mktemp("lora") / "uniref_tiny_lora.safetensors",
+                      "comfy")  # fmt: skip

@@ -26,14 +26,14 @@ if os.environ.get("UNIREF_SKIP_COMFY") == "1":
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKFLOWS = sorted((ROOT / "workflows").glob("*.json"))
-NODE_IDS = ["UniRefLoadModel", "UniRefReferenceBatch", "UniRefSelfEncode", "UniRefSampler"]
+NODE_IDS = ["UniRefLoadModel", "UniRefReferenceBatch", "UniRefSelfEncode", "UniRefSampler", "UniRefLora"]
 # Small settings so a CPU host runs each prompt in seconds; the graph is the shipped one.
 FAST = {"UniRefSampler": {"steps": 3, "cfg": 2.0}, "UniRefSelfEncode": {"budget": "custom", "custom_budget": 256}}
 
 
 @pytest.fixture(scope="module", params=["0.30.0", "0.3.75"])
-def host(request, tiny_model):
-    with uniref_host(request.param, tiny_model) as h:
+def host(request, tiny_model, tiny_lora):
+    with uniref_host(request.param, tiny_model, extra_models={f"loras/{tiny_lora.name}": tiny_lora}) as h:
         yield h
 
 
@@ -206,3 +206,46 @@ def test_free_memory_reloads_the_model_on_next_use(host):
     node_of(prompt, "UniRefSampler")["inputs"]["seed"] = 99
     assert output_images(host.run(prompt, timeout=240))
     assert host.log_text().count("UniRef: loading model") == before + 1
+
+
+def test_lora_node_gives_the_clis_image_and_leaves_no_trace_when_removed(host, tiny_model, tiny_lora, tmp_path):
+    """UniRef LoRA between the loader and the rest of the shipped graph: the image is the CLI's with
+    --lora FILE:0.7; the same graph without the node then gives the plain CLI image again (the LoRA is
+    taken out of the cached model, not left merged in)."""
+    from uniref_core.__main__ import main
+
+    spec = host.object_info("UniRefLora")["input"]["required"]["lora_name"]
+    assert tiny_lora.name in json.dumps(spec)
+    plain_prompt = workflow_prompt(host, ROOT / "workflows" / "uniref_multi_compose.json", width=64, height=64)
+    load_id = next(k for k, n in plain_prompt.items() if n["class_type"] == "UniRefLoadModel")
+    plain_prompt[load_id]["inputs"]["model"] = "tiny"
+    prompt = copy.deepcopy(plain_prompt)
+    for node in prompt.values():
+        for name, value in node["inputs"].items():
+            if value == [load_id, 0]:
+                node["inputs"][name] = ["lora", 0]
+    prompt["lora"] = {"class_type": "UniRefLora",
+                      "inputs": {"model": [load_id, 0], "lora_name": tiny_lora.name, "strength": 0.7}}  # fmt: skip
+
+    def node_image(p):
+        meta = output_images(host.run(p, timeout=240))[0]
+        return np.asarray(Image.open(io.BytesIO(host.view(meta["filename"], meta["subfolder"], meta["type"])))).astype(int)
+
+    enc, smp = node_of(prompt, "UniRefSelfEncode")["inputs"], node_of(prompt, "UniRefSampler")["inputs"]
+    refs = [ROOT / "assets" / n for n in ("ref_red_circle.png", "ref_blue_triangle.png", "ref_background.png")]
+
+    def cli_image(*extra):
+        out = tmp_path / "cli.png"
+        code = main(["edit", "--model", str(tiny_model), *sum((["--ref", str(r)] for r in refs), []),
+                     "--prompt", enc["prompt"], "--negative-prompt", enc["negative_prompt"], "--budget", "256",
+                     "--width", "64", "--height", "64", "--steps", str(smp["steps"]), "--cfg", str(smp["cfg"]),
+                     "--seed", str(smp["seed"]), "--quiet", "-o", str(out), *extra])  # fmt: skip
+        assert code == 0
+        return np.asarray(Image.open(out)).astype(int)
+
+    with_lora = node_image(prompt)
+    assert np.abs(with_lora - cli_image("--lora", f"{tiny_lora}:0.7")).max() <= 1
+    without = node_image(plain_prompt)
+    plain_cli = cli_image()
+    assert np.abs(without - plain_cli).max() <= 1
+    assert np.abs(with_lora - plain_cli).mean() > 1  # the LoRA changed the picture

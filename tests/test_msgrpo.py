@@ -223,10 +223,21 @@ def test_msgrpo_run_logs_every_source_and_resumes_exactly(tiny_model, prompts, t
         torch.testing.assert_close(again[k], final[k], rtol=0, atol=1e-6)
 
 
-def test_two_processes_take_whole_groups_and_train_like_one(tiny_model, prompts, tmp_path):
-    """2 groups per step: one process rolls out both, two processes one each. Rewards, advantages (per group)
-    and the summed-then-divided gradients agree, so the logged rewards match and the weights match to 1e-4
-    (Adam can step a weight whose gradient is at rounding level differently, as in the SFT test)."""
+LAUNCHERS = {
+    "torchrun": ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29519"],
+    # accelerate's own launcher, as a multi-GPU user runs it; on a CPU-only machine --multi_gpu still starts two
+    # gloo processes (--cpu would start one).
+    "accelerate": ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                   "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29521"],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
+def test_two_processes_take_whole_groups_and_train_like_one(tiny_model, prompts, tmp_path, launcher):
+    """2 groups per step: one process rolls out both, two processes one each (started by torchrun or by
+    ``accelerate launch``). Rewards, advantages (per group) and the summed-then-divided gradients agree, so the
+    logged rewards match and the weights match to 1e-4 (Adam can step a weight whose gradient is at rounding
+    level differently, as in the SFT test)."""
     import os
     import subprocess
     import sys
@@ -239,8 +250,7 @@ def test_two_processes_take_whole_groups_and_train_like_one(tiny_model, prompts,
     config = tmp_path / "two.json"
     config.write_text(json.dumps(rl_config(tiny_model, prompts, tmp_path / "two", grid_every=0)))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29519",
-           "-m", "training.msgrpo", "--config", str(config)]  # fmt: skip
+    cmd = [sys.executable, *LAUNCHERS[launcher], "-m", "training.msgrpo", "--config", str(config)]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
@@ -249,6 +259,7 @@ def test_two_processes_take_whole_groups_and_train_like_one(tiny_model, prompts,
 
     one, two = records(tmp_path / "one"), records(tmp_path / "two")
     assert [r["items"] for r in one] == [r["items"] for r in two] == [12, 12]
+    assert [r["processes"] for r in one] == [1, 1] and [r["processes"] for r in two] == [2, 2]
     for a, b in zip(one, two):
         for key in ("reward/checker/ref1", "reward/checker/ref2", "reward/total", "loss"):
             assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), key

@@ -53,6 +53,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--eta", type=float, default=0.7, help="SDE noise level")
     e.add_argument("--denoise", type=float, default=1.0, help="< 1 starts from --init")
     e.add_argument("--init", default=None, help="init image for --denoise < 1")
+    e.add_argument("--lora", action="append", default=[], metavar="PATH[:STRENGTH]",
+                   help="a LoRA .safetensors file (peft/diffusers, kohya or ComfyUI keys) at a strength (default 1); repeat for several")
     e.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda if present)")
     e.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp16", "fp32"))
     e.add_argument("-o", "--output", required=True, help="output image path (.png/.jpg/.webp)")
@@ -160,6 +162,9 @@ def cmd_edit(a) -> int:
     # Read every input before the (slow) model load so a typo fails in a second.
     refs = [load_image(r, name=f"reference {k} ({r})") for k, r in enumerate(a.ref, start=1)]
     init = load_image(a.init, name=f"init image ({a.init})") if a.init else None
+    from .lora import parse_lora_arg, read_lora
+
+    loras = [(read_lora(p), s) for p, s in map(parse_lora_arg, a.lora)]
     from .budget import plan_references
     from .model import check_model_folder, read_defaults, token_px_of
 
@@ -173,6 +178,7 @@ def cmd_edit(a) -> int:
     options.check(init)
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     pipe = UniRefPipeline.from_pretrained(model, device=device, dtype=a.dtype)
+    pipe.set_loras(loras)
 
     bar = None
     if not a.quiet:
@@ -193,7 +199,8 @@ def cmd_edit(a) -> int:
             bar.close()
     for img, p in zip(result.images, paths):
         img.save(p)
-    print(f"{', '.join(str(p) for p in paths)}: {result.summary()}; model {model}")
+    with_loras = "".join(f" + LoRA {lw.name} at {s:g}" for lw, s in loras)
+    print(f"{', '.join(str(p) for p in paths)}: {result.summary()}; model {model}{with_loras}")
     return 0
 
 

@@ -240,6 +240,7 @@ class UniRefPipeline:
     def __init__(self, components: Components):
         self.c = components
         self._preview_map: torch.Tensor | None = None
+        self._lora = None  # a LoraPatcher once a LoRA was applied
 
     @classmethod
     def from_pretrained(cls, path, device="cpu", dtype="auto") -> "UniRefPipeline":
@@ -265,6 +266,24 @@ class UniRefPipeline:
     def token_px(self) -> int:
         """Pixels per token side: 16 for real checkpoints; output sides must be multiples of it."""
         return self.c.token_px
+
+    @property
+    def loras(self) -> tuple:
+        """The ``(LoraWeights, strength)`` pairs merged into the transformer now."""
+        return self._lora.active if self._lora is not None else ()
+
+    def set_loras(self, loras) -> int:
+        """Make the transformer carry exactly these ``(LoraWeights or path, strength)`` LoRAs (`uniref_core.lora`):
+        merged into its weights, and taken out again (the originals restored) by a later call without them.
+        Returns the number of layers that carry a LoRA."""
+        from .lora import LoraPatcher, LoraWeights, read_lora
+
+        pairs = [(lw if isinstance(lw, LoraWeights) else read_lora(lw), float(s)) for lw, s in loras]
+        if self._lora is None:
+            if not pairs:
+                return 0
+            self._lora = LoraPatcher(self.c.transformer)
+        return self._lora.apply(pairs)
 
     def setting(self, name: str, value):
         """``value``, or when None the model folder's default for ``name`` (``uniref.json``), else ours."""

@@ -313,7 +313,7 @@ def run(cfg: RLConfig, resume: str | None = None) -> RLResult:
             total, n = sum(p[1].get(key, (0, 0))[0] for p in parts), sum(p[1].get(key, (0, 0))[1] for p in parts)
             record[key] = total / n if n else None
         record.update({"dropped": sum(p[2] for p in parts), "drop_notes": [n for p in parts for n in p[3]],
-                       "groups_without_signal": sum(p[4] for p in parts), "items": count, "grad_norm": grad_norm,
+                       "groups_without_signal": sum(p[4] for p in parts), "items": count, "processes": world, "grad_norm": grad_norm,
                        "rollout_seconds": t_roll, "seconds": time.perf_counter() - t0})  # fmt: skip
         if record.get("loss") is not None and not math.isfinite(record["loss"]):
             raise UniRefError(f"loss is {record['loss']} at step {global_step}: lower lr or keep max_grad_norm; "
