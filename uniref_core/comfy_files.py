@@ -136,3 +136,73 @@ def load_comfy_transformer(path, dtype: torch.dtype | None = None, device="cpu",
     if left:
         raise UniRefError(f"{path.name}: {', '.join(left[:3])} were not in the file")
     return model.eval()
+
+
+#: Prefixes of a VAE inside all-in-one checkpoints (ComfyUI's ``vae_key_prefix``), or none in ``models/vae/``.
+VAE_PREFIXES = ("", "first_stage_model.", "vae.")
+WAN21_MARKER = "decoder.middle.0.residual.0.gamma"
+WAN22_MARKER = "decoder.upsamples.0.upsamples.0.residual.2.weight"
+
+
+def vae_prefix(keys) -> str | None:
+    """The prefix of a Wan-layout VAE's keys in a file (``""`` for none), or None when it holds none."""
+    keys = set(keys)
+    for prefix in VAE_PREFIXES:
+        if f"{prefix}{WAN21_MARKER}" in keys:
+            return prefix
+    return None
+
+
+def load_comfy_vae(path, dtype: torch.dtype | None = None, device="cpu"):
+    """A ComfyUI single-file Qwen-Image VAE (``qwen_image_vae.safetensors``: Wan 2.1 keys such as
+    ``encoder.middle.0.residual.0.gamma``) as diffusers' ``AutoencoderKLQwenImage``.
+
+    The architecture is the one ComfyUI builds for such a file (``comfy/sd.py``: the Wan 2.1 VAE with its width
+    read from ``decoder.head.0.gamma``, 16 latent channels, 8× spatial); the keys are renamed by diffusers' own
+    Wan → diffusers conversion (``convert_wan_vae_to_diffusers``), and the load is strict, so a file of another
+    layout is an error rather than a half-loaded model. The latent normalisation (``latents_mean`` /
+    ``latents_std``) is not in the file: it is Qwen-Image's (diffusers' class defaults, which are the values
+    ComfyUI's Wan 2.1 latent format uses)."""
+    from diffusers import AutoencoderKLQwenImage
+    from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
+    from safetensors import safe_open
+
+    path = Path(path)
+    keys = _keys(path)
+    prefix = vae_prefix(keys)
+    if prefix is None:
+        raise UniRefError(
+            f"{path.name} is not a Qwen-Image VAE: it has no '{WAN21_MARKER}' (first keys: {', '.join(keys[:3])}). "
+            "Pick a file like qwen_image_vae.safetensors from models/vae/"
+        )
+    if f"{prefix}{WAN22_MARKER}" in keys:
+        raise UniRefError(
+            f"{path.name} is a Wan 2.2 VAE (48 latent channels, 16× spatial), which Qwen-Image models do not use: "
+            "pick qwen_image_vae.safetensors (the Wan 2.1 layout)"
+        )
+    raw: dict[str, torch.Tensor] = {}
+    with safe_open(str(path), framework="pt", device=str(device)) as f:
+        for key in keys:
+            if key.startswith(prefix):
+                tensor = f.get_tensor(key)
+                raw[key[len(prefix) :]] = tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+    state = convert_wan_vae_to_diffusers(raw)
+    config = {"base_dim": int(raw["decoder.head.0.gamma"].shape[0]), "z_dim": int(raw["decoder.conv1.weight"].shape[1])}
+    if config["z_dim"] != 16:
+        raise UniRefError(f"{path.name} has {config['z_dim']} latent channels; a Qwen-Image VAE has 16")
+    with torch.device("meta"):
+        model = AutoencoderKLQwenImage(**config)
+    expected = set(model.state_dict())
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        raise UniRefError(
+            f"{path.name} does not match the Qwen-Image VAE layout (Wan 2.1, 4 levels, 2 blocks each): "
+            + (f"missing {', '.join(missing[:3])}" if missing else "")
+            + ("; " if missing and unexpected else "")
+            + (f"unexpected {', '.join(unexpected[:3])}" if unexpected else "")
+        )
+    model.load_state_dict(state, assign=True, strict=True)
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise UniRefError(f"{path.name}: {', '.join(left[:3])} were not in the file")
+    return model.eval()
