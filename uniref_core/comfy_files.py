@@ -206,3 +206,109 @@ def load_comfy_vae(path, dtype: torch.dtype | None = None, device="cpu"):
     if left:
         raise UniRefError(f"{path.name}: {', '.join(left[:3])} were not in the file")
     return model.eval()
+
+
+TEXT_ENCODER_MARKER = "model.layers.0.self_attn.q_proj.weight"
+#: What ComfyUI assumes for every Qwen2.5-VL text-encoder file (``comfy/text_encoders/llama.py``
+#: ``Qwen25_7BVLI_Config`` and ``qwen_vl.Qwen2VLVisionTransformer``): these are not in the weights' shapes.
+QWEN25_VL_FIXED = {"head_dim": 128, "rope_theta": 1_000_000.0, "rms_norm_eps": 1e-6, "mrope_section": [16, 24, 24],
+                   "vision_heads": 16, "patch_size": 14, "temporal_patch_size": 2, "spatial_merge_size": 2,
+                   "window_size": 112, "fullatt_block_indexes": [7, 15, 23, 31]}  # fmt: skip
+
+
+def text_encoder_config(shapes: dict[str, tuple]):
+    """transformers ``Qwen2_5_VLConfig`` for a ComfyUI text-encoder file, sizes from its weights' shapes and the rest
+    as ComfyUI assumes them (``QWEN25_VL_FIXED``)."""
+    from transformers import Qwen2_5_VLConfig
+
+    fixed = QWEN25_VL_FIXED
+
+    def count(pattern):
+        return 1 + max(int(m.group(1)) for k in shapes if (m := re.match(pattern, k)))
+
+    vocab, hidden = shapes["model.embed_tokens.weight"]
+    if shapes["model.layers.0.self_attn.q_proj.weight"][0] % fixed["head_dim"]:
+        raise UniRefError("the text encoder's attention width is not a multiple of Qwen2.5-VL's 128-wide heads")
+    text = dict(
+        vocab_size=vocab, hidden_size=hidden, num_hidden_layers=count(r"model\.layers\.(\d+)\."),
+        intermediate_size=shapes["model.layers.0.mlp.gate_proj.weight"][0],
+        num_attention_heads=shapes["model.layers.0.self_attn.q_proj.weight"][0] // fixed["head_dim"],
+        num_key_value_heads=shapes["model.layers.0.self_attn.k_proj.weight"][0] // fixed["head_dim"],
+        rope_theta=fixed["rope_theta"], rms_norm_eps=fixed["rms_norm_eps"],
+        rope_scaling={"type": "mrope", "mrope_section": list(fixed["mrope_section"])},
+        bos_token_id=151643, eos_token_id=151645,
+    )  # fmt: skip
+    vision = None
+    if "visual.patch_embed.proj.weight" in shapes:
+        vision = dict(
+            hidden_size=shapes["visual.patch_embed.proj.weight"][0], depth=count(r"visual\.blocks\.(\d+)\."),
+            intermediate_size=shapes["visual.blocks.0.mlp.gate_proj.weight"][0], num_heads=fixed["vision_heads"],
+            out_hidden_size=shapes["visual.merger.mlp.2.weight"][0], patch_size=fixed["patch_size"],
+            temporal_patch_size=fixed["temporal_patch_size"], spatial_merge_size=fixed["spatial_merge_size"],
+            window_size=fixed["window_size"], fullatt_block_indexes=list(fixed["fullatt_block_indexes"]),
+        )  # fmt: skip
+    return Qwen2_5_VLConfig(text_config=text, **({"vision_config": vision} if vision else {}), tie_word_embeddings=False)
+
+
+def load_comfy_text_encoder(path, dtype: torch.dtype | None = None, device="cpu"):
+    """A ComfyUI single-file Qwen2.5-VL text encoder (``models/text_encoders/qwen_2.5_vl_7b.safetensors``: flat
+    ``model.layers.*`` / ``visual.*`` keys) as transformers' ``Qwen2_5_VLForConditionalGeneration``.
+
+    Keys are renamed by transformers' own legacy-checkpoint mapping for the class (``get_model_conversion_mapping``
+    and ``rename_source_key``), the load is strict. ComfyUI's files carry no language-model head (it only encodes
+    prompts); ``lm_head`` then shares the token embedding's tensor, which nothing in editing uses."""
+    from safetensors import safe_open
+    from transformers import Qwen2_5_VLForConditionalGeneration
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+    path = Path(path)
+    keys = _keys(path)
+    if TEXT_ENCODER_MARKER not in keys or "model.embed_tokens.weight" not in keys:
+        raise UniRefError(
+            f"{path.name} is not a Qwen2.5-VL text encoder: it has no '{TEXT_ENCODER_MARKER}' (first keys: "
+            f"{', '.join(keys[:3])}). Pick a file like qwen_2.5_vl_7b.safetensors from models/text_encoders/"
+        )
+    if any(k.endswith((".scale_weight", ".weight_scale", ".comfy_quant")) or k == "scaled_fp8" for k in keys):
+        raise UniRefError(f"{path.name} is an fp8-scaled text encoder, which is not supported yet: use the bf16 file "
+                          "(qwen_2.5_vl_7b.safetensors)")
+    raw: dict[str, torch.Tensor] = {}
+    with safe_open(str(path), framework="pt", device=str(device)) as f:
+        for key in keys:
+            tensor = f.get_tensor(key)
+            raw[key] = tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+    config = text_encoder_config({k: tuple(v.shape) for k, v in raw.items()})
+    with torch.device("meta"):
+        model = Qwen2_5_VLForConditionalGeneration(config)
+    expected = model.state_dict()
+    mapping = get_model_conversion_mapping(model)
+    renamings = [m for m in mapping if isinstance(m, WeightRenaming)]
+    converters = [m for m in mapping if isinstance(m, WeightConverter)]
+    state = {rename_source_key(k, renamings, converters, model.base_model_prefix, expected)[0]: v for k, v in raw.items()}
+    if "lm_head.weight" not in state:
+        state["lm_head.weight"] = state.get("model.language_model.embed_tokens.weight")
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected or "visual.patch_embed.proj.weight" not in raw:
+        raise UniRefError(
+            f"{path.name} does not match a Qwen2.5-VL text encoder (language model and vision tower): "
+            + (f"missing {', '.join(missing[:3])}" if missing else "")
+            + ("; " if missing and unexpected else "")
+            + (f"unexpected {', '.join(unexpected[:3])}" if unexpected else "")
+            + ("" if "visual.patch_embed.proj.weight" in raw else "no vision tower (visual.*)")
+        )
+    model.load_state_dict(state, assign=True, strict=True)
+    # The rotary modules' non-persistent buffers (inverse frequencies) were made on the meta device: build those
+    # modules again, for real, from their own config.
+    with torch.device(device):
+        for module in list(model.modules()):
+            if any(b.is_meta for b in module.buffers(recurse=False)) and hasattr(module, "config"):
+                fresh = type(module)(module.config)
+                for name, buf in fresh.named_buffers(recurse=False):
+                    module.register_buffer(name, buf, persistent=False)
+                for name, value in vars(fresh).items():  # e.g. original_inv_freq, a plain attribute copy
+                    if isinstance(value, torch.Tensor) and not name.startswith("_"):
+                        setattr(module, name, value)
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise UniRefError(f"{path.name}: {', '.join(left[:3])} were not in the file")
+    return model.eval()

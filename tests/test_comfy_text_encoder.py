@@ -1,0 +1,125 @@
+"""ComfyUI's single-file Qwen2.5-VL text encoder (``models/text_encoders/qwen_2.5_vl_7b.safetensors``: flat
+``model.layers.*`` / ``visual.*`` keys), read by the engine without ComfyUI: a tiny encoder built with ComfyUI's
+OWN classes (``comfy/text_encoders/llama.py`` ``Qwen25_7BVLI`` and its ``qwen_vl`` vision tower) in a real host,
+saved as ComfyUI saves it, loads into transformers' ``Qwen2_5_VLForConditionalGeneration`` and gives ComfyUI's
+hidden states for text and ComfyUI's vision-tower output for image patches."""
+
+import json
+import os
+import subprocess
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from uniref_core.comfy_files import load_comfy_text_encoder
+from uniref_core.errors import UniRefError
+
+COMFY_TE = """
+import json, sys
+import comfy.options
+comfy.options.enable_args_parsing()
+sys.argv = [sys.argv[0], "--cpu"]
+import torch
+import comfy.ops
+from comfy.text_encoders import llama, qwen_vl
+from safetensors.torch import save_file
+
+args = json.loads(ARGS)
+Vision = qwen_vl.Qwen2VLVisionTransformer
+
+
+class TinyVision(Vision):  # ComfyUI hard-codes the 7B tower's width and depth; everything else is its own
+    def __init__(self, hidden_size=1280, output_hidden_size=3584, **kw):
+        super().__init__(hidden_size=64, output_hidden_size=output_hidden_size, intermediate_size=48, num_layers=2, **kw)
+
+
+qwen_vl.Qwen2VLVisionTransformer = TinyVision
+config = {"vocab_size": 1024, "hidden_size": 256, "intermediate_size": 96, "num_hidden_layers": 2,
+          "num_attention_heads": 2, "num_key_value_heads": 1}
+model = llama.Qwen25_7BVLI(config, dtype=torch.float32, device="cpu", operations=comfy.ops.disable_weight_init)
+g = torch.Generator().manual_seed(args["seed"])
+with torch.no_grad():
+    for name, p in model.named_parameters():  # disable_weight_init leaves them uninitialised
+        if p.ndim == 1 and ("norm" in name or "ln_q" in name):
+            p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
+        elif p.ndim == 1:
+            p.copy_(0.02 * torch.randn(p.shape, generator=g))
+        else:
+            p.copy_(torch.randn(p.shape, generator=g) / p[0].numel() ** 0.5)
+sd = {k: v.to(getattr(torch, args["dtype"])).contiguous() for k, v in model.state_dict().items()}
+save_file(sd, args["file"])
+model = model.to(getattr(torch, args["dtype"])).float()
+tokens = torch.randint(0, 1024, (1, 11), generator=g)
+patches = torch.randn((1 * 4 * 6, 3 * 2 * 14 * 14), generator=g)
+grid = torch.tensor([[1, 4, 6]])
+with torch.no_grad():
+    hidden = model(tokens)[0]
+    vision = model.visual(patches, grid)
+save_file({"tokens": tokens, "hidden": hidden.contiguous(), "patches": patches, "grid": grid,
+           "vision": vision.contiguous()}, args["io"])
+"""
+
+
+def comfy_te_file(tmp_path, version, *, dtype="float32", seed=0):
+    from comfyhost import comfy_hosts
+
+    host = comfy_hosts.ensure_host(version)
+    file, io_file = tmp_path / f"qwen_2.5_vl_tiny_{dtype}.safetensors", tmp_path / "io.safetensors"
+    args = {"seed": seed, "dtype": dtype, "file": str(file), "io": str(io_file)}
+    script = COMFY_TE.replace("ARGS", repr(json.dumps(args)))
+    proc = subprocess.run([str(host.python), "-c", script], cwd=host.comfy_dir, capture_output=True, text=True,
+                          timeout=300, env=comfy_hosts.host_env())  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return file, load_file(str(io_file))
+
+
+needs_host = pytest.mark.skipif(os.environ.get("UNIREF_SKIP_COMFY") == "1", reason="UNIREF_SKIP_COMFY=1")
+
+
+def our_outputs(model, io):
+    with torch.no_grad():
+        hidden = model(input_ids=io["tokens"], output_hidden_states=True).hidden_states[-1]
+        vision = model.model.visual(io["patches"], grid_thw=io["grid"])
+    vision = getattr(vision, "pooler_output", vision)  # transformers 5 returns an output object
+    return hidden, vision
+
+
+@pytest.mark.comfy
+@needs_host
+@pytest.mark.parametrize("version", ["0.30.0", "0.3.75"])
+def test_comfy_text_encoder_file_gives_comfyuis_hidden_states(tmp_path, version):
+    file, io = comfy_te_file(tmp_path, version)
+    model = load_comfy_text_encoder(file)
+    assert model.config.text_config.num_hidden_layers == 2 and model.config.text_config.num_attention_heads == 2
+    assert model.config.vision_config.depth == 2
+    hidden, vision = our_outputs(model, io)
+    assert io["hidden"].std() > 1e-2 and io["vision"].std() > 1e-2  # real activations, not zeros
+    torch.testing.assert_close(hidden, io["hidden"], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(vision, io["vision"], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.comfy
+@needs_host
+def test_a_bf16_text_encoder_file_stays_bf16(tmp_path):
+    file, io = comfy_te_file(tmp_path, "0.30.0", dtype="bfloat16")
+    model = load_comfy_text_encoder(file)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    hidden, _ = our_outputs(model.float(), io)  # ComfyUI ran the same bf16-rounded weights in fp32
+    torch.testing.assert_close(hidden, io["hidden"], rtol=1e-3, atol=1e-3)
+
+
+def test_files_that_are_not_a_qwen25_vl_text_encoder_are_clear_errors(tmp_path):
+    vae = tmp_path / "qwen_image_vae.safetensors"
+    save_file({"encoder.middle.0.residual.0.gamma": torch.zeros(4)}, str(vae))
+    with pytest.raises(UniRefError, match=r"qwen_image_vae.safetensors is not a Qwen2.5-VL text encoder.*models/text_encoders/"):
+        load_comfy_text_encoder(vae)
+    fp8 = tmp_path / "qwen_2.5_vl_7b_fp8_scaled.safetensors"
+    save_file({"model.layers.0.self_attn.q_proj.weight": torch.zeros(4, 4), "model.embed_tokens.weight": torch.zeros(4, 4),
+               "model.layers.0.self_attn.q_proj.scale_weight": torch.ones(1)}, str(fp8))  # fmt: skip
+    with pytest.raises(UniRefError, match="fp8-scaled text encoder.*bf16 file"):
+        load_comfy_text_encoder(fp8)
+    pickle = tmp_path / "text_encoder.bin"
+    pickle.write_bytes(b"x")
+    with pytest.raises(UniRefError, match="is a pickle.*convert it to safetensors"):
+        load_comfy_text_encoder(pickle)
