@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from .errors import UniRefError
+from .fp8 import is_fp8, quantized_layers, swap_in_fp8_linears
 
 PREFIXES = ("model.diffusion_model.", "diffusion_model.")
 ZERO_COND_MARKER = "__index_timestep_zero__"
@@ -106,19 +107,28 @@ def load_comfy_transformer(path, dtype: torch.dtype | None = None, device="cpu",
     state: dict[str, torch.Tensor] = {}
     marker = False
     with safe_open(str(path), framework="pt", device=str(device)) as f:
+        metadata = f.metadata()
         for key in keys:
-            if not key.startswith(prefix):
+            if not key.startswith(prefix) and key != "scaled_fp8":
                 continue
-            name = key[len(prefix) :]
+            name = key[len(prefix) :] if key.startswith(prefix) else key
             if name == ZERO_COND_MARKER:
                 marker = True
                 continue
             tensor = f.get_tensor(key)
-            state[name] = tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+            # fp8 weights stay fp8 (up-cast per layer when they run); everything else takes the asked dtype.
+            cast = dtype is not None and tensor.is_floating_point() and not is_fp8(tensor)
+            state[name] = tensor.to(dtype) if cast else tensor
+    fp8_layers = quantized_layers(state, metadata, path.name)
     config = transformer_config({k: tuple(v.shape) for k, v in state.items()}, marker if zero_cond_t is None else zero_cond_t,
                                 axes_dims_rope)
     with torch.device("meta"):  # no weights allocated or initialised: the file's are assigned below
         model = QwenImageTransformer2DModel(**config)
+    if fp8_layers:
+        swap_in_fp8_linears(model, fp8_layers, state, path.name)
+        for name in fp8_layers:
+            layer = model.get_submodule(name)
+            state[f"{name}.weight_fp8"], state[f"{name}.weight_scale_bits"] = layer.weight_fp8, layer.weight_scale_bits
     # The rotary tables are plain tensors computed in __init__ (not weights): build them on a real device.
     with torch.device(device):
         model.pos_embed = type(model.pos_embed)(theta=10000, axes_dim=list(config["axes_dims_rope"]), scale_rope=True)

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from .errors import UniRefError
+from .fp8 import FP8Linear
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +147,7 @@ def lora_deltas(transformer: torch.nn.Module, loras: Sequence[tuple[LoraWeights,
     modules = dict(transformer.named_modules())
     out: dict[str, list] = {}
     for lora, strength in loras:
-        missing = [m for m in lora.layers if not isinstance(modules.get(m), torch.nn.Linear)]
+        missing = [m for m in lora.layers if not isinstance(modules.get(m), (torch.nn.Linear, FP8Linear))]
         if len(missing) == len(lora.layers):
             raise UniRefError(
                 f"LoRA {lora.name} matches no layer of this model (first keys: {', '.join(missing[:3])}); it was made "
@@ -158,6 +159,11 @@ def lora_deltas(transformer: torch.nn.Module, loras: Sequence[tuple[LoraWeights,
         for name, (down, up) in lora.layers.items():
             if name in missing:
                 continue
+            if not hasattr(modules[name], "weight"):  # an fp8 layer (uniref_core.fp8.FP8Linear) keeps no float weight
+                raise UniRefError(
+                    f"LoRA {lora.name}: layer {name} of this model is fp8, and LoRAs on fp8 layers are not supported "
+                    "yet: load the bf16 diffusion model file to use LoRAs"
+                )
             weight = modules[name].weight
             if (up.shape[0], down.shape[1]) != tuple(weight.shape) or up.shape[1] != down.shape[0]:
                 raise UniRefError(

@@ -1,0 +1,116 @@
+"""fp8 weights as ComfyUI's checkpoint files store them, kept in 8 bits in memory and up-cast per layer at compute.
+
+Three layouts are read, as ComfyUI reads them (``comfy/utils.py`` ``convert_old_quants``, ``comfy/ops.py``
+``mixed_precision_ops``):
+
+- plain: ``float8_e4m3fn`` / ``float8_e5m2`` weights and nothing else (scale 1);
+- the older "scaled fp8": a ``scaled_fp8`` marker tensor and a per-layer ``<layer>.scale_weight``
+  (``<layer>.scale_input`` is for fp8 matrix multiplication and not needed to up-cast);
+- the newer one: ``<layer>.weight_scale`` and a ``<layer>.comfy_quant`` JSON entry (``{"format": "float8_e4m3fn"}``),
+  or the same per-layer formats in the safetensors header's ``_quantization_metadata``.
+
+The dequantised weight is ``weight.to(compute dtype) * scale``, ComfyUI's ``TensorCoreFP8Layout``. Other
+quantised formats (nvfp4, mxfp8, int8, …) are refused by name.
+"""
+
+from __future__ import annotations
+
+import json
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import UniRefError
+
+FP8_DTYPES = {"float8_e4m3fn": torch.float8_e4m3fn, "float8_e5m2": torch.float8_e5m2}
+
+
+def is_fp8(t: torch.Tensor) -> bool:
+    return t.dtype in FP8_DTYPES.values()
+
+
+class FP8Linear(nn.Module):
+    """A linear layer whose weight stays fp8 and is up-cast (times its per-tensor scale) when it runs.
+
+    The weight and scale are stored as integer views (uint8, int32), so ``module.to(torch.bfloat16)`` and
+    friends, which cast every floating-point tensor, leave them as they are; moving devices still works."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, fp8_dtype=torch.float8_e4m3fn):
+        super().__init__()
+        self.in_features, self.out_features, self.fp8_dtype = in_features, out_features, fp8_dtype
+        self.register_buffer("weight_fp8", torch.zeros(out_features, in_features, dtype=torch.uint8))
+        self.register_buffer("weight_scale_bits", torch.ones((), dtype=torch.float32).view(torch.int32))
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+
+    @property
+    def weight_scale(self) -> torch.Tensor:
+        return self.weight_scale_bits.view(torch.float32)
+
+    def set_fp8(self, weight: torch.Tensor, scale: torch.Tensor | None):
+        self.fp8_dtype = weight.dtype
+        self.weight_fp8 = weight.contiguous().view(torch.uint8)
+        scale = torch.ones(()) if scale is None else scale.detach().float().reshape(())
+        self.weight_scale_bits = scale.to(weight.device).view(torch.int32)
+
+    def dequantized(self, dtype=torch.float32) -> torch.Tensor:
+        return self.weight_fp8.view(self.fp8_dtype).to(dtype) * self.weight_scale.to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.dequantized(x.dtype), bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, weight={self.fp8_dtype}"
+
+
+def quantized_layers(state: dict[str, torch.Tensor], metadata: dict | None, file_name: str) -> dict[str, torch.Tensor | None]:
+    """``{layer name: scale or None}`` for every layer whose weight in ``state`` is fp8, after taking the scale
+    and quantisation entries out of ``state`` (it is changed in place). Unknown formats are errors."""
+    formats: dict[str, str] = {}
+    header = (metadata or {}).get("_quantization_metadata")
+    if header:
+        formats.update({k: v.get("format") for k, v in json.loads(header).get("layers", {}).items()})
+    for key in [k for k in state if k.endswith(".comfy_quant")]:
+        conf = json.loads(bytes(state.pop(key).tolist()).decode("utf-8"))
+        formats[key[: -len(".comfy_quant")]] = conf.get("format")
+    bad = sorted({f for f in formats.values() if f not in FP8_DTYPES})
+    if bad:
+        raise UniRefError(f"{file_name} is quantised as {', '.join(map(str, bad))}, which is not supported: use a bf16 "
+                          "or fp8 (float8_e4m3fn) file")  # fmt: skip
+    state.pop("scaled_fp8", None)
+    scales: dict[str, torch.Tensor] = {}
+    for key in list(state):
+        for suffix in (".scale_weight", ".weight_scale"):
+            if key.endswith(suffix):
+                scales[key[: -len(suffix)]] = state.pop(key)
+        if key.endswith((".scale_input", ".input_scale")):
+            state.pop(key)
+    layers = {k[: -len(".weight")]: None for k, v in state.items() if k.endswith(".weight") and is_fp8(v)}
+    for layer, scale in scales.items():
+        if layer not in layers:
+            raise UniRefError(f"{file_name}: '{layer}' has an fp8 scale but its weight is not fp8")
+        layers[layer] = scale
+    return layers
+
+
+def swap_in_fp8_linears(model: nn.Module, layers: dict[str, torch.Tensor | None], state: dict[str, torch.Tensor],
+                        file_name: str) -> None:  # fmt: skip
+    """Replace the model's ``nn.Linear`` named in ``layers`` by ``FP8Linear`` holding the file's fp8 weight; their
+    ``.weight`` entries are taken out of ``state`` (the biases stay for the ordinary load)."""
+    modules = dict(model.named_modules())
+    for name, scale in layers.items():
+        old = modules.get(name)
+        if not isinstance(old, nn.Linear):
+            raise UniRefError(f"{file_name}: '{name}.weight' is fp8 but '{name}' is not a linear layer of the model")
+        weight = state.pop(f"{name}.weight")
+        if tuple(weight.shape) != (old.out_features, old.in_features):
+            raise UniRefError(f"{file_name}: '{name}.weight' is {tuple(weight.shape)}, the model's layer "
+                              f"{(old.out_features, old.in_features)}")  # fmt: skip
+        new = FP8Linear(old.in_features, old.out_features, bias=old.bias is not None, fp8_dtype=weight.dtype)
+        new.to(weight.device)
+        new.set_fp8(weight, scale)
+        if old.bias is not None:
+            new.bias = old.bias  # still meta: the ordinary load assigns it
+        parent, _, child = name.rpartition(".")
+        setattr(modules[parent] if parent else model, child, new)
