@@ -322,3 +322,43 @@ def load_comfy_text_encoder(path, dtype: torch.dtype | None = None, device="cpu"
     if left:
         raise UniRefError(f"{path.name}: {', '.join(left[:3])} were not in the file")
     return model.eval()
+
+
+def load_single_files(diffusion_model, text_encoder, vae, tokenizer_dir, device="cpu", dtype="auto"):
+    """The engine's components from ComfyUI's three single files (``models/diffusion_models/``,
+    ``models/text_encoders/``, ``models/vae/``) and a Qwen2.5 tokenizer folder (``vocab.json`` + ``merges.txt``:
+    ComfyUI ships one in its own tree, ``comfy/text_encoders/qwen25_tokenizer``). The image processor and
+    scheduler settings are the published Qwen-Image-Edit ones. fp8 layers of the diffusion model stay fp8."""
+    from transformers import Qwen2Tokenizer, Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
+
+    from .model import Components, resolve_dtype
+    from .tiny import IMAGE_PROCESSOR_CONFIG, SCHEDULER_CONFIG, VIDEO_PROCESSOR_CONFIG
+
+    device = torch.device(device)
+    dt = resolve_dtype(dtype, device)
+    tokenizer_dir = Path(tokenizer_dir)
+    if not (tokenizer_dir / "vocab.json").is_file() or not (tokenizer_dir / "merges.txt").is_file():
+        raise UniRefError(f"tokenizer folder {tokenizer_dir} has no vocab.json / merges.txt: give a Qwen2.5 tokenizer "
+                          "folder (ComfyUI's is comfy/text_encoders/qwen25_tokenizer in its source tree)")  # fmt: skip
+    tokenizer = Qwen2Tokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
+    processor = Qwen2VLProcessor(
+        image_processor=Qwen2VLImageProcessor(**IMAGE_PROCESSOR_CONFIG),
+        tokenizer=tokenizer,
+        video_processor=Qwen2VLVideoProcessor(**VIDEO_PROCESSOR_CONFIG),
+    )
+    parts = (
+        load_comfy_transformer(diffusion_model, dtype=dt),
+        load_comfy_vae(vae, dtype=dt),
+        load_comfy_text_encoder(text_encoder, dtype=dt),
+    )
+    te_width, joint = parts[2].config.text_config.hidden_size, parts[0].config.joint_attention_dim
+    if te_width != joint:
+        raise UniRefError(f"{Path(text_encoder).name} gives {te_width}-wide text states but {Path(diffusion_model).name} "
+                          f"expects {joint}: pick the text encoder that belongs to this diffusion model")  # fmt: skip
+    if parts[1].config.z_dim * 4 != parts[0].config.in_channels:
+        raise UniRefError(f"{Path(vae).name} has {parts[1].config.z_dim} latent channels but {Path(diffusion_model).name} "
+                          f"takes {parts[0].config.in_channels // 4}: pick the VAE that belongs to this diffusion model")  # fmt: skip
+    for m in parts:
+        m.to(device).eval().requires_grad_(False)
+    transformer, vae_model, te = parts
+    return Components(transformer, vae_model, te, processor, dict(SCHEDULER_CONFIG), Path(diffusion_model), {})

@@ -1,0 +1,112 @@
+"""An edit from ComfyUI's three single files (diffusion model, text encoder, VAE) and ComfyUI's own Qwen2.5
+tokenizer folder: `load_single_files` assembles a pipeline whose per_image edit is the image diffusers'
+QwenImageEditPlusPipeline makes from the same networks, and mismatched parts are clear errors."""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus as dq
+from uniref_core import UniRefPipeline
+from uniref_core.comfy_files import load_comfy_vae, load_single_files
+from uniref_core.errors import UniRefError
+
+from conftest import make_refs
+from test_comfy_vae import comfy_vae_file
+
+PROMPT = "put the red object from Picture 1 on the left of the background of Picture 2"
+AREA = 64 * 64
+needs_host = pytest.mark.skipif(os.environ.get("UNIREF_SKIP_COMFY") == "1", reason="UNIREF_SKIP_COMFY=1")
+
+
+def tiny_text_encoder():
+    """A tiny Qwen2.5-VL with the real tokenizer's vocabulary and ComfyUI's fixed head size (128)."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    torch.manual_seed(0)
+    config = Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=151936, hidden_size=256, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, rms_norm_eps=1e-6,
+                         rope_parameters={"rope_type": "default", "mrope_section": [16, 24, 24], "rope_theta": 1e6},
+                         bos_token_id=151643, eos_token_id=151645),
+        vision_config=dict(hidden_size=64, depth=2, intermediate_size=48, num_heads=16, out_hidden_size=256,
+                           fullatt_block_indexes=[7, 15, 23, 31]),
+        tie_word_embeddings=False,
+    )  # fmt: skip
+    return Qwen2_5_VLForConditionalGeneration(config).eval()
+
+
+def comfy_layout(text_encoder):
+    """transformers' state dict in ComfyUI's flat text-encoder layout (no head)."""
+    out = {}
+    for k, v in text_encoder.state_dict().items():
+        if k == "lm_head.weight":
+            continue
+        k = k.replace("model.language_model.", "model.", 1).replace("model.visual.", "visual.", 1)
+        out[k] = v.contiguous()
+    return out
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    from comfyhost import comfy_hosts
+    from diffusers import QwenImageTransformer2DModel
+
+    tmp = tmp_path_factory.mktemp("bundle")
+    torch.manual_seed(1)
+    transformer = QwenImageTransformer2DModel(num_layers=2, attention_head_dim=128, num_attention_heads=2,
+                                              joint_attention_dim=256, in_channels=64, out_channels=16).eval()  # fmt: skip
+    te = tiny_text_encoder()
+    files = {"diffusion_model": tmp / "qwen_image_edit_tiny.safetensors", "text_encoder": tmp / "qwen_2.5_vl_tiny.safetensors"}
+    save_file({k: v.contiguous() for k, v in transformer.state_dict().items()}, str(files["diffusion_model"]))
+    save_file(comfy_layout(te), str(files["text_encoder"]))
+    files["vae"], _ = comfy_vae_file(tmp, "0.30.0")  # built by ComfyUI's own Wan VAE class, in its file layout
+    tokenizer = comfy_hosts.ensure_host("0.30.0").comfy_dir / "comfy" / "text_encoders" / "qwen25_tokenizer"
+    return files, tokenizer, transformer, te
+
+
+@pytest.mark.comfy
+@needs_host
+def test_single_files_edit_like_diffusers_pipeline_on_the_same_networks(bundle, monkeypatch):
+    from diffusers import FlowMatchEulerDiscreteScheduler, QwenImageEditPlusPipeline
+
+    from uniref_core.tiny import SCHEDULER_CONFIG
+
+    files, tokenizer, transformer, te = bundle
+    components = load_single_files(tokenizer_dir=tokenizer, dtype="fp32", **files)
+    ours = UniRefPipeline(components)
+    refs = make_refs([(96, 64), (80, 120)], seed=2)
+    monkeypatch.setattr(dq, "VAE_IMAGE_SIZE", AREA)
+    got = ours.edit(refs, PROMPT, " ", mode="per_image", per_image_area=AREA, cfg=2.0, seed=5, steps=3, width=64, height=64)
+    ref = QwenImageEditPlusPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG), vae=load_comfy_vae(files["vae"]),
+        text_encoder=te, tokenizer=components.processor.tokenizer, processor=components.processor, transformer=transformer,
+    )  # fmt: skip
+    ref.set_progress_bar_config(disable=True)
+    want = ref(image=refs, prompt=PROMPT, negative_prompt=" ", true_cfg_scale=2.0, height=64, width=64,
+               num_inference_steps=3, generator=torch.Generator("cpu").manual_seed(5)).images[0]  # fmt: skip
+    got, want = np.asarray(got.images[0]).astype(int), np.asarray(want).astype(int)
+    assert got.shape == want.shape == (64, 64, 3)
+    assert want.std() > 5
+    assert np.abs(got - want).max() <= 1
+
+
+@pytest.mark.comfy
+@needs_host
+def test_parts_that_do_not_belong_together_are_clear_errors(bundle, tmp_path):
+    from diffusers import QwenImageTransformer2DModel
+
+    files, tokenizer, _, _ = bundle
+    other = QwenImageTransformer2DModel(num_layers=1, attention_head_dim=128, num_attention_heads=1,
+                                        joint_attention_dim=128, in_channels=64, out_channels=16)  # fmt: skip
+    wrong = tmp_path / "qwen_image_other.safetensors"
+    save_file({k: v.contiguous() for k, v in other.state_dict().items()}, str(wrong))
+    with pytest.raises(UniRefError, match="gives 256-wide text states but qwen_image_other.safetensors expects 128"):
+        load_single_files(wrong, files["text_encoder"], files["vae"], tokenizer)
+    with pytest.raises(UniRefError, match="has no vocab.json / merges.txt.*qwen25_tokenizer"):
+        load_single_files(files["diffusion_model"], files["text_encoder"], files["vae"], tmp_path)
+    with pytest.raises(UniRefError, match="is not a Qwen-Image VAE"):
+        load_single_files(files["diffusion_model"], files["text_encoder"], files["text_encoder"], tokenizer)
