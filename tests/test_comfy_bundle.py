@@ -110,3 +110,36 @@ def test_parts_that_do_not_belong_together_are_clear_errors(bundle, tmp_path):
         load_single_files(files["diffusion_model"], files["text_encoder"], files["vae"], tmp_path)
     with pytest.raises(UniRefError, match="is not a Qwen-Image VAE"):
         load_single_files(files["diffusion_model"], files["text_encoder"], files["text_encoder"], tokenizer)
+
+
+@pytest.mark.comfy
+@needs_host
+def test_cli_edits_from_single_files_like_the_pipeline(bundle, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from PIL import Image
+
+    files, tokenizer, _, _ = bundle
+    refs = make_refs([(96, 64), (80, 120)], seed=3)
+    ref_paths = []
+    for i, r in enumerate(refs):
+        ref_paths += ["--ref", str(tmp_path / f"r{i}.png")]
+        r.save(tmp_path / f"r{i}.png")
+    out = tmp_path / "out.png"
+    root = Path(__file__).resolve().parent.parent
+    args = [sys.executable, "-m", "uniref_core", "edit", "--diffusion-model", files["diffusion_model"], "--text-encoder",
+            files["text_encoder"], "--vae", files["vae"], "--tokenizer", tokenizer, *ref_paths, "--prompt", PROMPT,
+            "--budget", "128", "--width", "64", "--height", "64", "--steps", "2", "--cfg", "1", "--seed", "4",
+            "--device", "cpu", "--dtype", "fp32", "--quiet", "-o", out]  # fmt: skip
+    r = subprocess.run([str(a) for a in args], capture_output=True, text=True, cwd=root, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "qwen_image_edit_tiny.safetensors" in r.stdout
+    pipe = UniRefPipeline(load_single_files(tokenizer_dir=tokenizer, dtype="fp32", **files))
+    want = pipe.edit([Image.open(tmp_path / f"r{i}.png") for i in range(2)], PROMPT, None, budget=128 * 128, width=64,
+                     height=64, steps=2, cfg=1.0, seed=4).images[0]  # fmt: skip
+    assert np.abs(np.asarray(Image.open(out)).astype(int) - np.asarray(want).astype(int)).max() <= 1
+    half = subprocess.run([str(a) for a in args[:6] + ref_paths + ["--prompt", "x", "-o", out]], capture_output=True,
+                          text=True, cwd=root, timeout=120)  # fmt: skip
+    assert half.returncode != 0 and "--vae, --tokenizer is missing" in half.stderr

@@ -42,6 +42,11 @@ def _parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("edit", help="edit / compose references with an instruction")
     e.add_argument("--model", help="diffusers-format model folder (default: the built-in default model)")
+    e.add_argument("--diffusion-model", metavar="FILE", help="instead of --model: a ComfyUI single-file diffusion model "
+                   "(bf16/fp16/fp32 or fp8; with --text-encoder, --vae and --tokenizer)")
+    e.add_argument("--text-encoder", metavar="FILE", help="ComfyUI single-file Qwen2.5-VL text encoder")
+    e.add_argument("--vae", metavar="FILE", help="ComfyUI single-file Qwen-Image VAE")
+    e.add_argument("--tokenizer", metavar="DIR", help="Qwen2.5 tokenizer folder (ComfyUI's: comfy/text_encoders/qwen25_tokenizer)")
     size_options(e)
     e.add_argument("--prompt", required=True, help="the instruction, e.g. 'put the cat from Picture 1 on the sofa of Picture 2'")
     e.add_argument("--negative-prompt", default=None, help="what to avoid (used when --cfg > 1; default ' ')")
@@ -168,16 +173,34 @@ def cmd_edit(a) -> int:
     from .budget import plan_references
     from .model import check_model_folder, read_defaults, token_px_of
 
-    model = a.model or default_model_path()
-    check_model_folder(model)
-    token_px = token_px_of(model)
-    _fill_defaults(a, read_defaults(model))
+    files = {"--diffusion-model": a.diffusion_model, "--text-encoder": a.text_encoder, "--vae": a.vae,
+             "--tokenizer": a.tokenizer}  # fmt: skip
+    single = any(files.values())
+    if single:
+        missing = [k for k, v in files.items() if not v]
+        if missing or a.model:
+            raise UniRefError("single files need all of --diffusion-model, --text-encoder, --vae and --tokenizer, and "
+                              + (f"no --model (got {a.model})" if a.model else f"{', '.join(missing)} is missing"))  # fmt: skip
+        model = a.diffusion_model
+        token_px = 16  # Qwen-Image's 8x VAE and 2x2 patches: the only layout its single files come in
+        _fill_defaults(a, {})
+    else:
+        model = a.model or default_model_path()
+        check_model_folder(model)
+        token_px = token_px_of(model)
+        _fill_defaults(a, read_defaults(model))
     plan_references([r.size for r in refs], token_px=token_px, **_size_kwargs(a))
     options = SamplingOptions(seed=a.seed, steps=a.steps, cfg=a.cfg, sampler=a.sampler, eta=a.eta, denoise=a.denoise,
                               num_images=a.num_images)  # fmt: skip
     options.check(init)
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    pipe = UniRefPipeline.from_pretrained(model, device=device, dtype=a.dtype)
+    if single:
+        from .comfy_files import load_single_files
+
+        pipe = UniRefPipeline(load_single_files(a.diffusion_model, a.text_encoder, a.vae, a.tokenizer, device=device,
+                                                dtype=a.dtype))  # fmt: skip
+    else:
+        pipe = UniRefPipeline.from_pretrained(model, device=device, dtype=a.dtype)
     pipe.set_loras(loras)
 
     bar = None
