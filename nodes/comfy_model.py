@@ -136,6 +136,36 @@ def load_model(name: str, dtype: str) -> UniRefModel:
     offload_device = mm.unet_offload_device()
     logging.info("UniRef: loading model %s from %s", name, path)
     pipe = UniRefPipeline.from_pretrained(path, device=offload_device, dtype=pick_dtype(dtype, load_device))
+    return _wrap(name, pipe, load_device, offload_device)
+
+
+def comfy_tokenizer_dir() -> Path:
+    """The Qwen2.5 tokenizer ComfyUI ships in its own source tree (no download)."""
+    # comfy/text_encoders is a namespace package (no __file__): go from a module of the comfy package.
+    return Path(mm.__file__).resolve().parent / "text_encoders" / "qwen25_tokenizer"
+
+
+def load_model_files(diffusion_model: str, text_encoder: str, vae: str, dtype: str) -> UniRefModel:
+    """A model from ComfyUI's single files in models/diffusion_models/, models/text_encoders/ and models/vae/."""
+    from ..uniref_core.comfy_files import load_single_files
+
+    paths = {
+        "diffusion model": (folder_paths.get_full_path("diffusion_models", diffusion_model), "diffusion_models"),
+        "text encoder": (folder_paths.get_full_path("text_encoders", text_encoder), "text_encoders"),
+        "vae": (folder_paths.get_full_path("vae", vae), "vae"),
+    }
+    for what, (path, folder) in paths.items():
+        if not path:
+            raise UniRefError(f"{what} file was not found in models/{folder}/: pick one from the list (refresh after adding files)")
+    load_device = mm.get_torch_device()
+    offload_device = mm.unet_offload_device()
+    logging.info("UniRef: loading single files %s, %s, %s", diffusion_model, text_encoder, vae)
+    components = load_single_files(paths["diffusion model"][0], paths["text encoder"][0], paths["vae"][0],
+                                   comfy_tokenizer_dir(), device=offload_device, dtype=pick_dtype(dtype, load_device))  # fmt: skip
+    return _wrap(diffusion_model, UniRefPipeline(components), load_device, offload_device)
+
+
+def _wrap(name: str, pipe: UniRefPipeline, load_device, offload_device) -> UniRefModel:
     patchers = {
         part: comfy.model_patcher.ModelPatcher(
             _Part(getattr(pipe.c, part), pipe.dtype), load_device=load_device, offload_device=offload_device

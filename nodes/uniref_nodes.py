@@ -72,6 +72,36 @@ class LoadUniRefModel(io.ComfyNode):
         return io.NodeOutput(comfy_model.load_model(model, dtype))
 
 
+class LoadUniRefModelFiles(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        import folder_paths
+
+        return io.Schema(
+            node_id="UniRefLoadModelFiles",
+            display_name="Load UniRef Model (ComfyUI files)",
+            category=CATEGORY,
+            description="Loads a Qwen-Image-Edit-family model from ComfyUI's single files: a diffusion model "
+            "(bf16 or fp8, e.g. qwen_image_edit_2511_bf16.safetensors), its Qwen2.5-VL text encoder and the "
+            "Qwen-Image VAE. The tokenizer comes with ComfyUI.",
+            inputs=[
+                io.Combo.Input("diffusion_model", options=folder_paths.get_filename_list("diffusion_models"),
+                               tooltip="From models/diffusion_models/. fp8 files stay 8-bit in memory."),
+                io.Combo.Input("text_encoder", options=folder_paths.get_filename_list("text_encoders"),
+                               tooltip="From models/text_encoders/, e.g. qwen_2.5_vl_7b.safetensors."),
+                io.Combo.Input("vae", options=folder_paths.get_filename_list("vae"),
+                               tooltip="From models/vae/, e.g. qwen_image_vae.safetensors."),
+                io.Combo.Input("dtype", options=["auto", "bf16", "fp16", "fp32"], default="auto",
+                               tooltip="Compute precision. auto: bf16 on a GPU that supports it, fp32 on CPU."),
+            ],  # fmt: skip
+            outputs=[ModelType.Output(display_name="model")],
+        )
+
+    @classmethod
+    def execute(cls, diffusion_model, text_encoder, vae, dtype="auto") -> io.NodeOutput:
+        return io.NodeOutput(comfy_model.load_model_files(diffusion_model, text_encoder, vae, dtype))
+
+
 def _reference_inputs() -> list:
     image_tip = "A reference image; its order is its 'Picture k' number in the prompt. Any size."
     if hasattr(io, "Autogrow"):
@@ -360,4 +390,4 @@ class UniRefLora(io.ComfyNode):
         return io.NodeOutput(model.with_lora(lora_name, strength))
 
 
-NODES = [LoadUniRefModel, ReferenceBatch, SelfEncode, UniRefSampler, UniRefLora]
+NODES = [LoadUniRefModel, LoadUniRefModelFiles, ReferenceBatch, SelfEncode, UniRefSampler, UniRefLora]

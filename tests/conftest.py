@@ -99,3 +99,52 @@ def tiny_lora(tiny_model, tmp_path_factory):
     transformer = QwenImageTransformer2DModel.from_pretrained(tiny_model / "transformer")
     return write_lora(random_lora(transformer, seed=1), tmp_path_factory.mktemp("lora") / "uniref_tiny_lora.safetensors",
                       "comfy")  # fmt: skip
+
+
+def tiny_text_encoder():
+    """A tiny Qwen2.5-VL with the real tokenizer's vocabulary and ComfyUI's fixed head size (128)."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    torch.manual_seed(0)
+    config = Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=151936, hidden_size=256, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, rms_norm_eps=1e-6,
+                         rope_parameters={"rope_type": "default", "mrope_section": [16, 24, 24], "rope_theta": 1e6},
+                         bos_token_id=151643, eos_token_id=151645),
+        vision_config=dict(hidden_size=64, depth=2, intermediate_size=48, num_heads=16, out_hidden_size=256,
+                           fullatt_block_indexes=[7, 15, 23, 31]),
+        tie_word_embeddings=False,
+    )  # fmt: skip
+    return Qwen2_5_VLForConditionalGeneration(config).eval()
+
+
+def comfy_layout(text_encoder):
+    """transformers' state dict in ComfyUI's flat text-encoder layout (no head)."""
+    out = {}
+    for k, v in text_encoder.state_dict().items():
+        if k == "lm_head.weight":
+            continue
+        k = k.replace("model.language_model.", "model.", 1).replace("model.visual.", "visual.", 1)
+        out[k] = v.contiguous()
+    return out
+
+
+@pytest.fixture(scope="session")
+def comfy_single_files(tmp_path_factory):
+    """A tiny Qwen-Image-Edit as ComfyUI's three single files (the VAE built by ComfyUI's own class in the 0.30.0
+    host) + ComfyUI's tokenizer folder: (files, tokenizer dir, the transformer, the text encoder)."""
+    from comfyhost import comfy_hosts
+    from test_comfy_vae import comfy_vae_file
+    from diffusers import QwenImageTransformer2DModel
+
+    tmp = tmp_path_factory.mktemp("bundle")
+    torch.manual_seed(1)
+    transformer = QwenImageTransformer2DModel(num_layers=2, attention_head_dim=128, num_attention_heads=2,
+                                              joint_attention_dim=256, in_channels=64, out_channels=16).eval()  # fmt: skip
+    te = tiny_text_encoder()
+    files = {"diffusion_model": tmp / "qwen_image_edit_tiny.safetensors", "text_encoder": tmp / "qwen_2.5_vl_tiny.safetensors"}
+    save_file({k: v.contiguous() for k, v in transformer.state_dict().items()}, str(files["diffusion_model"]))
+    save_file(comfy_layout(te), str(files["text_encoder"]))
+    files["vae"], _ = comfy_vae_file(tmp, "0.30.0")  # built by ComfyUI's own Wan VAE class, in its file layout
+    tokenizer = comfy_hosts.ensure_host("0.30.0").comfy_dir / "comfy" / "text_encoders" / "qwen25_tokenizer"
+    return files, tokenizer, transformer, te

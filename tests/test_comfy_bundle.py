@@ -15,67 +15,20 @@ from uniref_core.comfy_files import load_comfy_vae, load_single_files
 from uniref_core.errors import UniRefError
 
 from conftest import make_refs
-from test_comfy_vae import comfy_vae_file
 
 PROMPT = "put the red object from Picture 1 on the left of the background of Picture 2"
 AREA = 64 * 64
 needs_host = pytest.mark.skipif(os.environ.get("UNIREF_SKIP_COMFY") == "1", reason="UNIREF_SKIP_COMFY=1")
 
 
-def tiny_text_encoder():
-    """A tiny Qwen2.5-VL with the real tokenizer's vocabulary and ComfyUI's fixed head size (128)."""
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-
-    torch.manual_seed(0)
-    config = Qwen2_5_VLConfig(
-        text_config=dict(vocab_size=151936, hidden_size=256, intermediate_size=96, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, rms_norm_eps=1e-6,
-                         rope_parameters={"rope_type": "default", "mrope_section": [16, 24, 24], "rope_theta": 1e6},
-                         bos_token_id=151643, eos_token_id=151645),
-        vision_config=dict(hidden_size=64, depth=2, intermediate_size=48, num_heads=16, out_hidden_size=256,
-                           fullatt_block_indexes=[7, 15, 23, 31]),
-        tie_word_embeddings=False,
-    )  # fmt: skip
-    return Qwen2_5_VLForConditionalGeneration(config).eval()
-
-
-def comfy_layout(text_encoder):
-    """transformers' state dict in ComfyUI's flat text-encoder layout (no head)."""
-    out = {}
-    for k, v in text_encoder.state_dict().items():
-        if k == "lm_head.weight":
-            continue
-        k = k.replace("model.language_model.", "model.", 1).replace("model.visual.", "visual.", 1)
-        out[k] = v.contiguous()
-    return out
-
-
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory):
-    from comfyhost import comfy_hosts
-    from diffusers import QwenImageTransformer2DModel
-
-    tmp = tmp_path_factory.mktemp("bundle")
-    torch.manual_seed(1)
-    transformer = QwenImageTransformer2DModel(num_layers=2, attention_head_dim=128, num_attention_heads=2,
-                                              joint_attention_dim=256, in_channels=64, out_channels=16).eval()  # fmt: skip
-    te = tiny_text_encoder()
-    files = {"diffusion_model": tmp / "qwen_image_edit_tiny.safetensors", "text_encoder": tmp / "qwen_2.5_vl_tiny.safetensors"}
-    save_file({k: v.contiguous() for k, v in transformer.state_dict().items()}, str(files["diffusion_model"]))
-    save_file(comfy_layout(te), str(files["text_encoder"]))
-    files["vae"], _ = comfy_vae_file(tmp, "0.30.0")  # built by ComfyUI's own Wan VAE class, in its file layout
-    tokenizer = comfy_hosts.ensure_host("0.30.0").comfy_dir / "comfy" / "text_encoders" / "qwen25_tokenizer"
-    return files, tokenizer, transformer, te
-
-
 @pytest.mark.comfy
 @needs_host
-def test_single_files_edit_like_diffusers_pipeline_on_the_same_networks(bundle, monkeypatch):
+def test_single_files_edit_like_diffusers_pipeline_on_the_same_networks(comfy_single_files, monkeypatch):
     from diffusers import FlowMatchEulerDiscreteScheduler, QwenImageEditPlusPipeline
 
     from uniref_core.tiny import SCHEDULER_CONFIG
 
-    files, tokenizer, transformer, te = bundle
+    files, tokenizer, transformer, te = comfy_single_files
     components = load_single_files(tokenizer_dir=tokenizer, dtype="fp32", **files)
     ours = UniRefPipeline(components)
     refs = make_refs([(96, 64), (80, 120)], seed=2)
@@ -96,10 +49,10 @@ def test_single_files_edit_like_diffusers_pipeline_on_the_same_networks(bundle, 
 
 @pytest.mark.comfy
 @needs_host
-def test_parts_that_do_not_belong_together_are_clear_errors(bundle, tmp_path):
+def test_parts_that_do_not_belong_together_are_clear_errors(comfy_single_files, tmp_path):
     from diffusers import QwenImageTransformer2DModel
 
-    files, tokenizer, _, _ = bundle
+    files, tokenizer, _, _ = comfy_single_files
     other = QwenImageTransformer2DModel(num_layers=1, attention_head_dim=128, num_attention_heads=1,
                                         joint_attention_dim=128, in_channels=64, out_channels=16)  # fmt: skip
     wrong = tmp_path / "qwen_image_other.safetensors"
@@ -114,14 +67,14 @@ def test_parts_that_do_not_belong_together_are_clear_errors(bundle, tmp_path):
 
 @pytest.mark.comfy
 @needs_host
-def test_cli_edits_from_single_files_like_the_pipeline(bundle, tmp_path):
+def test_cli_edits_from_single_files_like_the_pipeline(comfy_single_files, tmp_path):
     import subprocess
     import sys
     from pathlib import Path
 
     from PIL import Image
 
-    files, tokenizer, _, _ = bundle
+    files, tokenizer, _, _ = comfy_single_files
     refs = make_refs([(96, 64), (80, 120)], seed=3)
     ref_paths = []
     for i, r in enumerate(refs):

@@ -26,14 +26,18 @@ if os.environ.get("UNIREF_SKIP_COMFY") == "1":
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKFLOWS = sorted((ROOT / "workflows").glob("*.json"))
-NODE_IDS = ["UniRefLoadModel", "UniRefReferenceBatch", "UniRefSelfEncode", "UniRefSampler", "UniRefLora"]
+NODE_IDS = ["UniRefLoadModel", "UniRefLoadModelFiles", "UniRefReferenceBatch", "UniRefSelfEncode", "UniRefSampler",
+            "UniRefLora"]
 # Small settings so a CPU host runs each prompt in seconds; the graph is the shipped one.
 FAST = {"UniRefSampler": {"steps": 3, "cfg": 2.0}, "UniRefSelfEncode": {"budget": "custom", "custom_budget": 256}}
 
 
 @pytest.fixture(scope="module", params=["0.30.0", "0.3.75"])
-def host(request, tiny_model, tiny_lora):
-    with uniref_host(request.param, tiny_model, extra_models={f"loras/{tiny_lora.name}": tiny_lora}) as h:
+def host(request, tiny_model, tiny_lora, comfy_single_files):
+    files = comfy_single_files[0]
+    extra = {f"loras/{tiny_lora.name}": tiny_lora, **{f"{folder}/{files[part].name}": files[part] for part, folder in
+             (("diffusion_model", "diffusion_models"), ("text_encoder", "text_encoders"), ("vae", "vae"))}}  # fmt: skip
+    with uniref_host(request.param, tiny_model, extra_models=extra) as h:
         yield h
 
 
@@ -249,3 +253,33 @@ def test_lora_node_gives_the_clis_image_and_leaves_no_trace_when_removed(host, t
     plain_cli = cli_image()
     assert np.abs(without - plain_cli).max() <= 1
     assert np.abs(with_lora - plain_cli).mean() > 1  # the LoRA changed the picture
+
+
+def test_single_files_loader_node_gives_the_clis_image(host, comfy_single_files, tmp_path):
+    """The shipped composition graph with Load UniRef Model (ComfyUI files) in place of the folder loader: the
+    files are listed from ComfyUI's own folders, the tokenizer is ComfyUI's, and the image is the CLI's."""
+    from uniref_core.__main__ import main
+
+    files, tokenizer, _, _ = comfy_single_files
+    spec = host.object_info("UniRefLoadModelFiles")["input"]["required"]
+    for name, part in (("diffusion_model", "diffusion_model"), ("text_encoder", "text_encoder"), ("vae", "vae")):
+        assert files[part].name in json.dumps(spec[name])
+    prompt = workflow_prompt(host, ROOT / "workflows" / "uniref_multi_compose.json", width=64, height=64)
+    load_id = next(k for k, n in prompt.items() if n["class_type"] == "UniRefLoadModel")
+    prompt[load_id] = {"class_type": "UniRefLoadModelFiles",
+                       "inputs": {"diffusion_model": files["diffusion_model"].name, "text_encoder": files["text_encoder"].name,
+                                  "vae": files["vae"].name, "dtype": "fp32"}}  # fmt: skip
+    meta = output_images(host.run(prompt, timeout=300))[0]
+    node = np.asarray(Image.open(io.BytesIO(host.view(meta["filename"], meta["subfolder"], meta["type"])))).astype(int)
+    enc, smp = node_of(prompt, "UniRefSelfEncode")["inputs"], node_of(prompt, "UniRefSampler")["inputs"]
+    refs = [ROOT / "assets" / n for n in ("ref_red_circle.png", "ref_blue_triangle.png", "ref_background.png")]
+    out = tmp_path / "cli.png"
+    code = main(["edit", "--diffusion-model", str(files["diffusion_model"]), "--text-encoder", str(files["text_encoder"]),
+                 "--vae", str(files["vae"]), "--tokenizer", str(tokenizer), *sum((["--ref", str(r)] for r in refs), []),
+                 "--prompt", enc["prompt"], "--negative-prompt", enc["negative_prompt"], "--budget", "256",
+                 "--width", "64", "--height", "64", "--steps", str(smp["steps"]), "--cfg", str(smp["cfg"]),
+                 "--seed", str(smp["seed"]), "--dtype", "fp32", "--quiet", "-o", str(out)])  # fmt: skip
+    assert code == 0
+    cli = np.asarray(Image.open(out)).astype(int)
+    assert node.shape == cli.shape and cli.std() > 5
+    assert np.abs(node - cli).max() <= 1
