@@ -5,6 +5,7 @@ def comfy_entrypoint():
     from comfy_api.latest import ComfyExtension
 
     from .nodes import comfy_model, examples
+    from .nodes.native_nodes import NODES as NATIVE_NODES
     from .nodes.uniref_nodes import NODES
 
     class UniRefExtension(ComfyExtension):
@@ -12,6 +13,6 @@ def comfy_entrypoint():
             # Called once at start-up by every host (on_load is not called by ComfyUI 0.3.x).
             comfy_model.register_model_folder()
             examples.install_example_images()
-            return NODES
+            return [*NODES, *NATIVE_NODES]
 
     return UniRefExtension()
