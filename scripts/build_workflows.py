@@ -109,6 +109,57 @@ def build(name, images, prompt, note, budget="model default", custom_budget=1024
     return path
 
 
+#: ComfyUI's own file names for Qwen-Image-Edit-2509 (its template's downloads), what an artist has on disk.
+NATIVE_FILES = {"unet": "qwen_image_edit_2509_fp8_e4m3fn.safetensors", "clip": "qwen_2.5_vl_7b_fp8_scaled.safetensors",
+                "vae": "qwen_image_vae.safetensors"}  # fmt: skip
+
+
+def build_native(name, images, prompt, note, steps=20, cfg=2.5, shift=3.0, size=1024):
+    """SELF on ComfyUI's own path: core loaders -> UniRef SELF Encode (native) -> KSampler -> VAE Decode."""
+    g = Graph()
+    g.node("Note", (0, -330), (340, 300), widgets=[note], title="Read me", color=NOTE_COLOR)
+    loaders = [
+        g.node("LoadImage", (0, 20 + 430 * i), (300, 380), outputs=[("IMAGE", "IMAGE"), ("MASK", "MASK")],
+               widgets=[img, "image"], title=f"Picture {i + 1}")
+        for i, img in enumerate(images)
+    ]  # fmt: skip
+    unet = g.node("UNETLoader", (380, -330), (320, 82), outputs=[("MODEL", "MODEL")], widgets=[NATIVE_FILES["unet"], "default"])
+    shifted = g.node("ModelSamplingAuraFlow", (380, -210), (320, 58), inputs=[("model", "MODEL", False)],
+                     outputs=[("MODEL", "MODEL")], widgets=[shift])  # fmt: skip
+    clip = g.node("CLIPLoader", (380, -120), (320, 106), outputs=[("CLIP", "CLIP")],
+                  widgets=[NATIVE_FILES["clip"], "qwen_image", "default"])  # fmt: skip
+    vae = g.node("VAELoader", (380, 20), (320, 58), outputs=[("VAE", "VAE")], widgets=[NATIVE_FILES["vae"]])
+    slots = [("clip", "CLIP", False), ("vae", "VAE", False)] + [(f"images.image_{i + 1}", "IMAGE", False) for i in range(len(images))]
+    encode = g.node(
+        "UniRefSelfEncodeNative", (740, -330), (400, 520), inputs=slots,
+        outputs=[("positive", "CONDITIONING"), ("negative", "CONDITIONING"), ("latent", "LATENT")],
+        widgets=[prompt, "", "budget", "1024²", 1024, size, size, 1],
+    )  # fmt: skip
+    sampler = g.node(
+        "KSampler", (1180, -330), (320, 262),
+        inputs=[("model", "MODEL", False), ("positive", "CONDITIONING", False), ("negative", "CONDITIONING", False),
+                ("latent_image", "LATENT", False)],
+        outputs=[("LATENT", "LATENT")], widgets=[0, "fixed", steps, cfg, "euler", "simple", 1.0],
+    )  # fmt: skip
+    decode = g.node("VAEDecode", (1180, -30), (210, 46), inputs=[("samples", "LATENT", False), ("vae", "VAE", False)],
+                    outputs=[("IMAGE", "IMAGE")])  # fmt: skip
+    save = g.node("SaveImage", (1540, -330), (420, 460), inputs=[("images", "IMAGE", False)], widgets=["UniRef"])
+    g.link(unet, 0, shifted, "model")
+    for i, loader in enumerate(loaders):
+        g.link(loader, 0, encode, f"images.image_{i + 1}")
+    g.link(clip, 0, encode, "clip")
+    g.link(vae, 0, encode, "vae")
+    g.link(shifted, 0, sampler, "model")
+    for slot, target in enumerate(("positive", "negative", "latent_image")):
+        g.link(encode, slot, sampler, target)
+    g.link(sampler, 0, decode, "samples")
+    g.link(vae, 0, decode, "vae")
+    g.link(decode, 0, save, "images")
+    path = ROOT / "workflows" / f"{name}.json"
+    path.write_text(json.dumps(g.to_json(name), indent=2) + "\n")
+    return path
+
+
 def main() -> None:
     (ROOT / "workflows").mkdir(exist_ok=True)
     build(
@@ -134,6 +185,19 @@ def main() -> None:
         "aspect ratio at 1024², match_reference) or to the size you want.\n\nSampler: 20 steps and cfg 1 suit the built-in model; use "
         "30–50 steps and cfg 4 with Qwen-Image-Edit checkpoints.",
         match_reference=3,
+    )
+    build_native(
+        "uniref_native_compose",
+        ["uniref_red_circle.png", "uniref_blue_triangle.png", "uniref_background.png"],
+        "Put the object from Picture 1 on the left and the object from Picture 2 on the right, on the background "
+        "of Picture 3.",
+        "SELF on ComfyUI's own sampler\n\nFor Qwen-Image-Edit-2509/2511 as ComfyUI's files: Load Diffusion Model "
+        "(diffusion_models/), Load CLIP (text_encoders/, type qwen_image), Load VAE (vae/). fp8 files, LoRA loaders "
+        "and any sampler work as usual.\n\nUniRef SELF Encode (native) holds ALL references to one pixel budget "
+        "(policy budget, 1024² here), so six references cost about what one costs; policy per_image gives exactly "
+        "what TextEncodeQwenImageEditPlus gives. It returns the positive and negative conditioning and an empty "
+        "latent of the output size.\n\nKSampler: 20 steps, cfg 2.5 for the full model; 4 steps, cfg 1 with a "
+        "4-step lightning LoRA.",
     )
 
 

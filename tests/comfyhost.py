@@ -72,6 +72,7 @@ class ComfyHost:
         base_dir: Path | None = None,
         extra_args: tuple[str, ...] = (),
         start_timeout: float = 90.0,
+        extra_packs: dict[str, Path] | None = None,
     ):
         self.version = version
         self.pack_dir = Path(pack_dir).resolve() if pack_dir else None
@@ -83,6 +84,7 @@ class ComfyHost:
         self.base_dir = Path(base_dir) if base_dir else None
         self.extra_args = tuple(extra_args)
         self.start_timeout = start_timeout
+        self.extra_packs = dict(extra_packs or {})  # more custom_nodes/<name> folders (test-only shims)
         self.install = None
         self.proc: subprocess.Popen | None = None
         self.port: int | None = None
@@ -116,7 +118,7 @@ class ComfyHost:
         self.install = comfy_hosts.ensure_host(self.version)
         if self.base_dir is None:
             self.base_dir = Path(tempfile.mkdtemp(prefix=f"comfy-{self.version}-"))
-        packs = {self.pack_name: self.pack_dir} if self.pack_dir else {}
+        packs = {**({self.pack_name: self.pack_dir} if self.pack_dir else {}), **self.extra_packs}
         comfy_hosts.make_base_dir(self.base_dir, packs, self.models)
         self.port = comfy_hosts.free_port()
         self._t0 = time.perf_counter()
@@ -446,11 +448,13 @@ class WsListener:
 
 
 @contextlib.contextmanager
-def uniref_host(version: str, tiny_model: Path, default_model: Path | None = None, extra_models: dict | None = None):
+def uniref_host(version: str, tiny_model: Path, default_model: Path | None = None, extra_models: dict | None = None,
+                extra_packs: dict | None = None):
     """A host with this pack and a tiny model as `models/uniref/tiny` and, unless ``default_model`` is
     given, as the built-in default too (the shipped workflows name the built-in model, and a random model
     makes the tests fast); the shipped, trained default model is there too, as `models/uniref/shipped`,
-    once the repository has it. ``extra_models`` adds more (``{"loras/x.safetensors": path}``)."""
+    once the repository has it. ``extra_models`` adds more (``{"loras/x.safetensors": path}``), ``extra_packs``
+    more custom node folders (``{"name": path}``)."""
     old = os.environ.get("UNIREF_DEFAULT_MODEL")
     os.environ["UNIREF_DEFAULT_MODEL"] = str(default_model or tiny_model)
     try:
@@ -458,7 +462,7 @@ def uniref_host(version: str, tiny_model: Path, default_model: Path | None = Non
         shipped = ROOT / "models" / "uniref-default"
         if (shipped / "model_index.json").is_file():
             models["uniref/shipped"] = shipped
-        with ComfyHost(version, ROOT, models=models) as h:
+        with ComfyHost(version, ROOT, models=models, extra_packs=extra_packs) as h:
             yield h
     finally:
         if old is None:
