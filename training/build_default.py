@@ -1,6 +1,6 @@
 """Reproduce the built-in default model from scratch: data, VAE, SFT with progressive budgets, export, evaluation.
 
-    python -m training.build_default                      # the shipped recipe ("anchored2"); resumes where it stopped
+    python -m training.build_default                      # the shipped recipe ("fast2"); resumes where it stopped
     python -m training.build_default --recipe k123        # the K = 1…3 probe alone
     python -m training.build_default --out /tmp/my-default --work runs/my-default --nproc 2
 
@@ -10,8 +10,8 @@ SFT runs as ``--nproc`` processes under ``torch.distributed.run`` (default: one 
 Times on 2 cores are in training/README.md. After the VAE, the checker's scores of its reconstructions of
 held-out targets are logged (`vae ceiling`): no transformer on that VAE can score higher.
 
-A recipe may start from another one's model (``VARIANTS[...]["start"]``): "anchored2" first builds
-"anchored", which first builds "k123" (each exported to ``<work>/final-<name>``), then continues it.
+A recipe may start from another one's model (``VARIANTS[...]["start"]``): "fast2" first builds "fast"
+(exported to ``<work>/final-<name>``), then continues it; "anchored2" builds "anchored", which builds "k123".
 
 1. ``data``: ShapeCompose train / val manifests, 128² targets, compositions' references squares of
    ``RECIPE["ref_side"]`` px (one SELF layout per K, so a forward pass holds a whole batch of 16).
@@ -296,9 +296,10 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m training.build_default", description=__doc__.split("\n")[0])
     p.add_argument("--out", default="models/uniref-default", help="where the trained model folder goes")
     p.add_argument("--work", default="runs/uniref-default", help="data, runs, checkpoints and evaluations")
-    p.add_argument("--recipe", choices=sorted(VARIANTS), default="anchored2",
-                   help="anchored2 (what ships): k123, then 1,600 + 600 steps on anchored K = 1…3 compositions "
-                   "(anchored: the first 1,600 only); full: K = 1…6 and edits, budgets 128² → 192² (not run); "
+    p.add_argument("--recipe", choices=sorted(VARIANTS), default="fast2",
+                   help="fast2 (what ships): 4,400 + 6,000 steps of 8 on anchored K = 1…3 compositions "
+                   "(fast: the first 4,400 only); anchored2: k123, then 1,600 + 600 steps of 16; "
+                   "full: K = 1…6 and edits, budgets 128² → 192² (not run); "
                    "k123: the K = 1…3 probe (compositions, 128²)")
     p.add_argument("--config", default=None, help="SFT config (default: the recipe's; its paths must lie in --work)")
     p.add_argument("--skip-eval", action="store_true")
