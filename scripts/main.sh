@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The main job: compose the example references in assets/ with an instruction into out.png.
 # With the built-in default model (models/uniref-default/, made by `python -m training.build_default`)
-# it also prints the ShapeCompose checker's scores for out.png. Until that model ships, a tiny random
-# model of the same architecture is built offline (a few seconds) and its output is noise.
+# (shipped in git) it also prints the ShapeCompose checker's scores for out.png. In a checkout without
+# that folder a tiny random model of the same architecture is built offline (a few seconds): noise.
 # Extra arguments go to the edit, e.g. `bash scripts/main.sh --seed 3`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
