@@ -31,6 +31,7 @@ import pytest
 from PIL import Image
 
 from comfyhost import PACK_NAME, output_images, uniref_host
+from workflow_api import NATIVE_LOADERS, split_workflows
 
 pytestmark = [pytest.mark.comfy, pytest.mark.browser]
 if os.environ.get("UNIREF_SKIP_BROWSER") == "1":
@@ -39,12 +40,9 @@ if os.environ.get("UNIREF_SKIP_COMFY") == "1":
     pytest.skip("UNIREF_SKIP_COMFY=1: ComfyUI host tests skipped", allow_module_level=True)
 
 ROOT = Path(__file__).resolve().parent.parent
-WORKFLOWS = sorted((ROOT / "workflows").glob("*.json"))
-# The workflows on the pack's own loader run here; the native one (ComfyUI's Load Diffusion Model / CLIP / VAE)
-# names the artist's model files, so here it is loaded only; tests/test_native_workflow.py runs it on tiny files.
-NATIVE_LOADERS = ("UNETLoader", "CLIPLoader", "VAELoader")
-PACK_WORKFLOWS = [p for p in WORKFLOWS if not any(n["type"] in NATIVE_LOADERS for n in json.loads(p.read_text())["nodes"])]
-NATIVE_WORKFLOWS = [p for p in WORKFLOWS if p not in PACK_WORKFLOWS]
+# The workflows on the pack's own loader run here; the native one names the artist's model files, so here it is
+# loaded only (tests/test_native_workflow.py runs it on tiny files).
+PACK_WORKFLOWS, NATIVE_WORKFLOWS = split_workflows(ROOT / "workflows")
 # The README's screenshots are refreshed only on request; ordinary runs write beside the cache.
 SCREENSHOTS = ROOT / ("docs/screenshots" if os.environ.get("UNIREF_UPDATE_SCREENSHOTS") == "1" else ".cache/screenshots")
 CHROMIUM = os.environ.get("UNIREF_CHROMIUM", "/usr/bin/chromium")
@@ -236,7 +234,7 @@ def open_template(page, pack: str, name: str) -> dict:
 
 
 def test_host_lists_the_workflows_as_templates(host):
-    assert sorted(host.templates().get(PACK_NAME, [])) == sorted(p.stem for p in WORKFLOWS)
+    assert sorted(host.templates().get(PACK_NAME, [])) == sorted(p.stem for p in PACK_WORKFLOWS + NATIVE_WORKFLOWS)
 
 
 @pytest.mark.parametrize("workflow", PACK_WORKFLOWS, ids=lambda p: p.stem)

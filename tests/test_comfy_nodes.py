@@ -18,14 +18,15 @@ import pytest
 from PIL import Image
 
 from comfyhost import output_images, uniref_host
-from workflow_api import ui_to_api
+from workflow_api import split_workflows, ui_to_api
 
 pytestmark = pytest.mark.comfy
 if os.environ.get("UNIREF_SKIP_COMFY") == "1":
     pytest.skip("UNIREF_SKIP_COMFY=1: ComfyUI host tests skipped", allow_module_level=True)
 
 ROOT = Path(__file__).resolve().parent.parent
-WORKFLOWS = sorted((ROOT / "workflows").glob("*.json"))
+# The pack-loader workflows; the native one (ComfyUI's own loaders) runs in tests/test_native_workflow.py.
+WORKFLOWS, _ = split_workflows(ROOT / "workflows")
 NODE_IDS = ["UniRefLoadModel", "UniRefLoadModelFiles", "UniRefReferenceBatch", "UniRefSelfEncode", "UniRefSampler",
             "UniRefLora"]
 # Small settings so a CPU host runs each prompt in seconds; the graph is the shipped one.

@@ -19,6 +19,9 @@ Subgraphs are not supported (NotImplementedError).
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 VIRTUAL_NODES = frozenset({"Note", "MarkdownNote", "PrimitiveNode", "Reroute"})
 WIDGET_TYPES = frozenset({"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"})
 UPLOAD_OPTIONS = ("image_upload", "video_upload", "audio_upload", "animated_image_upload")
@@ -179,3 +182,18 @@ def ui_to_api(workflow: dict, object_info: dict) -> dict:
         title = node.get("title") or node_def.get("display_name") or kind
         prompt[str(node_id)] = {"inputs": inputs, "class_type": kind, "_meta": {"title": title}}
     return prompt
+
+
+#: ComfyUI's own model loaders: a workflow with them (``uniref_native_compose``) names the artist's model files.
+NATIVE_LOADERS = ("UNETLoader", "CLIPLoader", "VAELoader")
+
+
+def split_workflows(folder) -> tuple[list, list]:
+    """The shipped workflows (sorted paths): those on the pack's own loader, and the native ones (ComfyUI's
+    loaders and KSampler, run by tests/test_native_workflow.py on tiny files saved in ComfyUI's layout)."""
+    pack, native = [], []
+    for path in sorted(Path(folder).glob("*.json")):
+        types = {n["type"] for n in json.loads(path.read_text())["nodes"]}
+        (native if types & set(NATIVE_LOADERS) else pack).append(path)
+    return pack, native
+
