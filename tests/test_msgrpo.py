@@ -182,12 +182,13 @@ def test_bad_rl_config_keys_are_named(over, match):
 
 def test_msgrpo_run_logs_every_source_and_resumes_exactly(tiny_model, prompts, tmp_path):
     """A 2-step run from a tiny model: per-reference rewards logged, a plot and rollout grids written, a final
-    checkpoint; resumed from step 1 it ends with the same weights as the uninterrupted run."""
+    checkpoint, TensorBoard events as a user's run (the default) writes them; resumed from step 1 it ends with the
+    same weights as the uninterrupted run."""
     from training.common import checkpoint as ckpt_mod
     from training.rl.trainer import run
     from training.rl.config import config_from_dict as rl_from_dict
 
-    cfg = rl_from_dict(rl_config(tiny_model, prompts, tmp_path / "a", save_every=1, keep_checkpoints=5))
+    cfg = rl_from_dict(rl_config(tiny_model, prompts, tmp_path / "a", save_every=1, keep_checkpoints=5, tensorboard=True))
     res = run(cfg)
     assert res.global_step == 2
     rec = res.records[-1]
@@ -198,6 +199,7 @@ def test_msgrpo_run_logs_every_source_and_resumes_exactly(tiny_model, prompts, t
     assert rec["groups_without_signal"] == 0 and "reward/tests.test_msgrpo:custom_source/brightness" in rec
     out = tmp_path / "a"
     assert (out / "rewards.png").stat().st_size > 0 and sorted(p.name for p in (out / "rollouts").iterdir())
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
     log = [json.loads(l) for l in (out / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if r.get("kind") == "train"] == [1, 2]
     ckpts = ckpt_mod.complete_checkpoints(out)

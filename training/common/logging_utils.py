@@ -60,7 +60,7 @@ class RunLogger:
             for key, value in record.items():
                 if key in ("step", "stage", "kind") or not isinstance(value, (int, float)):
                     continue
-                tag = f"{key}/stage{record['stage']}" if key == "loss" else key
+                tag = f"{key}/stage{record['stage']}" if key == "loss" and "stage" in record else key  # RL has no stages
                 self.tb.add_scalar(tag if record.get("kind") != "eval" else f"eval/{key}", value, step)
 
     def image(self, tag: str, image: Image.Image, step: int) -> None:
