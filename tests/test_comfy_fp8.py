@@ -125,21 +125,72 @@ def test_other_quantised_formats_are_refused_by_name(tmp_path):
         load_comfy_transformer(file)
 
 
-def test_a_lora_on_an_fp8_model_says_to_use_the_bf16_file(tmp_path, tiny_model):
-    """Until LoRAs merge into fp8 layers, a LoRA on an fp8 model is a clear error, never a silently skipped patch."""
-    from conftest import random_lora, write_lora
+def _fp8_and_dense(tiny_model, tmp_path):
+    """The tiny model's transformer saved with every block's linear weight in fp8 (as an fp8 ComfyUI file), loaded
+    by the engine, and the same model with those weights dequantised into ordinary float layers."""
     from diffusers import QwenImageTransformer2DModel
-
-    from uniref_core.lora import lora_deltas, read_lora
 
     dense = QwenImageTransformer2DModel.from_pretrained(f"{tiny_model}/transformer")
     sd = {k: v.contiguous() for k, v in dense.state_dict().items()}
     for k in [k for k in sd if k.startswith("transformer_blocks.") and k.endswith(".weight") and sd[k].ndim == 2]:
-        sd[k] = sd[k].to(torch.float8_e4m3fn)
+        scale = sd[k].abs().max() / 448
+        sd[k], sd[k[: -len(".weight")] + ".weight_scale"] = (sd[k] / scale).to(torch.float8_e4m3fn), scale.reshape(())
+        sd[k[: -len(".weight")] + ".comfy_quant"] = torch.tensor(list(b'{"format": "float8_e4m3fn"}'), dtype=torch.uint8)
     file = tmp_path / "tiny_fp8.safetensors"
     save_file(sd, str(file))
     model = load_comfy_transformer(file, axes_dims_rope=dense.config.axes_dims_rope)
-    lora_file = tmp_path / "lora.safetensors"
-    write_lora(random_lora(dense), lora_file, "comfy")
-    with pytest.raises(UniRefError, match="is fp8, and LoRAs on fp8 layers are not supported yet.*bf16"):
-        lora_deltas(model, [(read_lora(lora_file), 1.0)])
+    with torch.no_grad():
+        for name, m in model.named_modules():
+            if isinstance(m, FP8Linear):
+                dense.get_submodule(name).weight.copy_(m.dequantized())
+    return model, dense
+
+
+def _predict(model, seed=0):
+    from uniref_core.latents import pack_latents
+    from uniref_core.pipeline import predict_velocity
+
+    g = torch.Generator().manual_seed(seed)
+    c = model.config.in_channels // 4
+    x, ref = pack_latents(torch.randn(1, c, 1, 8, 8, generator=g)), pack_latents(torch.randn(1, c, 1, 4, 8, generator=g))
+    context = torch.randn(1, 7, model.config.joint_attention_dim, generator=g)
+    with torch.no_grad():
+        return predict_velocity(model, x, 700.0, [ref], context, None, [[(1, 4, 4), (1, 2, 4)]])
+
+
+def test_loras_on_an_fp8_model_predict_what_they_do_merged_into_its_float_weights(tmp_path, tiny_model):
+    """The lightning-LoRA-on-fp8 case: LoRAs (two at once, at their strengths) on an fp8 model give what the same
+    LoRAs merged into the dequantised float model give; the 8-bit weights are never touched, no float copy of a
+    layer is made, and removing the LoRAs gives the model's own prediction back bit for bit."""
+    from conftest import random_lora, write_lora
+
+    from uniref_core.lora import LoraPatcher, read_lora
+
+    model, dense = _fp8_and_dense(tiny_model, tmp_path)
+    files = []
+    for seed, layout in ((0, "comfy"), (1, "kohya")):
+        files.append(tmp_path / f"lora{seed}.safetensors")
+        write_lora(random_lora(dense, seed=seed), files[-1], layout)
+    loras = [(read_lora(files[0]), 0.8), (read_lora(files[1]), 0.5)]
+    before = _predict(model)
+    torch.testing.assert_close(before, _predict(dense), rtol=1e-4, atol=1e-5)  # the same model, two storages
+    bits = {n: m.weight_fp8.clone() for n, m in model.named_modules() if isinstance(m, FP8Linear)}
+
+    patcher = LoraPatcher(model)
+    assert patcher.apply(loras) > 0
+    dense_patcher = LoraPatcher(dense)
+    dense_patcher.apply(loras)
+    got, want = _predict(model), _predict(dense)
+    assert (want - before).abs().mean() > 1e-2  # the LoRAs change the prediction visibly
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    for name, m in model.named_modules():
+        if isinstance(m, FP8Linear):
+            assert torch.equal(m.weight_fp8, bits[name]) and not hasattr(m, "weight")
+            assert m.lora_down is None or m.lora_down.shape[0] == 8  # two rank-4 LoRAs: factors only
+    assert not any("lora" in k for k in model.state_dict())  # a saved model never carries the LoRA
+
+    patcher.apply([(loras[0][0], 0.8)])  # one LoRA taken out of the graph
+    dense_patcher.apply([(loras[0][0], 0.8)])
+    torch.testing.assert_close(_predict(model), _predict(dense), rtol=1e-4, atol=1e-5)
+    patcher.apply([])
+    assert torch.equal(_predict(model), before)

@@ -48,8 +48,32 @@ with torch.no_grad():
         else:
             p.copy_(torch.randn(p.shape, generator=g) / p[0].numel() ** 0.5)
 sd = {k: v.to(getattr(torch, args["dtype"])).contiguous() for k, v in model.state_dict().items()}
-save_file(sd, args["file"])
 model = model.to(getattr(torch, args["dtype"])).float()
+layout = args.get("layout")
+if layout:  # an fp8 file as ComfyUI's *_fp8_scaled text encoders are laid out: every linear weight in 8 bits
+    quantised = 0
+    for k in [k for k, v in sd.items() if k.endswith(".weight") and v.ndim == 2 and "embed_tokens" not in k]:
+        layer = k[: -len(".weight")]
+        scale = sd[k].abs().max().float() / 448
+        sd[k] = (sd[k] / scale).to(torch.float8_e4m3fn)
+        quantised += 1
+        if layout == "old":
+            sd[layer + ".scale_weight"] = scale.reshape(())
+        else:
+            sd[layer + ".weight_scale"] = scale.reshape(())
+            sd[layer + ".comfy_quant"] = torch.tensor(list(json.dumps({"format": "float8_e4m3fn"}).encode()), dtype=torch.uint8)
+    if layout == "old":
+        sd["scaled_fp8"] = torch.empty(0, dtype=torch.float8_e4m3fn)
+    print(json.dumps({"quantised": quantised}))
+save_file(sd, args["file"])
+if layout:  # ComfyUI's own load of that file: old quants converted, quantised layers through its mixed-precision ops
+    import comfy.utils
+    from safetensors.torch import load_file
+    loaded, _ = comfy.utils.convert_old_quants(load_file(args["file"]), "", {})
+    ops = comfy.ops.mixed_precision_ops({}, torch.float32, full_precision_mm=True, disabled={"float8_e4m3fn", "float8_e5m2"})
+    model = llama.Qwen25_7BVLI(config, dtype=torch.float32, device="cpu", operations=ops)
+    missing, unexpected = model.load_state_dict(loaded, strict=False)
+    assert not missing and not unexpected, (missing, unexpected)
 tokens = torch.randint(0, 1024, (1, 11), generator=g)
 patches = torch.randn((1 * 4 * 6, 3 * 2 * 14 * 14), generator=g)
 grid = torch.tensor([[1, 4, 6]])
@@ -61,17 +85,21 @@ save_file({"tokens": tokens, "hidden": hidden.contiguous(), "patches": patches, 
 """
 
 
-def comfy_te_file(tmp_path, version, *, dtype="float32", seed=0):
+def comfy_te_file(tmp_path, version, *, dtype="float32", seed=0, layout=None):
     from comfyhost import comfy_hosts
 
     host = comfy_hosts.ensure_host(version)
-    file, io_file = tmp_path / f"qwen_2.5_vl_tiny_{dtype}.safetensors", tmp_path / "io.safetensors"
-    args = {"seed": seed, "dtype": dtype, "file": str(file), "io": str(io_file)}
+    name = f"qwen_2.5_vl_tiny_fp8_scaled_{layout}" if layout else f"qwen_2.5_vl_tiny_{dtype}"
+    file, io_file = tmp_path / f"{name}.safetensors", tmp_path / "io.safetensors"
+    args = {"seed": seed, "dtype": dtype, "file": str(file), "io": str(io_file), "layout": layout}
     script = COMFY_TE.replace("ARGS", repr(json.dumps(args)))
     proc = subprocess.run([str(host.python), "-c", script], cwd=host.comfy_dir, capture_output=True, text=True,
                           timeout=300, env=comfy_hosts.host_env())  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return file, load_file(str(io_file))
+    io = load_file(str(io_file))
+    if layout:
+        io["quantised"] = json.loads(proc.stdout.strip().splitlines()[-1])["quantised"]
+    return file, io
 
 
 needs_host = pytest.mark.skipif(os.environ.get("UNIREF_SKIP_COMFY") == "1", reason="UNIREF_SKIP_COMFY=1")
@@ -109,6 +137,25 @@ def test_a_bf16_text_encoder_file_stays_bf16(tmp_path):
     torch.testing.assert_close(hidden, io["hidden"], rtol=1e-3, atol=1e-3)
 
 
+@pytest.mark.comfy
+@needs_host
+@pytest.mark.parametrize("layout", ["old", "new"])
+def test_fp8_scaled_text_encoder_stays_8_bit_and_gives_comfyuis_hidden_states(tmp_path, layout):
+    """qwen_2.5_vl_7b_fp8_scaled.safetensors, the text encoder most ComfyUI installs have, in both fp8 layouts:
+    its linear layers stay 8-bit and the hidden states equal ComfyUI's from the same file through its quantised
+    ops (0.30.0 only: 0.3.75 has neither convert_old_quants nor the comfy_quant format)."""
+    from uniref_core.fp8 import FP8Linear
+
+    file, io = comfy_te_file(tmp_path, "0.30.0", layout=layout)
+    model = load_comfy_text_encoder(file, dtype=torch.float32)
+    fp8 = [m for m in model.modules() if isinstance(m, FP8Linear)]
+    assert len(fp8) == io["quantised"] > 0 and all(m.weight_fp8.dtype == torch.uint8 for m in fp8)
+    hidden, vision = our_outputs(model, io)
+    assert io["hidden"].std() > 1e-2 and io["vision"].std() > 1e-2
+    torch.testing.assert_close(hidden, io["hidden"], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(vision, io["vision"], rtol=1e-4, atol=1e-4)
+
+
 def test_files_that_are_not_a_qwen25_vl_text_encoder_are_clear_errors(tmp_path):
     vae = tmp_path / "qwen_image_vae.safetensors"
     save_file({"encoder.middle.0.residual.0.gamma": torch.zeros(4)}, str(vae))
@@ -116,8 +163,8 @@ def test_files_that_are_not_a_qwen25_vl_text_encoder_are_clear_errors(tmp_path):
         load_comfy_text_encoder(vae)
     fp8 = tmp_path / "qwen_2.5_vl_7b_fp8_scaled.safetensors"
     save_file({"model.layers.0.self_attn.q_proj.weight": torch.zeros(4, 4), "model.embed_tokens.weight": torch.zeros(4, 4),
-               "model.layers.0.self_attn.q_proj.scale_weight": torch.ones(1)}, str(fp8))  # fmt: skip
-    with pytest.raises(UniRefError, match="fp8-scaled text encoder.*bf16 file"):
+               "model.norm.weight": torch.zeros(4), "model.norm.scale_weight": torch.ones(())}, str(fp8))  # fmt: skip
+    with pytest.raises(UniRefError, match="qwen_2.5_vl_7b_fp8_scaled.safetensors: 'model.norm' has an fp8 scale but its weight is not fp8"):
         load_comfy_text_encoder(fp8)
     pickle = tmp_path / "text_encoder.bin"
     pickle.write_bytes(b"x")

@@ -262,7 +262,9 @@ def text_encoder_config(shapes: dict[str, tuple]):
 
 def load_comfy_text_encoder(path, dtype: torch.dtype | None = None, device="cpu"):
     """A ComfyUI single-file Qwen2.5-VL text encoder (``models/text_encoders/qwen_2.5_vl_7b.safetensors``: flat
-    ``model.layers.*`` / ``visual.*`` keys) as transformers' ``Qwen2_5_VLForConditionalGeneration``.
+    ``model.layers.*`` / ``visual.*`` keys) as transformers' ``Qwen2_5_VLForConditionalGeneration``. fp8 files
+    (``qwen_2.5_vl_7b_fp8_scaled.safetensors``, in any of `uniref_core.fp8`'s layouts) keep their linear layers
+    in 8 bits, as fp8 diffusion models do.
 
     Keys are renamed by transformers' own legacy-checkpoint mapping for the class (``get_model_conversion_mapping``
     and ``rename_source_key``), the load is strict. ComfyUI's files carry no language-model head (it only encodes
@@ -279,14 +281,15 @@ def load_comfy_text_encoder(path, dtype: torch.dtype | None = None, device="cpu"
             f"{path.name} is not a Qwen2.5-VL text encoder: it has no '{TEXT_ENCODER_MARKER}' (first keys: "
             f"{', '.join(keys[:3])}). Pick a file like qwen_2.5_vl_7b.safetensors from models/text_encoders/"
         )
-    if any(k.endswith((".scale_weight", ".weight_scale", ".comfy_quant")) or k == "scaled_fp8" for k in keys):
-        raise UniRefError(f"{path.name} is an fp8-scaled text encoder, which is not supported yet: use the bf16 file "
-                          "(qwen_2.5_vl_7b.safetensors)")
     raw: dict[str, torch.Tensor] = {}
     with safe_open(str(path), framework="pt", device=str(device)) as f:
+        metadata = f.metadata()
         for key in keys:
             tensor = f.get_tensor(key)
-            raw[key] = tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+            # fp8 weights stay fp8 (up-cast per layer when they run); everything else takes the asked dtype.
+            cast = dtype is not None and tensor.is_floating_point() and not is_fp8(tensor)
+            raw[key] = tensor.to(dtype) if cast else tensor
+    fp8_layers = quantized_layers(raw, metadata, path.name)  # takes the scales out of raw
     config = text_encoder_config({k: tuple(v.shape) for k, v in raw.items()})
     with torch.device("meta"):
         model = Qwen2_5_VLForConditionalGeneration(config)
@@ -294,7 +297,17 @@ def load_comfy_text_encoder(path, dtype: torch.dtype | None = None, device="cpu"
     mapping = get_model_conversion_mapping(model)
     renamings = [m for m in mapping if isinstance(m, WeightRenaming)]
     converters = [m for m in mapping if isinstance(m, WeightConverter)]
-    state = {rename_source_key(k, renamings, converters, model.base_model_prefix, expected)[0]: v for k, v in raw.items()}
+    def rename(key: str) -> str:
+        return rename_source_key(key, renamings, converters, model.base_model_prefix, expected)[0]
+
+    state = {rename(k): v for k, v in raw.items()}
+    if fp8_layers:
+        layers = {rename(f"{name}.weight")[: -len(".weight")]: scale for name, scale in fp8_layers.items()}
+        swap_in_fp8_linears(model, layers, state, path.name)
+        for name in layers:
+            layer = model.get_submodule(name)
+            state[f"{name}.weight_fp8"], state[f"{name}.weight_scale_bits"] = layer.weight_fp8, layer.weight_scale_bits
+        expected = model.state_dict()
     if "lm_head.weight" not in state:
         state["lm_head.weight"] = state.get("model.language_model.embed_tokens.weight")
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))

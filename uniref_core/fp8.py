@@ -11,6 +11,10 @@ Three layouts are read, as ComfyUI reads them (``comfy/utils.py`` ``convert_old_
 
 The dequantised weight is ``weight.to(compute dtype) * scale``, ComfyUI's ``TensorCoreFP8Layout``. Other
 quantised formats (nvfp4, mxfp8, int8, …) are refused by name.
+
+LoRAs on an fp8 layer are not merged into its 8-bit weight (re-quantising would round the LoRA away and lose
+the original): the layer keeps the LoRAs' low-rank factors and adds ``Σ s · up @ (down @ x)`` when it runs,
+so a LoRA costs its own size in memory, not a float copy of the layer.
 """
 
 from __future__ import annotations
@@ -42,6 +46,9 @@ class FP8Linear(nn.Module):
         self.register_buffer("weight_fp8", torch.zeros(out_features, in_features, dtype=torch.uint8))
         self.register_buffer("weight_scale_bits", torch.ones((), dtype=torch.float32).view(torch.int32))
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+        # LoRA factors, stacked over LoRAs (strengths folded into lora_down); not saved, moved with the module.
+        self.register_buffer("lora_down", None, persistent=False)
+        self.register_buffer("lora_up", None, persistent=False)
 
     @property
     def weight_scale(self) -> torch.Tensor:
@@ -56,9 +63,22 @@ class FP8Linear(nn.Module):
     def dequantized(self, dtype=torch.float32) -> torch.Tensor:
         return self.weight_fp8.view(self.fp8_dtype).to(dtype) * self.weight_scale.to(dtype)
 
+    def set_lora(self, parts) -> None:
+        """Carry exactly these ``(strength, down [rank, in], up [out, rank])`` LoRAs (none: ``[]``)."""
+        if not parts:
+            self.lora_down = self.lora_up = None
+            return
+        device = self.weight_fp8.device
+        dtype = torch.float32 if self.bias is None else self.bias.dtype
+        self.lora_down = torch.cat([s * d.to(device, torch.float32) for s, d, _ in parts]).to(dtype)
+        self.lora_up = torch.cat([u.to(device, torch.float32) for _, _, u in parts], dim=1).to(dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, self.dequantized(x.dtype), bias)
+        out = F.linear(x, self.dequantized(x.dtype), bias)
+        if self.lora_down is not None:
+            out = out + F.linear(F.linear(x, self.lora_down.to(x.dtype)), self.lora_up.to(x.dtype))
+        return out
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, weight={self.fp8_dtype}"

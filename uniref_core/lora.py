@@ -11,7 +11,8 @@ Layouts (detected from the keys; converted by diffusers' own Qwen-Image reader,
   (and ``.alpha``), which is also what ``training.export --lora`` writes.
 
 Weights are read from safetensors only. Merging is exact in fp32 (W + Σ strength · B @ A, cast back to the
-layer's dtype once), and `LoraPatcher` keeps each patched layer's original weight so that removing a LoRA
+layer's dtype once); fp8 layers (`uniref_core.fp8.FP8Linear`) are not merged but carry the factors and add
+them when they run. `LoraPatcher` keeps each patched layer's original weight so that removing a LoRA
 (or changing its strength) restores the model bit for bit instead of subtracting.
 """
 
@@ -159,16 +160,12 @@ def lora_deltas(transformer: torch.nn.Module, loras: Sequence[tuple[LoraWeights,
         for name, (down, up) in lora.layers.items():
             if name in missing:
                 continue
-            if not hasattr(modules[name], "weight"):  # an fp8 layer (uniref_core.fp8.FP8Linear) keeps no float weight
-                raise UniRefError(
-                    f"LoRA {lora.name}: layer {name} of this model is fp8, and LoRAs on fp8 layers are not supported "
-                    "yet: load the bf16 diffusion model file to use LoRAs"
-                )
-            weight = modules[name].weight
-            if (up.shape[0], down.shape[1]) != tuple(weight.shape) or up.shape[1] != down.shape[0]:
+            layer = modules[name]
+            shape = (layer.out_features, layer.in_features)
+            if (up.shape[0], down.shape[1]) != shape or up.shape[1] != down.shape[0]:
                 raise UniRefError(
                     f"LoRA {lora.name}: layer {name} is {up.shape[0]}×{down.shape[1]} in the LoRA but "
-                    f"{weight.shape[0]}×{weight.shape[1]} in the model; it was made for a model of another size"
+                    f"{shape[0]}×{shape[1]} in the model; it was made for a model of another size"
                 )
             out.setdefault(name, []).append((float(strength), down, up))
     return out
@@ -184,6 +181,7 @@ class LoraPatcher:
     def __init__(self, transformer: torch.nn.Module):
         self.transformer = transformer
         self._originals: dict[str, torch.Tensor] = {}
+        self._fp8: set[str] = set()  # fp8 layers carrying LoRA factors
         self._current: tuple = ()
 
     @property
@@ -194,12 +192,16 @@ class LoraPatcher:
         """Patch the model to carry ``loras``; returns the number of layers that carry a LoRA now."""
         wanted = tuple((lora, float(s)) for lora, s in loras)
         if [(id(l), s) for l, s in wanted] == [(id(l), s) for l, s in self._current]:
-            return len(self._originals)
+            return len(self._originals) + len(self._fp8)
         deltas = lora_deltas(self.transformer, wanted)  # raises before anything changes
         self.restore()
         modules = dict(self.transformer.named_modules())
         with torch.no_grad():
             for name, parts in deltas.items():
+                if isinstance(modules[name], FP8Linear):  # 8-bit weight untouched: the layer adds the factors
+                    modules[name].set_lora(parts)
+                    self._fp8.add(name)
+                    continue
                 weight = modules[name].weight
                 self._originals[name] = weight.detach().to("cpu", copy=True)
                 merged = weight.detach().float()
@@ -212,6 +214,9 @@ class LoraPatcher:
     def restore(self) -> None:
         """Every patched layer back to its original weight."""
         modules = dict(self.transformer.named_modules())
+        for name in self._fp8:
+            modules[name].set_lora([])
+        self._fp8.clear()
         with torch.no_grad():
             for name, original in self._originals.items():
                 weight = modules[name].weight
