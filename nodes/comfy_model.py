@@ -81,6 +81,10 @@ class _Part(torch.nn.Module):
 
 
 PARTS = ("text_encoder", "transformer", "vae")
+#: Load node option: "blocks" keeps these two in CPU memory, streamed to the GPU block by block (the engine's
+#: UniRefPipeline.enable_block_offload); ComfyUI then manages only the VAE.
+OFFLOAD_MODES = ("none", "blocks")
+BLOCK_OFFLOADED = ("text_encoder", "transformer")
 
 
 @dataclass
@@ -94,11 +98,16 @@ class UniRefModel:
     #: (LoraWeights, strength) pairs from UniRef LoRA nodes upstream; merged into the transformer when a sampler
     #: runs, and taken out again when a run's model carries other LoRAs or none (the node left the graph).
     loras: tuple = ()
+    #: bytes kept free on the GPU for block offload: the largest transformer block twice, plus activations
+    offload_reserve: int = 0
 
     def load(self, *parts: str) -> UniRefPipeline:
         """Ask ComfyUI to put these parts on its device (it offloads other models if needed); the transformer then
         carries exactly this model's LoRAs."""
-        mm.load_models_gpu([self.patchers[p] for p in parts])
+        managed = [p for p in parts if not (self.pipe.offload == "blocks" and p in BLOCK_OFFLOADED)]
+        if len(managed) < len(parts):  # room for one block at a time: other models leave the GPU if needed
+            mm.free_memory(self.offload_reserve, mm.get_torch_device())
+        mm.load_models_gpu([self.patchers[p] for p in managed])
         if "transformer" in parts:
             self.pipe.set_loras(self.loras)
         return self.pipe
@@ -129,14 +138,20 @@ def pick_dtype(choice: str, device: torch.device) -> torch.dtype:
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[choice]
 
 
-def load_model(name: str, dtype: str) -> UniRefModel:
+def _check_offload(offload: str) -> None:
+    if offload not in OFFLOAD_MODES:
+        raise UniRefError(f"offload is '{offload}': pick one of {', '.join(OFFLOAD_MODES)}")
+
+
+def load_model(name: str, dtype: str, offload: str = "none") -> UniRefModel:
+    _check_offload(offload)
     path = resolve_model(name)
     check_model_folder(path)
     load_device = mm.get_torch_device()
     offload_device = mm.unet_offload_device()
     logging.info("UniRef: loading model %s from %s", name, path)
     pipe = UniRefPipeline.from_pretrained(path, device=offload_device, dtype=pick_dtype(dtype, load_device))
-    return _wrap(name, pipe, load_device, offload_device)
+    return _wrap(name, pipe, load_device, offload_device, offload)
 
 
 def comfy_tokenizer_dir() -> Path:
@@ -145,10 +160,11 @@ def comfy_tokenizer_dir() -> Path:
     return Path(mm.__file__).resolve().parent / "text_encoders" / "qwen25_tokenizer"
 
 
-def load_model_files(diffusion_model: str, text_encoder: str, vae: str, dtype: str) -> UniRefModel:
+def load_model_files(diffusion_model: str, text_encoder: str, vae: str, dtype: str, offload: str = "none") -> UniRefModel:
     """A model from ComfyUI's single files in models/diffusion_models/, models/text_encoders/ and models/vae/."""
     from ..uniref_core.comfy_files import load_single_files
 
+    _check_offload(offload)
     paths = {
         "diffusion model": (folder_paths.get_full_path("diffusion_models", diffusion_model), "diffusion_models"),
         "text encoder": (folder_paths.get_full_path("text_encoders", text_encoder), "text_encoders"),
@@ -162,14 +178,20 @@ def load_model_files(diffusion_model: str, text_encoder: str, vae: str, dtype: s
     logging.info("UniRef: loading single files %s, %s, %s", diffusion_model, text_encoder, vae)
     components = load_single_files(paths["diffusion model"][0], paths["text encoder"][0], paths["vae"][0],
                                    comfy_tokenizer_dir(), device=offload_device, dtype=pick_dtype(dtype, load_device))  # fmt: skip
-    return _wrap(diffusion_model, UniRefPipeline(components), load_device, offload_device)
+    return _wrap(diffusion_model, UniRefPipeline(components), load_device, offload_device, offload)
 
 
-def _wrap(name: str, pipe: UniRefPipeline, load_device, offload_device) -> UniRefModel:
+def _wrap(name: str, pipe: UniRefPipeline, load_device, offload_device, offload: str = "none") -> UniRefModel:
+    reserve = 0
+    if offload == "blocks":
+        pipe.enable_block_offload(load_device, offload_device)
+        blocks = pipe.c.transformer.transformer_blocks  # buffers too: fp8 weights are buffers
+        block = max(sum(t.numel() * t.element_size() for t in (*b.parameters(), *b.buffers())) for b in blocks)
+        reserve = 2 * block + 1024**3
     patchers = {
         part: comfy.model_patcher.ModelPatcher(
             _Part(getattr(pipe.c, part), pipe.dtype), load_device=load_device, offload_device=offload_device
         )
         for part in PARTS
     }
-    return UniRefModel(name=name, pipe=pipe, patchers=patchers)
+    return UniRefModel(name=name, pipe=pipe, patchers=patchers, offload_reserve=reserve)

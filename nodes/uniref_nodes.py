@@ -63,13 +63,17 @@ class LoadUniRefModel(io.ComfyNode):
                     default="auto",
                     tooltip="Weight precision. auto: bf16 on a GPU that supports it, fp32 on CPU.",
                 ),
+                io.Combo.Input("offload", options=list(comfy_model.OFFLOAD_MODES), default="none", optional=True,
+                               tooltip="blocks: for GPUs smaller than the model. The transformer and text encoder stay in "
+                               "CPU memory and each block visits the GPU only while it runs (slower; the VAE stays "
+                               "on the GPU). none: ComfyUI moves whole networks in and out as usual."),
             ],
             outputs=[ModelType.Output(display_name="model")],
         )
 
     @classmethod
-    def execute(cls, model, dtype="auto") -> io.NodeOutput:
-        return io.NodeOutput(comfy_model.load_model(model, dtype))
+    def execute(cls, model, dtype="auto", offload="none") -> io.NodeOutput:
+        return io.NodeOutput(comfy_model.load_model(model, dtype, offload))
 
 
 class LoadUniRefModelFiles(io.ComfyNode):
@@ -93,13 +97,17 @@ class LoadUniRefModelFiles(io.ComfyNode):
                                tooltip="From models/vae/, e.g. qwen_image_vae.safetensors."),
                 io.Combo.Input("dtype", options=["auto", "bf16", "fp16", "fp32"], default="auto",
                                tooltip="Compute precision. auto: bf16 on a GPU that supports it, fp32 on CPU."),
+                io.Combo.Input("offload", options=list(comfy_model.OFFLOAD_MODES), default="none", optional=True,
+                               tooltip="blocks: for GPUs smaller than the model. The transformer and text encoder stay in "
+                               "CPU memory and each block visits the GPU only while it runs (slower; the VAE stays "
+                               "on the GPU). none: ComfyUI moves whole networks in and out as usual."),
             ],  # fmt: skip
             outputs=[ModelType.Output(display_name="model")],
         )
 
     @classmethod
-    def execute(cls, diffusion_model, text_encoder, vae, dtype="auto") -> io.NodeOutput:
-        return io.NodeOutput(comfy_model.load_model_files(diffusion_model, text_encoder, vae, dtype))
+    def execute(cls, diffusion_model, text_encoder, vae, dtype="auto", offload="none") -> io.NodeOutput:
+        return io.NodeOutput(comfy_model.load_model_files(diffusion_model, text_encoder, vae, dtype, offload))
 
 
 def _reference_inputs() -> list:

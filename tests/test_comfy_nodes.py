@@ -120,13 +120,16 @@ def test_shipped_workflow_composes_the_references_with_the_trained_model(host):
     assert min(s.per_reference) >= 0.7 and s.instruction >= 0.7, s
 
 
-def test_nodes_give_the_same_image_as_the_cli(host, tiny_model, tmp_path):
+@pytest.mark.parametrize("offload", ["none", "blocks"])
+def test_nodes_give_the_same_image_as_the_cli(host, tiny_model, tmp_path, offload):
+    """Also with the Load node's block offload (the CLI without it): on a CPU host both devices are the CPU, so
+    this proves the offloaded model's plumbing through ComfyUI's memory management, not the GPU saving."""
     from uniref_core.__main__ import main
 
     prompt = workflow_prompt(host, ROOT / "workflows" / "uniref_multi_compose.json", width=64, height=96)
     enc = node_of(prompt, "UniRefSelfEncode")["inputs"]
     smp = node_of(prompt, "UniRefSampler")["inputs"]
-    node_of(prompt, "UniRefLoadModel")["inputs"]["model"] = "tiny"
+    node_of(prompt, "UniRefLoadModel")["inputs"].update(model="tiny", offload=offload)
     entry = host.run(prompt, timeout=240)
     meta = output_images(entry)[0]
     node_img = np.asarray(Image.open(io.BytesIO(host.view(meta["filename"], meta["subfolder"], meta["type"]))))

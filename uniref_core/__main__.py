@@ -62,6 +62,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="a LoRA .safetensors file (peft/diffusers, kohya or ComfyUI keys) at a strength (default 1); repeat for several")
     e.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda if present)")
     e.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp16", "fp32"))
+    e.add_argument("--offload", default="none", choices=("none", "blocks"),
+                   help="blocks: keep the transformer and text encoder in CPU memory and move each block to the "
+                   "device only while it runs (for GPUs smaller than the model; slower)")
     e.add_argument("-o", "--output", required=True, help="output image path (.png/.jpg/.webp)")
     e.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -158,6 +161,7 @@ def cmd_edit(a) -> int:
     import torch
 
     from .defaults import default_model_path
+    from .model import resolve_dtype
     from .images import load_image
     from .pipeline import SamplingOptions, UniRefPipeline
 
@@ -194,13 +198,17 @@ def cmd_edit(a) -> int:
                               num_images=a.num_images)  # fmt: skip
     options.check(init)
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = resolve_dtype(a.dtype, torch.device(device))  # the compute device's, also when loading to the CPU
+    load_to = "cpu" if a.offload == "blocks" else device  # offloaded weights never visit the device whole
     if single:
         from .comfy_files import load_single_files
 
-        pipe = UniRefPipeline(load_single_files(a.diffusion_model, a.text_encoder, a.vae, a.tokenizer, device=device,
-                                                dtype=a.dtype))  # fmt: skip
+        pipe = UniRefPipeline(load_single_files(a.diffusion_model, a.text_encoder, a.vae, a.tokenizer, device=load_to,
+                                                dtype=dtype))  # fmt: skip
     else:
-        pipe = UniRefPipeline.from_pretrained(model, device=device, dtype=a.dtype)
+        pipe = UniRefPipeline.from_pretrained(model, device=load_to, dtype=dtype)
+    if a.offload == "blocks":
+        pipe.enable_block_offload(device)
     pipe.set_loras(loras)
 
     bar = None

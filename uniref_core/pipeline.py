@@ -241,6 +241,31 @@ class UniRefPipeline:
         self.c = components
         self._preview_map: torch.Tensor | None = None
         self._lora = None  # a LoraPatcher once a LoRA was applied
+        self.offload = "none"
+        self._execution_device: torch.device | None = None  # set by enable_block_offload
+
+    def enable_block_offload(self, device, offload_device="cpu") -> None:
+        """Run on ``device`` with the two big networks kept on ``offload_device`` (for GPUs smaller than the
+        model): the transformer moves there one block at a time as it runs (diffusers' block-level group
+        offloading), the text encoder one layer at a time (leaf level); the VAE, small, sits on ``device``.
+        Peak GPU memory is then about one transformer block plus activations, at the cost of copying the weights
+        over once per denoising step. LoRAs still merge (into the offloaded weights)."""
+        from diffusers.hooks import apply_group_offloading
+
+        device, offload_device = torch.device(device), torch.device(offload_device)
+        if self.offload != "none":
+            raise UniRefError("block offload is already enabled on this model")
+        for module in (self.c.transformer, self.c.text_encoder):
+            module.to(offload_device)
+        # No CUDA streams: with streams diffusers keeps pinned copies of the weights, which a LoRA merge would
+        # leave stale.
+        apply_group_offloading(self.c.transformer, onload_device=device, offload_device=offload_device,
+                               offload_type="block_level", num_blocks_per_group=1)  # fmt: skip
+        apply_group_offloading(self.c.text_encoder, onload_device=device, offload_device=offload_device,
+                               offload_type="leaf_level")  # fmt: skip
+        self.c.vae.to(device)
+        self._execution_device = device
+        self.offload = "blocks"
 
     @classmethod
     def from_pretrained(cls, path, device="cpu", dtype="auto") -> "UniRefPipeline":
@@ -248,7 +273,8 @@ class UniRefPipeline:
 
     @property
     def device(self) -> torch.device:
-        return self.c.transformer.device
+        """Where sampling runs (with block offload, not where the transformer's weights rest)."""
+        return self._execution_device or self.c.transformer.device
 
     @property
     def dtype(self) -> torch.dtype:
@@ -355,11 +381,12 @@ class UniRefPipeline:
         )
         vl_images = [im.resize(r.vl, resample=Image.Resampling.LANCZOS) for im, r in zip(images, plan.references)]
         te = self.c.text_encoder
-        positive = encode_prompt(te, self.c.processor, prompt, vl_images, device=te.device)
+        te_device = self._execution_device or te.device
+        positive = encode_prompt(te, self.c.processor, prompt, vl_images, device=te_device)
         negative = None
         if cfg > 1:
             neg_text = DEFAULT_NEGATIVE if negative_prompt is None else negative_prompt
-            negative = encode_prompt(te, self.c.processor, neg_text, vl_images, device=te.device)
+            negative = encode_prompt(te, self.c.processor, neg_text, vl_images, device=te_device)
         vae = self.c.vae
         ref_tokens = [
             pack_latents(vae_encode(vae, to_pixels(im, *r.vae))).to(self.device, self.dtype)
