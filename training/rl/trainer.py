@@ -19,7 +19,6 @@ One step, top to bottom:
 from __future__ import annotations
 
 import copy
-import json
 import math
 import time
 from dataclasses import dataclass, field, replace
@@ -37,7 +36,8 @@ from uniref_core.sampling import DenoiseStep, sde_step
 from ..common import checkpoint as ckpt_mod
 from ..common.cli import exit_on_error, trainer_main
 from ..common.data import Row, load_rows, target_dims
-from ..common.logging_utils import RunLogger, make_grid, plot_series
+from ..common.logging_utils import make_grid, plot_series
+from ..common.run import TrainingRun
 from ..common.schedules import lr_multiplier
 from ..common.seeds import sample_seed
 from ..common.trainable import load_trainable_state_dict, named_trainable, setup_transformer, trainable_state_dict
@@ -212,7 +212,6 @@ def run(cfg: RLConfig, resume: str | None = None) -> RLResult:
 
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
     main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
-    out = Path(cfg.output_dir)
 
     # 1. Config, reward sources and resume checks, before any model work ---------------------------
     check_world(cfg, world)
@@ -224,19 +223,8 @@ def run(cfg: RLConfig, resume: str | None = None) -> RLResult:
         cfg = replace(cfg, budget=cfg.budget or int(defaults.get("budget", BUILTIN_DEFAULTS["budget"])),
                       vl_budget=cfg.vl_budget or defaults.get("vl_budget"))  # fmt: skip
     sources = [(spec, load_source(spec.source, spec.options)) for spec in cfg.rewards]
-    fingerprint = ckpt_mod.model_fingerprint(cfg.model)
-    ckpt, state, global_step = None, None, 0
-    if resume:
-        ckpt = ckpt_mod.find_checkpoint(resume, out)
-        if ckpt is not None:
-            state = ckpt_mod.read_state(ckpt)
-            ckpt_mod.check_resume(ckpt, state, cfg, fingerprint)
-            global_step = state["global_step"]
-        elif main:
-            print(f"resume: no checkpoint in {out / ckpt_mod.CHECKPOINTS}, starting from scratch")
-    log = RunLogger(out, enabled=main, tensorboard=cfg.tensorboard)
-    if main:
-        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1, default=str))
+    tr = TrainingRun(cfg, accelerator, resume, kind="msgrpo")
+    out, log, global_step = tr.out, tr.log, tr.global_step
 
     # 2. The model: trainable weights, the pipeline around them, the frozen start for the KL ----------
     set_seed(cfg.seed)
@@ -244,17 +232,16 @@ def run(cfg: RLConfig, resume: str | None = None) -> RLResult:
     transformer = c.transformer
     setup_transformer(transformer, cfg.lora, False)
     transformer.eval()  # no dropout: rollouts and re-scoring must see the same function
-    if state is not None:
-        load_trainable_state_dict(transformer, ckpt_mod.load_tensors(ckpt, ckpt_mod.TRAINABLE_FILE))
+    if tr.resumed:
+        load_trainable_state_dict(transformer, tr.tensors(ckpt_mod.TRAINABLE_FILE))
     params = named_trainable(transformer)
     pipe = UniRefPipeline(c)
     ref_velocity = _reference_velocity(cfg, transformer, pipe)
     optimizer = torch.optim.AdamW(params.values(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(cfg.steps, cfg.warmup, "constant"))
-    if state is not None:
-        optimizer.load_state_dict(ckpt_mod.load_optimizer(ckpt, rank))
-        scheduler.load_state_dict(ckpt_mod.load_torch(ckpt, ckpt_mod.SCHEDULER_FILE))
-        log.truncate_after(global_step)
+    if tr.resumed:
+        tr.restore_optimizer(optimizer, scheduler)
+        tr.continue_after_checkpoint()
 
     # 3. The prompts -----------------------------------------------------------------------------------
     rows, report = load_rows(cfg.train_manifest, cfg, "train")
@@ -327,7 +314,8 @@ def run(cfg: RLConfig, resume: str | None = None) -> RLResult:
         bar.set_postfix(reward=f"{record.get('reward/total', float('nan')):.3f}")
         end = global_step == cfg.steps
         if end or (cfg.save_every and global_step % cfg.save_every == 0):
-            result.checkpoint = save(accelerator, cfg, out, transformer, optimizer, scheduler, fingerprint, global_step, end)
+            result.checkpoint = tr.save(global_step, trainable=trainable_state_dict(transformer),
+                                        optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), stage_end=end)  # fmt: skip
     bar.close()
     result.global_step = global_step
     if main:
@@ -350,23 +338,6 @@ def _save_grid(r: Rollout, out: Path, step: int, log) -> None:
     grid = make_grid(rows, captions=captions)
     grid.save(folder / f"step_{step:08d}.png")
     log.image("rollouts/grid", grid, step)
-
-
-def save(accelerator, cfg, out, transformer, optimizer, scheduler, fingerprint, global_step, end) -> Path:
-    state = {
-        "global_step": global_step, "stage": 0, "stage_step": global_step, "stage_end": end, "kind": "msgrpo",
-        "config_hash": cfg.hash(), "config": json.loads(json.dumps(cfg.hashed_dict(), default=str)),
-        "model": {"path": str(cfg.model), "fingerprint": fingerprint},
-        "lora": None if cfg.lora is None else {"rank": cfg.lora.rank, "alpha": cfg.lora.alpha},
-        "world_size": accelerator.num_processes,
-    }  # fmt: skip
-    path = ckpt_mod.save_checkpoint(accelerator, ckpt_mod.checkpoint_path(out, global_step),
-                                    trainable=trainable_state_dict(transformer), ema=None,
-                                    optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), state=state)  # fmt: skip
-    if accelerator.is_main_process:
-        ckpt_mod.prune_checkpoints(out, cfg.keep_checkpoints)
-    accelerator.wait_for_everyone()
-    return path
 
 
 @exit_on_error

@@ -26,13 +26,14 @@ from pathlib import Path
 import torch
 
 from uniref_core.errors import UniRefError
-from uniref_core.model import check_model_folder, load_components
+from uniref_core.model import load_components
 
 from ..common import checkpoint as ckpt_mod
 from ..common.cli import exit_on_error, trainer_main
 from ..common.config import Stage
 from ..common.data import layout_key, load_rows, plan_row
-from ..common.logging_utils import PLOT_FILE, RunLogger, plot_loss
+from ..common.logging_utils import PLOT_FILE, plot_loss
+from ..common.run import TrainingRun
 from ..common.schedules import lr_multiplier
 from ..common.trainable import EMA, load_trainable_state_dict, named_trainable, setup_transformer, trainable_state_dict
 from ..evaluate import evaluate
@@ -90,7 +91,6 @@ def run(cfg: SFTConfig, resume: str | None = None) -> RunResult:
         cfg = replace(cfg, vl_budget=read_defaults(cfg.model).get("vl_budget"))
     accelerator = _make_accelerator(cfg)
     main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
-    out = Path(cfg.output_dir)
 
     # 1. Config and resume checks ----------------------------------------------------------------
     check_world(cfg, world)
@@ -100,23 +100,9 @@ def run(cfg: SFTConfig, resume: str | None = None) -> RunResult:
                           "with FSDP, or train LoRA under DDP")  # fmt: skip
     if fsdp and main and cfg.eval_samples:
         print("FSDP: in-training evaluation is skipped (the sampler runs one process); evaluate exported checkpoints")
-    check_model_folder(cfg.model)
-    fingerprint = ckpt_mod.model_fingerprint(cfg.model)
-    ckpt, state = None, None
-    stage0, step0, global_step = 0, 0, 0
-    if resume:
-        ckpt = ckpt_mod.find_checkpoint(resume, out)
-        if ckpt is not None:
-            state = ckpt_mod.read_state(ckpt)
-            ckpt_mod.check_resume(ckpt, state, cfg, fingerprint)
-            stage0, step0, global_step = _position(state, cfg)
-        elif main:
-            print(f"resume: no checkpoint in {out / ckpt_mod.CHECKPOINTS}, starting from scratch")
-    log = RunLogger(out, enabled=main, tensorboard=cfg.tensorboard)
-    for note in log.notes:
-        print(note)
-    if main:
-        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1, default=str))
+    tr = TrainingRun(cfg, accelerator, resume, kind="sft")
+    out, log = tr.out, tr.log
+    stage0, step0, global_step = _position(tr.state, cfg) if tr.resumed else (0, 0, 0)
 
     # 2. The model ---------------------------------------------------------------------------------
     set_seed(cfg.seed)  # LoRA's initialisation: identical on every process and for any process count
@@ -126,14 +112,14 @@ def run(cfg: SFTConfig, resume: str | None = None) -> RunResult:
             torch.nn.Module.to(frozen, torch.bfloat16)
     transformer = c.transformer
     setup_transformer(transformer, cfg.lora, cfg.gradient_checkpointing)
-    if state is not None:  # before prepare: FSDP shards the weights there
-        load_trainable_state_dict(transformer, ckpt_mod.load_tensors(ckpt, ckpt_mod.TRAINABLE_FILE))
+    if tr.resumed:  # before prepare: FSDP shards the weights there
+        load_trainable_state_dict(transformer, tr.tensors(ckpt_mod.TRAINABLE_FILE))
     names = list(named_trainable(transformer))  # clean names: FSDP adds wrapper prefixes after prepare
     model = accelerator.prepare(transformer)
     params = named_trainable(transformer)
     ema = EMA(params, cfg.ema_decay) if cfg.ema_decay else None
-    if ema is not None and state is not None:
-        ema.load_state_dict(ckpt_mod.load_tensors(ckpt, ckpt_mod.EMA_FILE))
+    if ema is not None and tr.resumed:
+        ema.load_state_dict(tr.tensors(ckpt_mod.EMA_FILE))
 
     # 3. The data ----------------------------------------------------------------------------------
     rows, report = load_rows(cfg.train_manifest, cfg, "train")
@@ -146,13 +132,10 @@ def run(cfg: SFTConfig, resume: str | None = None) -> RunResult:
         (out / "data_report.json").write_text(json.dumps(reports, indent=1))
     encoder = SampleEncoder(c, cfg)
 
-    if state is not None:
-        rng = ckpt_mod.load_rng(ckpt, rank)
-        if rng is not None:
-            ckpt_mod.set_rng_state(rng)
-        log.truncate_after(global_step)
+    if tr.resumed:
+        tr.continue_after_checkpoint()
         if main:
-            print(f"resumed from {ckpt} at step {global_step} (stage {stage0 + 1}, step {step0})")
+            print(f"resumed from {tr.checkpoint} at step {global_step} (stage {stage0 + 1}, step {step0})")
 
     # 4. The stages --------------------------------------------------------------------------------
     from tqdm.auto import tqdm
@@ -171,8 +154,7 @@ def run(cfg: SFTConfig, resume: str | None = None) -> RunResult:
         # LR curve depend on the process count.
         scheduler = torch.optim.lr_scheduler.LambdaLR(inner, stage_lr_multiplier(stage, cfg))
         if first > 0:
-            inner.load_state_dict(ckpt_mod.load_optimizer(ckpt, rank))
-            scheduler.load_state_dict(ckpt_mod.load_torch(ckpt, ckpt_mod.SCHEDULER_FILE))
+            tr.restore_optimizer(inner, scheduler)
         optimizer = accelerator.prepare(inner)
         if main:
             print(f"stage {si + 1}/{len(cfg.stages)}: budget {stage.label}, {stage.steps} steps, lr {stage.lr:g}, "
@@ -225,8 +207,8 @@ def run(cfg: SFTConfig, resume: str | None = None) -> RunResult:
 
             stage_end = step + 1 == stage.steps
             if stage_end or (cfg.save_every and global_step % cfg.save_every == 0):
-                result.checkpoint = save(accelerator, cfg, out, model, transformer, names, ema, None if stage_end else inner,
-                                         scheduler, fingerprint, si, step + 1, global_step, stage_end)  # fmt: skip
+                result.checkpoint = save(tr, model, transformer, names, ema, None if stage_end else inner, scheduler,
+                                         si, step + 1, global_step, stage_end)  # fmt: skip
             if not fsdp and (stage_end or (cfg.eval_every and global_step % cfg.eval_every == 0)):
                 run_eval(accelerator, cfg, c, transformer, ema, params, val_rows, stage, si, global_step, log)
         accelerator._optimizers = [o for o in accelerator._optimizers if o is not optimizer]  # free its state
@@ -246,32 +228,20 @@ def _is_fsdp(accelerator) -> bool:
     return accelerator.distributed_type == DistributedType.FSDP
 
 
-def save(accelerator, cfg, out, model, transformer, names, ema, optimizer, scheduler, fingerprint, si, stage_step,
-         global_step, stage_end) -> Path:  # fmt: skip
-    state = {
-        "global_step": global_step, "stage": si, "stage_step": stage_step, "stage_end": stage_end,
-        "config_hash": cfg.hash(), "config": json.loads(json.dumps(cfg.hashed_dict(), default=str)),
-        "model": {"path": str(cfg.model), "fingerprint": fingerprint},
-        "lora": None if cfg.lora is None else {"rank": cfg.lora.rank, "alpha": cfg.lora.alpha},
-        "world_size": accelerator.num_processes,
-    }  # fmt: skip
+def save(tr: TrainingRun, model, transformer, names, ema, optimizer, scheduler, si, stage_step, global_step,
+         stage_end) -> Path:  # fmt: skip
+    """A checkpoint; at a stage's end without the optimizer (the next stage starts a new one)."""
+    accelerator = tr.accelerator
     fsdp = _is_fsdp(accelerator)
     if fsdp:  # gather the full weights on rank 0 (a collective: every process calls it)
         full = accelerator.get_state_dict(model)
         trainable = {k: full[k] for k in names} if accelerator.is_main_process else {}
     else:
         trainable = trainable_state_dict(transformer)
-    path = ckpt_mod.save_checkpoint(
-        accelerator, ckpt_mod.checkpoint_path(out, global_step),
-        trainable=trainable, ema=None if ema is None else ema.state_dict(),
-        optimizer=None if optimizer is None else optimizer.state_dict(),
-        scheduler=None if optimizer is None else scheduler.state_dict(), state=state,
-        sharded_optimizer=fsdp,
-    )  # fmt: skip
-    if accelerator.is_main_process:
-        ckpt_mod.prune_checkpoints(out, cfg.keep_checkpoints)
-    accelerator.wait_for_everyone()
-    return path
+    return tr.save(global_step, trainable=trainable, ema=None if ema is None else ema.state_dict(),
+                   optimizer=None if optimizer is None else optimizer.state_dict(),
+                   scheduler=None if optimizer is None else scheduler.state_dict(), stage=si, stage_step=stage_step,
+                   stage_end=stage_end, sharded_optimizer=fsdp)  # fmt: skip
 
 
 def run_eval(accelerator, cfg, components, transformer, ema, params, rows, stage, si, global_step, log) -> None:
