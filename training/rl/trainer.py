@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -288,7 +289,11 @@ def run(cfg: RLConfig, resume: str | None = None) -> RLResult:
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.max_grad_norm))
             if count > 0:
                 optimizer.step()
-        scheduler.step()
+        with warnings.catch_warnings():
+            # The schedule follows the step count, stepped or not; PyTorch warns when the first steps had
+            # no signal (no optimizer step), which is expected here.
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
+            scheduler.step()
         global_step += 1
 
         notes = [n for r in rollouts for n in r.rewards.notes]
