@@ -1,5 +1,6 @@
-"""Block offload (for GPUs smaller than the model): the transformer's blocks and the text encoder's layers rest on
-the offload device and visit the execution device only while they run. The edit it gives is the edit without it,
+"""Offload for GPUs smaller than the model. Block offload: the transformer's blocks and the text encoder's layers
+rest on the offload device and visit the execution device only while they run. Model offload: one of the two
+networks on the execution device at a time. The edit it gives is the edit without it,
 LoRAs included; the weights sit on the offload device between runs.
 
 On a CPU-only machine the execution and offload devices are both the CPU, so these tests prove the hooks and the
@@ -55,7 +56,47 @@ def test_block_offload_twice_is_a_clear_error(tiny_model):
         pipe.enable_block_offload("cpu")
 
 
-def test_cli_offload_blocks_writes_the_same_image(tiny_model, tmp_path):
+def test_model_offload_moves_one_network_at_a_time_and_gives_the_same_edit(tiny_model, tmp_path):
+    """Each network is moved onto the execution device before it runs, the other one first moved off; the
+    transformer stays there for the whole denoising loop (one move per edit, not per step)."""
+    from conftest import random_lora, write_lora
+
+    plain = UniRefPipeline.from_pretrained(tiny_model)
+    pipe = UniRefPipeline.from_pretrained(tiny_model)
+    pipe.enable_model_offload("cpu")
+    events = []
+    for name in ("text_encoder", "transformer"):
+        module = getattr(pipe.c, name)
+        original_to = module.to
+
+        def logged_to(*args, _name=name, _to=original_to, **kwargs):
+            events.append(("to", _name))
+            return _to(*args, **kwargs)
+
+        module.to = logged_to
+        module.register_forward_pre_hook(lambda *_, _name=name: events.append(("run", _name)))
+    first, second = _edit(pipe), _edit(pipe)  # the text encoder comes back for the second edit
+    assert np.array_equal(first, _edit(plain)) and np.array_equal(second, first)
+
+    moves = [(i, e[1]) for i, e in enumerate(events) if e[0] == "to"]
+    assert [m for _, m in moves] == ["transformer", "text_encoder", "text_encoder", "transformer"] * 2
+    for (i, name), (j, _) in zip(moves[1::2], moves[2::2] + [(len(events), None)]):
+        # between a network's onload and the next move only that network runs
+        assert {e[1] for e in events[i + 1 : j]} == {name}
+    # 3 steps × (positive + negative) per edit, all on one onload each
+    assert events.count(("run", "transformer")) == 2 * 3 * 2
+
+    lora = tmp_path / "lora.safetensors"
+    write_lora(random_lora(plain.c.transformer), lora, "comfy")
+    plain.set_loras([(lora, 0.7)])
+    pipe.set_loras([(lora, 0.7)])
+    assert np.array_equal(_edit(pipe), _edit(plain))
+    with pytest.raises(UniRefError, match="model offload is already enabled"):
+        pipe.enable_block_offload("cpu")
+
+
+@pytest.mark.parametrize("offload", ["blocks", "model"])
+def test_cli_offload_writes_the_same_image(tiny_model, tmp_path, offload):
     from uniref_core.__main__ import main
 
     refs = []
@@ -63,10 +104,10 @@ def test_cli_offload_blocks_writes_the_same_image(tiny_model, tmp_path):
         refs += ["--ref", str(tmp_path / f"ref{i}.png")]
         im.save(refs[-1])
     outs = []
-    for offload in ("none", "blocks"):
-        outs.append(tmp_path / f"{offload}.png")
+    for mode in ("none", offload):
+        outs.append(tmp_path / f"{mode}.png")
         code = main(["edit", "--model", str(tiny_model), *refs, "--prompt", "Put Picture 1 next to Picture 2", "--quiet",
-                     "--budget", "64", "--width", "64", "--height", "64", "--steps", "2", "--offload", offload,
+                     "--budget", "64", "--width", "64", "--height", "64", "--steps", "2", "--offload", mode,
                      "-o", str(outs[-1])])  # fmt: skip
         assert code == 0
     assert np.array_equal(np.asarray(Image.open(outs[0])), np.asarray(Image.open(outs[1])))

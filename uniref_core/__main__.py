@@ -62,9 +62,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="a LoRA .safetensors file (peft/diffusers, kohya or ComfyUI keys) at a strength (default 1); repeat for several")
     e.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda if present)")
     e.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp16", "fp32"))
-    e.add_argument("--offload", default="none", choices=("none", "blocks"),
-                   help="blocks: keep the transformer and text encoder in CPU memory and move each block to the "
-                   "device only while it runs (for GPUs smaller than the model; slower)")
+    e.add_argument("--offload", default="none", choices=("none", "model", "blocks"),
+                   help="model: only one of the text encoder and the transformer on the device at a time (for GPUs "
+                   "that hold the transformer alone); blocks: keep both in CPU memory and move each block to the "
+                   "device only while it runs (for GPUs smaller than the transformer; slower)")
     e.add_argument("-o", "--output", required=True, help="output image path (.png/.jpg/.webp)")
     e.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -199,7 +200,7 @@ def cmd_edit(a) -> int:
     options.check(init)
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = resolve_dtype(a.dtype, torch.device(device))  # the compute device's, also when loading to the CPU
-    load_to = "cpu" if a.offload == "blocks" else device  # offloaded weights never visit the device whole
+    load_to = "cpu" if a.offload != "none" else device  # offloaded weights never visit the device all together
     if single:
         from .comfy_files import load_single_files
 
@@ -209,6 +210,8 @@ def cmd_edit(a) -> int:
         pipe = UniRefPipeline.from_pretrained(model, device=load_to, dtype=dtype)
     if a.offload == "blocks":
         pipe.enable_block_offload(device)
+    elif a.offload == "model":
+        pipe.enable_model_offload(device)
     pipe.set_loras(loras)
 
     bar = None

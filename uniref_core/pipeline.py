@@ -49,6 +49,10 @@ BUILTIN_DEFAULTS = {
 }
 
 
+#: what model offload moves on and off the execution device, one at a time (the VAE stays there)
+MODEL_OFFLOADED = ("text_encoder", "transformer")
+
+
 def resolve_setting(name: str, value, model_defaults: dict):
     """``value``, or when None ``model_defaults[name]`` (a model's uniref.json), else BUILTIN_DEFAULTS."""
     if value is not None:
@@ -242,7 +246,9 @@ class UniRefPipeline:
         self._preview_map: torch.Tensor | None = None
         self._lora = None  # a LoraPatcher once a LoRA was applied
         self.offload = "none"
-        self._execution_device: torch.device | None = None  # set by enable_block_offload
+        self._execution_device: torch.device | None = None  # set by enable_block_offload / enable_model_offload
+        self._offload_device: torch.device | None = None
+        self._resident: str | None = None  # model offload: the network on the execution device now
 
     def enable_block_offload(self, device, offload_device="cpu") -> None:
         """Run on ``device`` with the two big networks kept on ``offload_device`` (for GPUs smaller than the
@@ -254,7 +260,7 @@ class UniRefPipeline:
 
         device, offload_device = torch.device(device), torch.device(offload_device)
         if self.offload != "none":
-            raise UniRefError("block offload is already enabled on this model")
+            raise UniRefError(f"{self.offload} offload is already enabled on this model")
         for module in (self.c.transformer, self.c.text_encoder):
             module.to(offload_device)
         # No CUDA streams: with streams diffusers keeps pinned copies of the weights, which a LoRA merge would
@@ -266,6 +272,31 @@ class UniRefPipeline:
         self.c.vae.to(device)
         self._execution_device = device
         self.offload = "blocks"
+
+    def enable_model_offload(self, device, offload_device="cpu") -> None:
+        """Run on ``device`` with one big network there at a time (diffusers' model CPU offload, for GPUs that
+        hold the transformer but not the transformer and the text encoder together): the text encoder moves
+        to ``device`` when a prompt is encoded and the transformer when sampling starts, each sending the other
+        back to ``offload_device`` first; the VAE, small, sits on ``device``. Peak GPU memory is the larger
+        network, and each moves once per edit rather than once per step (block offload's cost)."""
+        device, offload_device = torch.device(device), torch.device(offload_device)
+        if self.offload != "none":
+            raise UniRefError(f"{self.offload} offload is already enabled on this model")
+        for module in (self.c.transformer, self.c.text_encoder):
+            module.to(offload_device)
+        self.c.vae.to(device)
+        self._execution_device, self._offload_device = device, offload_device
+        self.offload = "model"
+
+    def _onload(self, name: str) -> None:
+        """Model offload: ``name`` (text_encoder / transformer) onto the execution device, the other off it."""
+        if self.offload != "model" or self._resident == name:
+            return
+        for other in MODEL_OFFLOADED:
+            if other != name:  # first out, then in: the GPU never holds both
+                getattr(self.c, other).to(self._offload_device)
+        getattr(self.c, name).to(self._execution_device)
+        self._resident = name
 
     @classmethod
     def from_pretrained(cls, path, device="cpu", dtype="auto") -> "UniRefPipeline":
@@ -380,6 +411,7 @@ class UniRefPipeline:
             else Plan(mode=mode, budget=None, output=budget_mod.output_size([], width, height, token_px=t), token_px=t)
         )
         vl_images = [im.resize(r.vl, resample=Image.Resampling.LANCZOS) for im, r in zip(images, plan.references)]
+        self._onload("text_encoder")
         te = self.c.text_encoder
         te_device = self._execution_device or te.device
         positive = encode_prompt(te, self.c.processor, prompt, vl_images, device=te_device)
@@ -405,6 +437,8 @@ class UniRefPipeline:
         """Model velocity for the target tokens ``x`` [N, L, 64] at ``timestep`` (σ·1000), with true CFG."""
         n = x.shape[0]
         shapes = [cond.plan.img_shapes] * n
+
+        self._onload("transformer")
 
         def run(p: PromptEmbeds) -> torch.Tensor:
             emb = p.repeat(n) if p.embeds.shape[0] != n else p
