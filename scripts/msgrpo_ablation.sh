@@ -5,14 +5,15 @@
 #   bash scripts/msgrpo_ablation.sh                 # the start model, then min, normalized_sum, sum
 #   bash scripts/msgrpo_ablation.sh min sum         # only these arms
 # Work files: runs/rl-data (prompts), runs/rl/<arm> (run, resumable), runs/rl/model-<arm>,
-# runs/rl/<arm>-eval-seed<S>.json. 2 processes × 1 thread; ~25 min an arm on 2 CPU cores.
+# runs/rl/<arm>-eval*-seed<S>.json, and prints the table (scripts/msgrpo_table.py). 2 processes × 1 thread;
+# ~30 min an arm on 2 CPU cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
 PY=.venv/bin/python
 ARMS=("$@")
 [ ${#ARMS[@]} -gt 0 ] || ARMS=(start min normalized_sum sum)
-EVAL=(--refs "${UNIREF_EVAL_REFS:-2-3}" --n 24 --grid '')
+EVAL=(--refs 2-3 --n 24 --grid '')
 if [ ! -f runs/rl-data/train/manifest.jsonl ]; then
   $PY -m training.make_shapecompose --out runs/rl-data --train 400 --val 8 --ks 2 3 3 \
     --compose-fraction 1 --order anchored --ref-side 96
@@ -35,8 +36,11 @@ PYEOF
     model=runs/rl/model-$arm
     [ -f "$model/model_index.json" ] || $PY -m training.export --checkpoint "$last" --out "$model"
   fi
-  for seed in 0 1; do
+  for seed in 0 1; do  # the K that were trained, at two sampling seeds (the noise)
     out=runs/rl/$arm-eval-seed$seed.json
-    [ -f "$out" ] || $PY -m training.evaluate --model "$model" --seed $seed "${EVAL[@]}" > "$out"
+    [ -f "$out" ] || { $PY -m training.evaluate --model "$model" --seed $seed "${EVAL[@]}" > "$out.tmp" && mv "$out.tmp" "$out"; }
   done
+  out=runs/rl/$arm-eval-k4-6-seed0.json  # the untrained K, one seed (~5 min)
+  [ -f "$out" ] || { $PY -m training.evaluate --model "$model" --seed 0 --refs 4-6 --n 24 --grid '' > "$out.tmp" && mv "$out.tmp" "$out"; }
 done
+$PY scripts/msgrpo_table.py runs/rl
