@@ -49,7 +49,7 @@ BUILTIN_DEFAULTS = {
 }
 
 
-#: what model offload moves on and off the execution device, one at a time (the VAE stays there)
+#: the big networks that offload keeps off the execution device (model offload: one at a time there)
 MODEL_OFFLOADED = ("text_encoder", "transformer")
 
 
@@ -258,20 +258,26 @@ class UniRefPipeline:
         over once per denoising step. LoRAs still merge (into the offloaded weights)."""
         from diffusers.hooks import apply_group_offloading
 
-        device, offload_device = torch.device(device), torch.device(offload_device)
-        if self.offload != "none":
-            raise UniRefError(f"{self.offload} offload is already enabled on this model")
-        for module in (self.c.transformer, self.c.text_encoder):
-            module.to(offload_device)
+        device, offload_device = self._start_offload("blocks", device, offload_device)
         # No CUDA streams: with streams diffusers keeps pinned copies of the weights, which a LoRA merge would
         # leave stale.
         apply_group_offloading(self.c.transformer, onload_device=device, offload_device=offload_device,
                                offload_type="block_level", num_blocks_per_group=1)  # fmt: skip
         apply_group_offloading(self.c.text_encoder, onload_device=device, offload_device=offload_device,
                                offload_type="leaf_level")  # fmt: skip
+
+    def _start_offload(self, mode: str, device, offload_device) -> tuple[torch.device, torch.device]:
+        """What both offload modes share: one mode per model, the big networks resting on ``offload_device``,
+        the VAE on ``device``, sampling on ``device``."""
+        device, offload_device = torch.device(device), torch.device(offload_device)
+        if self.offload != "none":
+            raise UniRefError(f"{self.offload} offload is already enabled on this model")
+        for name in MODEL_OFFLOADED:
+            getattr(self.c, name).to(offload_device)
         self.c.vae.to(device)
-        self._execution_device = device
-        self.offload = "blocks"
+        self._execution_device, self._offload_device = device, offload_device
+        self.offload = mode
+        return device, offload_device
 
     def enable_model_offload(self, device, offload_device="cpu") -> None:
         """Run on ``device`` with one big network there at a time (diffusers' model CPU offload, for GPUs that
@@ -279,14 +285,7 @@ class UniRefPipeline:
         to ``device`` when a prompt is encoded and the transformer when sampling starts, each sending the other
         back to ``offload_device`` first; the VAE, small, sits on ``device``. Peak GPU memory is the larger
         network, and each moves once per edit rather than once per step (block offload's cost)."""
-        device, offload_device = torch.device(device), torch.device(offload_device)
-        if self.offload != "none":
-            raise UniRefError(f"{self.offload} offload is already enabled on this model")
-        for module in (self.c.transformer, self.c.text_encoder):
-            module.to(offload_device)
-        self.c.vae.to(device)
-        self._execution_device, self._offload_device = device, offload_device
-        self.offload = "model"
+        self._start_offload("model", device, offload_device)
 
     def _onload(self, name: str) -> None:
         """Model offload: ``name`` (text_encoder / transformer) onto the execution device, the other off it."""
