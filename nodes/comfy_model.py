@@ -18,13 +18,15 @@ import comfy.model_management as mm
 import comfy.model_patcher
 import folder_paths
 
-from ..uniref_core.defaults import default_model_dir
+from ..uniref_core.defaults import BUILTIN_MODELS, builtin_model_dir
 from ..uniref_core.errors import UniRefError
 from ..uniref_core.model import check_model_folder
 from ..uniref_core.pipeline import UniRefPipeline
 
 FOLDER = "uniref"
 BUILTIN = "uniref-default (built-in)"
+#: The built-in models as the Load node lists them ("uniref-default (built-in)", ...), default first.
+BUILTINS = {f"{name} (built-in)": name for name in BUILTIN_MODELS}
 # How deep to look for diffusers folders under models/uniref/ (e.g. Qwen/Qwen-Image-Edit-2511).
 SEARCH_DEPTH = 2
 
@@ -36,8 +38,8 @@ def register_model_folder() -> None:
 
 
 def list_models() -> list[str]:
-    """The built-in model first, then every folder with a model_index.json under models/uniref/."""
-    names = [BUILTIN] if (default_model_dir() / "model_index.json").is_file() else []
+    """The built-in models first, then every folder with a model_index.json under models/uniref/."""
+    names = [label for label, name in BUILTINS.items() if (builtin_model_dir(name) / "model_index.json").is_file()]
     for root in folder_paths.get_folder_paths(FOLDER):
         base = Path(root)
         if not base.is_dir():
@@ -52,8 +54,8 @@ def list_models() -> list[str]:
 
 
 def resolve_model(name: str) -> Path:
-    if name == BUILTIN:
-        return default_model_dir()
+    if name in BUILTINS:
+        return builtin_model_dir(BUILTINS[name])
     for root in folder_paths.get_folder_paths(FOLDER):
         path = Path(root) / name
         if (path / "model_index.json").is_file() or path.is_dir():

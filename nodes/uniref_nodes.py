@@ -55,7 +55,8 @@ class LoadUniRefModel(io.ComfyNode):
                 io.Combo.Input(
                     "model",
                     options=comfy_model.list_models(),
-                    tooltip="A diffusers-format model folder inside models/uniref/ (the folder holding model_index.json).",
+                    tooltip="A diffusers-format model folder inside models/uniref/ (the folder holding model_index.json), "
+                    "or a built-in model: uniref-default (tuned with MSGRPO) or uniref-default-sft (the same before it).",
                 ),
                 io.Combo.Input(
                     "dtype",

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The MSGRPO aggregation ablation of training/README.md ("MSGRPO on the default model"): from the shipped
-# default model, one run per aggregation on the same prompts, seed and step budget
-# (training/configs/msgrpo_ablation.json), each exported and evaluated on the held-out test split.
+# SFT model (models/uniref-default-sft, the default before MSGRPO), one run per aggregation on the same
+# prompts, seed and step budget (training/configs/msgrpo_ablation.json), each exported and evaluated on the
+# held-out test split.
 #   bash scripts/msgrpo_ablation.sh                 # the start model, then min, normalized_sum, sum
 #   bash scripts/msgrpo_ablation.sh min sum         # only these arms
 # Work files: runs/rl-data (prompts), runs/rl/<arm> (run, resumable), runs/rl/model-<arm>,
@@ -21,7 +22,7 @@ fi
 mkdir -p runs/rl
 for arm in "${ARMS[@]}"; do
   if [ "$arm" = start ]; then
-    model=models/uniref-default
+    model=models/uniref-default-sft
   else
     cfg=runs/rl/$arm.json
     $PY - "$arm" "$cfg" <<'PYEOF'

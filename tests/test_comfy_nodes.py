@@ -75,6 +75,8 @@ def test_pack_imports_and_lists_the_four_nodes(host):
     models = info["UniRefLoadModel"]["input"]["required"]["model"]
     options = models[1]["options"] if models[0] == "COMBO" else models[0]
     assert options[0] == "uniref-default (built-in)" and "tiny" in options
+    if (ROOT / "models" / "uniref-default-sft" / "model_index.json").is_file():  # the SFT model, by name
+        assert options[1] == "uniref-default-sft (built-in)"
 
 
 def test_reference_batch_grows_on_new_hosts_and_has_fixed_slots_on_old(host):

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from training.tasks.shapecompose import render_target, score
-from uniref_core.defaults import SHIPPED_MODEL_DIR
+from uniref_core.defaults import BUILTIN_MODELS, SHIPPED_MODEL_DIR
 from uniref_core.model import DEFAULT_KEYS, read_defaults
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -64,6 +64,59 @@ def test_cli_without_a_model_composes_the_example_references(tmp_path):
     # Each object from its own reference, in its slot, on the background of Picture 3.
     assert min(s.per_reference) >= 0.7, s
     assert s.instruction >= 0.7, s
+
+
+@shipped
+def test_the_sft_model_ships_beside_the_default_and_loads_by_name(tmp_path):
+    """The default is the SFT model trained further with MSGRPO; the SFT model ships too, as a model of its
+    own the CLI loads by name, and composes the example as well (a different image: other weights)."""
+    import numpy as np
+
+    from training.common.checkpoint import model_fingerprint
+
+    sft = BUILTIN_MODELS["uniref-default-sft"]
+    trained = json.loads((SHIPPED_MODEL_DIR / "uniref_training.json").read_text())
+    assert trained["base_model_fingerprint"] == model_fingerprint(sft)  # exported from a run that started there
+    assert model_fingerprint(sft) != model_fingerprint(SHIPPED_MODEL_DIR)
+    for part in ("vae", "text_encoder", "tokenizer", "processor", "scheduler"):  # only the transformer was trained
+        for f in (SHIPPED_MODEL_DIR / part).iterdir():
+            assert f.read_bytes() == (sft / part / f.name).read_bytes(), f
+    assert [json.loads((m / "uniref.json").read_text())["name"] for m in (SHIPPED_MODEL_DIR, sft)] == [
+        "uniref-default", "uniref-default-sft"]  # fmt: skip
+    images = {}
+    for name in ("uniref-default", "uniref-default-sft"):
+        out = tmp_path / f"{name}.png"
+        r = run("-m", "uniref_core", "edit", *sum((["--ref", p] for p in REFS), []), "--prompt", SPEC["instruction"],
+                "--model", name, "--width", "128", "--height", "128", "--seed", "0", "--quiet", "-o", out)  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        assert f"models/{name}" in r.stdout
+        images[name] = np.asarray(Image.open(out).convert("RGB"))
+        s = score(Image.fromarray(images[name]), SPEC)
+        assert min(s.per_reference) >= 0.7, (name, s)
+    assert np.abs(images["uniref-default"].astype(int) - images["uniref-default-sft"]).mean() > 0.5
+
+
+@shipped
+def test_model_names_resolve_to_the_built_in_folders(tmp_path, monkeypatch):
+    from uniref_core import defaults
+    from uniref_core.errors import UniRefError
+
+    monkeypatch.delenv("UNIREF_DEFAULT_MODEL", raising=False)
+    assert BUILTIN_MODELS["uniref-default-sft"] == SHIPPED_MODEL_DIR.parent / "uniref-default-sft"
+    sft = tmp_path / "shipped-sft"
+    sft.mkdir()
+    (sft / "model_index.json").write_text("{}")
+    monkeypatch.setitem(defaults.BUILTIN_MODELS, "uniref-default-sft", sft)
+    monkeypatch.chdir(tmp_path)
+    assert defaults.resolve_model_arg("uniref-default-sft") == sft
+    assert defaults.resolve_model_arg(None) == defaults.resolve_model_arg("uniref-default") == SHIPPED_MODEL_DIR
+    assert defaults.resolve_model_arg("some/folder") == Path("some/folder")  # a path stays a path
+    (tmp_path / "uniref-default-sft").mkdir()  # a folder of that name here wins over the built-in name
+    assert defaults.resolve_model_arg("uniref-default-sft") == Path("uniref-default-sft")
+    monkeypatch.setitem(defaults.BUILTIN_MODELS, "uniref-default-sft", tmp_path / "gone")
+    monkeypatch.chdir(ROOT)
+    with pytest.raises(UniRefError, match="built-in model 'uniref-default-sft' is missing from .*gone.*git checkout"):
+        defaults.resolve_model_arg("uniref-default-sft")
 
 
 def test_checker_cli_scores_an_image_against_a_spec(tmp_path):

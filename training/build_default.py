@@ -23,10 +23,13 @@ A recipe may start from another one's model (``VARIANTS[...]["start"]``): "fast2
    is the last stage's and "shapecompose" the data's, both set at export).
 3. ``sft``: ``training.sft`` with the recipe's config in ``training/configs/`` (``default_model.json``:
    budgets 128² → 192²; ``default_model_k123.json`` and ``default_model_anchored.json``: 128²).
-4. ``export``: the EMA weights after the last stage to ``--out`` (the model the CLI, main.sh and the
-   ComfyUI loader use), and those after the first stage to ``<work>/after_stage1`` for comparison.
-5. ``eval``: ``training.evaluate`` on the held-out test split, K = 1…8, for both, drawn as the model was
-   trained, and the VAE's ceiling on the same targets; JSON + PNG grids in ``<work>/eval-<recipe>``.
+4. ``export``: the EMA weights after the last stage to ``--out`` (``--sft-out`` where MSGRPO follows),
+   and those after the first stage to ``<work>/after_stage1`` for comparison.
+5. ``msgrpo`` (fast2, the shipped recipe; ``--no-msgrpo`` skips it): the SFT export goes to ``--sft-out``
+   (``models/uniref-default-sft``), MSGRPO (`MSGRPO`) trains it further on prompts of its own and its last
+   checkpoint is exported to ``--out`` (``models/uniref-default``, the default model).
+6. ``eval``: ``training.evaluate`` on the held-out test split, K = 1…8, for each model, drawn as the model
+   was trained, and the VAE's ceiling on the same targets; JSON + PNG grids in ``<work>/eval-<recipe>``.
 
 Why a 4× VAE and 128² output: one token is then 8×8 px, so a 128² target is 256 tokens and a 52 px
 object ~6 tokens across (~3 with the 8× VAE of real checkpoints, where run after run gave blobs).
@@ -119,6 +122,14 @@ VARIANTS["fast"] = {**VARIANTS["direct"], "config": CONFIG.with_name("default_mo
 # 6,000 more steps of 8 from the "fast" export (lr 1.5e-3 cosine, warm-up 50, same data): after 4,400 steps
 # (35k samples) its loss was still ≈0.035 and triangles blobs; "direct" needed ~96k samples to draw them.
 VARIANTS["fast2"] = {**VARIANTS["fast"], "config": CONFIG.with_name("default_model_fast2.json"), "start": "fast"}
+
+
+#: The shipped recipe's last step (``--recipe fast2`` without ``--no-msgrpo``): MSGRPO from the SFT export,
+#: the `sum` arm of training/README.md's aggregation ablation (``configs/msgrpo_default.json``: checker
+#: reward, 4 groups of 6 a step), on prompts of its own: 400 anchored compositions with K = 2, 3, 3.
+MSGRPO = {"config": CONFIG.with_name("msgrpo_default.json"), "recipes": ("fast2",),
+          "data": {"data": "rl-data", "ks": (2, 3, 3), "order": "anchored", "train_samples": 400, "val_samples": 8,
+                   "compose_fraction": 1.0}}  # fmt: skip
 
 
 def shapecompose_info(variant: dict) -> dict:
@@ -267,6 +278,46 @@ def step_export(cfg, out: Path, work: Path, log, shapecompose: dict | None = Non
     return {name: models[name] for name, _ in pairs}
 
 
+def _name_model(folder: Path) -> None:
+    """A model folder's uniref.json "name" is the folder's (the SFT and the MSGRPO model are told apart)."""
+    info_path = folder / "uniref.json"
+    info = json.loads(info_path.read_text())
+    info["name"] = folder.name
+    info_path.write_text(json.dumps(info, indent=1))
+
+
+def step_msgrpo(sft_model: Path, out: Path, work: Path, log, nproc: int = 1) -> Path:
+    """MSGRPO (`MSGRPO`) from ``sft_model``, its last checkpoint exported to ``out``; resumes like SFT."""
+    from .common import checkpoint as ckpt_mod
+    from .export import export
+    from .rl.config import load_config
+
+    step_data(work, log, MSGRPO["data"])
+    config_path = work / "msgrpo.json"  # the shipped config with this build's paths
+    data = json.loads(MSGRPO["config"].read_text())
+    data.update(model=str(sft_model), train_manifest=str(work / MSGRPO["data"]["data"] / "train" / "manifest.jsonl"),
+                output_dir=str(work / "msgrpo"))  # fmt: skip
+    config_path.write_text(json.dumps(data, indent=1))
+    cfg = load_config(config_path)
+    ckpts = ckpt_mod.complete_checkpoints(cfg.output_dir)
+    if not ckpts or ckpt_mod.read_state(ckpts[-1])["global_step"] < cfg.steps:
+        t0 = time.perf_counter()
+        env = dict(os.environ)
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "-m", "training.msgrpo", "--config", str(config_path), "--resume", "auto"]  # fmt: skip
+        log("msgrpo: " + " ".join(cmd[1:]))
+        if subprocess.run(cmd, env=env).returncode != 0:
+            raise UniRefError(f"MSGRPO stopped (see the output above); run the command again to resume from "
+                              f"the newest checkpoint in {cfg.output_dir}")  # fmt: skip
+        log(f"msgrpo: {time.perf_counter() - t0:.0f} s this run")
+        ckpts = ckpt_mod.complete_checkpoints(cfg.output_dir)
+    export(ckpts[-1], out, weights="auto")
+    _name_model(out)
+    log(f"export: {ckpts[-1].name} → {out}")
+    return out
+
+
 def step_eval(models: dict[str, Path], work: Path, log, order: str = "reading", folder_name: str = "eval") -> dict:
     from .evaluate import evaluate_model, parse_refs
 
@@ -295,6 +346,10 @@ def step_eval(models: dict[str, Path], work: Path, log, order: str = "reading", 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m training.build_default", description=__doc__.split("\n")[0])
     p.add_argument("--out", default="models/uniref-default", help="where the trained model folder goes")
+    p.add_argument("--sft-out", default="models/uniref-default-sft",
+                   help="recipes that end with MSGRPO (fast2): where the SFT model it starts from goes")
+    p.add_argument("--no-msgrpo", action="store_true",
+                   help="stop after SFT: the SFT model goes to --out (fast2 ends with MSGRPO otherwise)")
     p.add_argument("--work", default="runs/uniref-default", help="data, runs, checkpoints and evaluations")
     p.add_argument("--recipe", choices=sorted(VARIANTS), default="fast2",
                    help="fast2 (what ships): 4,400 + 6,000 steps of 8 on anchored K = 1…3 compositions "
@@ -322,7 +377,12 @@ def main(argv=None) -> int:
 
     t0 = time.perf_counter()
     variant = VARIANTS[a.recipe]
-    models = step_build(a.recipe, Path(a.out), work, log, a.nproc, a.config)
+    if a.recipe in MSGRPO["recipes"] and not a.no_msgrpo:
+        models = step_build(a.recipe, Path(a.sft_out), work, log, a.nproc, a.config)
+        _name_model(models["final"])
+        models = {"sft": models["final"], "final": step_msgrpo(models["final"], Path(a.out), work, log, a.nproc)}
+    else:
+        models = step_build(a.recipe, Path(a.out), work, log, a.nproc, a.config)
     if not a.skip_eval:
         step_eval(models, work, log, variant.get("order", "reading"), f"eval-{a.recipe}")
     log(f"build_default: done in {time.perf_counter() - t0:.0f} s (this invocation); model in {a.out}")

@@ -28,7 +28,7 @@ import numpy as np
 from PIL import Image
 
 from uniref_core.budget import parse_area
-from uniref_core.defaults import default_model_path
+from uniref_core.defaults import default_model_path, resolve_model_arg
 from uniref_core.errors import UniRefError
 from uniref_core.images import load_image
 from uniref_core.model import Components
@@ -201,7 +201,7 @@ def evaluate_model(model, split: str, ks: list[int], n: int, seed: int = 0, edit
 @exit_on_error
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m training.evaluate", description=__doc__.split("\n")[0])
-    p.add_argument("--model", default="default", help="'default' (the built-in model) or a model folder")
+    p.add_argument("--model", default="default", help="'default' (the built-in model), a built-in name (uniref-default-sft) or a model folder")
     p.add_argument("--split", default="test", choices=sorted(SPLIT_SEED_BASE))
     p.add_argument("--refs", default="1-6", help="numbers of references K: 1-6, or 1,2,7 …")
     p.add_argument("--n", type=int, default=16, help="compositions per K")
@@ -222,7 +222,7 @@ def main(argv=None) -> int:
     if not 1 <= a.n <= SEED_STRIDE - 1:
         p.error(f"--n {a.n}: give 1..{SEED_STRIDE - 1}")
     ks = parse_refs(a.refs)
-    model = default_model_path() if a.model == "default" else a.model
+    model = default_model_path() if a.model == "default" else resolve_model_arg(a.model)
     options = {k: v for k, v in (("steps", a.steps), ("cfg", a.cfg)) if v is not None}
     if a.budget is not None:
         options["budget"] = parse_area(a.budget)

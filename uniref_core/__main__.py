@@ -41,7 +41,8 @@ def _parser() -> argparse.ArgumentParser:
         q.add_argument("--output-area", type=_area, default=None, help="output area when matching a reference (default: the model's, else 1024)")
 
     e = sub.add_parser("edit", help="edit / compose references with an instruction")
-    e.add_argument("--model", help="diffusers-format model folder (default: the built-in default model)")
+    e.add_argument("--model", help="diffusers-format model folder, or a built-in model: uniref-default (the default), "
+                   "uniref-default-sft (the same before MSGRPO)")
     e.add_argument("--diffusion-model", metavar="FILE", help="instead of --model: a ComfyUI single-file diffusion model "
                    "(bf16/fp16/fp32 or fp8; with --text-encoder, --vae and --tokenizer)")
     e.add_argument("--text-encoder", metavar="FILE", help="ComfyUI single-file Qwen2.5-VL text encoder")
@@ -134,8 +135,10 @@ def cmd_plan(a) -> int:
     token_px = TOKEN_PX
     defaults = {}
     if a.model:
+        from .defaults import resolve_model_arg
         from .model import check_model_folder, read_defaults, token_px_of
 
+        a.model = resolve_model_arg(a.model)
         check_model_folder(a.model)
         token_px, defaults = token_px_of(a.model), read_defaults(a.model)
     _fill_defaults(a, defaults)
@@ -161,7 +164,7 @@ def cmd_plan(a) -> int:
 def cmd_edit(a) -> int:
     import torch
 
-    from .defaults import default_model_path
+    from .defaults import resolve_model_arg
     from .model import resolve_dtype
     from .images import load_image
     from .pipeline import SamplingOptions, UniRefPipeline
@@ -190,7 +193,7 @@ def cmd_edit(a) -> int:
         token_px = 16  # Qwen-Image's 8x VAE and 2x2 patches: the only layout its single files come in
         _fill_defaults(a, {})
     else:
-        model = a.model or default_model_path()
+        model = resolve_model_arg(a.model)
         check_model_folder(model)
         token_px = token_px_of(model)
         _fill_defaults(a, read_defaults(model))

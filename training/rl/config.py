@@ -20,6 +20,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from uniref_core.defaults import resolve_model_arg
+
 from ..common.config import (
     MIXED_PRECISION,
     ConfigError,
@@ -129,6 +131,7 @@ def config_from_dict(data: dict) -> RLConfig:
             raise ConfigError(f"the config has no {key!r}: it is required")
     kw = dict(data)
     kw["train_manifest"] = _paths(data["train_manifest"], "train_manifest")
+    kw["model"] = str(resolve_model_arg(data["model"]))  # a folder, or a built-in name
     if not kw["train_manifest"]:
         raise ConfigError("train_manifest is empty: give the JSONL manifest(s) whose rows are the prompts")
     rewards = data.get("rewards", [{"source": "checker"}])

@@ -27,6 +27,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from uniref_core.defaults import resolve_model_arg
+
 from ..common.config import (
     MIXED_PRECISION,
     ConfigError,
@@ -161,6 +163,7 @@ def config_from_dict(data: dict) -> SFTConfig:
     kwargs = dict(data)
     kwargs["stages"] = [_stage(s, i) for i, s in enumerate(stages)]
     kwargs["train_manifest"] = _paths(data["train_manifest"], "train_manifest")
+    kwargs["model"] = str(resolve_model_arg(data["model"]))  # a folder, or a built-in name
     kwargs["val_manifest"] = _paths(data.get("val_manifest"), "val_manifest")
     if not kwargs["train_manifest"]:
         raise ConfigError("train_manifest is empty: give the JSONL manifest(s) to train on")
