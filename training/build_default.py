@@ -352,14 +352,15 @@ def main(argv=None) -> int:
                    help="stop after SFT: the SFT model goes to --out (fast2 ends with MSGRPO otherwise)")
     p.add_argument("--work", default="runs/uniref-default", help="data, runs, checkpoints and evaluations")
     p.add_argument("--recipe", choices=sorted(VARIANTS), default="fast2",
-                   help="fast2 (what ships): 4,400 + 6,000 steps of 8 on anchored K = 1…3 compositions "
-                   "(fast: the first 4,400 only); anchored2: k123, then 1,600 + 600 steps of 16; "
+                   help="fast2 (what ships): 4,400 + 6,000 steps of 8 on anchored K = 1…3 compositions, then "
+                   "100 MSGRPO steps (fast: the first 4,400 only); anchored2: k123, then 1,600 + 600 steps of 16; "
                    "full: K = 1…6 and edits, budgets 128² → 192² (not run); "
                    "k123: the K = 1…3 probe (compositions, 128²)")
     p.add_argument("--config", default=None, help="SFT config (default: the recipe's; its paths must lie in --work)")
     p.add_argument("--skip-eval", action="store_true")
     p.add_argument("--nproc", type=int, default=None,
-                   help="SFT processes (torch.distributed.run; default: one per GPU, else 2 on a CPU with ≥ 2 cores)")
+                   help="SFT and MSGRPO processes (torch.distributed.run; default: one per GPU, else 2 on a CPU with "
+                   "≥ 2 cores)")
     a = p.parse_args(argv)
     if a.nproc is None:
         a.nproc = default_nproc()
