@@ -206,29 +206,40 @@ def default_nproc() -> int:
 
 
 def step_sft(config_path: Path, log, nproc: int = 1):
-    from .common import checkpoint as ckpt_mod
     from .sft import run
     from .sft.config import load_config
 
     cfg = load_config(config_path)
-    out = Path(cfg.output_dir)
-    ckpts = ckpt_mod.complete_checkpoints(out)
-    if ckpts and ckpt_mod.read_state(ckpts[-1])["global_step"] >= cfg.total_steps:
+    if _trained(cfg.output_dir, cfg.total_steps):
         return cfg
     t0 = time.perf_counter()
     if nproc <= 1:
         run(cfg, resume="auto")
-    else:  # DDP through the standard launcher; on a CPU each process gets an equal share of the cores
-        env = dict(os.environ)
-        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "-m", "training.sft", "--config", str(config_path), "--resume", "auto"]  # fmt: skip
-        log("sft: " + " ".join(cmd[1:]))
-        if subprocess.run(cmd, env=env).returncode != 0:
-            raise UniRefError(f"SFT stopped (see the output above); run the command again to resume from "
-                              f"the newest checkpoint in {out}")  # fmt: skip
+    else:
+        _launch("sft", config_path, nproc, cfg.output_dir, log)
     log(f"sft: {time.perf_counter() - t0:.0f} s this run")
     return cfg
+
+
+def _trained(output_dir, steps: int) -> bool:
+    """The run in ``output_dir`` has a complete checkpoint at ``steps`` or later."""
+    from .common import checkpoint as ckpt_mod
+
+    ckpts = ckpt_mod.complete_checkpoints(output_dir)
+    return bool(ckpts) and ckpt_mod.read_state(ckpts[-1])["global_step"] >= steps
+
+
+def _launch(trainer: str, config_path: Path, nproc: int, output_dir, log) -> None:
+    """``training.<trainer>`` as ``nproc`` processes through the standard launcher, resuming from the newest
+    checkpoint; on a CPU each process gets an equal share of the cores."""
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", f"training.{trainer}", "--config", str(config_path), "--resume", "auto"]  # fmt: skip
+    log(f"{trainer}: " + " ".join(cmd[1:]))
+    if subprocess.run(cmd, env=env).returncode != 0:
+        raise UniRefError(f"training.{trainer} stopped (see the output above); run the command again to resume "
+                          f"from the newest checkpoint in {output_dir}")  # fmt: skip
 
 
 def stage_end_checkpoints(cfg) -> list[Path]:
@@ -299,19 +310,11 @@ def step_msgrpo(sft_model: Path, out: Path, work: Path, log, nproc: int = 1) -> 
                 output_dir=str(work / "msgrpo"))  # fmt: skip
     config_path.write_text(json.dumps(data, indent=1))
     cfg = load_config(config_path)
-    ckpts = ckpt_mod.complete_checkpoints(cfg.output_dir)
-    if not ckpts or ckpt_mod.read_state(ckpts[-1])["global_step"] < cfg.steps:
+    if not _trained(cfg.output_dir, cfg.steps):
         t0 = time.perf_counter()
-        env = dict(os.environ)
-        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "-m", "training.msgrpo", "--config", str(config_path), "--resume", "auto"]  # fmt: skip
-        log("msgrpo: " + " ".join(cmd[1:]))
-        if subprocess.run(cmd, env=env).returncode != 0:
-            raise UniRefError(f"MSGRPO stopped (see the output above); run the command again to resume from "
-                              f"the newest checkpoint in {cfg.output_dir}")  # fmt: skip
+        _launch("msgrpo", config_path, nproc, cfg.output_dir, log)
         log(f"msgrpo: {time.perf_counter() - t0:.0f} s this run")
-        ckpts = ckpt_mod.complete_checkpoints(cfg.output_dir)
+    ckpts = ckpt_mod.complete_checkpoints(cfg.output_dir)
     export(ckpts[-1], out, weights="auto")
     _name_model(out)
     log(f"export: {ckpts[-1].name} → {out}")

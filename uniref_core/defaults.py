@@ -33,18 +33,20 @@ def resolve_model_arg(spec) -> Path:
     """A model as a user names it: None (the default model), a built-in name, or a folder path.
 
     A folder that exists wins over a built-in name of the same spelling."""
-    if spec is None:
+    path = None if spec is None else Path(spec).expanduser()
+    if path is not None and (str(spec) not in BUILTIN_MODELS or path.exists()):
+        return path
+    if spec is None or spec == "uniref-default":
         return default_model_path()
-    path = Path(spec).expanduser()
-    if str(spec) in BUILTIN_MODELS and not path.exists():
-        folder = builtin_model_dir(str(spec))
-        if not (folder / "model_index.json").is_file():
-            raise UniRefError(
-                f"the built-in model '{spec}' is missing from {folder}: it ships with the repository (restore it "
-                "with `git checkout -- models/`, or rebuild it with `python -m training.build_default`)"
-            )
-        return folder
-    return path
+    folder = BUILTIN_MODELS[str(spec)]
+    if not (folder / "model_index.json").is_file():
+        raise UniRefError(f"the built-in model '{spec}' is missing from {folder}: {RESTORE}")
+    return folder
+
+
+#: How to get a shipped model folder back.
+RESTORE = "it ships with the repository (restore it with `git checkout -- models/`, or rebuild it with " \
+          "`python -m training.build_default`)"  # fmt: skip
 
 
 def default_model_path() -> Path:
@@ -53,9 +55,6 @@ def default_model_path() -> Path:
     if (path / "model_index.json").is_file():
         return path
     if path == SHIPPED_MODEL_DIR:
-        raise UniRefError(
-            f"the built-in default model is missing from {path}: it ships with the repository (restore it with "
-            "`git checkout -- models/`, or rebuild it with `python -m training.build_default`), or pass --model DIR"
-        )
+        raise UniRefError(f"the built-in default model is missing from {path}: {RESTORE}, or pass --model DIR")
     raise UniRefError(f"UNIREF_DEFAULT_MODEL points at {path}, which is not a model folder (no model_index.json): "
                       "fix the variable or unset it to use the built-in model")  # fmt: skip
