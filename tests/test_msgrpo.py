@@ -236,11 +236,11 @@ LAUNCHERS = {
 
 
 @pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
-def test_two_processes_take_whole_groups_and_train_like_one(tiny_model, prompts, tmp_path, launcher):
+def test_two_processes_take_whole_groups_and_train_like_one(tiny_model, prompts, tmp_path, launcher, monkeypatch):
     """2 groups per step: one process rolls out both, two processes one each (started by torchrun or by
-    ``accelerate launch``). Rewards, advantages (per group) and the summed-then-divided gradients agree, so the
-    logged rewards match and the weights match to 1e-4 (Adam can step a weight whose gradient is at rounding
-    level differently, as in the SFT test)."""
+    ``accelerate launch``). Rewards, advantages (per group) and the summed-then-divided gradients agree: the
+    logged rewards and losses match, and with plain SGD (tests/sgd.py: the update is -lr · gradient) so do the
+    weight updates."""
     import os
     import subprocess
     import sys
@@ -249,11 +249,17 @@ def test_two_processes_take_whole_groups_and_train_like_one(tiny_model, prompts,
     from training.rl.trainer import run
     from training.rl.config import config_from_dict as rl_from_dict
 
-    run(rl_from_dict(rl_config(tiny_model, prompts, tmp_path / "one", grid_every=0)))
+    from uniref_core.model import load_components
+
+    from tests.sgd import assert_same_updates, sgd_script, use_sgd
+
+    use_sgd(monkeypatch)
+    # SGD moves a weight by lr · gradient; the policy gradient here is ~1e-3, so lr 1 lifts updates far above rounding.
+    run(rl_from_dict(rl_config(tiny_model, prompts, tmp_path / "one", grid_every=0, lr=1.0)))
     config = tmp_path / "two.json"
-    config.write_text(json.dumps(rl_config(tiny_model, prompts, tmp_path / "two", grid_every=0)))
+    config.write_text(json.dumps(rl_config(tiny_model, prompts, tmp_path / "two", grid_every=0, lr=1.0)))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, *LAUNCHERS[launcher], "-m", "training.msgrpo", "--config", str(config)]
+    cmd = [sys.executable, *LAUNCHERS[launcher], sgd_script(tmp_path), "training.msgrpo", "--config", str(config)]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
@@ -268,8 +274,8 @@ def test_two_processes_take_whole_groups_and_train_like_one(tiny_model, prompts,
             assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), key
     w1 = ckpt_mod.load_tensors(ckpt_mod.complete_checkpoints(tmp_path / "one")[-1], ckpt_mod.TRAINABLE_FILE)
     w2 = ckpt_mod.load_tensors(ckpt_mod.complete_checkpoints(tmp_path / "two")[-1], ckpt_mod.TRAINABLE_FILE)
-    for name in w1:
-        torch.testing.assert_close(w2[name], w1[name], rtol=1e-4, atol=1e-4)
+    start = {n: p.detach() for n, p in load_components(tiny_model, dtype="fp32").transformer.named_parameters()}
+    assert_same_updates(start, w1, w2)
 
 
 def test_shipped_rl_configs_load():
