@@ -67,6 +67,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="model: only one of the text encoder and the transformer on the device at a time (for GPUs "
                    "that hold the transformer alone); blocks: keep both in CPU memory and move each block to the "
                    "device only while it runs (for GPUs smaller than the transformer; slower)")
+    e.add_argument("--vae-tiling", default="auto", choices=("auto", "on", "off"),
+                   help="encode and decode images in 256 px tiles (diffusers' tiled VAE: far less memory for large "
+                   "images, slightly different pixels); auto: only images above 2 MP (default)")
     e.add_argument("-o", "--output", required=True, help="output image path (.png/.jpg/.webp)")
     e.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -216,6 +219,7 @@ def cmd_edit(a) -> int:
     elif a.offload == "model":
         pipe.enable_model_offload(device)
     pipe.set_loras(loras)
+    pipe.vae_tiling = a.vae_tiling
 
     bar = None
     if not a.quiet:

@@ -9,6 +9,9 @@ row/column positions.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import numpy as np
 import torch
 from PIL import Image
@@ -52,6 +55,21 @@ def vae_decode(vae, latents: torch.Tensor) -> torch.Tensor:
     mean, std = latent_stats(vae, latents.device, latents.dtype)
     latents = latents / (1.0 / std) + mean
     return vae.decode(latents, return_dict=False)[0][:, :, 0]
+
+
+@contextmanager
+def vae_tiling(vae, on: bool) -> Iterator[None]:
+    """diffusers' own spatial tiling on ``vae`` (AutoencoderKLQwenImage: 256 px tiles 192 px apart, blended over
+    the 64 px overlap; sizes in pixels, so a 4x VAE gets the same tiles) for the encodes and decodes inside."""
+    was = vae.use_tiling
+    if on:
+        vae.enable_tiling()
+    else:
+        vae.disable_tiling()
+    try:
+        yield
+    finally:
+        vae.use_tiling = was
 
 
 def to_pixels(image: Image.Image, width: int, height: int) -> torch.Tensor:

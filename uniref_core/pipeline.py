@@ -30,6 +30,7 @@ from .latents import (
     unpack_latents,
     vae_decode,
     vae_encode,
+    vae_tiling,
 )
 from .model import Components, load_components
 from .prompt import PromptEmbeds, encode_prompt
@@ -51,6 +52,19 @@ BUILTIN_DEFAULTS = {
 
 #: the big networks that offload keeps off the execution device (model offload: one at a time there)
 MODEL_OFFLOADED = ("text_encoder", "transformer")
+
+#: ``UniRefPipeline.vae_tiling``: diffusers' tiled VAE passes always, never, or for images above VAE_TILING_AREA
+VAE_TILING = ("auto", "on", "off")
+# An untiled real-width Qwen VAE decode grows ~7.4 GiB per megapixel in fp32 (half in bf16; tiled ~0.8 GiB at any
+# size): up to 2 MP (every default ~1024² output, Qwen-Image's 1328² and 1664×928) it runs as diffusers' pipeline does.
+VAE_TILING_AREA = 2 * 1024 * 1024
+
+
+def use_vae_tiling(setting: str, width: int, height: int) -> bool:
+    """Whether a VAE pass over a ``width``×``height`` image tiles under ``setting`` (one of VAE_TILING)."""
+    if setting not in VAE_TILING:
+        raise UniRefError(f"vae_tiling is {setting!r}: use one of {', '.join(VAE_TILING)}")
+    return setting == "on" or (setting == "auto" and width * height > VAE_TILING_AREA)
 
 
 def resolve_setting(name: str, value, model_defaults: dict):
@@ -249,6 +263,7 @@ class UniRefPipeline:
         self._execution_device: torch.device | None = None  # set by enable_block_offload / enable_model_offload
         self._offload_device: torch.device | None = None
         self._resident: str | None = None  # model offload: the network on the execution device now
+        self.vae_tiling = "auto"
 
     def enable_block_offload(self, device, offload_device="cpu") -> None:
         """Run on ``device`` with the two big networks kept on ``offload_device`` (for GPUs smaller than the
@@ -283,19 +298,35 @@ class UniRefPipeline:
         """Run on ``device`` with one big network there at a time (diffusers' model CPU offload, for GPUs that
         hold the transformer but not the transformer and the text encoder together): the text encoder moves
         to ``device`` when a prompt is encoded and the transformer when sampling starts, each sending the other
-        back to ``offload_device`` first; the VAE, small, sits on ``device``. Peak GPU memory is the larger
-        network, and each moves once per edit rather than once per step (block offload's cost)."""
+        back to ``offload_device`` first, and the transformer leaves again before the VAE decodes; the VAE, small,
+        sits on ``device``. Peak GPU memory is the larger network, and each moves once per edit rather than once per
+        step (block offload's cost)."""
         self._start_offload("model", device, offload_device)
 
-    def _onload(self, name: str) -> None:
-        """Model offload: ``name`` (text_encoder / transformer) onto the execution device, the other off it."""
+    def _onload(self, name: str | None) -> None:
+        """Model offload: ``name`` (text_encoder / transformer) onto the execution device, the other off it;
+        None (VAE decode) sends both off, so decoding a large image has the device to itself."""
         if self.offload != "model" or self._resident == name:
             return
-        for other in MODEL_OFFLOADED:
-            if other != name:  # first out, then in: the GPU never holds both
-                getattr(self.c, other).to(self._offload_device)
-        getattr(self.c, name).to(self._execution_device)
+        if self._resident is not None:  # first out, then in: the GPU never holds both
+            getattr(self.c, self._resident).to(self._offload_device)
+        if name is not None:
+            getattr(self.c, name).to(self._execution_device)
         self._resident = name
+
+    @property
+    def vae_tiling(self) -> str:
+        """auto / on / off: whether VAE encodes and decodes use diffusers' tiling (see VAE_TILING_AREA)."""
+        return self._vae_tiling
+
+    @vae_tiling.setter
+    def vae_tiling(self, setting: str) -> None:
+        use_vae_tiling(setting, 0, 0)  # a bad value fails here, not at the end of sampling
+        self._vae_tiling = setting
+
+    def _vae_pass(self, width: int, height: int):
+        """The VAE tiled or not for one encode / decode of a ``width``×``height`` image, as ``vae_tiling`` says."""
+        return vae_tiling(self.c.vae, use_vae_tiling(self.vae_tiling, width, height))
 
     @classmethod
     def from_pretrained(cls, path, device="cpu", dtype="auto") -> "UniRefPipeline":
@@ -304,11 +335,12 @@ class UniRefPipeline:
     @property
     def device(self) -> torch.device:
         """Where sampling runs (with block offload, not where the transformer's weights rest)."""
-        return self._execution_device or self.c.transformer.device
+        return self._execution_device or (self.c.transformer or self.c.vae).device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.c.transformer.dtype
+        """The transformer's dtype (without one, encoding only, the VAE's: ``denoise`` casts to the transformer's)."""
+        return (self.c.transformer or self.c.vae).dtype
 
     @property
     def latent_channels(self) -> int:
@@ -418,11 +450,11 @@ class UniRefPipeline:
         if cfg > 1:
             neg_text = DEFAULT_NEGATIVE if negative_prompt is None else negative_prompt
             negative = encode_prompt(te, self.c.processor, neg_text, vl_images, device=te_device)
-        vae = self.c.vae
-        ref_tokens = [
-            pack_latents(vae_encode(vae, to_pixels(im, *r.vae))).to(self.device, self.dtype)
-            for im, r in zip(images, plan.references)
-        ]
+        ref_tokens = []
+        for im, r in zip(images, plan.references):
+            with self._vae_pass(*r.vae):
+                latents = vae_encode(self.c.vae, to_pixels(im, *r.vae))
+            ref_tokens.append(pack_latents(latents).to(self.device, self.dtype))
         return SelfConditioning(
             plan=plan,
             positive=positive.to(self.device, self.dtype),
@@ -484,7 +516,8 @@ class UniRefPipeline:
         x = torch.cat(noises).to(self.device, self.dtype)
         if opts.denoise < 1:
             init = load_image(init_image, name="init image")
-            x0 = pack_latents(vae_encode(self.c.vae, to_pixels(init, w, h))).to(self.device, self.dtype)
+            with self._vae_pass(w, h):
+                x0 = pack_latents(vae_encode(self.c.vae, to_pixels(init, w, h))).to(self.device, self.dtype)
             x = noise_latents(x0.expand_as(x), x, schedule.sigmas[opts.start])
 
         def velocity(x: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
@@ -521,7 +554,11 @@ class UniRefPipeline:
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, width: int, height: int) -> list[Image.Image]:
-        pixels = vae_decode(self.c.vae, unpack_latents(latents, width, height, self.vae_scale))
+        """Packed latents → images. Model offload sends the transformer off the device first (where the next edit's
+        prompt encode would send it anyway), so the decode's peak is the VAE and its activations."""
+        self._onload(None)
+        with self._vae_pass(width, height):
+            pixels = vae_decode(self.c.vae, unpack_latents(latents, width, height, self.vae_scale))
         return to_images(pixels)
 
     @torch.no_grad()
