@@ -511,7 +511,7 @@ def test_padded_text_batch_equals_one_sample_forwards(tiny_model, data):
         by_layout.setdefault(layout_key(plan_row(row, stage, cfg)), []).append(i)
     enc = SampleEncoder(pipe.c, cfg)
     group = next(g for g in by_layout.values() if len({rows[i].instruction for i in g}) > 1)[:3]
-    encoded = [enc.latents(i, rows[i], 0, stage) for i in group]
+    encoded = [enc.latents(rows[i], stage) for i in group]
     prompts = [enc.prompt(rows[i], e.plan) for i, e in zip(group, encoded)]
     assert len({p.embeds.shape[1] for p in prompts}) > 1  # the prompts really are padded
     batch = collate(encoded, prompts, "cpu", torch.float32)
@@ -528,7 +528,7 @@ def test_padded_text_batch_equals_one_sample_forwards(tiny_model, data):
     other = next(i for g2 in by_layout.values() for i in g2 if i not in group and
                  layout_key(plan_row(rows[i], stage, cfg)) != layout_key(encoded[0].plan))  # fmt: skip
     with pytest.raises(ValueError, match="mixes layouts"):
-        e2 = enc.latents(other, rows[other], 0, stage)
+        e2 = enc.latents(rows[other], stage)
         collate([encoded[0], e2], [prompts[0], enc.prompt(rows[other], e2.plan)], "cpu", torch.float32)
 
 
@@ -541,7 +541,7 @@ def test_training_encodes_samples_exactly_as_inference(tiny_model, data):
     row = next(r for r in rows if r.k == 2)
     stage = cfg.stages[1]
     enc = SampleEncoder(pipe.c, cfg)
-    encoded = enc.latents(0, row, 1, stage)
+    encoded = enc.latents(row, stage)
     prompt = enc.prompt(row, encoded.plan)
     cond = pipe.encode([str(p) for p in row.references], row.instruction, cfg=1.0, mode="budget",
                        budget=stage.budget, vl_budget=cfg.vl_budget, width=64, height=64)  # fmt: skip

@@ -35,8 +35,7 @@ from uniref_core.model import Components
 from uniref_core.pipeline import UniRefPipeline
 
 from .common.cli import exit_on_error
-from .common.config import Stage
-from .common.data import Row, target_dims
+from .common.data import Row
 from .common.logging_utils import make_grid
 from .tasks.shapecompose import COMPOSE_ORDERS, EDIT_KINDS, K_MAX, SPLIT_SEED_BASE, make_split, score
 
@@ -54,21 +53,17 @@ def _scores(image: Image.Image, spec: dict | None) -> dict | None:
             "overall": s.overall}  # fmt: skip
 
 
-def evaluate(components: Components, transformer, rows: list[Row], stage: Stage, cfg: SFTConfig, seed: int = 0):
-    """(grid image, per-sample records, mean scores or {}) for the first ``cfg.eval_samples`` rows."""
+def evaluate(components: Components, transformer, rows: list[Row], conds: list, cfg: SFTConfig, seed: int = 0):
+    """(grid image, per-sample records, mean scores or {}) for the first rows, one per conditioning in ``conds``
+    (the rows encoded for the stage before the text encoder left: `training.sft.trainer.encode_eval_rows`)."""
     pipe = UniRefPipeline(dataclasses.replace(components, transformer=transformer))
     grid_rows, records = [], []
     was_training = transformer.training
     transformer.eval()
     try:
-        for i, row in enumerate(rows[: cfg.eval_samples]):
-            width, height = target_dims(row.target_size, stage, pipe.token_px)
-            result = pipe.edit(
-                [str(p) for p in row.references], row.instruction, seed=seed + i, steps=cfg.eval_steps,
-                cfg=cfg.eval_cfg, mode="budget", budget=stage.budget, upscale=cfg.upscale,
-                vl_budget=cfg.vl_budget, width=width, height=height,
-            )  # fmt: skip
-            pred = result.images[0]
+        for i, (row, cond) in enumerate(zip(rows, conds)):
+            latents = pipe.sample(cond, seed=seed + i, steps=cfg.eval_steps, cfg=cfg.eval_cfg)
+            pred = pipe.decode(latents, cond.width, cond.height)[0]
             refs = [load_image(p) for p in row.references]
             grid_rows.append((refs, load_image(row.target), pred))
             records.append({"row": row.where, "k": row.k, "task": row.task, "scores": _scores(pred, row.spec)})

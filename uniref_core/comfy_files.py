@@ -126,9 +126,6 @@ def load_comfy_transformer(path, dtype: torch.dtype | None = None, device="cpu",
         model = QwenImageTransformer2DModel(**config)
     if fp8_layers:
         swap_in_fp8_linears(model, fp8_layers, state, path.name)
-        for name in fp8_layers:
-            layer = model.get_submodule(name)
-            state[f"{name}.weight_fp8"], state[f"{name}.weight_scale_bits"] = layer.weight_fp8, layer.weight_scale_bits
     # The rotary tables are plain tensors computed in __init__ (not weights): build them on a real device.
     with torch.device(device):
         model.pos_embed = type(model.pos_embed)(theta=10000, axes_dim=list(config["axes_dims_rope"]), scale_rope=True)
@@ -304,9 +301,6 @@ def load_comfy_text_encoder(path, dtype: torch.dtype | None = None, device="cpu"
     if fp8_layers:
         layers = {rename(f"{name}.weight")[: -len(".weight")]: scale for name, scale in fp8_layers.items()}
         swap_in_fp8_linears(model, layers, state, path.name)
-        for name in layers:
-            layer = model.get_submodule(name)
-            state[f"{name}.weight_fp8"], state[f"{name}.weight_scale_bits"] = layer.weight_fp8, layer.weight_scale_bits
         expected = model.state_dict()
     if "lm_head.weight" not in state:
         state["lm_head.weight"] = state.get("model.language_model.embed_tokens.weight")

@@ -73,15 +73,43 @@ class FP8Linear(nn.Module):
         self.lora_down = torch.cat([s * d.to(device, torch.float32) for s, d, _ in parts]).to(dtype)
         self.lora_up = torch.cat([u.to(device, torch.float32) for _, _, u in parts], dim=1).to(dtype)
 
+    def add_trainable_lora(self, rank: int, alpha: float, dropout: float = 0.0) -> None:
+        """A trainable fp32 LoRA beside the 8-bit weight, laid out and initialised as peft's (``lora_A.default``
+        Kaiming-uniform, ``lora_B.default`` zero, scale alpha / rank), so checkpoints and exports of an fp8-base run
+        carry peft's names. peft itself refuses layers that are not ``nn.Linear``."""
+        self.lora_A = nn.ModuleDict({"default": nn.Linear(self.in_features, rank, bias=False)})
+        self.lora_B = nn.ModuleDict({"default": nn.Linear(rank, self.out_features, bias=False)})
+        nn.init.kaiming_uniform_(self.lora_A["default"].weight, a=5**0.5)
+        nn.init.zeros_(self.lora_B["default"].weight)
+        self.lora_A.to(self.weight_fp8.device)
+        self.lora_B.to(self.weight_fp8.device)
+        self.lora_dropout = nn.Dropout(dropout) if dropout else nn.Identity()
+        self.lora_scaling = alpha / rank
+        self.lora_enabled = True
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        out = F.linear(x, self.dequantized(x.dtype), bias)
+        # Under autocast the weight is up-cast straight to the autocast dtype: no float32 copy of the layer.
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        bias = None if self.bias is None else self.bias.to(dtype)
+        out = F.linear(x.to(dtype), self.dequantized(dtype), bias)
         if self.lora_down is not None:
             out = out + F.linear(F.linear(x, self.lora_down.to(x.dtype)), self.lora_up.to(x.dtype))
+        if getattr(self, "lora_enabled", False):
+            a, b = self.lora_A["default"], self.lora_B["default"]
+            out = out + b(a(self.lora_dropout(x.to(a.weight.dtype)))).to(out.dtype) * self.lora_scaling
         return out
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, weight={self.fp8_dtype}"
+
+
+def quantize_fp8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(float8_e4m3fn weight, per-tensor scale) with ``weight ≈ fp8 · scale``: the largest magnitude maps to 448,
+    e4m3's largest finite value (ComfyUI's ``TensorCoreFP8Layout`` quantises the same way)."""
+    w = weight.float()
+    scale = (w.abs().max() / torch.finfo(torch.float8_e4m3fn).max).clamp(min=1e-12)
+    return (w / scale).to(torch.float8_e4m3fn), scale
 
 
 def quantized_layers(state: dict[str, torch.Tensor], metadata: dict | None, file_name: str) -> dict[str, torch.Tensor | None]:
@@ -117,7 +145,8 @@ def quantized_layers(state: dict[str, torch.Tensor], metadata: dict | None, file
 def swap_in_fp8_linears(model: nn.Module, layers: dict[str, torch.Tensor | None], state: dict[str, torch.Tensor],
                         file_name: str) -> None:  # fmt: skip
     """Replace the model's ``nn.Linear`` named in ``layers`` by ``FP8Linear`` holding the file's fp8 weight; their
-    ``.weight`` entries are taken out of ``state`` (the biases stay for the ordinary load)."""
+    ``.weight`` entries in ``state`` become the layers' 8-bit buffers, so ``load_state_dict(state, assign=True)``
+    then loads the rest (biases included) as usual."""
     modules = dict(model.named_modules())
     for name, scale in layers.items():
         old = modules.get(name)
@@ -134,3 +163,29 @@ def swap_in_fp8_linears(model: nn.Module, layers: dict[str, torch.Tensor | None]
             new.bias = old.bias  # still meta: the ordinary load assigns it
         parent, _, child = name.rpartition(".")
         setattr(modules[parent] if parent else model, child, new)
+        state[f"{name}.weight_fp8"], state[f"{name}.weight_scale_bits"] = new.weight_fp8, new.weight_scale_bits
+
+
+def add_trainable_lora(model: nn.Module, rank: int, alpha: float, targets, dropout: float = 0.0) -> int:
+    """Trainable LoRAs on the model's fp8 layers whose names match ``targets`` as peft matches them (the name, or
+    its ending after a dot); returns how many. A target that names an unquantised linear layer is refused: the run
+    would silently train fewer layers than asked."""
+    done = 0
+    for name, module in model.named_modules():
+        if not any(name == t or name.endswith("." + t) for t in targets):
+            continue
+        if not isinstance(module, FP8Linear):
+            if isinstance(module, nn.Linear):
+                raise UniRefError(f"lora target {name!r} is not an fp8 layer (base_dtype fp8 quantises the linear "
+                                  "layers of transformer_blocks): target block layers only, or use base_dtype bf16")  # fmt: skip
+            continue
+        module.add_trainable_lora(rank, alpha, dropout)
+        done += 1
+    return done
+
+
+def set_lora_enabled(model: nn.Module, enabled: bool) -> None:
+    """Switch the trainable LoRAs of ``add_trainable_lora`` on or off (the start model, for a KL term)."""
+    for module in model.modules():
+        if isinstance(module, FP8Linear) and hasattr(module, "lora_A"):
+            module.lora_enabled = enabled

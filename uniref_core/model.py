@@ -55,6 +55,8 @@ class Components:
     @property
     def token_px(self) -> int:
         """Pixels per transformer token side (VAE scale × patch size): 16 for real checkpoints."""
+        if self.transformer is None:  # loaded without it (a trainer's encoding pass): the configs say
+            return token_px_of(self.path)
         return self.vae_scale * int(self.transformer.config.patch_size)
 
 
@@ -174,9 +176,16 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     return DTYPES[dtype]
 
 
-def load_components(path, device="cpu", dtype="auto") -> Components:
-    """Load every part from disk (safetensors only) onto ``device`` in ``dtype``."""
-    from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
+#: The networks of a model folder, in the order ``load_components`` loads them.
+PARTS = ("text_encoder", "vae", "transformer")
+
+
+def load_components(path, device="cpu", dtype="auto", parts=PARTS, transformer_dtype=None) -> Components:
+    """Load the networks in ``parts`` from disk (safetensors only) onto ``device`` in ``dtype``, one at a time; the
+    others are None (a trainer encodes with the text encoder and VAE, frees them, then loads the transformer).
+    ``transformer_dtype``: the transformer's own dtype where it differs ("fp8": 8-bit linear layers in its blocks,
+    computing in ``dtype``; see `load_transformer`)."""
+    from diffusers import AutoencoderKLQwenImage
     from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLProcessor
 
     root = Path(path).expanduser()
@@ -184,19 +193,63 @@ def load_components(path, device="cpu", dtype="auto") -> Components:
     device = torch.device(device)
     dt = resolve_dtype(dtype, device)
     common = {"use_safetensors": True, "local_files_only": True}
+    loaded = dict.fromkeys(PARTS)
     try:
-        transformer = QwenImageTransformer2DModel.from_pretrained(root / "transformer", torch_dtype=dt, **common)
-        vae = AutoencoderKLQwenImage.from_pretrained(root / "vae", torch_dtype=dt, **common)
-        text_encoder = Qwen2_5_VLForConditionalGeneration.from_pretrained(root / "text_encoder", dtype=dt, **common)
+        for name in (p for p in PARTS if p in parts):  # each part straight into its dtype, then onto the device
+            if name == "transformer":
+                module = load_transformer(root, device, dt if transformer_dtype is None else transformer_dtype)
+            elif name == "vae":
+                module = AutoencoderKLQwenImage.from_pretrained(root / "vae", torch_dtype=dt, **common)
+            else:
+                module = Qwen2_5_VLForConditionalGeneration.from_pretrained(root / "text_encoder", dtype=dt, **common)
+            loaded[name] = module.to(device).eval().requires_grad_(False)
         processor = Qwen2VLProcessor.from_pretrained(root / "processor", local_files_only=True)
     except UniRefError:
         raise
     except (OSError, ValueError, RuntimeError, KeyError) as e:
         raise UniRefError(f"model folder {root} could not be loaded: {e}") from e
     scheduler_config = _read_json(root / "scheduler" / "scheduler_config.json", "scheduler config")
-    for m in (transformer, vae, text_encoder):
-        m.to(device).eval().requires_grad_(False)
-    return Components(transformer, vae, text_encoder, processor, scheduler_config, root, read_defaults(root))
+    return Components(loaded["transformer"], loaded["vae"], loaded["text_encoder"], processor, scheduler_config, root,
+                      read_defaults(root))  # fmt: skip
+
+
+def load_transformer(root, device, dtype) -> torch.nn.Module:
+    """The transformer of a diffusers folder in ``dtype`` (a torch dtype, or "fp8").
+
+    "fp8": built on the meta device and filled tensor by tensor from the safetensors files, every linear layer of
+    its blocks quantised to float8_e4m3fn with a per-tensor scale as it is read (`uniref_core.fp8.FP8Linear`, the
+    layout ComfyUI's fp8 files use), everything else in bf16. No bf16 copy of the model exists at any point: the
+    peak is the 8-bit model plus one layer."""
+    from diffusers import QwenImageTransformer2DModel
+
+    folder = Path(root) / "transformer"
+    if dtype != "fp8":
+        return QwenImageTransformer2DModel.from_pretrained(folder, torch_dtype=dtype, use_safetensors=True,
+                                                           local_files_only=True)  # fmt: skip
+    from safetensors import safe_open
+
+    from .fp8 import quantize_fp8, swap_in_fp8_linears
+
+    config = {k: v for k, v in _read_json(folder / "config.json", "transformer/config.json").items()
+              if not k.startswith("_")}  # fmt: skip
+    with torch.device("meta"):
+        model = QwenImageTransformer2DModel(**config)
+    linears = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.startswith("transformer_blocks.")}
+    state, layers = {}, {}
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(file, "pt", device=str(device)) as f:
+            for key in f.keys():
+                tensor = f.get_tensor(key)
+                layer = key[: -len(".weight")]
+                if layer in linears and key.endswith(".weight"):
+                    state[key], layers[layer] = quantize_fp8(tensor)
+                else:
+                    state[key] = tensor.to(torch.bfloat16)
+    swap_in_fp8_linears(model, layers, state, folder.name)
+    with torch.device(device):  # the rotary tables are computed in __init__, not weights: build them for real
+        model.pos_embed = type(model.pos_embed)(theta=10000, axes_dim=list(config["axes_dims_rope"]), scale_rope=True)
+    model.load_state_dict(state, assign=True, strict=True)
+    return model
 
 
 #: Optional file in a model folder: {"defaults": {...}} with the settings the checkpoint was trained for.

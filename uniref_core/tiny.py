@@ -117,6 +117,20 @@ IMAGE_PROCESSOR_CONFIG = dict(
 
 VIDEO_PROCESSOR_CONFIG = dict(patch_size=14, temporal_patch_size=2, merge_size=2)
 
+#: Overrides (``make_tiny_model(path, **REAL_PROPORTIONS)``) for a model in the real one's proportions at ~1/100 of
+#: its size, for memory measurements: the transformer's real head width (8 heads × 128 instead of 24 × 128, 5
+#: blocks instead of 60, text width 1024 instead of 3584; ~190 M parameters) and a Qwen2.5-VL text stack shaped like
+#: the 7B one (head 128, 4:1 grouped KV, MLP 6× the width) at 0.45 of the transformer's size, as 8.3 B is of
+#: 20.4 B. Memory per weight and per activation then scales like the real model's.
+REAL_PROPORTIONS = dict(
+    transformer=dict(num_layers=5, attention_head_dim=128, num_attention_heads=8, joint_attention_dim=1024,
+                     axes_dims_rope=(16, 56, 56)),  # fmt: skip
+    text=dict(hidden_size=1024, intermediate_size=6144, num_hidden_layers=4, num_attention_heads=8,
+              num_key_value_heads=2, max_window_layers=4,
+              rope_parameters={"rope_type": "default", "mrope_section": [16, 24, 24], "rope_theta": 1000000.0}),
+    dtype="bf16",
+)
+
 # --- tokenizer ----------------------------------------------------------------------------
 
 # In the order of the real Qwen2 vocabulary (which puts them after the BPE tokens).
@@ -225,20 +239,21 @@ def check_tokenizer(tokenizer) -> None:
             raise AssertionError(f"{special} is not a single special token: {ids}")
 
 
-def _build_text_encoder(tokenizer):
+def _build_text_encoder(tokenizer, text: dict | None = None):
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     vocab_size = -(-len(tokenizer) // 64) * 64  # padded, like the real 152064
+    text_config = dict(TEXT_CONFIG, **(text or {}))
     config = Qwen2_5_VLConfig(
         text_config=dict(
-            TEXT_CONFIG,
+            text_config,
             vocab_size=vocab_size,
             bos_token_id=ids["<|endoftext|>"],
             eos_token_id=ids["<|im_end|>"],
             pad_token_id=ids["<|endoftext|>"],
         ),
-        vision_config=dict(VISION_CONFIG),
+        vision_config=dict(VISION_CONFIG, out_hidden_size=text_config["hidden_size"]),
         image_token_id=ids["<|image_pad|>"],
         video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"],
@@ -249,14 +264,16 @@ def _build_text_encoder(tokenizer):
 
 
 def make_tiny_model(
-    path, zero_cond_t: bool = False, seed: int = 0, transformer: dict | None = None, vae: dict | None = None
+    path, zero_cond_t: bool = False, seed: int = 0, transformer: dict | None = None, vae: dict | None = None,
+    text: dict | None = None, dtype: str = "fp32",
 ) -> pathlib.Path:
     """Build the tiny model and save it to ``path`` (created if missing); return the path.
 
     ``zero_cond_t=True`` gives the Qwen-Image-Edit-2511 transformer variant. The same
     ``seed`` gives bitwise identical weights. ``transformer``: overrides of
     :data:`TRANSFORMER_CONFIG` (e.g. more layers for a model that will be trained); ``vae``: overrides
-    of :data:`VAE_CONFIG` (e.g. :data:`VAE_4X`).
+    of :data:`VAE_CONFIG` (e.g. :data:`VAE_4X`); ``text``: overrides of :data:`TEXT_CONFIG` (its width is also the
+    transformer's ``joint_attention_dim``); ``dtype``: of the saved weights ("fp32" or "bf16").
     """
     from diffusers import (
         AutoencoderKLQwenImage,
@@ -279,7 +296,10 @@ def make_tiny_model(
     torch.manual_seed(seed)
     vae = AutoencoderKLQwenImage(**dict(VAE_CONFIG, **(vae or {})))
     torch.manual_seed(seed)
-    text_encoder = _build_text_encoder(tokenizer)
+    text_encoder = _build_text_encoder(tokenizer, text)
+    if dtype == "bf16":
+        for module in (transformer, vae, text_encoder):  # nn.Module.to: diffusers' own .to warns about fp32 keeps
+            torch.nn.Module.to(module, torch.bfloat16)
 
     pipe = QwenImageEditPlusPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG),

@@ -55,16 +55,16 @@ class CheckpointError(UniRefError):
 # --------------------------------------------------------------------------------------------------
 
 
-def model_fingerprint(model_path) -> str:
-    """A short hash of a model folder's transformer: its config, the safetensors headers and evenly
-    spaced samples of the weight bytes. Different weights give a different fingerprint; a copied or
-    moved folder keeps it."""
+def model_fingerprint(model_path, parts=("transformer",)) -> str:
+    """A short hash of networks of a model folder (default: the transformer): their configs, the safetensors
+    headers and evenly spaced samples of the weight bytes. Different weights give a different fingerprint; a
+    copied or moved folder keeps it."""
     root = Path(model_path)
     h = hashlib.sha256()
-    for rel in ("model_index.json", "transformer/config.json"):
+    for rel in ("model_index.json", *(f"{part}/config.json" for part in parts)):
         f = root / rel
         h.update(f.read_bytes() if f.is_file() else b"-")
-    for f in sorted((root / "transformer").glob("*.safetensors")):
+    for f in sorted(f for part in parts for f in (root / part).glob("*.safetensors")):
         size = f.stat().st_size
         h.update(f"{f.name}:{size}".encode())
         with f.open("rb") as fh:

@@ -27,6 +27,10 @@ DEFAULT_LORA_TARGETS = (
     "img_mlp.net.0.proj", "img_mlp.net.2", "txt_mlp.net.0.proj", "txt_mlp.net.2",
 )  # fmt: skip
 MIXED_PRECISION = ("no", "bf16")
+# The frozen base's dtype: "auto" follows mixed_precision (bf16 under bf16, else fp32). Trainable weights are fp32.
+BASE_DTYPES = ("auto", "fp32", "bf16", "fp8")
+# Above this many transformer parameters gradient checkpointing is on unless a config says otherwise.
+CHECKPOINTING_ABOVE = 1_000_000_000
 
 
 class ConfigError(UniRefError):
@@ -121,6 +125,28 @@ def _lora(data) -> LoraSettings | None:
     lora = LoraSettings(**data)
     _positive(lora.rank, "lora", "rank")
     return lora
+
+
+def base_dtype(cfg) -> str:
+    """The frozen base's dtype for ``cfg`` ("fp32", "bf16" or "fp8"), "auto" resolved."""
+    if cfg.base_dtype == "auto":
+        return "bf16" if cfg.mixed_precision == "bf16" else "fp32"
+    return cfg.base_dtype
+
+
+def check_precision(cfg) -> None:
+    """base_dtype against mixed_precision and the kind of run (SFT and RL configs alike)."""
+    if cfg.base_dtype not in BASE_DTYPES:
+        raise ConfigError(f"base_dtype is {cfg.base_dtype!r}: use one of {', '.join(BASE_DTYPES)}")
+    if base_dtype(cfg) != "fp32" and cfg.mixed_precision != "bf16":
+        raise ConfigError(f"base_dtype {cfg.base_dtype} runs the frozen model in bf16: set mixed_precision \"bf16\" "
+                          "as well, or base_dtype \"fp32\"")  # fmt: skip
+    if cfg.base_dtype == "fp8" and cfg.lora is None:
+        raise ConfigError("base_dtype fp8 is for LoRA training (a full fine-tune trains every weight, in fp32): set "
+                          "lora, or base_dtype \"bf16\"")  # fmt: skip
+    if cfg.gradient_checkpointing not in (None, True, False):
+        raise ConfigError(f"gradient_checkpointing is {cfg.gradient_checkpointing!r}: true, false, or null for on "
+                          "above 1 B transformer parameters")  # fmt: skip
 
 
 def _paths(value, key: str) -> list[str]:

@@ -25,9 +25,16 @@ _PEFT_KEY = re.compile(r"^(?P<path>.+)\.lora_(?P<ab>[AB])(?:\.default)?\.weight$
 
 
 def setup_transformer(transformer, lora: LoraSettings | None, gradient_checkpointing: bool) -> None:
-    """Make ``transformer`` trainable in place: LoRA adapters only, or every weight."""
+    """Make ``transformer`` trainable in place: LoRA adapters only, or every weight. Trainable weights are fp32
+    whatever the frozen base's dtype (bf16 or fp8 base: the adapters train in full precision beside it)."""
+    from uniref_core.fp8 import FP8Linear, add_trainable_lora
+
     transformer.requires_grad_(False)
-    if lora is not None:
+    if lora is not None and any(isinstance(m, FP8Linear) for m in transformer.modules()):
+        # peft refuses non-nn.Linear layers: the fp8 layers carry their own adapters, under peft's names.
+        if not add_trainable_lora(transformer, lora.rank, lora.alpha, lora.targets, lora.dropout):
+            raise ValueError(f"lora.targets {lora.targets} matched no layer of the transformer")
+    elif lora is not None:
         from peft import LoraConfig
 
         transformer.add_adapter(
@@ -38,9 +45,29 @@ def setup_transformer(transformer, lora: LoraSettings | None, gradient_checkpoin
             raise ValueError(f"lora.targets {lora.targets} matched no layer of the transformer")
     else:
         transformer.requires_grad_(True)
+    for p in transformer.parameters():
+        if p.requires_grad and p.dtype != torch.float32:  # peft makes adapters in the base layer's dtype
+            p.data = p.data.float()
     if gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     transformer.train()
+
+
+@contextlib.contextmanager
+def adapters_disabled(transformer):
+    """The start model for the duration: LoRA adapters off (peft's or the fp8 layers' own)."""
+    from uniref_core.fp8 import set_lora_enabled
+
+    peft = getattr(transformer, "_hf_peft_config_loaded", False)
+    if peft:
+        transformer.disable_adapters()
+    set_lora_enabled(transformer, False)
+    try:
+        yield
+    finally:
+        set_lora_enabled(transformer, True)
+        if peft:
+            transformer.enable_adapters()
 
 
 def named_trainable(transformer) -> dict[str, torch.nn.Parameter]:

@@ -24,6 +24,7 @@ from uniref_core.defaults import resolve_model_arg
 
 from ..common.config import (
     MIXED_PRECISION,
+    check_precision,
     ConfigError,
     HashedConfig,
     LoraSettings,
@@ -38,7 +39,8 @@ from ..common.config import (
 from .advantages import AGGREGATIONS
 
 # Keys that change how a run is watched or stored, not the weights it produces: a resume may change them.
-NOT_HASHED = ("model", "output_dir", "save_every", "keep_checkpoints", "log_every", "grid_every", "tensorboard")
+NOT_HASHED = ("model", "output_dir", "save_every", "keep_checkpoints", "log_every", "grid_every", "tensorboard",
+              "decode_batch", "policy_micro_batch", "gradient_checkpointing", "cache_dir")  # fmt: skip
 
 
 @dataclass
@@ -76,7 +78,14 @@ class RLConfig(HashedConfig):
     beta: float = 0.0  # KL to the start model; 0: none (the paper's setting)
     inner_epochs: int = 1  # passes over each step's rollouts (1: on-policy, ratio 1)
     lora: LoraSettings | None = None  # None: full fine-tune
-    mixed_precision: str = "no"
+    mixed_precision: str = "no"  # "no" | "bf16": autocast around every transformer call (rollouts and re-scoring)
+    base_dtype: str = "auto"  # frozen weights: "auto" (bf16 under mixed_precision bf16, else fp32) | fp32 | bf16 | fp8
+    gradient_checkpointing: bool | None = None  # None: on above 1 B transformer parameters
+    # Kept images re-scored per forward/backward (gradients accumulated: the same update as one pass over the
+    # group); None: a whole group at once. Lower it when the re-scoring pass does not fit.
+    policy_micro_batch: int | None = None
+    decode_batch: int = 4  # rollout images per VAE decode call
+    cache_dir: str | None = None  # the prompts' encodings (`training.common.cache`); None: <output_dir>/cache
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
     max_grad_norm: float | None = 1.0
@@ -156,6 +165,10 @@ def _check(cfg: RLConfig) -> None:
         raise ConfigError(f"aggregation is {cfg.aggregation!r}: use one of {', '.join(AGGREGATIONS)}")
     if cfg.mixed_precision not in MIXED_PRECISION:
         raise ConfigError(f"mixed_precision is {cfg.mixed_precision!r}: use one of {', '.join(MIXED_PRECISION)}")
+    check_precision(cfg)
+    if cfg.policy_micro_batch is not None:
+        _positive(cfg.policy_micro_batch, where, "policy_micro_batch")
+    _positive(cfg.decode_batch, where, "decode_batch")
     _positive(cfg.group_size, where, "group_size", minimum=2)
     for key in ("steps", "groups_per_step", "rollout_steps", "inner_epochs", "keep_checkpoints", "log_every"):
         _positive(getattr(cfg, key), where, key)

@@ -30,18 +30,27 @@ import torch
 
 from uniref_core.errors import UniRefError
 from uniref_core.images import load_image
-from uniref_core.model import check_model_folder, load_components, read_defaults
+from uniref_core.model import check_model_folder, read_defaults
 from uniref_core.pipeline import SamplingOptions, SelfConditioning, UniRefPipeline
+from uniref_core.prompt import PromptEmbeds
 from uniref_core.sampling import DenoiseStep, sde_step
 
 from ..common import checkpoint as ckpt_mod
+from ..common.cache import ShardCache, rows_digest
 from ..common.cli import exit_on_error, trainer_main
-from ..common.data import Row, load_rows, target_dims
+from ..common.data import Row, load_rows, plan_row, target_dims
 from ..common.logging_utils import make_grid, plot_series
+from ..common.model import free, load_encoders, load_transformer, use_checkpointing
 from ..common.run import TrainingRun
 from ..common.schedules import lr_multiplier
 from ..common.seeds import sample_seed
-from ..common.trainable import load_trainable_state_dict, named_trainable, setup_transformer, trainable_state_dict
+from ..common.trainable import (
+    adapters_disabled,
+    load_trainable_state_dict,
+    named_trainable,
+    setup_transformer,
+    trainable_state_dict,
+)
 from ..rewards import RewardBatch, check_batch, load_source, merge
 from .advantages import group_advantages
 from .config import RLConfig, check_world, load_config
@@ -91,11 +100,51 @@ def prompts_for_step(seed: int, step: int, n_rows: int, groups: int) -> list[int
     return [int(i) for i in rng.choice(n_rows, size=groups, replace=n_rows < groups)]
 
 
-def rollout(pipe: UniRefPipeline, cfg: RLConfig, row: Row, group: int, seed: int) -> Rollout:
+class PromptCache:
+    """Every prompt's conditioning (text states, reference latents), encoded once before the transformer loads
+    (`common.cache`); the plan, which needs no network, is recomputed when a row is read."""
+
+    def __init__(self, root, cfg: RLConfig, rows: list[Row], encoders_fingerprint: str):
+        self.cfg, self.rows = cfg, rows
+        key = {"encoders": encoders_fingerprint, "rows": rows_digest(rows), "cfg": cfg.cfg, "budget": cfg.budget,
+               "output_size": cfg.output_size, "vl_budget": cfg.vl_budget, "upscale": cfg.upscale}  # fmt: skip
+        self.cache = ShardCache(root, "rl-prompts", key)
+
+    def build(self, encoders, rank=0, world=1, barrier=lambda: None, progress=None) -> None:
+        pipe = UniRefPipeline(encoders)
+
+        def encode(i):
+            row = self.rows[i]
+            width, height = target_dims(row.target_size, self.cfg.stages[0], pipe.token_px)
+            cond = pipe.encode([str(p) for p in row.references], row.instruction, cfg=self.cfg.cfg, mode="budget",
+                               budget=self.cfg.budget, upscale=self.cfg.upscale, vl_budget=self.cfg.vl_budget,
+                               width=width, height=height)  # fmt: skip
+            tensors = {f"ref{k}": r for k, r in enumerate(cond.ref_tokens)}
+            meta = {}
+            for name, p in (("positive", cond.positive), ("negative", cond.negative)):
+                if p is not None:
+                    tensors[name] = p.embeds
+                    if p.mask is not None:
+                        tensors[f"{name}_mask"] = p.mask
+                    meta[name] = p.vl_tokens
+            return tensors, meta
+
+        self.cache.build(len(self.rows), encode, rank, world, barrier, progress)
+
+    def cond(self, i: int) -> SelfConditioning:
+        t, meta = self.cache.get(i)
+
+        def prompt(name):
+            return PromptEmbeds(t[name], t.get(f"{name}_mask"), meta[name]) if name in meta else None
+
+        refs = [t[f"ref{k}"] for k in range(self.rows[i].k)]
+        return SelfConditioning(plan_row(self.rows[i], self.cfg.stages[0], self.cfg), prompt("positive"),
+                                prompt("negative"), refs)  # fmt: skip
+
+
+def rollout(pipe: UniRefPipeline, cfg: RLConfig, row: Row, cond: SelfConditioning, group: int, seed: int) -> Rollout:
     """G images of ``row`` by the engine's denoising loop; the SDE steps are kept for the update."""
-    width, height = target_dims(row.target_size, cfg.stages[0], pipe.token_px)
-    cond = pipe.encode([str(p) for p in row.references], row.instruction, cfg=cfg.cfg, mode="budget",
-                       budget=cfg.budget, upscale=cfg.upscale, vl_budget=cfg.vl_budget, width=width, height=height)  # fmt: skip
+    cond = cond.to(pipe.device, pipe.dtype)
     opts = SamplingOptions(seed=seed, steps=cfg.rollout_steps, cfg=cfg.cfg, sampler="sde", eta=cfg.eta,
                            num_images=cfg.group_size, sde_window=tuple(cfg.sde_window) if cfg.sde_window else None)  # fmt: skip
     kept, last = [], None
@@ -103,7 +152,11 @@ def rollout(pipe: UniRefPipeline, cfg: RLConfig, row: Row, group: int, seed: int
         if s.log_prob is not None:
             kept.append(s)
         last = s
-    return Rollout(group, row, cond, kept, pipe.decode(last.x_next, cond.width, cond.height))
+    x = last.x_next
+    # Decoded in chunks: the VAE's activations grow with the batch (~4 GiB per image at 1024² in bf16).
+    images = [im for i in range(0, len(x), cfg.decode_batch)
+              for im in pipe.decode(x[i : i + cfg.decode_batch], cond.width, cond.height)]  # fmt: skip
+    return Rollout(group, row, cond, kept, images)
 
 
 def score_rollout(r: Rollout, sources, cfg: RLConfig) -> None:
@@ -121,13 +174,13 @@ def score_rollout(r: Rollout, sources, cfg: RLConfig) -> None:
     r.reward = reward
 
 
-def policy_loss(pipe: UniRefPipeline, r: Rollout, step: DenoiseStep, cfg: RLConfig, ref_velocity=None):
-    """(loss over the group's kept images at one SDE step, stats): new log-probs from the live weights."""
-    keep = torch.from_numpy(r.keep)
+def policy_loss(pipe: UniRefPipeline, r: Rollout, step: DenoiseStep, cfg: RLConfig, keep: torch.Tensor,
+                ref_velocity=None):  # fmt: skip
+    """(mean loss over the images ``keep`` selects at one SDE step, stats): new log-probs from the live weights."""
     x, x_next = step.x[keep], step.x_next[keep]
     v = pipe.velocity(x, step.timestep, r.cond, cfg.cfg)
     _, log_prob, mean, scale = sde_step(x, v, step.sigma, step.sigma_next, eta=cfg.eta, prev_sample=x_next)
-    adv = torch.from_numpy(r.advantages[r.keep]).to(log_prob.device, torch.float32)
+    adv = torch.from_numpy(r.advantages[keep.numpy()]).to(log_prob.device, torch.float32)
     loss, stats = clipped_policy_loss(log_prob, step.log_prob[keep].to(log_prob.device), adv, cfg.clip_range)
     if cfg.beta > 0:
         with torch.no_grad():
@@ -137,6 +190,18 @@ def policy_loss(pipe: UniRefPipeline, r: Rollout, step: DenoiseStep, cfg: RLConf
         loss = loss + cfg.beta * kl
         stats["kl"] = float(kl)
     return loss, stats
+
+
+def micro_batches(keep: np.ndarray, size: int | None) -> list[torch.Tensor]:
+    """The kept images of a group as boolean masks of at most ``size`` images each (None: one mask)."""
+    kept = np.flatnonzero(keep)
+    size = size or max(len(kept), 1)
+    masks = []
+    for i in range(0, len(kept), size):
+        m = np.zeros(len(keep), dtype=bool)
+        m[kept[i : i + size]] = True
+        masks.append(torch.from_numpy(m))
+    return masks
 
 
 def _all_reduce_sum(tensor: torch.Tensor, world: int) -> torch.Tensor:
@@ -188,17 +253,14 @@ def _merge_stats(parts: list[dict]) -> dict:
 
 
 def _reference_velocity(cfg: RLConfig, transformer, pipe: UniRefPipeline):
-    """The frozen start model's velocity, for the KL term: LoRA off, or a frozen copy of the full weights."""
+    """The frozen start model's velocity, for the KL term: LoRA off (no copy), or a frozen copy of the full weights."""
     if cfg.beta <= 0:
         return None
     if cfg.lora is not None:
 
         def velocity(x, timestep, cond):
-            transformer.disable_adapters()
-            try:
+            with adapters_disabled(transformer):
                 return pipe.velocity(x, timestep, cond, cfg.cfg)
-            finally:
-                transformer.enable_adapters()
 
         return velocity
     frozen = UniRefPipeline(replace(pipe.c, transformer=copy.deepcopy(transformer).requires_grad_(False).eval()))
@@ -227,29 +289,37 @@ def run(cfg: RLConfig, resume: str | None = None) -> RLResult:
     tr = TrainingRun(cfg, accelerator, resume, kind="msgrpo")
     out, log, global_step = tr.out, tr.log, tr.global_step
 
-    # 2. The model: trainable weights, the pipeline around them, the frozen start for the KL ----------
+    # 2. The prompts, each encoded once (common.cache); then the text encoder leaves, the VAE stays to decode --
+    rows, report = load_rows(cfg.train_manifest, cfg, "train")
+    if main:
+        print(report.summary())
+    if not rows:
+        raise UniRefError(f"no usable rows in {', '.join(cfg.train_manifest)} (see the report above): fix the manifest")
+    device = accelerator.device
+    prompts = PromptCache(Path(cfg.cache_dir or out / "cache"), cfg, rows,
+                          ckpt_mod.model_fingerprint(cfg.model, ("text_encoder", "vae")))  # fmt: skip
+    encoders = load_encoders(cfg, device)
+    if not prompts.cache.ready:
+        with tqdm(total=len(rows), disable=not main, desc="encoding", dynamic_ncols=True) as ebar:
+            prompts.build(encoders, rank, world, accelerator.wait_for_everyone, ebar.update)
+    encoders = replace(encoders, text_encoder=None)
+    free(device)
+
+    # 3. The model: trainable weights, the pipeline around them, the frozen start for the KL ----------
     set_seed(cfg.seed)
-    c = load_components(cfg.model, device=accelerator.device, dtype="fp32")
-    transformer = c.transformer
-    setup_transformer(transformer, cfg.lora, False)
+    transformer = load_transformer(cfg, device)
+    setup_transformer(transformer, cfg.lora, use_checkpointing(cfg))
     transformer.eval()  # no dropout: rollouts and re-scoring must see the same function
     if tr.resumed:
         load_trainable_state_dict(transformer, tr.tensors(ckpt_mod.TRAINABLE_FILE))
     params = named_trainable(transformer)
-    pipe = UniRefPipeline(c)
+    pipe = UniRefPipeline(replace(encoders, transformer=transformer))
     ref_velocity = _reference_velocity(cfg, transformer, pipe)
     optimizer = torch.optim.AdamW(params.values(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(cfg.steps, cfg.warmup, "constant"))
     if tr.resumed:
         tr.restore_optimizer(optimizer, scheduler)
         tr.continue_after_checkpoint()
-
-    # 3. The prompts -----------------------------------------------------------------------------------
-    rows, report = load_rows(cfg.train_manifest, cfg, "train")
-    if main:
-        print(report.summary())
-    if not rows:
-        raise UniRefError(f"no usable rows in {', '.join(cfg.train_manifest)} (see the report above): fix the manifest")
 
     # 4. The steps ---------------------------------------------------------------------------------------
     result = RLResult(out, global_step, main)
@@ -258,8 +328,9 @@ def run(cfg: RLConfig, resume: str | None = None) -> RLResult:
         t0 = time.perf_counter()
         picks = prompts_for_step(cfg.seed, global_step, len(rows), cfg.groups_per_step)
         mine = [(g, i) for g, i in enumerate(picks) if g % world == rank]
-        with torch.no_grad():
-            rollouts = [rollout(pipe, cfg, rows[i], g, sample_seed(cfg.seed, global_step, g)) for g, i in mine]
+        with torch.no_grad(), accelerator.autocast():
+            rollouts = [rollout(pipe, cfg, rows[i], prompts.cond(i), g, sample_seed(cfg.seed, global_step, g))
+                        for g, i in mine]  # fmt: skip
         t_roll = time.perf_counter() - t0
         for r in rollouts:
             score_rollout(r, sources, cfg)
@@ -269,15 +340,16 @@ def run(cfg: RLConfig, resume: str | None = None) -> RLResult:
         for _ in range(cfg.inner_epochs):
             optimizer.zero_grad(set_to_none=False)
             for r in rollouts:
-                n_keep = int(r.keep.sum())
                 if not r.informative:
                     continue
                 for s in r.steps:
-                    loss, st = policy_loss(pipe, r, s, cfg, ref_velocity)
-                    # Each item weighs 1/count: summed over processes this is the global mean.
-                    (loss * (n_keep / max(count, 1))).backward()
-                    for k, v in {"loss": float(loss.detach()), **st}.items():
-                        stats.setdefault(k, []).append(v)
+                    for keep in micro_batches(r.keep, cfg.policy_micro_batch):
+                        with accelerator.autocast():
+                            loss, st = policy_loss(pipe, r, s, cfg, keep, ref_velocity)
+                        # Each item weighs 1/count: summed over processes this is the global mean.
+                        (loss * (int(keep.sum()) / max(count, 1))).backward()
+                        for k, v in {"loss": float(loss.detach()), **st}.items():
+                            stats.setdefault(k, []).append(v)
             grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params.values()]
             flat = _all_reduce_sum(torch.cat([g.reshape(-1) for g in grads]), world)
             offset = 0

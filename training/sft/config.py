@@ -31,6 +31,7 @@ from uniref_core.defaults import resolve_model_arg
 
 from ..common.config import (
     MIXED_PRECISION,
+    check_precision,
     ConfigError,
     HashedConfig,
     LoraSettings,
@@ -47,7 +48,7 @@ from ..common.schedules import SCHEDULES
 # Keys that change how a run is watched or stored, not the weights it produces: a resume may change them.
 # The model is checked by its fingerprint instead of its path, so a moved model folder still resumes.
 NOT_HASHED = (
-    "model", "output_dir", "cache_text_embeddings", "cache_latents", "save_every", "keep_checkpoints",
+    "model", "output_dir", "cache_dir", "gradient_checkpointing", "save_every", "keep_checkpoints",
     "eval_every", "eval_samples", "eval_steps", "eval_cfg", "log_every", "tensorboard", "val_manifest",
 )  # fmt: skip
 
@@ -77,11 +78,14 @@ class SFTConfig(HashedConfig):
     output_dir: str = "runs/sft"
     seed: int = 0
     lora: LoraSettings | None = None  # None: full fine-tune of the transformer
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool | None = None  # None: on above 1 B transformer parameters
     mixed_precision: str = "no"  # "no" | "bf16"
+    base_dtype: str = "auto"  # frozen weights: "auto" (bf16 under mixed_precision bf16, else fp32) | fp32 | bf16 | fp8
     ema_decay: float | None = None  # None: no EMA
-    cache_text_embeddings: bool = True  # the text encoder is frozen: encode each prompt once, keep it on CPU
-    cache_latents: bool = True  # keep each sample's VAE latents (per stage) on CPU
+    # Every row is encoded once before training (prompt embeddings, and reference/target latents per stage) into
+    # safetensors shards here, reused by resume and by later runs on the same model, data and sizes; None:
+    # <output_dir>/cache. The text encoder and VAE are then freed before the transformer loads.
+    cache_dir: str | None = None
     vl_budget: int | None = None  # area of ALL VL copies together; None: the model's default (uniref.json), else 384² each, like inference
     upscale: bool = True  # references smaller than their budget share are upscaled (inference default)
     allow_target_upscale: bool = False  # a target smaller than a stage's output size is a bad row unless set
@@ -187,6 +191,7 @@ def _check_top(cfg: SFTConfig) -> None:
     where = "the config"
     if cfg.mixed_precision not in MIXED_PRECISION:
         raise ConfigError(f"mixed_precision is {cfg.mixed_precision!r}: use one of {', '.join(MIXED_PRECISION)}")
+    check_precision(cfg)
     if cfg.schedule not in SCHEDULES:
         raise ConfigError(f"schedule is {cfg.schedule!r}: use one of {', '.join(SCHEDULES)}")
     if cfg.ema_decay is not None and not 0.0 < cfg.ema_decay < 1.0:

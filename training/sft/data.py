@@ -2,7 +2,8 @@
 
 1. ``SampleEncoder``: a sample becomes model inputs through the SAME functions ``UniRefPipeline.encode``
    uses (``plan_references`` in mode "budget", ``encode_prompt`` on the VL copies, ``vae_encode`` +
-   ``pack_latents``), so training and inference cannot drift apart.
+   ``pack_latents``), so training and inference cannot drift apart; ``SampleCache`` runs it once over every
+   row before training (`common.cache`) and reads the result back per batch.
 2. ``BucketSampler`` + ``collate``: every batch shares one layout (see ``common.data.layout_key``).
 """
 
@@ -22,8 +23,9 @@ from uniref_core.images import load_image
 from uniref_core.latents import pack_latents, to_pixels, vae_encode
 from uniref_core.prompt import PromptEmbeds, encode_prompt
 
+from ..common.cache import ShardCache, rows_digest
 from ..common.config import Stage
-from ..common.data import Row, plan_row
+from ..common.data import Row, model_token_px, plan_row
 from .config import SFTConfig
 
 
@@ -39,57 +41,75 @@ class Encoded:
     x0: torch.Tensor  # [1, L, 64]
     refs: list[torch.Tensor]  # [1, L_k, 64] each
     img_shapes: list[tuple[int, int, int]]
-    plan: Plan
+    plan: Plan | None = None  # None when read back from the cache
 
 
 class SampleEncoder:
-    """Encodes rows exactly as ``UniRefPipeline.encode`` does, with optional CPU caches."""
+    """Encodes rows exactly as ``UniRefPipeline.encode`` does (needs the text encoder and the VAE)."""
 
     def __init__(self, components, cfg: SFTConfig):
         self.c = components
         self.cfg = cfg
-        self._prompts: dict[tuple, PromptEmbeds] = {}
-        self._latents: dict[tuple[int, int], Encoded] = {}
-        # Targets by (row, output size): stages that share an output size encode each target once.
-        self._targets: dict[tuple[int, tuple[int, int]], torch.Tensor] = {}
 
+    @torch.no_grad()
     def prompt(self, row: Row, plan: Plan) -> PromptEmbeds:
-        """The instruction encoded with the references' VL copies, on the CPU.
-
-        The VL sizes in ``plan`` depend on ``vl_budget`` only, not on the stage, so one encoding
-        serves every stage.
-        """
-        key = (row.instruction, tuple(str(p) for p in row.references))
-        if key in self._prompts:
-            return self._prompts[key]
+        """The instruction encoded with the references' VL copies, on the CPU. The VL sizes in ``plan`` depend on
+        ``vl_budget`` only, not on the stage, so one encoding serves every stage."""
         images = [load_image(p, name=f"reference {k}") for k, p in enumerate(row.references, 1)]
         vl = [im.resize(r.vl, resample=Image.Resampling.LANCZOS) for im, r in zip(images, plan.references)]
         te = self.c.text_encoder
-        emb = encode_prompt(te, self.c.processor, row.instruction, vl, device=te.device).to("cpu")
-        if self.cfg.cache_text_embeddings:
-            self._prompts[key] = emb
-        return emb
+        return encode_prompt(te, self.c.processor, row.instruction, vl, device=te.device).to("cpu")
 
     @torch.no_grad()
-    def latents(self, index: int, row: Row, stage_index: int, stage: Stage) -> Encoded:
-        key = (stage_index, index)
-        if key in self._latents:
-            return self._latents[key]
+    def latents(self, row: Row, stage: Stage) -> Encoded:
         plan = plan_row(row, stage, self.cfg)
         vae = self.c.vae
         images = [load_image(p, name=f"reference {k}") for k, p in enumerate(row.references, 1)]
         refs = [pack_latents(vae_encode(vae, to_pixels(im, *r.vae))).cpu() for im, r in zip(images, plan.references)]
-        x0 = self._targets.get((index, plan.output))
-        if x0 is None:
-            x0 = pack_latents(vae_encode(vae, to_pixels(load_image(row.target, name="target"), *plan.output))).cpu()
-        enc = Encoded(x0, refs, plan.img_shapes, plan)
-        if self.cfg.cache_latents:
-            if self._latents and next(iter(self._latents))[0] != stage_index:
-                self._latents.clear()  # a new stage: the old reference sizes are not used again
-                self._targets = {k: v for k, v in self._targets.items() if k[1] == plan.output}
-            self._latents[key] = enc
-            self._targets[(index, plan.output)] = x0
-        return enc
+        x0 = pack_latents(vae_encode(vae, to_pixels(load_image(row.target, name="target"), *plan.output))).cpu()
+        return Encoded(x0, refs, plan.img_shapes, plan)
+
+
+class SampleCache:
+    """Every row's prompt and, per stage, latents: encoded once into `common.cache` shards, read per batch."""
+
+    def __init__(self, root, cfg: SFTConfig, rows: list[Row], encoders_fingerprint: str):
+        key = {"encoders": encoders_fingerprint, "rows": rows_digest(rows), "vl_budget": cfg.vl_budget,
+               "upscale": cfg.upscale, "token_px": model_token_px(str(cfg.model))}  # fmt: skip
+        self.cfg, self.rows = cfg, rows
+        self.prompts = ShardCache(root, "prompts", key)
+        self.stages = [ShardCache(root, f"stage{i + 1}", {**key, "budget": st.budget, "output_size": st.output_size,
+                                                           "allow_target_upscale": cfg.allow_target_upscale})
+                       for i, st in enumerate(cfg.stages)]  # fmt: skip
+
+    @property
+    def ready(self) -> bool:
+        return self.prompts.ready and all(c.ready for c in self.stages)
+
+    def build(self, encoder: SampleEncoder, rank: int = 0, world: int = 1, barrier=lambda: None, progress=None):
+        """Encode what is not on disk yet (the encoders must be loaded)."""
+        rows, cfg = self.rows, self.cfg
+
+        def prompt(i):
+            p = encoder.prompt(rows[i], plan_row(rows[i], cfg.stages[0], cfg))
+            tensors = {"embeds": p.embeds} if p.mask is None else {"embeds": p.embeds, "mask": p.mask}
+            return tensors, {"vl_tokens": p.vl_tokens}
+
+        self.prompts.build(len(rows), prompt, rank, world, barrier, progress)
+        for stage, cache in zip(cfg.stages, self.stages):
+
+            def latents(i, stage=stage):
+                e = encoder.latents(rows[i], stage)
+                return {"x0": e.x0, **{f"ref{k}": r for k, r in enumerate(e.refs)}}, {"img_shapes": e.img_shapes}
+
+            cache.build(len(rows), latents, rank, world, barrier, progress)
+
+    def sample(self, index: int, stage_index: int) -> tuple[Encoded, PromptEmbeds]:
+        t, meta = self.stages[stage_index].get(index)
+        refs = [t[f"ref{k}"] for k in range(len(t) - 1)]
+        encoded = Encoded(t["x0"], refs, [tuple(s) for s in meta["img_shapes"]])
+        p, pmeta = self.prompts.get(index)
+        return encoded, PromptEmbeds(p["embeds"], p.get("mask"), pmeta["vl_tokens"])
 
 
 @dataclass

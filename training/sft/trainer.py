@@ -6,9 +6,11 @@
 
 The run, top to bottom:
 1. config and resume checks (a checkpoint of another model or config is refused before any loading);
-2. the model (``load_components``), made trainable: LoRA or every transformer weight;
-3. the data: manifest rows checked and reported, encoded like inference, batched by layout;
-4. the stages in order (progressive budgets), each with its own AdamW and LR schedule; per step the
+2. the data: manifest rows checked and reported;
+3. the encoding pass: the text encoder and VAE encode every row once, like inference, into a disk cache
+   (`common.cache`, reused by resume and later runs), then leave the device;
+4. the transformer, loaded straight into its dtype (``base_dtype``), made trainable: LoRA or every weight;
+5. the stages in order (progressive budgets), each with its own AdamW and LR schedule; per step the
    global batch is sharded over processes, the flow-matching loss is taken on the target tokens,
    gradients are clipped, EMA updated, the step logged; checkpoints and evaluations at their
    intervals and at every stage's end.
@@ -17,6 +19,7 @@ The run, top to bottom:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import time
@@ -26,19 +29,20 @@ from pathlib import Path
 import torch
 
 from uniref_core.errors import UniRefError
-from uniref_core.model import load_components
+from uniref_core.pipeline import UniRefPipeline
 
 from ..common import checkpoint as ckpt_mod
 from ..common.cli import exit_on_error, trainer_main
 from ..common.config import Stage
-from ..common.data import layout_key, load_rows, plan_row
+from ..common.data import layout_key, load_rows, plan_row, target_dims
 from ..common.logging_utils import PLOT_FILE, plot_loss
+from ..common.model import free, load_encoders, load_transformer, use_checkpointing
 from ..common.run import TrainingRun
 from ..common.schedules import lr_multiplier
 from ..common.trainable import EMA, load_trainable_state_dict, named_trainable, setup_transformer, trainable_state_dict
 from ..evaluate import evaluate
 from .config import SFTConfig, check_world, load_config, micro_batch_size
-from .data import BucketSampler, SampleEncoder, collate, shard
+from .data import BucketSampler, SampleCache, SampleEncoder, collate, shard
 from .loss import draw_noise_and_sigma, flow_matching_loss
 
 
@@ -82,6 +86,7 @@ def _make_accelerator(cfg: SFTConfig):
 def run(cfg: SFTConfig, resume: str | None = None) -> RunResult:
     """Train as ``cfg`` says; ``resume``: None (fresh), "auto" (newest checkpoint if any) or a path."""
     from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
 
     if cfg.vl_budget is None:  # as at inference: the model folder's default (uniref.json), else 384² each
         from dataclasses import replace
@@ -104,14 +109,39 @@ def run(cfg: SFTConfig, resume: str | None = None) -> RunResult:
     out, log = tr.out, tr.log
     stage0, step0, global_step = _position(tr.state, cfg) if tr.resumed else (0, 0, 0)
 
-    # 2. The model ---------------------------------------------------------------------------------
+    # 2. The data ----------------------------------------------------------------------------------
+    rows, report = load_rows(cfg.train_manifest, cfg, "train")
+    val_rows, val_report = load_rows(cfg.val_manifest, cfg, "val") if cfg.val_manifest else (rows, None)
+    if main:
+        print(report.summary())
+        if val_report:
+            print(val_report.summary())
+        reports = [report.to_dict()] + ([val_report.to_dict()] if val_report else [])
+        (out / "data_report.json").write_text(json.dumps(reports, indent=1))
+    if not rows:
+        raise UniRefError("no usable training rows: see the data report above for why rows were skipped")
+
+    # 3. The encoding pass: every row once through the text encoder and VAE (common.cache), which then leave --
+    device = accelerator.device
+    cache = SampleCache(Path(cfg.cache_dir or out / "cache"), cfg, rows,
+                        ckpt_mod.model_fingerprint(cfg.model, ("text_encoder", "vae")))  # fmt: skip
+    evaluating = bool(cfg.eval_samples) and not fsdp and bool(val_rows)
+    encoders = None
+    if not cache.ready or evaluating:
+        encoders = load_encoders(cfg, device)
+    if not cache.ready:
+        todo = len(rows) * (1 + len(cfg.stages))
+        with tqdm(total=todo, disable=not main, desc="encoding", dynamic_ncols=True) as ebar:
+            cache.build(SampleEncoder(encoders, cfg), rank, world, accelerator.wait_for_everyone, ebar.update)
+    eval_conds = encode_eval_rows(encoders, cfg, val_rows) if evaluating and main else None
+    c = dataclasses.replace(encoders, text_encoder=None) if evaluating else None  # the VAE stays to decode
+    encoders = None
+    free(device)
+
+    # 4. The transformer, straight into its dtype, made trainable ---------------------------------------
     set_seed(cfg.seed)  # LoRA's initialisation: identical on every process and for any process count
-    c = load_components(cfg.model, device=accelerator.device, dtype="fp32")
-    if cfg.mixed_precision == "bf16":  # the frozen encoders run at inference precision
-        for frozen in (c.vae, c.text_encoder):  # nn.Module.to: diffusers' own .to warns about fp32-kept modules
-            torch.nn.Module.to(frozen, torch.bfloat16)
-    transformer = c.transformer
-    setup_transformer(transformer, cfg.lora, cfg.gradient_checkpointing)
+    transformer = load_transformer(cfg, device)
+    setup_transformer(transformer, cfg.lora, use_checkpointing(cfg))
     if tr.resumed:  # before prepare: FSDP shards the weights there
         load_trainable_state_dict(transformer, tr.tensors(ckpt_mod.TRAINABLE_FILE))
     names = list(named_trainable(transformer))  # clean names: FSDP adds wrapper prefixes after prepare
@@ -121,25 +151,12 @@ def run(cfg: SFTConfig, resume: str | None = None) -> RunResult:
     if ema is not None and tr.resumed:
         ema.load_state_dict(tr.tensors(ckpt_mod.EMA_FILE))
 
-    # 3. The data ----------------------------------------------------------------------------------
-    rows, report = load_rows(cfg.train_manifest, cfg, "train")
-    val_rows, val_report = load_rows(cfg.val_manifest, cfg, "val") if cfg.val_manifest else (rows, None)
-    if main:
-        print(report.summary())
-        if val_report:
-            print(val_report.summary())
-        reports = [report.to_dict()] + ([val_report.to_dict()] if val_report else [])
-        (out / "data_report.json").write_text(json.dumps(reports, indent=1))
-    encoder = SampleEncoder(c, cfg)
-
     if tr.resumed:
         tr.continue_after_checkpoint()
         if main:
             print(f"resumed from {tr.checkpoint} at step {global_step} (stage {stage0 + 1}, step {step0})")
 
-    # 4. The stages --------------------------------------------------------------------------------
-    from tqdm.auto import tqdm
-
+    # 5. The stages --------------------------------------------------------------------------------
     result = RunResult(out, global_step, main)
     bar = tqdm(total=cfg.total_steps, initial=global_step, disable=not main, desc="sft", dynamic_ncols=True)
     for si in range(stage0, len(cfg.stages)):
@@ -171,10 +188,9 @@ def run(cfg: SFTConfig, resume: str | None = None) -> RunResult:
                 # Gradient accumulation over this process's micro-batches: DDP syncs on the last one only.
                 sync = contextlib.nullcontext() if k == len(mine) - 1 else accelerator.no_sync(model)
                 with sync:
-                    slots, indices = [s for s, _ in part], [i for _, i in part]
-                    encoded = [encoder.latents(i, rows[i], si, stage) for i in indices]
-                    prompts = [encoder.prompt(rows[i], e.plan) for i, e in zip(indices, encoded)]
-                    batch = collate(encoded, prompts, accelerator.device, torch.float32)
+                    slots = [s for s, _ in part]
+                    encoded, prompts = zip(*(cache.sample(i, si) for _, i in part))
+                    batch = collate(list(encoded), list(prompts), device, torch.float32)
                     noise, sigma = draw_noise_and_sigma(cfg.seed, global_step, slots, batch.x0.shape[1:], cfg.logit_normal)
                     loss, per_sample = flow_matching_loss(model, batch, noise, sigma)
                     # Weighted so the summed gradient is this process's mean; DDP then averages the processes.
@@ -210,7 +226,7 @@ def run(cfg: SFTConfig, resume: str | None = None) -> RunResult:
                 result.checkpoint = save(tr, model, transformer, names, ema, None if stage_end else inner, scheduler,
                                          si, step + 1, global_step, stage_end)  # fmt: skip
             if not fsdp and (stage_end or (cfg.eval_every and global_step % cfg.eval_every == 0)):
-                run_eval(accelerator, cfg, c, transformer, ema, params, val_rows, stage, si, global_step, log)
+                run_eval(accelerator, cfg, c, transformer, ema, params, val_rows, eval_conds, si, global_step, log)
         accelerator._optimizers = [o for o in accelerator._optimizers if o is not optimizer]  # free its state
     bar.close()
     result.global_step = global_step
@@ -244,13 +260,29 @@ def save(tr: TrainingRun, model, transformer, names, ema, optimizer, scheduler, 
                    stage_end=stage_end, sharded_optimizer=fsdp)  # fmt: skip
 
 
-def run_eval(accelerator, cfg, components, transformer, ema, params, rows, stage, si, global_step, log) -> None:
+def encode_eval_rows(encoders, cfg: SFTConfig, rows) -> list[list]:
+    """The validation rows' conditionings per stage (on the CPU), encoded while the encoders are loaded."""
+    pipe = UniRefPipeline(encoders)
+    conds = []
+    for stage in cfg.stages:
+        per_stage = []
+        for row in rows[: cfg.eval_samples]:
+            width, height = target_dims(row.target_size, stage, pipe.token_px)
+            cond = pipe.encode([str(p) for p in row.references], row.instruction, cfg=cfg.eval_cfg, mode="budget",
+                               budget=stage.budget, upscale=cfg.upscale, vl_budget=cfg.vl_budget, width=width,
+                               height=height)  # fmt: skip
+            per_stage.append(cond.to("cpu", torch.float32))
+        conds.append(per_stage)
+    return conds
+
+
+def run_eval(accelerator, cfg, components, transformer, ema, params, rows, conds, si, global_step, log) -> None:
     """Sample, grid and score the validation rows on the main process (EMA weights when kept)."""
-    if accelerator.is_main_process and rows and cfg.eval_samples:
+    if accelerator.is_main_process and conds:
         t0 = time.perf_counter()
         ctx = ema.applied(params) if ema is not None else contextlib.nullcontext()
         with ctx, torch.no_grad(), accelerator.autocast():
-            grid, records, means = evaluate(components, transformer, rows, stage, cfg, seed=cfg.seed)
+            grid, records, means = evaluate(components, transformer, rows, conds[si], cfg, seed=cfg.seed)
         folder = Path(cfg.output_dir) / "eval"
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"step_{global_step:08d}.png"

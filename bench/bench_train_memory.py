@@ -1,0 +1,144 @@
+"""Peak training memory on a model in the real proportions, as a ratio to the transformer's bf16 bytes.
+
+    PYTHONPATH=. .venv/bin/python bench/bench_train_memory.py                 # every mode, ~10 min on 2 cores
+    PYTHONPATH=. .venv/bin/python bench/bench_train_memory.py --modes lora_bf16 msgrpo_g16
+    PYTHONPATH=. .venv/bin/python bench/bench_train_memory.py --device cuda  # torch.cuda.max_memory_allocated
+
+The model (`uniref_core.tiny.REAL_PROPORTIONS`): a 190 M-parameter `QwenImageTransformer2DModel` with the real
+head width and text width 1024, a Qwen2.5-VL text stack 0.45 of its size, weights bf16 on disk. Each mode trains
+in a fresh process on ShapeCompose compositions of 3 references and reports the growth of its peak resident memory
+(``ru_maxrss``, glibc told to return freed memory: ``MALLOC_MMAP_THRESHOLD_=65536``) over the peak after importing
+torch, diffusers, transformers, peft and accelerate: what the run itself holds at its worst moment. On a GPU it
+reports ``torch.cuda.max_memory_allocated`` instead. The memory planner's prediction for the same config
+(`training.memory`) is printed beside each figure.
+
+Modes: LoRA r64 SFT on a bf16 base and on an fp8 base (checkpointing on), full SFT (bf16 mixed precision, fp32
+master weights), MSGRPO LoRA r64 with G = 16, and FSDP full SFT over 2 processes (per rank).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+LORA = {"rank": 64, "alpha": 64}
+SFT = {"stages": [{"budget": 256, "steps": 2, "lr": 1e-4, "batch_size": 1, "output_size": 256}],
+       "vl_budget": 112, "eval_samples": 0, "tensorboard": False, "mixed_precision": "bf16",
+       "gradient_checkpointing": True, "save_every": 0}  # fmt: skip
+MODES = {
+    "lora_bf16": ("sft", {**SFT, "lora": LORA, "base_dtype": "bf16"}),
+    "lora_fp8": ("sft", {**SFT, "lora": LORA, "base_dtype": "fp8"}),
+    "full": ("sft", {**SFT, "base_dtype": "bf16"}),
+    "msgrpo_g16": ("msgrpo", {"steps": 1, "lr": 1e-5, "group_size": 16, "groups_per_step": 1, "rollout_steps": 4,
+                              "sde_window": [0, 2], "budget": 128, "output_size": 128, "vl_budget": 112,
+                              "lora": LORA, "mixed_precision": "bf16", "base_dtype": "bf16",
+                              "gradient_checkpointing": True, "tensorboard": False, "grid_every": 0}),  # fmt: skip
+    "fsdp2": ("sft", {**SFT, "base_dtype": "bf16", "fsdp": True}),
+}
+
+CHILD = r"""
+import json, resource, sys
+import accelerate, diffusers, peft, torch, transformers  # the interpreter's own memory: the baseline
+kind, config, device = sys.argv[1], sys.argv[2], sys.argv[3]
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+if kind == "sft":
+    from training.sft.config import load_config
+    from training.sft.trainer import run
+else:
+    from training.rl.config import load_config
+    from training.rl.trainer import run
+run(load_config(config))
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base
+if device == "cuda":
+    peak = torch.cuda.max_memory_allocated() // 1024
+rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+print("PEAK_KIB", rank, peak, flush=True)
+"""
+
+
+def unknown_keys(kind: str, config: dict) -> list[str]:
+    """Keys of the mode this checkout's trainer does not know (an older commit: measured without them)."""
+    if kind == "sft":
+        from training.sft.config import SFTConfig as cls
+    else:
+        from training.rl.config import RLConfig as cls
+    return sorted(k for k in config if k not in cls.__dataclass_fields__)
+
+
+def predict(kind: str, config_path: Path, processes: int) -> float | None:
+    """The planner's predicted peak in bytes (per process), where this checkout has the planner."""
+    try:
+        from training.memory import predict_peak
+    except ImportError:
+        return None
+    return predict_peak(config_path, kind=kind, processes=processes, device="cpu")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--modes", nargs="*", default=list(MODES), choices=list(MODES))
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--workdir", default=None, help="keep the model and data here (default: a temporary folder)")
+    args = ap.parse_args()
+
+    from uniref_core.tiny import REAL_PROPORTIONS, make_tiny_model
+
+    from training.tasks.shapecompose import make_split, write_manifest
+
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_train_memory_"))
+    model = work / "model"
+    if not (model / "model_index.json").is_file():
+        make_tiny_model(model, **REAL_PROPORTIONS)
+    manifest = work / "data" / "manifest.jsonl"
+    if not manifest.is_file():
+        write_manifest(make_split("train", 4, size=256, ks=(3,), kinds=("compose",)), work / "data")
+    from safetensors import safe_open
+
+    with safe_open(model / "transformer" / "diffusion_pytorch_model.safetensors", "pt") as f:
+        params = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+    unit = 2 * params  # the transformer's bf16 bytes
+    print(f"model: transformer {params / 1e6:.0f} M parameters ({unit / 2**20:.0f} MiB in bf16); device {args.device}")
+    print(f"{'mode':<12} {'peak MiB':>9} {'ratio':>6} {'planner':>8}  note")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MALLOC_MMAP_THRESHOLD_": "65536"}
+    for mode in args.modes:
+        kind, over = MODES[mode]
+        config = {"model": str(model), "train_manifest": str(manifest), "output_dir": str(work / "runs" / mode),
+                  **{k: v for k, v in over.items() if k != "fsdp"}}  # fmt: skip
+        dropped = unknown_keys(kind, config)
+        for key in dropped:
+            del config[key]
+        path = work / f"{mode}.json"
+        path.write_text(json.dumps(config))
+        processes = 2 if over.get("fsdp") else 1
+        child = work / "child.py"
+        child.write_text(CHILD)
+        if processes > 1:
+            launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+            env_mode = {**env, "OMP_NUM_THREADS": "1", "UNIREF_FSDP": "1"}
+        else:
+            launch, env_mode = [sys.executable], env
+        proc = subprocess.run([*launch, str(child), kind, str(path), args.device], cwd=ROOT, env=env_mode,
+                              capture_output=True, text=True)  # fmt: skip
+        peaks = [int(line.split()[2]) * 1024 for line in proc.stdout.splitlines() if line.startswith("PEAK_KIB")]
+        if proc.returncode or not peaks:
+            print(f"{mode:<12} failed: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode}")
+            continue
+        peak = max(peaks)
+        planned = predict(kind, path, processes)
+        note = f"per rank, {processes} processes" if processes > 1 else ""
+        if dropped:
+            note += f" without {', '.join(dropped)} (unknown to this checkout)"
+        plan = "-" if planned is None else f"{planned / unit:.2f}"
+        print(f"{mode:<12} {peak / 2**20:>9.0f} {peak / unit:>6.2f} {plan:>8}  {note}")
+
+
+if __name__ == "__main__":
+    main()

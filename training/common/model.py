@@ -1,0 +1,77 @@
+"""The model a trainer works with, loaded one part at a time in the dtype each part runs in.
+
+1. ``load_encoders``: the text encoder and the VAE, for the encoding pass (`common.cache`), in the frozen base's
+   dtype (bf16 for an fp8 base: encoding is one pass, and 8-bit encoders would change what is learned from).
+2. ``free``: they leave the device (and the process) before the transformer loads.
+3. ``load_transformer``: the transformer straight into its dtype: fp32 for a full fine-tune (every weight trains),
+   else the frozen base's dtype (bf16, or fp8 linear layers in the blocks); LoRA adapters are made fp32 by
+   `common.trainable.setup_transformer`.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from uniref_core.model import Components, load_components
+
+from .config import CHECKPOINTING_ABOVE, base_dtype
+
+
+def transformer_parameters(model) -> int:
+    """The transformer's parameter count, from its config alone (built on the meta device: no weights)."""
+    from diffusers import QwenImageTransformer2DModel
+
+    config = json.loads((Path(model) / "transformer" / "config.json").read_text())
+    with torch.device("meta"):
+        module = QwenImageTransformer2DModel(**{k: v for k, v in config.items() if not k.startswith("_")})
+    return sum(math.prod(p.shape) for p in module.parameters())
+
+
+def use_checkpointing(cfg) -> bool:
+    """The config's ``gradient_checkpointing``, or when unset: on above 1 B transformer parameters."""
+    if cfg.gradient_checkpointing is not None:
+        return bool(cfg.gradient_checkpointing)
+    return transformer_parameters(cfg.model) > CHECKPOINTING_ABOVE
+
+
+def load_encoders(cfg, device) -> Components:
+    """The text encoder and VAE (no transformer) for the encoding pass."""
+    dtype = "bf16" if base_dtype(cfg) == "fp8" else base_dtype(cfg)
+    return load_components(cfg.model, device=device, dtype=dtype, parts=("text_encoder", "vae"))
+
+
+def free(device) -> None:
+    """Return what dropped modules held: the allocator's cache on a GPU, freed pages on the CPU."""
+    gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def load_transformer(cfg, device) -> torch.nn.Module:
+    """The transformer to train, in fp32 for a full fine-tune and in the frozen base's dtype under LoRA."""
+    base = base_dtype(cfg)
+    if cfg.lora is None or base == "fp32":
+        return load_components(cfg.model, device=device, dtype="fp32", parts=("transformer",)).transformer
+    if base == "fp8":
+        check_fp8(device)
+    return load_components(cfg.model, device=device, dtype="bf16", parts=("transformer",),
+                           transformer_dtype="fp8" if base == "fp8" else torch.bfloat16).transformer  # fmt: skip
+
+
+def check_fp8(device) -> None:
+    """fp8 weights need torch's float8 types and, on a GPU, one that computes with them (compute capability ≥ 8.9
+    runs fp8 natively; older GPUs still up-cast per layer, which is what FP8Linear does everywhere)."""
+    from uniref_core.errors import UniRefError
+
+    if not hasattr(torch, "float8_e4m3fn"):
+        raise UniRefError(f"base_dtype fp8 needs torch ≥ 2.1 (float8 types); this is torch {torch.__version__}: "
+                          "upgrade torch or use base_dtype bf16")  # fmt: skip
+    try:
+        torch.zeros(1, device=device).to(torch.float8_e4m3fn).to(torch.bfloat16)
+    except (RuntimeError, TypeError) as e:
+        raise UniRefError(f"base_dtype fp8: {device} cannot hold float8 weights ({e}); use base_dtype bf16") from None
