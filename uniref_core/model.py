@@ -226,30 +226,61 @@ def load_transformer(root, device, dtype) -> torch.nn.Module:
     if dtype != "fp8":
         return QwenImageTransformer2DModel.from_pretrained(folder, torch_dtype=dtype, use_safetensors=True,
                                                            local_files_only=True)  # fmt: skip
-    from safetensors import safe_open
-
     from .fp8 import quantize_fp8, swap_in_fp8_linears
 
-    config = {k: v for k, v in _read_json(folder / "config.json", "transformer/config.json").items()
-              if not k.startswith("_")}  # fmt: skip
-    with torch.device("meta"):
-        model = QwenImageTransformer2DModel(**config)
+    model = empty_transformer(folder, device)
     linears = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.startswith("transformer_blocks.")}
     state, layers = {}, {}
     for file in sorted(folder.glob("*.safetensors")):
-        with safe_open(file, "pt", device=str(device)) as f:
-            for key in f.keys():
-                tensor = f.get_tensor(key)
-                layer = key[: -len(".weight")]
-                if layer in linears and key.endswith(".weight"):
-                    state[key], layers[layer] = quantize_fp8(tensor)
-                else:
-                    state[key] = tensor.to(torch.bfloat16)
+        for key, tensor in read_safetensors(file):
+            layer = key[: -len(".weight")]
+            if layer in linears and key.endswith(".weight"):
+                state[key], layers[layer] = (t.to(device) for t in quantize_fp8(tensor))
+            else:
+                state[key] = tensor.to(device, torch.bfloat16)
     swap_in_fp8_linears(model, layers, state, folder.name)
-    with torch.device(device):  # the rotary tables are computed in __init__, not weights: build them for real
-        model.pos_embed = type(model.pos_embed)(theta=10000, axes_dim=list(config["axes_dims_rope"]), scale_rope=True)
     model.load_state_dict(state, assign=True, strict=True)
     return model
+
+
+def empty_transformer(folder, device) -> torch.nn.Module:
+    """The transformer of a ``transformer/`` folder built on the meta device (its weights take no memory until they
+    are filled), with its rotary tables, which ``__init__`` computes and no file holds, built for real on ``device``."""
+    from diffusers import QwenImageTransformer2DModel
+
+    config = {k: v for k, v in _read_json(Path(folder) / "config.json", "transformer/config.json").items()
+              if not k.startswith("_")}  # fmt: skip
+    with torch.device("meta"):
+        model = QwenImageTransformer2DModel(**config)
+    with torch.device(device):
+        model.pos_embed = type(model.pos_embed)(theta=10000, axes_dim=list(config["axes_dims_rope"]), scale_rope=True)
+    return model
+
+
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                      "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}  # fmt: skip
+
+
+def read_safetensors(path):
+    """(name, CPU tensor) of a safetensors file, one at a time, read with plain reads. ``safe_open`` maps the file
+    and its tensors keep the mapping alive, so every page read stays resident: quantising a bf16 file that way holds
+    the whole file in memory beside the 8-bit result."""
+    import struct
+
+    with open(path, "rb") as fh:
+        (size,) = struct.unpack("<Q", fh.read(8))
+        header = json.loads(fh.read(size))
+        header.pop("__metadata__", None)
+        for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+            start, end = info["data_offsets"]
+            if info["dtype"] not in SAFETENSORS_DTYPES:
+                raise UniRefError(f"{path}: tensor {name} has dtype {info['dtype']}, which UniRef cannot read")
+            data = torch.empty(end - start, dtype=torch.uint8)
+            fh.seek(8 + size + start)
+            if end > start:
+                fh.readinto(memoryview(data.numpy()))
+            yield name, data.view(SAFETENSORS_DTYPES[info["dtype"]]).reshape(info["shape"])
 
 
 #: Optional file in a model folder: {"defaults": {...}} with the settings the checkpoint was trained for.
