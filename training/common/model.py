@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import json
 import math
@@ -46,10 +47,15 @@ def load_encoders(cfg, device) -> Components:
 
 
 def free(device) -> None:
-    """Return what dropped modules held: the allocator's cache on a GPU, freed pages on the CPU."""
+    """Return what dropped modules held: the allocator's cache on a GPU; on the host, glibc's free heap pages (the
+    encoding pass leaves many small freed blocks that malloc keeps for the process otherwise)."""
     gc.collect()
     if torch.device(device).type == "cuda":
         torch.cuda.empty_cache()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (macOS, Windows, musl): nothing to trim
+        pass
 
 
 def load_transformer(cfg, device) -> torch.nn.Module:
