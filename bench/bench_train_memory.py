@@ -43,9 +43,24 @@ MODES = {
     "msgrpo_g16": ("msgrpo", {"steps": 1, "lr": 1e-5, "group_size": 16, "groups_per_step": 1, "rollout_steps": 4,
                               "sde_window": [0, 2], "budget": 128, "output_size": 128, "vl_budget": 112,
                               "lora": LORA, "mixed_precision": "bf16", "base_dtype": "bf16",
+                              "rewards": [{"source": "bench.bench_train_memory:brightness_source"}],
                               "gradient_checkpointing": True, "tensorboard": False, "grid_every": 0}),  # fmt: skip
-    "fsdp2": ("sft", {**SFT, "base_dtype": "bf16", "fsdp": True}),
+    # A global batch of 2: one micro-batch per process, as "full" has in its one process.
+    "fsdp2": ("sft", {**SFT, "base_dtype": "bf16", "fsdp": True, "stages": [{**SFT["stages"][0], "batch_size": 2}]}),
 }
+
+def brightness_source():
+    """MSGRPO's reward in the bench: each image's mean brightness. A random model scores 0 on every checker signal,
+    its groups would carry no advantage, and the re-scoring pass (the step's peak) would never run."""
+    import numpy as np
+
+    from training.rewards import RewardBatch, Signal
+
+    def source(images, row):
+        return RewardBatch({"brightness": Signal(np.array([np.asarray(im).mean() / 255 for im in images]))})
+
+    return source
+
 
 CHILD = r"""
 import json, resource, sys
@@ -60,6 +75,10 @@ else:
     from training.rl.trainer import run
 run(load_config(config))
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base
+if kind == "msgrpo":  # a step whose groups all scored alike re-scores nothing: the figure would miss the peak
+    import json, pathlib
+    log = pathlib.Path(json.loads(pathlib.Path(config).read_text())["output_dir"]) / "log.jsonl"
+    assert all(json.loads(l).get("items", 1) > 0 for l in log.read_text().splitlines()), "no group had a signal"
 if device == "cuda":
     peak = torch.cuda.max_memory_allocated() // 1024
 rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
@@ -114,7 +133,7 @@ def main() -> None:
     for mode in args.modes:
         kind, over = MODES[mode]
         config = {"model": str(model), "train_manifest": str(manifest), "output_dir": str(work / "runs" / mode),
-                  **{k: v for k, v in over.items() if k != "fsdp"}}  # fmt: skip
+                  **over}  # fmt: skip
         dropped = unknown_keys(kind, config)
         for key in dropped:
             del config[key]
@@ -125,7 +144,7 @@ def main() -> None:
         child.write_text(CHILD)
         if processes > 1:
             launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-            env_mode = {**env, "OMP_NUM_THREADS": "1", "UNIREF_FSDP": "1"}
+            env_mode = {**env, "OMP_NUM_THREADS": "1"}
         else:
             launch, env_mode = [sys.executable], env
         proc = subprocess.run([*launch, str(child), kind, str(path), args.device], cwd=ROOT, env=env_mode,

@@ -41,6 +41,7 @@ from ..common.cli import exit_on_error, trainer_main
 from ..common.data import Row, load_rows, plan_row, target_dims
 from ..common.logging_utils import make_grid, plot_series
 from ..common.model import free, load_encoders, load_transformer, use_checkpointing
+from ..memory import check_fit
 from ..common.run import TrainingRun
 from ..common.schedules import lr_multiplier
 from ..common.seeds import sample_seed
@@ -278,6 +279,8 @@ def run(cfg: RLConfig, resume: str | None = None) -> RLResult:
 
     # 1. Config, reward sources and resume checks, before any model work ---------------------------
     check_world(cfg, world)
+    if accelerator.device.type == "cuda":  # a run that cannot fit stops here, before any weight loads
+        check_fit(cfg, "msgrpo", world, torch.cuda.get_device_properties(accelerator.device).total_memory)
     check_model_folder(cfg.model)
     defaults = read_defaults(cfg.model)
     if cfg.budget is None or cfg.vl_budget is None:  # as at inference: the model's defaults
