@@ -7,8 +7,8 @@
 The model (`uniref_core.tiny.REAL_PROPORTIONS`): a 190 M-parameter `QwenImageTransformer2DModel` with the real
 head width and text width 1024, a Qwen2.5-VL text stack 0.45 of its size, weights bf16 on disk. Each mode trains
 in a fresh process on ShapeCompose compositions of 3 references and reports the growth of its peak resident memory
-(``ru_maxrss``, glibc told to return freed memory: ``MALLOC_MMAP_THRESHOLD_=65536``) over the peak after importing
-torch, diffusers, transformers, peft and accelerate: what the run itself holds at its worst moment. On a GPU it
+(``VmHWM``, reset after importing torch, diffusers, transformers, peft and accelerate; glibc told to return freed
+memory: ``MALLOC_MMAP_THRESHOLD_=65536``) over its size then: what the run itself holds at its worst moment. On a GPU it
 reports ``torch.cuda.max_memory_allocated`` instead. The memory planner's prediction for the same config
 (`training.memory`) is printed beside each figure.
 
@@ -23,6 +23,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -66,7 +67,15 @@ CHILD = r"""
 import json, resource, sys
 import accelerate, diffusers, peft, torch, transformers  # the interpreter's own memory: the baseline
 kind, config, device = sys.argv[1], sys.argv[2], sys.argv[3]
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+def status(key):
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(key + ":"))
+
+try:  # Linux: reset the peak to the current size, so a spike while importing does not hide the run's own peak
+    open("/proc/self/clear_refs", "w").write("5")
+    base, peak_kib = status("VmRSS"), lambda: status("VmHWM")
+except OSError:
+    base, peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 if kind == "sft":
     from training.sft.config import load_config
     from training.sft.trainer import run
@@ -74,7 +83,7 @@ else:
     from training.rl.config import load_config
     from training.rl.trainer import run
 run(load_config(config))
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base
+peak = peak_kib() - base
 if kind == "msgrpo":  # a step whose groups all scored alike re-scores nothing: the figure would miss the peak
     import json, pathlib
     log = pathlib.Path(json.loads(pathlib.Path(config).read_text())["output_dir"]) / "log.jsonl"
@@ -137,6 +146,7 @@ def main() -> None:
         dropped = unknown_keys(kind, config)
         for key in dropped:
             del config[key]
+        shutil.rmtree(work / "runs" / mode, ignore_errors=True)  # a fresh run: no cache, checkpoints or log kept
         path = work / f"{mode}.json"
         path.write_text(json.dumps(config))
         processes = 2 if over.get("fsdp") else 1
