@@ -7,24 +7,30 @@ lr-sized step whose sign is the rounding's, and the comparison would test float 
 
 import torch
 
-CHILD = """
-import runpy, sys, torch
-torch.optim.AdamW = lambda params, lr, **_: torch.optim.SGD(params, lr=lr)
+PATCH = """
+import torch
+torch.optim.AdamW = lambda params, lr, **_: torch.optim.SGD(params, lr=lr, momentum={momentum})
+"""
+RUN_MODULE = """
+import runpy, sys
 module = sys.argv[1]
 sys.argv = [module, *sys.argv[2:]]
 runpy.run_module(module, run_name="__main__", alter_sys=True)
 """
 
 
-def use_sgd(monkeypatch) -> None:
-    """This process's trainers build SGD where they ask for AdamW."""
-    monkeypatch.setattr(torch.optim, "AdamW", lambda params, lr, **_: torch.optim.SGD(params, lr=lr))
+def use_sgd(monkeypatch, momentum: float = 0.0) -> None:
+    """This process's trainers build SGD where they ask for AdamW (``momentum``: an optimizer with a state that a
+    resume must restore, whose update is still linear in the gradients)."""
+    sgd = lambda params, lr, **_: torch.optim.SGD(params, lr=lr, momentum=momentum)  # noqa: E731
+    monkeypatch.setattr(torch.optim, "AdamW", sgd)
 
 
-def sgd_script(folder) -> str:
-    """A script for a launcher (``torchrun SCRIPT training.sft --config …``) that runs the module with SGD."""
+def sgd_script(folder, momentum: float = 0.0, then: str = RUN_MODULE) -> str:
+    """A script for a launcher (``torchrun SCRIPT training.sft --config …``) that runs the module with SGD, or runs
+    the code ``then`` after the swap."""
     path = folder / "sgd_child.py"
-    path.write_text(CHILD)
+    path.write_text(PATCH.format(momentum=momentum) + then)
     return str(path)
 
 

@@ -10,6 +10,7 @@ are, the trained transformer (LoRA merged in, if the run used LoRA) saved as saf
 ``--lora-only`` (LoRA runs): one ``.safetensors`` in the key format ComfyUI loads for Qwen-Image
 LoRAs: ``diffusion_model.<module path>.lora_A.weight`` / ``.lora_B.weight`` / ``.alpha``.
 By default the EMA weights are exported when the checkpoint has them (``--weights live`` for the others).
+A sharded checkpoint (an FSDP run's) is read whole by this one process, at whatever process count it was written.
 """
 
 from __future__ import annotations
@@ -94,6 +95,12 @@ def export(checkpoint, out, lora_only: bool = False, weights: str = "auto", mode
     if state.get("lora"):
         lora, used = _lora_state(ckpt, state, weights)
         merge_comfy_lora(transformer, lora)  # in fp32, then cast: as precise as the base dtype allows
+    elif state.get("sharded"):
+        if weights == "ema":
+            raise UniRefError(f"{ckpt} has no EMA weights (FSDP runs keep none): use --weights live")
+        # Read in place, whole tensors from every process's file: one fp32 copy of the model, never two.
+        ckpt_mod.load_sharded(ckpt / ckpt_mod.TRAINABLE_SHARDS, transformer.state_dict())
+        used = "live"
     else:
         trained, used = _weights(ckpt, weights)
         missing, unexpected = transformer.load_state_dict(trained, strict=False)

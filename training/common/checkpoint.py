@@ -5,11 +5,16 @@ A checkpoint is a folder ``<output_dir>/checkpoints/step_00000042/`` holding
 - ``trainable.safetensors``: the trained weights (whole transformer, or the LoRA matrices), by name;
 - ``ema.safetensors``: their EMA, when ``ema_decay`` is set;
 - ``optimizer.pt`` / ``scheduler.pt``: AdamW and LR-schedule state (absent at a stage's end: the next
-  stage starts a fresh optimizer, so a stage-end checkpoint does not carry it); under FSDP one
-  ``optimizer_<rank>.pt`` shard per process instead;
+  stage starts a fresh optimizer, so a stage-end checkpoint does not carry it);
 - ``rng_<rank>.json``: python, numpy and torch RNG states of every process;
 - ``state.json`` (written last): data position (stage, step), config hash and hashed config, model
-  fingerprint.
+  fingerprint, ``sharded``.
+
+A sharded checkpoint (SFT ``"fsdp": true``) holds ``trainable/`` and ``optimizer/`` instead of the two files:
+`torch.distributed.checkpoint` folders in its safetensors format, one file per process with that process's rows
+of every tensor and their offsets, plus ``optimizer_groups.json`` (the optimizer's hyperparameters). Nothing is
+gathered to write them, and any number of processes reads them back (each its own rows; one process: whole
+tensors, as the export does); no pickle is involved, unlike the format's default.
 
 It is written into ``step_….tmp`` (each file fsynced), then renamed (`atomic.commit`): a crash at any point
 leaves the previous checkpoints as they were and at worst a ``.tmp`` folder that is ignored and replaced later.
@@ -24,6 +29,7 @@ import re
 import shutil
 import struct
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +46,9 @@ STATE_FILE = "state.json"
 TRAINABLE_FILE = "trainable.safetensors"
 EMA_FILE = "ema.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
+TRAINABLE_SHARDS = "trainable"
+OPTIMIZER_SHARDS = "optimizer"
+OPTIMIZER_GROUPS = "optimizer_groups.json"
 SCHEDULER_FILE = "scheduler.pt"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 # Bytes of weight data sampled per file for the model fingerprint (hashing 40 GB would take minutes).
@@ -130,10 +139,10 @@ def _torch_save(path: Path, obj) -> None:
 
 
 def save_checkpoint(accelerator, final: Path, *, trainable, ema, optimizer, scheduler, state: dict,
-                    sharded_optimizer: bool = False) -> Path:  # fmt: skip
-    """Write a checkpoint atomically from all processes (each writes its RNG state, and under FSDP its
-    optimizer shard; the main process the rest). Not `atomic.atomic_dir`: every process writes into the
-    folder between barriers, and only the main one creates and commits it."""
+                    sharded: bool = False) -> Path:  # fmt: skip
+    """Write a checkpoint atomically from all processes (each writes its RNG state, and when ``sharded`` its shards
+    of ``trainable`` and of the ``optimizer`` state dict; the main process the rest). Not `atomic.atomic_dir`: every
+    process writes into the folder between barriers, and only the main one creates and commits it."""
     tmp = tmp_path(final)
     if accelerator.is_main_process:
         if tmp.exists():
@@ -141,15 +150,22 @@ def save_checkpoint(accelerator, final: Path, *, trainable, ema, optimizer, sche
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     _write_json(tmp / f"rng_{accelerator.process_index}.json", rng_state())
-    if sharded_optimizer and optimizer is not None:
-        _torch_save(tmp / f"optimizer_{accelerator.process_index}.pt", optimizer)
+    if sharded:
+        save_sharded(tmp / TRAINABLE_SHARDS, trainable)
+        if optimizer is not None:
+            save_sharded(tmp / OPTIMIZER_SHARDS, optimizer_tensors(optimizer))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        _save_tensors(tmp / TRAINABLE_FILE, trainable)
+        if sharded:
+            fsync(tmp / TRAINABLE_SHARDS)  # the folder's entries (the files are fsynced by the writer)
+        else:
+            _save_tensors(tmp / TRAINABLE_FILE, trainable)
         if ema is not None:
             _save_tensors(tmp / EMA_FILE, ema)
         if optimizer is not None:
-            if not sharded_optimizer:
+            if sharded:
+                _write_json(tmp / OPTIMIZER_GROUPS, optimizer["param_groups"])
+            else:
                 _torch_save(tmp / OPTIMIZER_FILE, optimizer)
             _torch_save(tmp / SCHEDULER_FILE, scheduler)
         _write_json(tmp / STATE_FILE, {**state, "saved_at": time.time()})
@@ -199,6 +215,15 @@ def find_checkpoint(resume: str, output_dir) -> Path | None:
 
 def check_resume(path: Path, state: dict, cfg: HashedConfig, fingerprint: str) -> None:
     """Refuse a checkpoint of another model or another config, saying which differs."""
+    sharded, fsdp = bool(state.get("sharded")), bool(getattr(cfg, "fsdp", False))
+    if sharded and getattr(cfg, "lora", None) is not None:
+        raise CheckpointError(f"cannot resume from {path}: it is a sharded full fine-tune (an FSDP run), which a LoRA "
+                              f"run cannot continue. Export it (python -m training.export --checkpoint {path} --out "
+                              "DIR) and start the LoRA run from DIR as its model")  # fmt: skip
+    if sharded != fsdp:
+        how = ("holds sharded weights (an FSDP run): resume it with \"fsdp\": true, at any number of processes"
+               if sharded else "holds whole weights (a run without FSDP): resume it with \"fsdp\": false")
+        raise CheckpointError(f"cannot resume from {path}: it {how}, or export it and start a new run from the export")
     problems = []
     if state["model"]["fingerprint"] != fingerprint:
         problems.append(
@@ -225,12 +250,78 @@ def load_torch(path: Path, name: str):
     return torch.load(f, map_location="cpu", weights_only=True) if f.is_file() else None
 
 
-def load_optimizer(path: Path, rank: int):
-    """This process's optimizer state: its own shard (FSDP) or the one shared state (DDP)."""
-    shard = load_torch(path, f"optimizer_{rank}.pt")
-    return shard if shard is not None else load_torch(path, OPTIMIZER_FILE)
+def load_optimizer(path: Path):
+    """The optimizer state of an unsharded checkpoint (the same on every process)."""
+    return load_torch(path, OPTIMIZER_FILE)
 
 
 def load_rng(path: Path, rank: int) -> dict | None:
     f = Path(path) / f"rng_{rank}.json"
     return json.loads(f.read_text()) if f.is_file() else None
+
+
+# --------------------------------------------------------------------------------------------------
+# Sharded checkpoints (FSDP): torch.distributed.checkpoint in its safetensors format
+# --------------------------------------------------------------------------------------------------
+
+
+def save_sharded(folder: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Every process writes its rows of ``tensors`` (DTensors; plain tensors once) into ``folder``: a collective."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageWriter
+
+    if tensors:  # a stateless optimizer (plain SGD) has nothing to write
+        dcp.save(tensors, storage_writer=HuggingFaceStorageWriter(str(folder), save_distributed=True))
+
+
+def load_sharded(folder: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Fill ``tensors`` in place from a sharded folder written at any process count: DTensors get this process's
+    rows, plain tensors the whole tensor (a single process with no process group included)."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
+
+    if not tensors:
+        return
+    try:
+        with warnings.catch_warnings():  # one process without a process group is what the export means to do
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(tensors, storage_reader=HuggingFaceStorageReader(str(folder)), no_dist=not dist.is_initialized())
+    except Exception as e:  # DCP wraps each process's error in a CheckpointException
+        raise CheckpointError(f"{folder} does not hold these weights ({str(e).strip().splitlines()[-1][:300]}): "
+                              "it is not a sharded checkpoint of this model and config") from e
+
+
+def sharded_keys(folder: Path) -> set[str]:
+    """The names of the tensors in a sharded folder (read from the safetensors headers); none if it is absent."""
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
+
+    if not Path(folder).is_dir():
+        return set()
+    return set(HuggingFaceStorageReader(str(folder)).read_metadata().state_dict_metadata)
+
+
+def optimizer_tensors(state: dict) -> dict[str, torch.Tensor]:
+    """The tensors of an optimizer state dict keyed by parameter name (`get_optimizer_state_dict`), flat:
+    ``<parameter>.<state>`` such as ``transformer_blocks.0.attn.to_q.weight.exp_avg``."""
+    return {f"{name}.{key}": value for name, per in state["state"].items() for key, value in per.items()}
+
+
+def load_sharded_optimizer(path: Path, model, optimizer) -> None:
+    """This process's shard of the optimizer state of a sharded checkpoint, at any process count."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    state = get_optimizer_state_dict(model, optimizer)  # allocates this process's state (a step with lr 0)
+    saved = sharded_keys(Path(path) / OPTIMIZER_SHARDS)
+    # Weights that never had a gradient (the last block's text stream) have no state, as in the uninterrupted run.
+    state["state"] = {name: per for name, per in state["state"].items() if all(f"{name}.{k}" in saved for k in per)}
+    load_sharded(Path(path) / OPTIMIZER_SHARDS, optimizer_tensors(state))
+    groups = json.loads((Path(path) / OPTIMIZER_GROUPS).read_text())
+    # JSON turned tuples (betas) into lists
+    state["param_groups"] = [{k: tuple(v) if isinstance(v, list) and k != "params" else v for k, v in g.items()}
+                             for g in groups]  # fmt: skip
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(strict=False))

@@ -58,9 +58,18 @@ class TrainingRun:
         """A tensor file of the checkpoint resumed from (None if it has none)."""
         return ckpt_mod.load_tensors(self.checkpoint, name)
 
-    def restore_optimizer(self, optimizer, scheduler) -> None:
-        """This process's optimizer state and the LR schedule's position, from the checkpoint resumed from."""
-        optimizer.load_state_dict(ckpt_mod.load_optimizer(self.checkpoint, self.rank))
+    @property
+    def sharded(self) -> bool:
+        """Whether the checkpoint resumed from is sharded (an FSDP run's; `check_resume` matched it to the config)."""
+        return bool(self.state and self.state.get("sharded"))
+
+    def restore_optimizer(self, optimizer, scheduler, model=None) -> None:
+        """The optimizer state (this process's shard of it, from a sharded checkpoint: ``model`` is the sharded
+        model) and the LR schedule's position, from the checkpoint resumed from."""
+        if self.sharded:
+            ckpt_mod.load_sharded_optimizer(self.checkpoint, model, optimizer)
+        else:
+            optimizer.load_state_dict(ckpt_mod.load_optimizer(self.checkpoint))
         scheduler.load_state_dict(ckpt_mod.load_torch(self.checkpoint, ckpt_mod.SCHEDULER_FILE))
 
     def continue_after_checkpoint(self) -> None:
@@ -72,8 +81,9 @@ class TrainingRun:
         self.log.truncate_after(self.global_step)
 
     def save(self, global_step: int, *, trainable, ema=None, optimizer=None, scheduler=None, stage: int = 0,
-             stage_step: int | None = None, stage_end: bool = False, sharded_optimizer: bool = False) -> Path:  # fmt: skip
-        """An atomic checkpoint of step ``global_step`` (every process calls it), then the oldest pruned."""
+             stage_step: int | None = None, stage_end: bool = False, sharded: bool = False) -> Path:  # fmt: skip
+        """An atomic checkpoint of step ``global_step`` (every process calls it), then the oldest pruned.
+        ``sharded``: ``trainable`` holds DTensors and ``optimizer`` is `get_optimizer_state_dict`'s (FSDP)."""
         cfg = self.cfg
         state = {
             "global_step": global_step, "stage": stage,
@@ -82,11 +92,11 @@ class TrainingRun:
             "config": json.loads(json.dumps(cfg.hashed_dict(), default=str)),
             "model": {"path": str(cfg.model), "fingerprint": self.fingerprint},
             "lora": None if cfg.lora is None else {"rank": cfg.lora.rank, "alpha": cfg.lora.alpha},
-            "world_size": self.world,
+            "world_size": self.world, "sharded": sharded,
         }  # fmt: skip
         path = ckpt_mod.save_checkpoint(
             self.accelerator, ckpt_mod.checkpoint_path(self.out, global_step), trainable=trainable, ema=ema,
-            optimizer=optimizer, scheduler=scheduler, state=state, sharded_optimizer=sharded_optimizer,
+            optimizer=optimizer, scheduler=scheduler, state=state, sharded=sharded,
         )  # fmt: skip
         if self.main:
             ckpt_mod.prune_checkpoints(self.out, cfg.keep_checkpoints)

@@ -49,7 +49,7 @@ from ..common.schedules import SCHEDULES
 # The model is checked by its fingerprint instead of its path, so a moved model folder still resumes.
 NOT_HASHED = (
     "model", "output_dir", "cache_dir", "gradient_checkpointing", "save_every", "keep_checkpoints",
-    "eval_every", "eval_samples", "eval_steps", "eval_cfg", "log_every", "tensorboard", "val_manifest",
+    "eval_every", "eval_samples", "eval_steps", "eval_cfg", "log_every", "tensorboard", "val_manifest", "fsdp",
 )  # fmt: skip
 
 
@@ -82,6 +82,9 @@ class SFTConfig(HashedConfig):
     mixed_precision: str = "no"  # "no" | "bf16"
     base_dtype: str = "auto"  # frozen weights: "auto" (bf16 under mixed_precision bf16, else fp32) | fp32 | bf16 | fp8
     ema_decay: float | None = None  # None: no EMA
+    # Full fine-tune sharded over the processes with FSDP2 (weights, gradients and AdamW state 1/N each, checkpoints
+    # sharded and resumable at any process count). Not hashed: the checkpoint's own format is checked on resume.
+    fsdp: bool = False
     # Every row is encoded once before training (prompt embeddings, and reference/target latents per stage) into
     # safetensors shards here, reused by resume and by later runs on the same model, data and sizes; None:
     # <output_dir>/cache. The text encoder and VAE are then freed before the transformer loads.
@@ -194,6 +197,14 @@ def _check_top(cfg: SFTConfig) -> None:
     check_precision(cfg)
     if cfg.schedule not in SCHEDULES:
         raise ConfigError(f"schedule is {cfg.schedule!r}: use one of {', '.join(SCHEDULES)}")
+    if cfg.fsdp not in (True, False):
+        raise ConfigError(f"fsdp is {cfg.fsdp!r}: true (a full fine-tune sharded over the processes) or false")
+    if cfg.fsdp and cfg.lora is not None:
+        raise ConfigError("fsdp is for a full fine-tune (it shards every weight, gradient and AdamW state); a LoRA "
+                          "run trains few weights and runs under plain data parallel: set lora null, or fsdp false")
+    if cfg.fsdp and cfg.ema_decay is not None:
+        raise ConfigError("ema_decay is set with fsdp: the EMA would be a second unsharded copy of every weight; set "
+                          "ema_decay null with fsdp, or fsdp false")  # fmt: skip
     if cfg.ema_decay is not None and not 0.0 < cfg.ema_decay < 1.0:
         raise ConfigError(f"ema_decay is {cfg.ema_decay!r}: use a value in (0, 1) such as 0.999, or null for no EMA")
     if cfg.logit_normal.std <= 0:

@@ -2,14 +2,15 @@
 
     python -m training.sft --config training/configs/tiny_shapecompose.json [--resume auto|PATH]
     accelerate launch --multi_gpu --num_processes 2 -m training.sft --config …   # DDP (CPU: gloo)
-    accelerate launch --config_file training/accelerate_fsdp.yaml -m training.sft --config …
+    torchrun --nproc_per_node 8 -m training.sft --config …    # with "fsdp": true: a full fine-tune sharded (FSDP2)
 
 The run, top to bottom:
 1. config and resume checks (a checkpoint of another model or config is refused before any loading);
 2. the data: manifest rows checked and reported;
 3. the encoding pass: the text encoder and VAE encode every row once, like inference, into a disk cache
    (`common.cache`, reused by resume and later runs), then leave the device;
-4. the transformer, loaded straight into its dtype (``base_dtype``), made trainable: LoRA or every weight;
+4. the transformer, loaded straight into its dtype (``base_dtype``), made trainable: LoRA or every weight; under
+   ``fsdp`` built on the meta device and sharded before each process fills its own rows (`common.fsdp`);
 5. the stages in order (progressive budgets), each with its own AdamW and LR schedule; per step the
    global batch is sharded over processes, the flow-matching loss is taken on the target tokens,
    gradients are clipped, EMA updated, the step logged; checkpoints and evaluations at their
@@ -35,6 +36,7 @@ from ..common import checkpoint as ckpt_mod
 from ..common.cli import exit_on_error, trainer_main
 from ..common.config import Stage
 from ..common.data import layout_key, load_rows, plan_row, target_dims
+from ..common.fsdp import clip_grad_norm, local_fraction, process_group, sharded_transformer
 from ..common.logging_utils import PLOT_FILE, plot_loss
 from ..common.model import free, load_encoders, load_transformer, use_checkpointing
 from ..common.run import TrainingRun
@@ -85,9 +87,6 @@ def _make_accelerator(cfg: SFTConfig):
 
 def run(cfg: SFTConfig, resume: str | None = None) -> RunResult:
     """Train as ``cfg`` says; ``resume``: None (fresh), "auto" (newest checkpoint if any) or a path."""
-    from accelerate.utils import set_seed
-    from tqdm.auto import tqdm
-
     if cfg.vl_budget is None:  # as at inference: the model folder's default (uniref.json), else 384² each
         from dataclasses import replace
 
@@ -95,14 +94,23 @@ def run(cfg: SFTConfig, resume: str | None = None) -> RunResult:
 
         cfg = replace(cfg, vl_budget=read_defaults(cfg.model).get("vl_budget"))
     accelerator = _make_accelerator(cfg)
+    with process_group(accelerator.device) if cfg.fsdp else contextlib.nullcontext():
+        return _train(cfg, accelerator, resume)
+
+
+def _train(cfg: SFTConfig, accelerator, resume: str | None) -> RunResult:
+    from accelerate.utils import DistributedType, set_seed
+    from tqdm.auto import tqdm
+
     main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
 
     # 1. Config and resume checks ----------------------------------------------------------------
     check_world(cfg, world)
-    fsdp = _is_fsdp(accelerator)
-    if fsdp and cfg.ema_decay:
-        raise UniRefError("ema_decay is set but FSDP shards the weights the EMA would average: use ema_decay null "
-                          "with FSDP, or train LoRA under DDP")  # fmt: skip
+    fsdp = cfg.fsdp
+    if accelerator.distributed_type == DistributedType.FSDP:
+        raise UniRefError("this run was launched with an accelerate FSDP config: the trainer shards with FSDP2 itself "
+                          "when the SFT config says \"fsdp\": true; launch with torchrun --nproc_per_node N (or "
+                          "accelerate launch --multi_gpu) instead")  # fmt: skip
     if fsdp and main and cfg.eval_samples:
         print("FSDP: in-training evaluation is skipped (the sampler runs one process); evaluate exported checkpoints")
     tr = TrainingRun(cfg, accelerator, resume, kind="sft")
@@ -140,12 +148,19 @@ def run(cfg: SFTConfig, resume: str | None = None) -> RunResult:
 
     # 4. The transformer, straight into its dtype, made trainable ---------------------------------------
     set_seed(cfg.seed)  # LoRA's initialisation: identical on every process and for any process count
-    transformer = load_transformer(cfg, device)
-    setup_transformer(transformer, cfg.lora, use_checkpointing(cfg))
-    if tr.resumed:  # before prepare: FSDP shards the weights there
-        load_trainable_state_dict(transformer, tr.tensors(ckpt_mod.TRAINABLE_FILE))
-    names = list(named_trainable(transformer))  # clean names: FSDP adds wrapper prefixes after prepare
-    model = accelerator.prepare(transformer)
+    if fsdp:
+        shards = tr.checkpoint / ckpt_mod.TRAINABLE_SHARDS if tr.resumed else None
+        transformer = sharded_transformer(cfg, device, shards)
+        # Only accelerate's autocast (evaluation_mode: no DDP wrapper): FSDP2 reduces the gradients itself.
+        model = accelerator.prepare_model(transformer, device_placement=False, evaluation_mode=True)
+        held, whole = local_fraction(transformer)
+        print(f"FSDP: process {rank} of {world} holds {held:,} of the {whole:,} weights ({held / whole:.1%})")
+    else:
+        transformer = load_transformer(cfg, device)
+        setup_transformer(transformer, cfg.lora, use_checkpointing(cfg))
+        if tr.resumed:
+            load_trainable_state_dict(transformer, tr.tensors(ckpt_mod.TRAINABLE_FILE))
+        model = accelerator.prepare(transformer)
     params = named_trainable(transformer)
     ema = EMA(params, cfg.ema_decay) if cfg.ema_decay else None
     if ema is not None and tr.resumed:
@@ -171,8 +186,8 @@ def run(cfg: SFTConfig, resume: str | None = None) -> RunResult:
         # LR curve depend on the process count.
         scheduler = torch.optim.lr_scheduler.LambdaLR(inner, stage_lr_multiplier(stage, cfg))
         if first > 0:
-            tr.restore_optimizer(inner, scheduler)
-        optimizer = accelerator.prepare(inner)
+            tr.restore_optimizer(inner, scheduler, transformer)
+        optimizer = inner if fsdp else accelerator.prepare(inner)
         if main:
             print(f"stage {si + 1}/{len(cfg.stages)}: budget {stage.label}, {stage.steps} steps, lr {stage.lr:g}, "
                   f"global batch {stage.batch_size} = {world} process(es) × {sampler.per_batch // world} "
@@ -185,8 +200,9 @@ def run(cfg: SFTConfig, resume: str | None = None) -> RunResult:
             mine = shard(sampler.batch(step), rank, world)
             share = sum(len(m) for m in mine)
             for k, part in enumerate(mine):
-                # Gradient accumulation over this process's micro-batches: DDP syncs on the last one only.
-                sync = contextlib.nullcontext() if k == len(mine) - 1 else accelerator.no_sync(model)
+                # Gradient accumulation over this process's micro-batches: DDP syncs on the last one only; FSDP2
+                # reduce-scatters each (deferring would keep every whole gradient until the last).
+                sync = contextlib.nullcontext() if fsdp or k == len(mine) - 1 else accelerator.no_sync(model)
                 with sync:
                     slots = [s for s, _ in part]
                     encoded, prompts = zip(*(cache.sample(i, si) for _, i in part))
@@ -198,7 +214,9 @@ def run(cfg: SFTConfig, resume: str | None = None) -> RunResult:
                     loss_sum += per_sample.detach().sum()
                     sigma_sum += sigma.sum().to(loss_sum.device)
             grad_norm = None
-            if cfg.max_grad_norm is not None:
+            if cfg.max_grad_norm is not None and fsdp:
+                grad_norm = clip_grad_norm(list(params.values()), cfg.max_grad_norm)
+            elif cfg.max_grad_norm is not None:
                 grad_norm = accelerator.clip_grad_norm_(list(params.values()), cfg.max_grad_norm)
             optimizer.step()
             scheduler.step()
@@ -223,8 +241,8 @@ def run(cfg: SFTConfig, resume: str | None = None) -> RunResult:
 
             stage_end = step + 1 == stage.steps
             if stage_end or (cfg.save_every and global_step % cfg.save_every == 0):
-                result.checkpoint = save(tr, model, transformer, names, ema, None if stage_end else inner, scheduler,
-                                         si, step + 1, global_step, stage_end)  # fmt: skip
+                result.checkpoint = save(tr, transformer, ema, None if stage_end else inner, scheduler, si, step + 1,
+                                         global_step, stage_end)  # fmt: skip
             if not fsdp and (stage_end or (cfg.eval_every and global_step % cfg.eval_every == 0)):
                 run_eval(accelerator, cfg, c, transformer, ema, params, val_rows, eval_conds, si, global_step, log)
         accelerator._optimizers = [o for o in accelerator._optimizers if o is not optimizer]  # free its state
@@ -238,26 +256,21 @@ def run(cfg: SFTConfig, resume: str | None = None) -> RunResult:
     return result
 
 
-def _is_fsdp(accelerator) -> bool:
-    from accelerate.utils import DistributedType
+def save(tr: TrainingRun, transformer, ema, optimizer, scheduler, si, stage_step, global_step, stage_end) -> Path:
+    """A checkpoint; at a stage's end without the optimizer (the next stage starts a new one). Under FSDP every
+    process writes its own shards: nothing is gathered."""
+    fsdp = tr.cfg.fsdp
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-    return accelerator.distributed_type == DistributedType.FSDP
-
-
-def save(tr: TrainingRun, model, transformer, names, ema, optimizer, scheduler, si, stage_step, global_step,
-         stage_end) -> Path:  # fmt: skip
-    """A checkpoint; at a stage's end without the optimizer (the next stage starts a new one)."""
-    accelerator = tr.accelerator
-    fsdp = _is_fsdp(accelerator)
-    if fsdp:  # gather the full weights on rank 0 (a collective: every process calls it)
-        full = accelerator.get_state_dict(model)
-        trainable = {k: full[k] for k in names} if accelerator.is_main_process else {}
+        trainable = {n: p.detach() for n, p in named_trainable(transformer).items()}
+        state = None if optimizer is None else get_optimizer_state_dict(transformer, optimizer)
     else:
         trainable = trainable_state_dict(transformer)
-    return tr.save(global_step, trainable=trainable, ema=None if ema is None else ema.state_dict(),
-                   optimizer=None if optimizer is None else optimizer.state_dict(),
+        state = None if optimizer is None else optimizer.state_dict()
+    return tr.save(global_step, trainable=trainable, ema=None if ema is None else ema.state_dict(), optimizer=state,
                    scheduler=None if optimizer is None else scheduler.state_dict(), stage=si, stage_step=stage_step,
-                   stage_end=stage_end, sharded_optimizer=fsdp)  # fmt: skip
+                   stage_end=stage_end, sharded=fsdp)  # fmt: skip
 
 
 def encode_eval_rows(encoders, cfg: SFTConfig, rows) -> list[list]:
