@@ -41,7 +41,6 @@ from ..common.cli import exit_on_error, trainer_main
 from ..common.data import Row, load_rows, plan_row, target_dims
 from ..common.logging_utils import make_grid, plot_series
 from ..common.model import free, load_encoders, load_transformer, use_checkpointing
-from ..memory import check_fit
 from ..common.run import TrainingRun
 from ..common.schedules import lr_multiplier
 from ..common.seeds import sample_seed
@@ -52,6 +51,7 @@ from ..common.trainable import (
     setup_transformer,
     trainable_state_dict,
 )
+from ..memory import check_fit
 from ..rewards import RewardBatch, check_batch, load_source, merge
 from .advantages import group_advantages
 from .config import RLConfig, check_world, load_config

@@ -43,6 +43,7 @@ from ..common.run import TrainingRun
 from ..common.schedules import lr_multiplier
 from ..common.trainable import EMA, load_trainable_state_dict, named_trainable, setup_transformer, trainable_state_dict
 from ..evaluate import evaluate
+from ..memory import check_fit
 from .config import SFTConfig, check_world, load_config, micro_batch_size
 from .data import BucketSampler, SampleCache, SampleEncoder, collate, shard
 from .loss import draw_noise_and_sigma, flow_matching_loss
@@ -106,6 +107,8 @@ def _train(cfg: SFTConfig, accelerator, resume: str | None) -> RunResult:
 
     # 1. Config and resume checks ----------------------------------------------------------------
     check_world(cfg, world)
+    if accelerator.device.type == "cuda":  # a run that cannot fit stops here, before any weight loads
+        check_fit(cfg, "sft", world, torch.cuda.get_device_properties(accelerator.device).total_memory)
     fsdp = cfg.fsdp
     if accelerator.distributed_type == DistributedType.FSDP:
         raise UniRefError("this run was launched with an accelerate FSDP config: the trainer shards with FSDP2 itself "
