@@ -123,10 +123,16 @@ def test_check_fit_raises_before_loading_naming_the_fix(real_model, tmp_path):
     check_fit(cfg, kind, 1, 80 * GiB)  # fits: no error
     with pytest.raises(ConfigError, match=r'base_dtype "fp8".*lora rank 32') as e:
         check_fit(cfg, kind, 1, 48 * GiB)
-    assert "48.0 GiB" in str(e.value)
+    assert "48.0 GiB" in str(e.value) and "UNIREF_NO_FIT_CHECK=1" in str(e.value)
     cfg, kind = load_any_config(write_config(tmp_path, real_model, base="bf16", gradient_checkpointing=False))
     with pytest.raises(ConfigError, match="gradient_checkpointing true"):
         check_fit(cfg, kind, 1, 48 * GiB)
+
+
+def test_check_fit_can_be_overridden_by_a_user_who_wants_to_try(real_model, tmp_path, monkeypatch):
+    cfg, kind = load_any_config(write_config(tmp_path, real_model, base="bf16"))
+    monkeypatch.setenv("UNIREF_NO_FIT_CHECK", "1")
+    check_fit(cfg, kind, 1, 48 * GiB)  # the planner says no, the user tries anyway
 
 
 def test_check_fit_says_when_nothing_fits(real_model, tmp_path):
