@@ -78,7 +78,8 @@ def test_real_size_msgrpo_g16_at_512_fits_80(real_model, tmp_path):
 def test_real_size_full_fine_tune_needs_fsdp_over_8_gpus(real_model, tmp_path):
     path = write_config(tmp_path, real_model, rank=None)
     assert peak_gib(path) > 300  # fp32 weights, gradients and AdamW's two states: 16 bytes × 20.4 B
-    assert peak_gib(path, processes=8) <= 70
+    assert peak_gib(path, processes=8) > 300  # data parallel without "fsdp": every process holds all of it
+    assert peak_gib(write_config(tmp_path, real_model, rank=None, fsdp=True), processes=8) <= 70
 
 
 def test_the_encoding_pass_holds_the_text_encoder_only_before_the_transformer(real_model, tmp_path):
@@ -115,7 +116,7 @@ def test_cli_names_the_settings_that_would_fit(real_model, tmp_path, capsys):
 
 def test_cli_full_fine_tune_on_one_gpu_suggests_fsdp(real_model, tmp_path, capsys):
     main(["--config", str(write_config(tmp_path, real_model, rank=None)), "--gpu-gb", "80"])
-    assert "8 processes with FSDP" in capsys.readouterr().out
+    assert '"fsdp": true over 8 processes (torchrun --nproc_per_node 8)' in capsys.readouterr().out
 
 
 def test_check_fit_raises_before_loading_naming_the_fix(real_model, tmp_path):

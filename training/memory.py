@@ -252,7 +252,7 @@ def _setup(cfg, kind: str, processes: int, fsdp: bool | None) -> Setup:
                  checkpointing=bool(ckpt), ema=bool(getattr(cfg, "ema_decay", None)), micro=micro, group=group,
                  cfg_pass=cfg_pass, decode_batch=decode, keeps_vae=keeps_vae, encodes=True,
                  optimizer_in_backward=steps > 1, processes=processes,
-                 fsdp=(full and processes > 1) if fsdp is None else fsdp)  # fmt: skip
+                 fsdp=bool(getattr(cfg, "fsdp", False)) if fsdp is None else fsdp)  # fmt: skip
 
 
 def _references(manifests) -> int:
@@ -440,7 +440,7 @@ def suggest(cfg, kind: str, processes: int, gpu_bytes: int, device: str = "cuda"
         steps.append(("ema_decay null", {"ema": False}))
     if s.lora_rank is None and s.processes < 8:
         for n in (n for n in (2, 4, 8) if n > s.processes):
-            steps.append((f"{n} processes with FSDP (training/accelerate_fsdp.yaml)", {"processes": n, "fsdp": True}))
+            steps.append((f"\"fsdp\": true over {n} processes (torchrun --nproc_per_node {n})", {"processes": n, "fsdp": True}))
 
     def peak(changes: dict) -> int:
         return estimate(networks(cfg.model), dataclasses.replace(s, **changes), base.layout, device).peak
@@ -591,7 +591,7 @@ def report(cfg, kind: str, processes: int, gpu_bytes: int, device: str = "cuda")
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m training.memory", description=__doc__.split("\n")[0])
     ap.add_argument("--config", required=True, help="an SFT or MSGRPO config (JSON or TOML)")
-    ap.add_argument("--processes", type=int, default=1, help="GPUs (processes); a full fine-tune over several uses FSDP")
+    ap.add_argument("--processes", type=int, default=1, help="GPUs (processes); with \"fsdp\": true a full fine-tune is sharded over them")
     ap.add_argument("--gpu-gb", type=float, default=80.0, help="memory of one GPU in GiB (an 80 GB card: 80)")
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: a CPU process's resident memory")
     args = ap.parse_args(argv)
