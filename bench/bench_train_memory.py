@@ -45,9 +45,8 @@ MODES = {
     "lora_bf16": ("sft", {**SFT, "lora": LORA, "base_dtype": "bf16"}),
     "lora_fp8": ("sft", {**SFT, "lora": LORA, "base_dtype": "fp8"}),
     "full": ("sft", {**SFT, "base_dtype": "bf16"}),
-    "msgrpo_g16": ("msgrpo", MSGRPO),
-    # The re-scoring pass 4 images at a time: the same update, a quarter of its activations.
-    "msgrpo_g16_mb4": ("msgrpo", {**MSGRPO, "policy_micro_batch": 4}),
+    "msgrpo_g16": ("msgrpo", MSGRPO),  # the re-scoring pass 4 images at a time (policy_micro_batch's default)
+    "msgrpo_g16_whole": ("msgrpo", {**MSGRPO, "policy_micro_batch": None}),  # the whole group in one pass
     # A global batch of 2: one micro-batch per process, as "full" has in its one process.
     "fsdp2": ("sft", {**SFT, "base_dtype": "bf16", "fsdp": True, "stages": [{**SFT["stages"][0], "batch_size": 2}]}),
 }
@@ -65,8 +64,6 @@ def brightness_source():
 
     return source
 
-
-MODES["msgrpo_g16_mb4"] = ("msgrpo", {**MODES["msgrpo_g16"][1], "policy_micro_batch": 4})
 
 CHILD = r"""
 import json, resource, sys
