@@ -268,3 +268,12 @@ def test_rl_prompts_are_encoded_once_into_the_cache(tiny_model, prompts, tmp_pat
     folder = next((tmp_path / "r" / "cache").glob("rl-prompts-*"))
     key = json.loads((folder / "cache.json").read_text())
     assert key["kind"] == "rl-prompts" and key["budget"] == 64 * 64  # areas: 64 means 64²
+
+
+def test_fp8_base_on_a_torch_without_float8_says_what_to_use(monkeypatch):
+    from training.common.model import check_fp8
+    from uniref_core.errors import UniRefError
+
+    monkeypatch.delattr(torch, "float8_e4m3fn")
+    with pytest.raises(UniRefError, match="base_dtype fp8 needs torch ≥ 2.1.*use base_dtype bf16"):
+        check_fp8("cpu")
