@@ -106,7 +106,7 @@ class SampleCache:
 
     def sample(self, index: int, stage_index: int) -> tuple[Encoded, PromptEmbeds]:
         t, meta = self.stages[stage_index].get(index)
-        refs = [t[f"ref{k}"] for k in range(len(t) - 1)]
+        refs = [t[f"ref{k}"] for k in range(self.rows[index].k)]
         encoded = Encoded(t["x0"], refs, [tuple(s) for s in meta["img_shapes"]])
         p, pmeta = self.prompts.get(index)
         return encoded, PromptEmbeds(p["embeds"], p.get("mask"), pmeta["vl_tokens"])
