@@ -104,8 +104,6 @@ def test_example_workflow_runs_to_a_saved_image(host, workflow):
     assert img.size == (96, 64)
 
 
-@pytest.mark.skipif(not (ROOT / "models" / "uniref-default" / "model_index.json").is_file(),
-                    reason="the built-in default model is not in the repository yet (issue 6)")
 def test_shipped_workflow_composes_the_references_with_the_trained_model(host):
     """The multi-reference workflow exactly as shipped (only the model is picked by its folder name, since
     the tests point the built-in name at a tiny random model): the ShapeCompose checker finds each

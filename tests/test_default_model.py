@@ -19,12 +19,6 @@ ROOT = Path(__file__).resolve().parent.parent
 ASSETS = ROOT / "assets"
 SPEC = json.loads((ASSETS / "example_spec.json").read_text())
 REFS = [ASSETS / n for n in ("ref_red_circle.png", "ref_blue_triangle.png", "ref_background.png")]
-shipped = pytest.mark.skipif(
-    not (SHIPPED_MODEL_DIR / "model_index.json").is_file(),
-    reason="the built-in default model is not in the repository yet (issue 6): `python -m training.build_default`",
-)
-
-
 def run(*args, env_extra=None):
     env = {k: v for k, v in os.environ.items() if k != "UNIREF_DEFAULT_MODEL"}
     env.update(PYTHONPATH=str(ROOT), **(env_extra or {}))
@@ -32,7 +26,6 @@ def run(*args, env_extra=None):
                           timeout=600)  # fmt: skip
 
 
-@shipped
 def test_shipped_model_is_small_safetensors_with_its_defaults():
     folder = ROOT / SHIPPED_MODEL_DIR
     files = [p for p in folder.rglob("*") if p.is_file()]
@@ -51,7 +44,6 @@ def test_example_spec_describes_the_main_command():
     assert "assets/example_spec.json" in (ROOT / "scripts" / "main.sh").read_text()
 
 
-@shipped
 def test_cli_without_a_model_composes_the_example_references(tmp_path):
     out = tmp_path / "out.png"
     r = run("-m", "uniref_core", "edit", *sum((["--ref", p] for p in REFS), []), "--prompt", SPEC["instruction"],
@@ -66,7 +58,6 @@ def test_cli_without_a_model_composes_the_example_references(tmp_path):
     assert s.instruction >= 0.7, s
 
 
-@shipped
 def test_the_sft_model_ships_beside_the_default_and_loads_by_name(tmp_path):
     """The default is the SFT model trained further with MSGRPO; the SFT model ships too, as a model of its
     own the CLI loads by name, and composes the example as well (a different image: other weights)."""
@@ -96,7 +87,6 @@ def test_the_sft_model_ships_beside_the_default_and_loads_by_name(tmp_path):
     assert np.abs(images["uniref-default"].astype(int) - images["uniref-default-sft"]).mean() > 0.5
 
 
-@shipped
 def test_model_names_resolve_to_the_built_in_folders(tmp_path, monkeypatch):
     from uniref_core import defaults
     from uniref_core.errors import UniRefError
