@@ -1,5 +1,6 @@
 """Config pieces the SFT and RL configs share: the error type, the hash that guards a resume, the stage
-the shared data loader reads, LoRA settings, the key and value checks, and reading JSON or TOML.
+the shared data loader reads, LoRA settings, the key and value checks, and reading JSON or TOML (a file may
+override a base file).
 
 Sizes (``budget``, ``output_size``, ``vl_budget``) are areas: 256 means 256², "1536x1024" a
 rectangle's area, a number ≥ 65536 a pixel count (`uniref_core.budget.parse_area`).
@@ -159,9 +160,56 @@ def _paths(value, key: str) -> list[str]:
     raise ConfigError(f"{key} must be a path or a list of paths, got {value!r}")
 
 
+#: The key by which a config file names the file it overrides (`read_config_data`).
+BASE_KEY = "base"
+
+
 def read_config_data(path) -> dict:
-    """The plain data of a ``.json`` or ``.toml`` config file (SFT and RL configs alike)."""
-    path = Path(path)
+    """The plain data of a ``.json`` or ``.toml`` config file (SFT and RL configs alike), its base merged in.
+
+    A file may name a base config, ``"base": "sft_base.json"``, as a path relative to the file itself; the base
+    may name its own. The file's keys are merged onto its base's (`merge_config_data`): tables key by key, the
+    file winning; any other value, a list included, replaces the base's whole.
+    """
+    return _read_with_base(Path(path), ())
+
+
+def _read_with_base(path: Path, chain: tuple[Path, ...]) -> dict:
+    chain = chain + (path.resolve(),)
+    data = _read_file(path)
+    if not isinstance(data, dict) or BASE_KEY not in data:
+        return data
+    data = dict(data)
+    base = data.pop(BASE_KEY)
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"config file {path}: {BASE_KEY} is {base!r}: give the path of the config it overrides, "
+                          f"relative to {path.parent}")  # fmt: skip
+    base_path = path.parent / base
+    if base_path.resolve() in chain:
+        names = " → ".join(str(p) for p in chain + (base_path.resolve(),))
+        raise ConfigError(f"config file {path}: its {BASE_KEY} {base!r} is circular ({names}): a base may not name a "
+                          "file that names it")  # fmt: skip
+    if not base_path.is_file():
+        raise ConfigError(f"config file {path}: its {BASE_KEY} {base!r} ({base_path}) does not exist: give a path "
+                          f"relative to {path.parent}")  # fmt: skip
+    base_data = _read_with_base(base_path, chain)
+    if not isinstance(base_data, dict):
+        raise ConfigError(f"config file {base_path} (the {BASE_KEY} of {path}) must be an object of keys")
+    return merge_config_data(base_data, data)
+
+
+def merge_config_data(base: dict, override: dict) -> dict:
+    """``override`` merged onto ``base``: tables recursively, any other value (a list too) replaced whole."""
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge_config_data(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _read_file(path: Path):
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as e:
