@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The MSGRPO aggregation ablation of training/README.md ("MSGRPO on the default model"): from the shipped
 # SFT model (models/uniref-default-sft, the default before MSGRPO), one run per aggregation on the same
-# prompts, seed and step budget (training/configs/msgrpo_ablation.json), each exported and evaluated on the
-# held-out test split.
+# prompts, seed and step budget (training/configs/msgrpo_ablation.json, an override of msgrpo_base.json), each
+# exported and evaluated on the held-out test split.
 #   bash scripts/msgrpo_ablation.sh                 # the start model, then min, normalized_sum, sum
 #   bash scripts/msgrpo_ablation.sh min sum         # only these arms
 # Work files: runs/rl-data (prompts), runs/rl/<arm> (run, resumable), runs/rl/model-<arm>,
@@ -27,8 +27,9 @@ for arm in "${ARMS[@]}"; do
     cfg=runs/rl/$arm.json
     $PY - "$arm" "$cfg" <<'PYEOF'
 import json, sys
+from training.common.config import read_config_data
 arm, path = sys.argv[1], sys.argv[2]
-cfg = json.load(open("training/configs/msgrpo_ablation.json"))
+cfg = read_config_data("training/configs/msgrpo_ablation.json")  # its base merged in: the copy stands alone
 cfg.update(aggregation=arm, output_dir=f"runs/rl/{arm}")
 json.dump(cfg, open(path, "w"), indent=1)
 PYEOF

@@ -1,34 +1,145 @@
-"""The default model's recipe chain (training.build_default): each variant's SFT config trains the data
-and start model the variant names, so `--recipe X` on a fresh machine rebuilds what X says."""
+"""The default model's recipe (training.build_default): each SFT phase's config trains the data and start model
+the recipe names, the shipped configs (bases merged in) say what they said before they were split into a base and
+overrides, and the recipe ends with MSGRPO from the SFT model."""
 
 import json
 from pathlib import Path
 
 import pytest
 
-from training.build_default import RECIPE, VARIANTS, main, shapecompose_info
+from training.build_default import MSGRPO, RECIPE, SFT_DATA, SFT_PHASES, WORK, main, shapecompose_info
+from training.common.config import ConfigError, read_config_data
+from training.rl.config import config_from_dict as rl_config_from_dict
+from training.rl.config import load_config as load_rl_config
+from training.sft.config import config_from_dict as sft_config_from_dict
 from training.sft.config import load_config
 from training.tasks.shapecompose import COMPOSE_ORDERS
 
-WORK = Path("runs/uniref-default")  # the work folder every shipped config's paths lie in
+WORK = Path(WORK)  # the work folder every shipped config's paths lie in
+CONFIGS = SFT_PHASES[0].parent
+
+# The shipped configs as whole files before they were split into a base and overrides (default_model_fast.json,
+# default_model_fast2.json, msgrpo_default.json and msgrpo_ablation.json at commit 31dc2d4): what they load to now.
+_SFT_SHARED = {
+    "train_manifest": "runs/uniref-default/data-anchored/train/manifest.jsonl",
+    "val_manifest": "runs/uniref-default/data-anchored/val/manifest.jsonl",
+    "seed": 0, "lora": None, "micro_batch_size": 4, "mixed_precision": "no", "ema_decay": 0.998, "vl_budget": 112,
+    "logit_normal": {"mean": 0.5, "std": 1.0, "pure_noise": 0.25}, "schedule": "cosine", "max_grad_norm": 1.0,
+    "eval_every": 0, "eval_samples": 8, "eval_steps": 20, "eval_cfg": 1.0, "save_every": 200, "keep_checkpoints": 4,
+    "log_every": 10,
+}  # fmt: skip
+_MSGRPO_SHARED = {
+    "model": "models/uniref-default-sft", "rewards": [{"source": "checker", "weight": 1.0}], "steps": 100,
+    "lr": 1e-4, "warmup": 3, "group_size": 6, "groups_per_step": 4, "rollout_steps": 10, "sde_window": [0, 4],
+    "eta": 0.7, "cfg": 1.0, "budget": 128, "output_size": 128, "clip_range": 1e-4, "adv_clip_max": 5.0, "beta": 0.0,
+    "lora": None, "save_every": 20, "keep_checkpoints": 1, "grid_every": 10, "seed": 0,
+}  # fmt: skip
+BEFORE = {
+    "sft_default_1.json": {
+        **_SFT_SHARED, "model": "runs/uniref-default/init", "output_dir": "runs/uniref-default/sft-fast",
+        "stages": [{"budget": 128, "steps": 4400, "lr": 0.002, "batch_size": 8, "output_size": 128}], "warmup": 100,
+    },
+    "sft_default_2.json": {
+        **_SFT_SHARED, "model": "runs/uniref-default/final-fast", "output_dir": "runs/uniref-default/sft-fast2",
+        "stages": [{"budget": 128, "steps": 6000, "lr": 0.0015, "batch_size": 8, "output_size": 128}], "warmup": 50,
+    },
+    "msgrpo_default.json": {
+        **_MSGRPO_SHARED, "train_manifest": "runs/uniref-default/rl-data/train/manifest.jsonl",
+        "output_dir": "runs/uniref-default/msgrpo", "aggregation": "sum",
+    },
+    "msgrpo_ablation.json": {
+        **_MSGRPO_SHARED, "train_manifest": "runs/rl-data/train/manifest.jsonl", "output_dir": "runs/rl/min",
+        "aggregation": "min",
+    },
+}  # fmt: skip
 
 
-@pytest.mark.parametrize("name", sorted(VARIANTS))
-def test_every_recipe_config_trains_its_own_data_from_its_start(name):
-    v = VARIANTS[name]
-    cfg = load_config(v["config"])
+@pytest.mark.parametrize("name", sorted(BEFORE))
+def test_shipped_configs_load_to_what_they_said_before_the_split(name):
+    path = CONFIGS / name
+    assert "base" in json.loads(path.read_text())  # an override of a base, not a whole config
+    assert read_config_data(path) == BEFORE[name]
+    if name.startswith("sft"):
+        assert load_config(path) == sft_config_from_dict(BEFORE[name])
+        assert load_config(path).hash() == sft_config_from_dict(BEFORE[name]).hash()  # old runs still resume
+    else:
+        assert load_rl_config(path) == rl_config_from_dict(BEFORE[name])
+
+
+def test_a_base_is_merged_tables_by_key_lists_whole_the_file_winning(tmp_path):
+    (tmp_path / "bases").mkdir()
+    (tmp_path / "bases" / "root.json").write_text(json.dumps(
+        {"lr": 1.0, "sde_window": [0, 4], "logit_normal": {"mean": 0.5, "std": 1.0}, "seed": 3}))
+    (tmp_path / "bases" / "mid.toml").write_text('base = "root.json"\nseed = 4\n')  # relative to mid.toml
+    (tmp_path / "run.json").write_text(json.dumps(
+        {"base": "bases/mid.toml", "sde_window": [1], "logit_normal": {"std": 2.0}, "lr": None}))
+    assert read_config_data(tmp_path / "run.json") == {
+        "lr": None, "sde_window": [1], "logit_normal": {"mean": 0.5, "std": 2.0}, "seed": 4}
+
+
+@pytest.mark.parametrize("files, message", [
+    ({"run.json": {"base": "nowhere.json"}}, "run.json: its base 'nowhere.json' ("),
+    ({"run.json": {"base": "a.json"}, "a.json": {"base": "run.json"}}, "is circular"),
+    ({"run.json": {"base": "run.json"}}, "is circular"),
+    ({"run.json": {"base": 3}}, "base is 3: give the path of the config it overrides"),
+])  # fmt: skip
+def test_a_missing_or_circular_base_is_refused_naming_the_file(tmp_path, files, message):
+    for name, data in files.items():
+        (tmp_path / name).write_text(json.dumps(data))
+    with pytest.raises(ConfigError) as e:
+        load_config(tmp_path / "run.json")
+    assert message in str(e.value) and str(tmp_path / "run.json") in str(e.value)
+
+
+def test_each_sft_phase_trains_the_recipe_data_from_the_phase_before():
     paths = lambda m: [Path(p) for p in (m if isinstance(m, list) else [m])]  # noqa: E731
-    assert paths(cfg.train_manifest) == [WORK / v["data"] / "train" / "manifest.jsonl"]
-    assert paths(cfg.val_manifest) == [WORK / v["data"] / "val" / "manifest.jsonl"]
-    start = WORK / f"final-{v['start']}" if v.get("start") else WORK / "init"
-    assert Path(cfg.model) == start
-    if v.get("start"):
-        assert v["start"] in VARIANTS and VARIANTS[v["start"]]["config"] != v["config"]
-        # The continuation trains on the data its start was trained with or on data of its own; never on
-        # another variant's output folder.
-        assert Path(cfg.output_dir) != Path(load_config(VARIANTS[v["start"]]["config"]).output_dir)
-    info = shapecompose_info(v)
+    cfgs = [load_config(p) for p in SFT_PHASES]
+    for i, cfg in enumerate(cfgs):
+        assert paths(cfg.train_manifest) == [WORK / SFT_DATA["folder"] / "train" / "manifest.jsonl"]
+        assert paths(cfg.val_manifest) == [WORK / SFT_DATA["folder"] / "val" / "manifest.jsonl"]
+        if i == 0:
+            assert Path(cfg.model) == WORK / "init"
+        else:  # where the phase before is exported: a model folder of its own in the work folder
+            assert Path(cfg.model).parent == WORK
+            assert Path(cfg.model) not in {Path(c.output_dir) for c in cfgs} | {Path(c.model) for c in cfgs[:i]}
+    assert len({Path(c.output_dir) for c in cfgs}) == len(cfgs)  # no phase resumes another's run
+    info = shapecompose_info(SFT_DATA)
     assert info["order"] in COMPOSE_ORDERS and info["ref_side"] == RECIPE["ref_side"]
+    assert MSGRPO["data"]["order"] in COMPOSE_ORDERS
+
+
+def test_sft_phases_run_in_order_each_exported_where_the_next_starts(tmp_path, monkeypatch):
+    """The steps' order and skips, with the steps themselves recorded instead of run: a phase whose export the
+    next one starts from is not trained again; the last phase always ends with its export to --sft-out."""
+    import training.build_default as bd
+
+    monkeypatch.chdir(tmp_path)  # the shipped configs' relative paths land here
+    calls = []
+
+    def export(cfg, dest, work, log, shapecompose):
+        calls.append(("export", Path(cfg.output_dir).name, dest))
+        dest.mkdir(parents=True, exist_ok=True)
+        (dest / "model_index.json").write_text("{}")
+        return {"final": dest}
+
+    monkeypatch.setattr(bd, "step_data", lambda work, log, data: calls.append(("data", data["folder"])))
+    monkeypatch.setattr(bd, "step_init", lambda work, log: calls.append(("init",)))
+    monkeypatch.setattr(bd, "step_sft", lambda path, log, nproc: calls.append(("sft", path.name)) or load_config(path))
+    monkeypatch.setattr(bd, "step_export", export)
+    out = tmp_path / "sft-out"
+    phase2_start = Path(load_config(SFT_PHASES[1]).model)
+    assert bd.step_build_sft(out, WORK, print) == {"final": out}
+    assert calls == [("data", "data-anchored"), ("init",), ("sft", "sft_default_1.json"),
+                     ("export", "sft-fast", phase2_start), ("sft", "sft_default_2.json"), ("export", "sft-fast2", out)]
+    calls.clear()
+    bd.step_build_sft(out, WORK, print)
+    assert calls == [("data", "data-anchored"), ("init",), ("sft", "sft_default_2.json"), ("export", "sft-fast2", out)]
+
+
+def test_the_recipe_flag_is_gone(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--recipe", "fast2"])
+    assert e.value.code == 2 and "--recipe" in capsys.readouterr().err
 
 
 def test_bad_nproc_is_refused_by_name(capsys):
@@ -38,7 +149,7 @@ def test_bad_nproc_is_refused_by_name(capsys):
 
 
 def test_the_shipped_recipe_ends_with_msgrpo_from_the_sft_model(tiny_model_4x, tmp_path, monkeypatch):
-    """--recipe fast2's last step: MSGRPO from the SFT export, on prompts of its own, under the standard
+    """The recipe's last step: MSGRPO from the SFT export, on prompts of its own, under the standard
     launcher, exported to --out with the folder's name; run again, it trains nothing more. A tiny model
     and one small step stand in for the shipped config, whose paths are checked here."""
     import shutil
@@ -46,9 +157,9 @@ def test_the_shipped_recipe_ends_with_msgrpo_from_the_sft_model(tiny_model_4x, t
     import training.build_default as bd
     from training.common.checkpoint import model_fingerprint
 
-    shipped = json.loads(bd.MSGRPO["config"].read_text())
+    shipped = read_config_data(bd.MSGRPO["config"])
     assert shipped["model"] == "models/uniref-default-sft"  # build_default's --sft-out
-    assert Path(shipped["train_manifest"]) == WORK / bd.MSGRPO["data"]["data"] / "train" / "manifest.jsonl"
+    assert Path(shipped["train_manifest"]) == WORK / bd.MSGRPO["data"]["folder"] / "train" / "manifest.jsonl"
     assert Path(shipped["output_dir"]).parent == WORK
     small = {**shipped, "steps": 1, "group_size": 2, "groups_per_step": 1, "rollout_steps": 2, "sde_window": [0, 1],
              "budget": 64, "output_size": 64, "vl_budget": 56, "tensorboard": False}  # fmt: skip

@@ -1,35 +1,29 @@
-"""Reproduce the built-in default model from scratch: data, VAE, SFT with progressive budgets, export, evaluation.
+"""Reproduce the built-in default model from scratch: data, VAE, SFT in two phases, MSGRPO, export, evaluation.
 
-    python -m training.build_default                      # the shipped recipe ("fast2"); resumes where it stopped
-    python -m training.build_default --recipe k123        # the K = 1…3 probe alone
-    python -m training.build_default --out /tmp/my-default --work runs/my-default --nproc 2
+    python -m training.build_default                      # resumes where it stopped
+    python -m training.build_default --out /tmp/my-default --sft-out /tmp/my-default-sft --nproc 2
 
-Every step writes its result atomically and is skipped when that result exists, so running the command
-again after a crash (or Ctrl-C) continues where it stopped; SFT itself resumes from its newest checkpoint.
-SFT runs as ``--nproc`` processes under ``torch.distributed.run`` (default: one per GPU, else 2 on a CPU).
-Times on 2 cores are in training/README.md. After the VAE, the checker's scores of its reconstructions of
+There is one recipe, the one that ships; earlier recipes and their results are in training/README.md
+("Earlier recipes"). Every step writes its result atomically and is skipped when that result exists, so running
+the command again after a crash (or Ctrl-C) continues where it stopped; SFT and MSGRPO resume from their newest
+checkpoint. Both run as ``--nproc`` processes under ``torch.distributed.run`` (default: one per GPU, else 2 on a
+CPU). Times on 2 cores are in training/README.md. After the VAE, the checker's scores of its reconstructions of
 held-out targets are logged (`vae ceiling`): no transformer on that VAE can score higher.
 
-A recipe may start from another one's model (``VARIANTS[...]["start"]``): "fast2" first builds "fast"
-(exported to ``<work>/final-<name>``), then continues it; "anchored2" builds "anchored", which builds "k123".
-
-1. ``data``: ShapeCompose train / val manifests, 128² targets, compositions' references squares of
-   ``RECIPE["ref_side"]`` px (one SELF layout per K, so a forward pass holds a whole batch of 16).
-   full: K = 1…6 compositions and single-image edits; k123: K = 1…3 compositions; anchored: K = 1…3
-   compositions in ShapeCompose's "anchored" order (objects centred, the background reference last).
+1. ``data``: ShapeCompose train / val manifests as `SFT_DATA` says (128² targets; compositions' references
+   squares of ``RECIPE["ref_side"]`` px, one SELF layout per K, so a forward pass holds a whole micro-batch).
 2. ``init``: the tiny Qwen-Image-Edit model (``uniref_core.tiny``, a 6-layer transformer) with a 4× VAE
    (8 px tokens) trained for reconstruction on ShapeCompose images (``training.vae``) and a ``uniref.json``
    with the settings it is trained for (VL copies 112² in all, 128² output, 20 steps, no CFG; the budget
    is the last stage's and "shapecompose" the data's, both set at export).
-3. ``sft``: ``training.sft`` with the recipe's config in ``training/configs/`` (``default_model.json``:
-   budgets 128² → 192²; ``default_model_k123.json`` and ``default_model_anchored.json``: 128²).
-4. ``export``: the EMA weights after the last stage to ``--out`` (``--sft-out`` where MSGRPO follows),
-   and those after the first stage to ``<work>/after_stage1`` for comparison.
-5. ``msgrpo`` (fast2, the shipped recipe; ``--no-msgrpo`` skips it): the SFT export goes to ``--sft-out``
-   (``models/uniref-default-sft``), MSGRPO (`MSGRPO`) trains it further on prompts of its own and its last
-   checkpoint is exported to ``--out`` (``models/uniref-default``, the default model).
+3. ``sft``: ``training.sft`` with each config of `SFT_PHASES` in turn (``training/configs/sft_default_*.json``
+   over ``sft_base.json``): the first from ``init``, each later one from the EMA export of the one before.
+4. ``export``: the last phase's EMA weights after its last stage to ``--sft-out`` (``--out`` with
+   ``--no-msgrpo``), and those after its first stage to ``<work>/after_stage1`` when it has several.
+5. ``msgrpo`` (``--no-msgrpo`` skips it): MSGRPO (`MSGRPO`) trains the SFT model further on prompts of its own
+   and its last checkpoint is exported to ``--out`` (``models/uniref-default``, the default model).
 6. ``eval``: ``training.evaluate`` on the held-out test split, K = 1…8, for each model, drawn as the model
-   was trained, and the VAE's ceiling on the same targets; JSON + PNG grids in ``<work>/eval-<recipe>``.
+   was trained, and the VAE's ceiling on the same targets; JSON + PNG grids in ``<work>/eval``.
 
 Why a 4× VAE and 128² output: one token is then 8×8 px, so a 128² target is 256 tokens and a 52 px
 object ~6 tokens across (~3 with the 8× VAE of real checkpoints, where run after run gave blobs).
@@ -51,13 +45,12 @@ from uniref_core.errors import UniRefError
 from .common.atomic import atomic_dir
 from .common.cli import exit_on_error
 
-CONFIG = Path(__file__).parent / "configs" / "default_model.json"
+CONFIGS = Path(__file__).parent / "configs"
+#: Where the shipped configs' paths lie (the default of ``--work``).
+WORK = "runs/uniref-default"
 
-#: The recipe's fixed choices (the SFT ones are in CONFIG).
+#: The recipe's fixed choices (the SFT ones are in `SFT_PHASES`' configs).
 RECIPE = {
-    "train_samples": 5000,  # encoding is ~0.16 s a sample a stage on 2 cores: more would not fit 2.5 h
-    "val_samples": 48,
-    "compose_fraction": 0.75,  # the rest are single-image edits (K = 1)
     "size": 128,
     # Compositions' references are squares of one side: under SELF every composition of one K then has one
     # layout, so a forward pass holds a whole batch (diffusers builds RoPE from the first sample's layout).
@@ -83,6 +76,24 @@ RECIPE = {
 MODEL_DEFAULTS = {"budget": 192 * 192, "vl_budget": 112 * 112, "output_area": 128 * 128, "steps": 20, "cfg": 1.0}
 
 
+#: The data the SFT phases train on, in ``<work>/<folder>`` (where their configs' manifests lie): anchored K = 1…3
+#: compositions (`training.tasks.shapecompose.COMPOSE_ORDERS`: objects centred in their references at about the
+#: size their slot asks for, a background reference last at K ≥ 2), K = 3 drawn twice as often as K = 1 or 2.
+#: ``compose_fraction`` below 1 makes the rest single-image edits (K = 1).
+SFT_DATA = {"folder": "data-anchored", "ks": (1, 2, 3, 3), "order": "anchored", "train_samples": 3000,
+            "val_samples": 32, "compose_fraction": 1.0}
+
+#: The SFT phases in order. The first starts from ``<work>/init``; each later one from its config's "model", where
+#: the phase before it is exported. Phase 1: 4,400 steps of 8 at lr 2e-3 cosine; phase 2: 6,000 more at 1.5e-3.
+SFT_PHASES = (CONFIGS / "sft_default_1.json", CONFIGS / "sft_default_2.json")
+
+#: The last step: MSGRPO from the SFT export, the `sum` arm of training/README.md's aggregation ablation (checker
+#: reward, 4 groups of 6 a step), on prompts of its own: 400 anchored compositions with K = 2, 3, 3.
+MSGRPO = {"config": CONFIGS / "msgrpo_default.json",
+          "data": {"folder": "rl-data", "ks": (2, 3, 3), "order": "anchored", "train_samples": 400, "val_samples": 8,
+                   "compose_fraction": 1.0}}  # fmt: skip
+
+
 def _done(path: Path) -> bool:
     return (path / ".done").is_file()
 
@@ -91,67 +102,23 @@ def _mark(path: Path, info: dict) -> None:
     (path / ".done").write_text(json.dumps(info))
 
 
-#: Variants of the recipe (``--recipe``): what differs from RECIPE and CONFIG. "k123" is the K = 1…3 probe
-#: the full recipe is checked against first (compositions only, one stage at the lowest budget); it shares
-#: the VAE and the start model with the full recipe, so running both trains the VAE once.
-#: "anchored" continues the k123 model (``start``: that variant is built first and exported to
-#: ``<work>/final-k123``) on "anchored" compositions (`training.tasks.shapecompose.COMPOSE_ORDERS`): objects
-#: centred in their references at about the size their slot asks for, a background reference last at K ≥ 2,
-#: K = 3 drawn twice as often as K = 1 or 2. The k123 probe placed objects but did not bind them to pictures.
-VARIANTS = {
-    "full": {"config": CONFIG, "data": "data", "ks": None},
-    "k123": {"config": CONFIG.with_name("default_model_k123.json"), "data": "data-k123", "ks": (1, 2, 3),
-             "train_samples": 4000, "val_samples": 32, "compose_fraction": 1.0},
-}
-VARIANTS["anchored"] = {"config": CONFIG.with_name("default_model_anchored.json"), "data": "data-anchored",
-                        "ks": (1, 2, 3, 3), "order": "anchored", "train_samples": 3000, "val_samples": 32,
-                        "compose_fraction": 1.0, "start": "k123"}  # fmt: skip
-# 600 more steps on the same data, a new cosine cycle at lr 1e-3 (after 1,600 steps objects had their
-# picture's colour and slot but not yet its shape).
-VARIANTS["anchored2"] = {**VARIANTS["anchored"], "config": CONFIG.with_name("default_model_anchored2.json"),
-                         "start": "anchored"}  # fmt: skip
-# The anchored data straight from the untrained model, without the k123 probe before it: 2,000 steps at
-# lr 3e-3 cosine fit one 2.5 h session on 2 cores with the VAE (the k123 → anchored → anchored2 chain took
-# ~3.6 h, and work files do not outlive a session here).
-VARIANTS["direct"] = {**VARIANTS["anchored"], "config": CONFIG.with_name("default_model_direct.json"), "start": None}
-# "direct" with twice the updates in the same time: batch 8 (4 a process) for 4,400 steps at lr 2e-3. One
-# sample already keeps 2 cores busy (micro-batch 16 is only 1.05x micro-batch 1 a sample), so halving the
-# batch halves the step; "direct" needed 6,000 steps of 16 over three sessions, and work files do not
-# outlive a session here.
-VARIANTS["fast"] = {**VARIANTS["direct"], "config": CONFIG.with_name("default_model_fast.json")}
-# 6,000 more steps of 8 from the "fast" export (lr 1.5e-3 cosine, warm-up 50, same data): after 4,400 steps
-# (35k samples) its loss was still ≈0.035 and triangles blobs; "direct" needed ~96k samples to draw them.
-VARIANTS["fast2"] = {**VARIANTS["fast"], "config": CONFIG.with_name("default_model_fast2.json"), "start": "fast"}
-
-
-#: The shipped recipe's last step (``--recipe fast2`` without ``--no-msgrpo``): MSGRPO from the SFT export,
-#: the `sum` arm of training/README.md's aggregation ablation (``configs/msgrpo_default.json``: checker
-#: reward, 4 groups of 6 a step), on prompts of its own: 400 anchored compositions with K = 2, 3, 3.
-MSGRPO = {"config": CONFIG.with_name("msgrpo_default.json"), "recipes": ("fast2",),
-          "data": {"data": "rl-data", "ks": (2, 3, 3), "order": "anchored", "train_samples": 400, "val_samples": 8,
-                   "compose_fraction": 1.0}}  # fmt: skip
-
-
-def shapecompose_info(variant: dict) -> dict:
+def shapecompose_info(data: dict) -> dict:
     """What a model's ``uniref.json`` "shapecompose" records of its data (read back by `training.evaluate`)."""
-    return {"ref_side": RECIPE["ref_side"], "order": variant.get("order", "reading")}
+    return {"ref_side": RECIPE["ref_side"], "order": data["order"]}
 
 
-def step_data(work: Path, log, variant: dict | None = None) -> None:
-    from .tasks.shapecompose import K_TRAIN, make_mixture, write_manifest
+def step_data(work: Path, log, data: dict) -> None:
+    """The train and val manifests ``data`` (`SFT_DATA`, ``MSGRPO["data"]``) says, in ``<work>/<folder>``."""
+    from .tasks.shapecompose import make_mixture, write_manifest
 
-    v = {**VARIANTS["full"], **(variant or {})}
-    ks = v["ks"] or K_TRAIN
-    fraction = v.get("compose_fraction", RECIPE["compose_fraction"])
-    for split, n in (("train", v.get("train_samples", RECIPE["train_samples"])),
-                     ("val", v.get("val_samples", RECIPE["val_samples"]))):  # fmt: skip
-        final = work / v["data"] / split
+    for split, n in (("train", data["train_samples"]), ("val", data["val_samples"])):
+        final = work / data["folder"] / split
         if _done(final):
             continue
         with atomic_dir(final) as tmp:
             t0 = time.perf_counter()
-            samples = make_mixture(split, n, fraction, ks, RECIPE["size"], order=v.get("order", "reading"),
-                                   ref_side=RECIPE["ref_side"])
+            samples = make_mixture(split, n, data["compose_fraction"], data["ks"], RECIPE["size"],
+                                   order=data["order"], ref_side=RECIPE["ref_side"])  # fmt: skip
             write_manifest(samples, tmp)
             _mark(tmp, {"samples": n, "seconds": time.perf_counter() - t0})
         log(f"data: {split} {n} samples in {time.perf_counter() - t0:.0f} s")
@@ -248,23 +215,20 @@ def stage_end_checkpoints(cfg) -> list[Path]:
     return [p for p in ckpt_mod.complete_checkpoints(cfg.output_dir) if ckpt_mod.read_state(p).get("stage_end")]
 
 
-def step_build(name: str, out: Path, work: Path, log, nproc: int = 1, config: Path | None = None) -> dict[str, Path]:
-    """Variant ``name``: its start model first (`step_start`), then data, init, SFT and export to ``out``."""
-    variant = VARIANTS[name]
-    if variant.get("start"):
-        step_start(variant["start"], work, log, nproc)
-    step_data(work, log, variant)
+def step_build_sft(out: Path, work: Path, log, nproc: int = 1) -> dict[str, Path]:
+    """The SFT model: data, init, then each of `SFT_PHASES` trained and exported to where the next one starts
+    (its config's "model"), the last to ``out``. A phase whose export the next one starts from is done."""
+    from .sft.config import load_config
+
+    step_data(work, log, SFT_DATA)
     step_init(work, log)
-    cfg = step_sft(Path(config or variant["config"]), log, nproc)
-    return step_export(cfg, out, work, log, shapecompose_info(variant))
-
-
-def step_start(name: str, work: Path, log, nproc: int = 1) -> Path:
-    """Variant ``name`` built and exported to ``<work>/final-<name>``, the start of another variant."""
-    folder = work / f"final-{name}"
-    if not (folder / "model_index.json").is_file():
-        step_build(name, folder, work, log, nproc)
-    return folder
+    starts = [Path(load_config(p).model) for p in SFT_PHASES[1:]] + [out]
+    for config_path, dest in zip(SFT_PHASES, starts):
+        if dest != out and (dest / "model_index.json").is_file():
+            continue
+        cfg = step_sft(config_path, log, nproc)
+        models = step_export(cfg, dest, work, log, shapecompose_info(SFT_DATA))
+    return models
 
 
 def step_export(cfg, out: Path, work: Path, log, shapecompose: dict | None = None) -> dict[str, Path]:
@@ -300,14 +264,15 @@ def _name_model(folder: Path) -> None:
 def step_msgrpo(sft_model: Path, out: Path, work: Path, log, nproc: int = 1) -> Path:
     """MSGRPO (`MSGRPO`) from ``sft_model``, its last checkpoint exported to ``out``; resumes like SFT."""
     from .common import checkpoint as ckpt_mod
+    from .common.config import read_config_data
     from .export import export
     from .rl.config import load_config
 
     step_data(work, log, MSGRPO["data"])
-    config_path = work / "msgrpo.json"  # the shipped config with this build's paths
-    data = json.loads(MSGRPO["config"].read_text())
-    data.update(model=str(sft_model), train_manifest=str(work / MSGRPO["data"]["data"] / "train" / "manifest.jsonl"),
-                output_dir=str(work / "msgrpo"))  # fmt: skip
+    config_path = work / "msgrpo.json"  # the shipped config, its base merged in, with this build's paths
+    data = read_config_data(MSGRPO["config"])
+    data.update(model=str(sft_model), output_dir=str(work / "msgrpo"),
+                train_manifest=str(work / MSGRPO["data"]["folder"] / "train" / "manifest.jsonl"))  # fmt: skip
     config_path.write_text(json.dumps(data, indent=1))
     cfg = load_config(config_path)
     if not _trained(cfg.output_dir, cfg.steps):
@@ -347,19 +312,17 @@ def step_eval(models: dict[str, Path], work: Path, log, order: str = "reading", 
 
 @exit_on_error
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m training.build_default", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m training.build_default", description=__doc__.split("\n")[0],
+        epilog="There is one recipe, what ships: 4,400 + 6,000 SFT steps of 8 on anchored K = 1…3 compositions, "
+        "then 100 MSGRPO steps. The --recipe flag is gone with the earlier recipes (training/README.md, "
+        "\"Earlier recipes\", names the commit of each one's config).")  # fmt: skip
     p.add_argument("--out", default="models/uniref-default", help="where the trained model folder goes")
     p.add_argument("--sft-out", default="models/uniref-default-sft",
-                   help="recipes that end with MSGRPO (fast2): where the SFT model it starts from goes")
-    p.add_argument("--no-msgrpo", action="store_true",
-                   help="stop after SFT: the SFT model goes to --out (fast2 ends with MSGRPO otherwise)")
-    p.add_argument("--work", default="runs/uniref-default", help="data, runs, checkpoints and evaluations")
-    p.add_argument("--recipe", choices=sorted(VARIANTS), default="fast2",
-                   help="fast2 (what ships): 4,400 + 6,000 steps of 8 on anchored K = 1…3 compositions, then "
-                   "100 MSGRPO steps (fast: the first 4,400 only); anchored2: k123, then 1,600 + 600 steps of 16; "
-                   "full: K = 1…6 and edits, budgets 128² → 192² (not run); "
-                   "k123: the K = 1…3 probe (compositions, 128²)")
-    p.add_argument("--config", default=None, help="SFT config (default: the recipe's; its paths must lie in --work)")
+                   help="where the SFT model that MSGRPO starts from goes")
+    p.add_argument("--no-msgrpo", action="store_true", help="stop after SFT: the SFT model goes to --out")
+    p.add_argument("--work", default=WORK,
+                   help="data, runs, checkpoints and evaluations (the shipped configs' paths lie in the default)")
     p.add_argument("--skip-eval", action="store_true")
     p.add_argument("--nproc", type=int, default=None,
                    help="SFT and MSGRPO processes (torch.distributed.run; default: one per GPU, else 2 on a CPU with "
@@ -380,15 +343,14 @@ def main(argv=None) -> int:
             f.write(line + "\n")
 
     t0 = time.perf_counter()
-    variant = VARIANTS[a.recipe]
-    if a.recipe in MSGRPO["recipes"] and not a.no_msgrpo:
-        models = step_build(a.recipe, Path(a.sft_out), work, log, a.nproc, a.config)
+    if a.no_msgrpo:
+        models = step_build_sft(Path(a.out), work, log, a.nproc)
+    else:
+        models = step_build_sft(Path(a.sft_out), work, log, a.nproc)
         _name_model(models["final"])
         models = {"sft": models["final"], "final": step_msgrpo(models["final"], Path(a.out), work, log, a.nproc)}
-    else:
-        models = step_build(a.recipe, Path(a.out), work, log, a.nproc, a.config)
     if not a.skip_eval:
-        step_eval(models, work, log, variant.get("order", "reading"), f"eval-{a.recipe}")
+        step_eval(models, work, log, SFT_DATA["order"])
     log(f"build_default: done in {time.perf_counter() - t0:.0f} s (this invocation); model in {a.out}")
     return 0
 
