@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from training.build_default import MSGRPO, RECIPE, SFT_DATA, SFT_PHASES, WORK, main, shapecompose_info
+from training.build_default import MSGRPO, RECIPE, SFT_DATA, SFT_PHASES, main, shapecompose_info
+from training.build_default import WORK as DEFAULT_WORK
 from training.common.config import ConfigError, read_config_data
 from training.rl.config import config_from_dict as rl_config_from_dict
 from training.rl.config import load_config as load_rl_config
@@ -15,7 +16,7 @@ from training.sft.config import config_from_dict as sft_config_from_dict
 from training.sft.config import load_config
 from training.tasks.shapecompose import COMPOSE_ORDERS
 
-WORK = Path(WORK)  # the work folder every shipped config's paths lie in
+WORK = Path(DEFAULT_WORK)  # the work folder every shipped config's paths lie in
 CONFIGS = SFT_PHASES[0].parent
 
 # The shipped configs as whole files before they were split into a base and overrides (default_model_fast.json,
