@@ -99,6 +99,16 @@ def plan_row(row: Row, stage: Stage, cfg) -> Plan:
                            width=width, height=height, token_px=token_px)  # fmt: skip
 
 
+def encode_row(pipe, row: Row, stage: Stage, cfg, guidance: float):
+    """A row's SELF conditioning exactly as inference encodes it (``pipe.encode``, mode "budget"): the stage's
+    budget, the target's size in the stage, the config's VL budget and upscaling; ``guidance`` > 1 adds the
+    negative prompt."""
+    width, height = target_dims(row.target_size, stage, pipe.token_px)
+    return pipe.encode([str(p) for p in row.references], row.instruction, cfg=guidance, mode="budget",
+                       budget=stage.budget, upscale=cfg.upscale, vl_budget=cfg.vl_budget, width=width,
+                       height=height)  # fmt: skip
+
+
 def layout_key(plan: Plan) -> tuple:
     """(frames, rows, cols) of the target and of every reference, in order: one RoPE layout.
 

@@ -12,24 +12,19 @@ from __future__ import annotations
 
 import ctypes
 import gc
-import json
 import math
 from pathlib import Path
 
 import torch
 
-from uniref_core.model import Components, load_components
+from uniref_core.model import Components, empty_transformer, load_components
 
 from .config import CHECKPOINTING_ABOVE, base_dtype
 
 
 def transformer_parameters(model) -> int:
     """The transformer's parameter count, from its config alone (built on the meta device: no weights)."""
-    from diffusers import QwenImageTransformer2DModel
-
-    config = json.loads((Path(model) / "transformer" / "config.json").read_text())
-    with torch.device("meta"):
-        module = QwenImageTransformer2DModel(**{k: v for k, v in config.items() if not k.startswith("_")})
+    module = empty_transformer(Path(model) / "transformer", "meta")
     return sum(math.prod(p.shape) for p in module.parameters())
 
 

@@ -38,7 +38,7 @@ from uniref_core.sampling import DenoiseStep, sde_step
 from ..common import checkpoint as ckpt_mod
 from ..common.cache import ShardCache, rows_digest
 from ..common.cli import exit_on_error, trainer_main
-from ..common.data import Row, load_rows, plan_row, target_dims
+from ..common.data import Row, encode_row, load_rows, plan_row
 from ..common.logging_utils import make_grid, plot_series
 from ..common.model import free, load_encoders, load_transformer, use_checkpointing
 from ..common.run import TrainingRun
@@ -115,11 +115,7 @@ class PromptCache:
         pipe = UniRefPipeline(encoders)
 
         def encode(i):
-            row = self.rows[i]
-            width, height = target_dims(row.target_size, self.cfg.stages[0], pipe.token_px)
-            cond = pipe.encode([str(p) for p in row.references], row.instruction, cfg=self.cfg.cfg, mode="budget",
-                               budget=self.cfg.budget, upscale=self.cfg.upscale, vl_budget=self.cfg.vl_budget,
-                               width=width, height=height)  # fmt: skip
+            cond = encode_row(pipe, self.rows[i], self.cfg.stages[0], self.cfg, self.cfg.cfg)
             tensors = {f"ref{k}": r for k, r in enumerate(cond.ref_tokens)}
             meta = {}
             for name, p in (("positive", cond.positive), ("negative", cond.negative)):

@@ -35,7 +35,7 @@ from uniref_core.pipeline import UniRefPipeline
 from ..common import checkpoint as ckpt_mod
 from ..common.cli import exit_on_error, trainer_main
 from ..common.config import Stage
-from ..common.data import layout_key, load_rows, plan_row, target_dims
+from ..common.data import encode_row, layout_key, load_rows, plan_row
 from ..common.fsdp import clip_grad_norm, local_fraction, process_group, sharded_transformer
 from ..common.logging_utils import PLOT_FILE, plot_loss
 from ..common.model import free, load_encoders, load_transformer, use_checkpointing
@@ -283,11 +283,7 @@ def encode_eval_rows(encoders, cfg: SFTConfig, rows) -> list[list]:
     for stage in cfg.stages:
         per_stage = []
         for row in rows[: cfg.eval_samples]:
-            width, height = target_dims(row.target_size, stage, pipe.token_px)
-            cond = pipe.encode([str(p) for p in row.references], row.instruction, cfg=cfg.eval_cfg, mode="budget",
-                               budget=stage.budget, upscale=cfg.upscale, vl_budget=cfg.vl_budget, width=width,
-                               height=height)  # fmt: skip
-            per_stage.append(cond.to("cpu", torch.float32))
+            per_stage.append(encode_row(pipe, row, stage, cfg, cfg.eval_cfg).to("cpu", torch.float32))
         conds.append(per_stage)
     return conds
 
