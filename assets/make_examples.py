@@ -5,8 +5,9 @@
 This folder is not named examples/: ComfyUI serves the first of examples/, workflows/ … as the pack's
 template folder, and our workflows live in workflows/.
 
-Two object references (each on its own background) and a background reference, of the kind the
-built-in model was trained on (squares of `training.build_default.RECIPE["ref_side"]` px, the object
+A scene to edit (`edit_scene.png`, the single-edit template's Picture 1, with assets/edit_spec.json: the red
+circle recoloured to blue, what the template asks for), two object references (each on its own background) and a
+background reference, of the kind the built-in model was trained on (squares of `training.build_default.RECIPE["ref_side"]` px, the object
 centred at 0.55 of the side on a flat background: ShapeCompose's "anchored" order) so it knows them, plus assets/example_spec.json: the ShapeCompose spec
 of the composition that scripts/main.sh asks for, so the checker can score out.png
 (`python -m training.checker out.png assets/example_spec.json`).
@@ -23,9 +24,11 @@ sys.path.insert(0, str(ROOT))
 
 from training.build_default import RECIPE  # noqa: E402
 from training.tasks.shapecompose import ANCHORED_OBJECT_FRAC, render_background, render_scene, slot_layout  # noqa: E402
+from training.tasks.shapecompose.scenes import edit_object  # noqa: E402
 
 SIZE = 128  # the default model's output side
 SIDE = RECIPE["ref_side"]  # 96: the side of the square references it was trained on
+EDIT_PROMPT = "Recolour the red circle in Picture 1 to blue."
 PROMPT = ("Put the object from Picture 1 on the left and the object from Picture 2 on the right, "
           "on the background of Picture 3.")  # fmt: skip
 
@@ -53,7 +56,21 @@ def main() -> None:
                            {"role": "object", "shape": "triangle", "colour": "blue", "background": "gray"},
                            {"role": "background", "background": "blue_green"}]}  # fmt: skip
     (assets / "example_spec.json").write_text(json.dumps(spec, indent=1) + "\n")
+    write_edit_example(assets)
     print("wrote", ", ".join(p.name for p in sorted(assets.iterdir())))
+
+
+def write_edit_example(assets: Path) -> None:
+    """A scene as ShapeCompose's edits draw them (objects of ~34 px at the edit grid's places, 128²) and the spec of
+    the template's edit: the red circle recoloured to blue, the green triangle and the background kept."""
+    scene = [edit_object("circle", "red", "left", 34, SIZE), edit_object("triangle", "green", "right", 34, SIZE)]
+    render_scene("white", scene, SIZE).save(assets / "edit_scene.png")
+    target = [dict(o, ref=0) for o in scene]
+    target[0]["colour"] = "blue"
+    spec = {"kind": "recolour", "size": SIZE, "background": "white", "objects": target, "instruction": EDIT_PROMPT,
+            "references": [{"role": "scene", "background": "white", "width": SIZE, "height": SIZE, "objects": scene}],
+            "edit": {"op": "recolour", "object": 0, "from": "red", "to": "blue"}}  # fmt: skip
+    (assets / "edit_spec.json").write_text(json.dumps(spec, indent=1) + "\n")
 
 
 if __name__ == "__main__":

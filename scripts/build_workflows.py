@@ -164,7 +164,7 @@ def main() -> None:
     (ROOT / "workflows").mkdir(exist_ok=True)
     build(
         "uniref_single_edit",
-        ["uniref_red_circle.png"],
+        ["uniref_edit_scene.png"],
         "Recolour the red circle in Picture 1 to blue.",
         "UniRef single-image edit\n\n1. Picture 1: load the image to edit.\n2. SELF Encode: write the instruction "
         "(call the image 'Picture 1').\n3. Load UniRef Model: pick your model (models/uniref/).\n4. Queue.\n\n"

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from training.build_default import MSGRPO, RECIPE, SFT_DATA, SFT_PHASES, main, shapecompose_info
+from training.build_default import ANCHORED, EDITS, MSGRPO, RECIPE, SFT_DATA, SFT_PHASES, main, shapecompose_info
 from training.build_default import WORK as DEFAULT_WORK
 from training.common.config import ConfigError, read_config_data
 from training.rl.config import config_from_dict as rl_config_from_dict
@@ -93,25 +93,33 @@ def test_a_missing_or_circular_base_is_refused_naming_the_file(tmp_path, files, 
 
 
 def test_each_sft_phase_trains_the_recipe_data_from_the_phase_before():
+    """Phases 1 and 2 train the anchored compositions; the last phase the compositions and the edits together
+    (so K = 1…3 are not forgotten), each phase from where the one before is exported."""
     paths = lambda m: [Path(p) for p in (m if isinstance(m, list) else [m])]  # noqa: E731
+    manifests = lambda split, sets: [WORK / d["folder"] / split / "manifest.jsonl" for d in sets]  # noqa: E731
     cfgs = [load_config(p) for p in SFT_PHASES]
     for i, cfg in enumerate(cfgs):
-        assert paths(cfg.train_manifest) == [WORK / SFT_DATA["folder"] / "train" / "manifest.jsonl"]
-        assert paths(cfg.val_manifest) == [WORK / SFT_DATA["folder"] / "val" / "manifest.jsonl"]
+        sets = SFT_DATA if i == len(cfgs) - 1 else (ANCHORED,)
+        assert paths(cfg.train_manifest) == manifests("train", sets)
+        assert paths(cfg.val_manifest) == manifests("val", sets)
         if i == 0:
             assert Path(cfg.model) == WORK / "init"
         else:  # where the phase before is exported: a model folder of its own in the work folder
             assert Path(cfg.model).parent == WORK
             assert Path(cfg.model) not in {Path(c.output_dir) for c in cfgs} | {Path(c.model) for c in cfgs[:i]}
     assert len({Path(c.output_dir) for c in cfgs}) == len(cfgs)  # no phase resumes another's run
-    info = shapecompose_info(SFT_DATA)
+    assert EDITS["compose_fraction"] == 0 and ANCHORED["compose_fraction"] == 1  # edits only / compositions only
+    info = shapecompose_info(ANCHORED)
     assert info["order"] in COMPOSE_ORDERS and info["ref_side"] == RECIPE["ref_side"]
     assert MSGRPO["data"]["order"] in COMPOSE_ORDERS
 
 
 def test_sft_phases_run_in_order_each_exported_where_the_next_starts(tmp_path, monkeypatch):
-    """The steps' order and skips, with the steps themselves recorded instead of run: a phase whose export the
-    next one starts from is not trained again; the last phase always ends with its export to --sft-out."""
+    """The steps' order and skips, with the steps themselves recorded instead of run: training starts at the last
+    phase whose start model exists (a phase's export, or one copied there to continue a build); the last phase
+    always ends with its export to --sft-out."""
+    import shutil
+
     import training.build_default as bd
 
     monkeypatch.chdir(tmp_path)  # the shipped configs' relative paths land here
@@ -128,13 +136,39 @@ def test_sft_phases_run_in_order_each_exported_where_the_next_starts(tmp_path, m
     monkeypatch.setattr(bd, "step_sft", lambda path, log, nproc: calls.append(("sft", path.name)) or load_config(path))
     monkeypatch.setattr(bd, "step_export", export)
     out = tmp_path / "sft-out"
-    phase2_start = Path(load_config(SFT_PHASES[1]).model)
+    starts = [Path(load_config(p).model) for p in SFT_PHASES[1:]]
+    data = [("data", "data-anchored"), ("data", "data-edit")]
     assert bd.step_build_sft(out, WORK, print) == {"final": out}
-    assert calls == [("data", "data-anchored"), ("init",), ("sft", "sft_default_1.json"),
-                     ("export", "sft-fast", phase2_start), ("sft", "sft_default_2.json"), ("export", "sft-fast2", out)]
+    assert calls == data + [("init",), ("sft", "sft_default_1.json"), ("export", "sft-fast", starts[0]),
+                            ("sft", "sft_default_2.json"), ("export", "sft-fast2", starts[1]),
+                            ("sft", "sft_default_3.json"), ("export", "sft-edit", out)]  # fmt: skip
     calls.clear()
+    bd.step_build_sft(out, WORK, print)  # every phase's start exists: only the last phase (done: it resumes)
+    assert calls == data + [("sft", "sft_default_3.json"), ("export", "sft-edit", out)]
+    calls.clear()
+    shutil.rmtree(starts[1])  # only phase 2's start is there, as when a build continues from a copied export
     bd.step_build_sft(out, WORK, print)
-    assert calls == [("data", "data-anchored"), ("init",), ("sft", "sft_default_2.json"), ("export", "sft-fast2", out)]
+    assert calls == data + [("sft", "sft_default_2.json"), ("export", "sft-fast2", starts[1]),
+                            ("sft", "sft_default_3.json"), ("export", "sft-edit", out)]  # fmt: skip
+
+
+def test_another_work_folder_gets_the_phase_configs_with_their_paths_moved_there(tmp_path, monkeypatch):
+    """--work elsewhere: each phase runs with the shipped config, its base merged in and every path under the
+    default work folder moved into the new one (other paths, such as the base, untouched)."""
+    import training.build_default as bd
+
+    monkeypatch.chdir(tmp_path)  # the default work folder (relative) lands here
+    work = tmp_path / "elsewhere"
+    for shipped in SFT_PHASES:
+        written = bd.phase_config(shipped, work)
+        assert written == work / shipped.name
+        cfg, default = load_config(written), load_config(shipped)
+        assert Path(cfg.output_dir) == work / Path(default.output_dir).relative_to(WORK)
+        assert Path(cfg.model) == work / Path(default.model).relative_to(WORK)
+        assert [Path(m) for m in cfg.train_manifest] == [work / Path(m).relative_to(WORK)
+                                                          for m in default.train_manifest]  # fmt: skip
+        assert cfg.stages == default.stages and cfg.ema_decay == default.ema_decay
+    assert load_config(bd.phase_config(SFT_PHASES[0], WORK)).hash() == load_config(SFT_PHASES[0]).hash()  # resumes
 
 
 def test_the_recipe_flag_is_gone(capsys):

@@ -1,4 +1,4 @@
-"""Reproduce the built-in default model from scratch: data, VAE, SFT in two phases, MSGRPO, export, evaluation.
+"""Reproduce the built-in default model from scratch: data, VAE, SFT in three phases, MSGRPO, export, evaluation.
 
     python -m training.build_default                      # resumes where it stopped
     python -m training.build_default --out /tmp/my-default --sft-out /tmp/my-default-sft --nproc 2
@@ -10,20 +10,24 @@ checkpoint. Both run as ``--nproc`` processes under ``torch.distributed.run`` (d
 CPU). Times on 2 cores are in training/README.md. After the VAE, the checker's scores of its reconstructions of
 held-out targets are logged (`vae ceiling`): no transformer on that VAE can score higher.
 
-1. ``data``: ShapeCompose train / val manifests as `SFT_DATA` says (128² targets; compositions' references
-   squares of ``RECIPE["ref_side"]`` px, one SELF layout per K, so a forward pass holds a whole micro-batch).
+1. ``data``: ShapeCompose train / val manifests of each set of `SFT_DATA` (128² targets; compositions'
+   references squares of ``RECIPE["ref_side"]`` px and edits' 128² scenes, one SELF layout per K and per kind
+   of sample, so a forward pass holds a whole micro-batch).
 2. ``init``: the tiny Qwen-Image-Edit model (``uniref_core.tiny``, a 6-layer transformer) with a 4× VAE
    (8 px tokens) trained for reconstruction on ShapeCompose images (``training.vae``) and a ``uniref.json``
    with the settings it is trained for (VL copies 112² in all, 128² output, 20 steps, no CFG; the budget
    is the last stage's and "shapecompose" the data's, both set at export).
 3. ``sft``: ``training.sft`` with each config of `SFT_PHASES` in turn (``training/configs/sft_default_*.json``
    over ``sft_base.json``): the first from ``init``, each later one from the EMA export of the one before.
+   A build starts at the last phase whose start model exists, so a phase's export copied to the next
+   config's "model" folder is continued from (training/README.md).
 4. ``export``: the last phase's EMA weights after its last stage to ``--sft-out`` (``--out`` with
    ``--no-msgrpo``), and those after its first stage to ``<work>/after_stage1`` when it has several.
 5. ``msgrpo`` (``--no-msgrpo`` skips it): MSGRPO (`MSGRPO`) trains the SFT model further on prompts of its own
    and its last checkpoint is exported to ``--out`` (``models/uniref-default``, the default model).
-6. ``eval``: ``training.evaluate`` on the held-out test split, K = 1…8, for each model, drawn as the model
-   was trained, and the VAE's ceiling on the same targets; JSON + PNG grids in ``<work>/eval``.
+6. ``eval``: ``training.evaluate`` on the held-out test split, K = 1…6 and each edit kind, at two sampling
+   seeds, for each model, drawn as the model was trained, and the VAE's ceiling on the same targets; JSON + PNG
+   grids in ``<work>/eval``.
 
 Why a 4× VAE and 128² output: one token is then 8×8 px, so a 128² target is 256 tokens and a 52 px
 object ~6 tokens across (~3 with the 8× VAE of real checkpoints, where run after run gave blobs).
@@ -69,23 +73,30 @@ RECIPE = {
         {"steps": 700, "lr": 1e-3, "kl_weight": 1e-6, "focus": 1, "seed": 1, "crop": 128, "batch_size": 4,
          "l2_weight": 1.0, "bf16": False},
     ],
-    "eval_n": 24,  # test samples per K
-    "eval_refs": "1-8",
+    "eval_n": 24,  # test samples per K and per edit kind
+    "eval_refs": "1-6",
+    "eval_seeds": (0, 1),  # sampling seeds: a gain counts when it holds at both
 }
 #: The settings the model is trained for, written to its uniref.json (areas in pixels).
 MODEL_DEFAULTS = {"budget": 192 * 192, "vl_budget": 112 * 112, "output_area": 128 * 128, "steps": 20, "cfg": 1.0}
 
 
-#: The data the SFT phases train on, in ``<work>/<folder>`` (where their configs' manifests lie): anchored K = 1…3
-#: compositions (`training.tasks.shapecompose.COMPOSE_ORDERS`: objects centred in their references at about the
-#: size their slot asks for, a background reference last at K ≥ 2), K = 3 drawn twice as often as K = 1 or 2.
-#: ``compose_fraction`` below 1 makes the rest single-image edits (K = 1).
-SFT_DATA = {"folder": "data-anchored", "ks": (1, 2, 3, 3), "order": "anchored", "train_samples": 3000,
+#: The ShapeCompose data the SFT phases train on, each set in ``<work>/<folder>`` (where the phases' configs name
+#: their manifests). `ANCHORED`: K = 1…3 compositions (`training.tasks.shapecompose.COMPOSE_ORDERS` "anchored":
+#: objects centred in square references at about the size their slot asks for, a background reference last at
+#: K ≥ 2), K = 3 drawn twice as often as K = 1 or 2. `EDITS`: single-image edits of 128² scenes, the five kinds
+#: (`EDIT_KINDS`: recolour, move, resize, remove, background) drawn uniformly.
+ANCHORED = {"folder": "data-anchored", "ks": (1, 2, 3, 3), "order": "anchored", "train_samples": 3000,
             "val_samples": 32, "compose_fraction": 1.0}
+EDITS = {"folder": "data-edit", "ks": (1,), "order": "anchored", "train_samples": 2000, "val_samples": 10,
+         "compose_fraction": 0.0}
+SFT_DATA = (ANCHORED, EDITS)
 
 #: The SFT phases in order. The first starts from ``<work>/init``; each later one from its config's "model", where
-#: the phase before it is exported. Phase 1: 4,400 steps of 8 at lr 2e-3 cosine; phase 2: 6,000 more at 1.5e-3.
-SFT_PHASES = (CONFIGS / "sft_default_1.json", CONFIGS / "sft_default_2.json")
+#: the phase before it is exported. Phases 1 and 2 (`ANCHORED`): 4,400 steps of 8 at lr 2e-3 cosine, then 6,000
+#: more at 1.5e-3; phase 3: 3,000 steps of 8 at 1e-3 on `ANCHORED` and `EDITS` together (3 compositions to 2 edits
+#: in every epoch, so the compositions are not forgotten while the edits are learned).
+SFT_PHASES = (CONFIGS / "sft_default_1.json", CONFIGS / "sft_default_2.json", CONFIGS / "sft_default_3.json")
 
 #: The last step: MSGRPO from the SFT export, the `sum` arm of training/README.md's aggregation ablation (checker
 #: reward, 4 groups of 6 a step), on prompts of its own: 400 anchored compositions with K = 2, 3, 3.
@@ -172,6 +183,27 @@ def default_nproc() -> int:
     return 2 if (os.cpu_count() or 1) >= 2 else 1
 
 
+def phase_config(config_path: Path, work: Path) -> Path:
+    """A shipped SFT phase config, its base merged in and its paths moved from `WORK` into ``work``, written to
+    ``<work>/<its name>``: the file the phase runs with (with ``--work`` at its default, the same config)."""
+    from .common.config import read_config_data
+
+    def moved(value):
+        if isinstance(value, list):
+            return [moved(v) for v in value]
+        if isinstance(value, str) and Path(value).is_relative_to(WORK):
+            return str(work / Path(value).relative_to(WORK))
+        return value
+
+    data = {key: moved(value) for key, value in read_config_data(config_path).items()}
+    dest = work / config_path.name
+    work.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, dest)
+    return dest
+
+
 def step_sft(config_path: Path, log, nproc: int = 1):
     from .sft import run
     from .sft.config import load_config
@@ -216,18 +248,21 @@ def stage_end_checkpoints(cfg) -> list[Path]:
 
 
 def step_build_sft(out: Path, work: Path, log, nproc: int = 1) -> dict[str, Path]:
-    """The SFT model: data, init, then each of `SFT_PHASES` trained and exported to where the next one starts
-    (its config's "model"), the last to ``out``. A phase whose export the next one starts from is done."""
+    """The SFT model: data, then each of `SFT_PHASES` trained and exported to where the next one starts (its
+    config's "model"), the last to ``out``. Training starts at the last phase whose start model exists (``init``,
+    built first, when none does), so a build continues from a phase's export, committed or copied there."""
     from .sft.config import load_config
 
-    step_data(work, log, SFT_DATA)
-    step_init(work, log)
-    starts = [Path(load_config(p).model) for p in SFT_PHASES[1:]] + [out]
-    for config_path, dest in zip(SFT_PHASES, starts):
-        if dest != out and (dest / "model_index.json").is_file():
-            continue
+    for data in SFT_DATA:
+        step_data(work, log, data)
+    configs = [phase_config(p, work) for p in SFT_PHASES]
+    starts = [Path(load_config(p).model) for p in configs[1:]]
+    first = max([0] + [i + 1 for i, s in enumerate(starts) if (s / "model_index.json").is_file()])
+    if first == 0:
+        step_init(work, log)
+    for config_path, dest in list(zip(configs, starts + [out]))[first:]:
         cfg = step_sft(config_path, log, nproc)
-        models = step_export(cfg, dest, work, log, shapecompose_info(SFT_DATA))
+        models = step_export(cfg, dest, work, log, shapecompose_info(ANCHORED))
     return models
 
 
@@ -287,24 +322,28 @@ def step_msgrpo(sft_model: Path, out: Path, work: Path, log, nproc: int = 1) -> 
 
 
 def step_eval(models: dict[str, Path], work: Path, log, order: str = "reading", folder_name: str = "eval") -> dict:
+    """Each model on the held-out test split at every sampling seed of ``RECIPE["eval_seeds"]``
+    (``<name>_seed<s>.json`` and a grid), and the VAE's ceiling on the same targets (``vae_ceiling.json``)."""
     from .evaluate import evaluate_model, parse_refs
 
     results = {}
     folder = work / folder_name
     folder.mkdir(parents=True, exist_ok=True)
+    ks = parse_refs(RECIPE["eval_refs"])
     for name, path in models.items():
-        res = evaluate_model(path, "test", parse_refs(RECIPE["eval_refs"]), RECIPE["eval_n"], seed=0,
-                             grid_path=folder / f"{name}.png")  # fmt: skip
-        (folder / f"{name}.json").write_text(json.dumps(res, indent=1))
-        results[name] = res
-        log(f"eval {name}: " + json.dumps(res["per_k"]))
+        for seed in RECIPE["eval_seeds"]:
+            res = evaluate_model(path, "test", ks, RECIPE["eval_n"], seed=seed, edits=RECIPE["eval_n"],
+                                 grid_path=folder / f"{name}_seed{seed}.png")  # fmt: skip
+            (folder / f"{name}_seed{seed}.json").write_text(json.dumps(res, indent=1))
+            results[f"{name}_seed{seed}"] = res
+            log(f"eval {name} seed {seed}: " + json.dumps({**res["per_k"], **res.get("edit_kinds", {})}))
     ceiling_file = folder / "vae_ceiling.json"
     if not ceiling_file.is_file():  # the same targets, decoded from the VAE's own latents: the ceiling beside them
         from .vae import load_vae, reconstruction_ceiling
 
-        ks = parse_refs(RECIPE["eval_refs"])
         vae = load_vae(next(iter(models.values()))).eval()
-        ceiling = reconstruction_ceiling(vae, RECIPE["size"], ks=ks, n=RECIPE["eval_n"], order=order)
+        ceiling = reconstruction_ceiling(vae, RECIPE["size"], ks=ks, n=RECIPE["eval_n"], order=order,
+                                         edits=RECIPE["eval_n"])  # fmt: skip
         ceiling_file.write_text(json.dumps(ceiling, indent=1))
         log(f"vae ceiling on the evaluation's targets ({order}): " + json.dumps(ceiling))
     return results
@@ -315,14 +354,15 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m training.build_default", description=__doc__.split("\n")[0],
         epilog="There is one recipe, what ships: 4,400 + 6,000 SFT steps of 8 on anchored K = 1…3 compositions, "
-        "then 100 MSGRPO steps. The --recipe flag is gone with the earlier recipes (training/README.md, "
-        "\"Earlier recipes\", names the commit of each one's config).")  # fmt: skip
+        "3,000 more on those and single-image edits together, then 100 MSGRPO steps. The --recipe flag is gone "
+        "with the earlier recipes (training/README.md, \"Earlier recipes\", names the commit of each one's config).")  # fmt: skip
     p.add_argument("--out", default="models/uniref-default", help="where the trained model folder goes")
     p.add_argument("--sft-out", default="models/uniref-default-sft",
                    help="where the SFT model that MSGRPO starts from goes")
     p.add_argument("--no-msgrpo", action="store_true", help="stop after SFT: the SFT model goes to --out")
     p.add_argument("--work", default=WORK,
-                   help="data, runs, checkpoints and evaluations (the shipped configs' paths lie in the default)")
+                   help="data, runs, checkpoints and evaluations (the shipped configs' paths in runs/uniref-default "
+                   "are moved here)")
     p.add_argument("--skip-eval", action="store_true")
     p.add_argument("--nproc", type=int, default=None,
                    help="SFT and MSGRPO processes (torch.distributed.run; default: one per GPU, else 2 on a CPU with "
@@ -350,7 +390,7 @@ def main(argv=None) -> int:
         _name_model(models["final"])
         models = {"sft": models["final"], "final": step_msgrpo(models["final"], Path(a.out), work, log, a.nproc)}
     if not a.skip_eval:
-        step_eval(models, work, log, SFT_DATA["order"])
+        step_eval(models, work, log, ANCHORED["order"])
     log(f"build_default: done in {time.perf_counter() - t0:.0f} s (this invocation); model in {a.out}")
     return 0
 

@@ -3,7 +3,7 @@
     python -m training.evaluate --model default --split test --refs 1-6 --n 24 --seed 0 [--grid eval.png]
 
 The CLI makes ``--n`` ShapeCompose compositions per K (K references each, from the split's own seeds),
-plus ``--edits`` single-image edits, edits them with the model at its own defaults (``uniref.json``) or
+plus ``--edits`` single-image edits of each kind, edits them with the model at its own defaults (``uniref.json``) or
 the options given, scores every output with the ShapeCompose checker and prints per-K means as JSON:
 ``per_reference`` (each reference's object: right shape, colour and place), ``instruction``,
 ``quality`` and ``overall``; a PNG grid shows the first ``--grid-rows`` samples of every K.
@@ -80,8 +80,23 @@ def evaluate(components: Components, transformer, rows: list[Row], conds: list, 
 # Finished models on a held-out split (the CLI)
 # --------------------------------------------------------------------------------------------------
 
-#: Seeds of K's samples start at K · SEED_STRIDE inside the split, so adding a K never changes another's.
+#: Seeds of K's samples start at K · SEED_STRIDE inside the split, so adding a K never changes another's; the
+#: edits of the j-th kind of `EDIT_KINDS` start at (EDIT_START + j) · SEED_STRIDE.
 SEED_STRIDE = 100_000
+EDIT_START = K_MAX + 1
+
+
+def held_out_groups(split: str, ks: list[int], n: int, edits: int = 0, size: int = 128, ref_side: int | None = None,
+                    order: str = "reading") -> list[tuple[str, list]]:  # fmt: skip
+    """The samples `evaluate_model` scores, as (group, samples): ``n`` compositions per K (group "K"), then
+    ``edits`` single-image edits of each kind (group "edit:<kind>"). `training.vae.reconstruction_ceiling`
+    scores the VAE on the very same targets."""
+    groups = [(str(k), make_split(split, n, ks=(k,), kinds=("compose",), start=k * SEED_STRIDE, size=size,
+                                  ref_side=ref_side, order=order)) for k in ks]  # fmt: skip
+    for j, kind in enumerate(EDIT_KINDS if edits else ()):
+        groups.append((f"edit:{kind}", make_split(split, edits, kinds=(kind,), start=(EDIT_START + j) * SEED_STRIDE,
+                                                  size=size)))  # fmt: skip
+    return groups
 
 
 def parse_refs(text: str) -> list[int]:
@@ -141,13 +156,15 @@ def trained_order(model) -> str:
 def evaluate_model(model, split: str, ks: list[int], n: int, seed: int = 0, edits: int = 0, grid_path=None,
                    grid_rows: int = 2, device: str = "cpu", progress: bool = False, size: int | None = None,
                    ref_side: int | None = -1, order: str | None = None, **options) -> dict:  # fmt: skip
-    """Edit and score ``n`` compositions per K (and ``edits`` single-image edits); per-K mean scores.
+    """Edit and score ``n`` compositions per K (and ``edits`` single-image edits of each kind); mean scores.
 
     Samples are ``size`` px square (default: the model's trained output size, see `sample_size`); their
     references are ``ref_side`` px squares (-1, the default: as the model was trained, `trained_ref_side`;
     None: 64–160 px a side at random); ``order``: the compose order (None: as the model was trained, `trained_order`).
     ``options`` go to ``UniRefPipeline.edit`` (steps, cfg, budget, …); unset ones take the model's defaults.
-    Returns {"model", "split", "seed", "size", "options", "per_k": {K: means}, "edit": means, "seconds"}.
+    Returns {"model", "split", "seed", "size", "options", "per_k": {K: means}, "seconds"}, with edits also
+    "edit_kinds": {kind: means} and "edit": the means of all edits. An edit's per-reference score is the
+    checker's edit score: the edit done x the rest of the scene kept.
     """
     t0 = time.perf_counter()
     pipe = UniRefPipeline.from_pretrained(model, device=device, dtype="fp32")
@@ -155,18 +172,13 @@ def evaluate_model(model, split: str, ks: list[int], n: int, seed: int = 0, edit
     if ref_side == -1:
         ref_side = trained_ref_side(model)
     order = order or trained_order(model)
-    groups: list[tuple[str, list]] = [
-        (str(k), make_split(split, n, ks=(k,), kinds=("compose",), start=k * SEED_STRIDE, size=side,
-                            ref_side=ref_side, order=order)) for k in ks
-    ]  # fmt: skip
-    if edits:
-        groups.append(("edit", make_split(split, edits, kinds=EDIT_KINDS, start=0, size=side)))
+    groups = held_out_groups(split, ks, n, edits, side, ref_side, order)
     from tqdm.auto import tqdm
 
     bar = tqdm(total=sum(len(g) for _, g in groups), desc="evaluate", disable=not progress, file=sys.stderr)
     result: dict = {"model": str(model), "split": split, "seed": seed, "size": side, "ref_side": ref_side,
                     "order": order, "options": options, "per_k": {}}  # fmt: skip
-    grid, captions = [], []
+    grid, captions, edit_scores = [], [], []
     for name, samples in groups:
         scored = []
         for i, s in enumerate(samples):
@@ -180,11 +192,14 @@ def evaluate_model(model, split: str, ks: list[int], n: int, seed: int = 0, edit
                 grid.append((s.references, s.target, out))
                 captions.append(f"K={s.k} {s.kind} seed {s.seed}: overall {sc.overall:.2f}")
             bar.update(1)
-        if name == "edit":
-            result["edit"] = _mean_scores(scored)
+        if name.startswith("edit:"):
+            result.setdefault("edit_kinds", {})[name.split(":", 1)[1]] = _mean_scores(scored)
+            edit_scores += scored
         else:
             result["per_k"][name] = _mean_scores(scored)
     bar.close()
+    if edit_scores:
+        result["edit"] = _mean_scores(edit_scores)
     if grid_path is not None and grid:
         Path(grid_path).parent.mkdir(parents=True, exist_ok=True)
         make_grid(grid, captions=captions).save(grid_path)
@@ -200,7 +215,7 @@ def main(argv=None) -> int:
     p.add_argument("--split", default="test", choices=sorted(SPLIT_SEED_BASE))
     p.add_argument("--refs", default="1-6", help="numbers of references K: 1-6, or 1,2,7 …")
     p.add_argument("--n", type=int, default=16, help="compositions per K")
-    p.add_argument("--edits", type=int, default=0, help="single-image edits (recolour, move, …) to add")
+    p.add_argument("--edits", type=int, default=0, help="single-image edits of each kind (recolour, move, resize, remove, background) to add")
     p.add_argument("--seed", type=int, default=0, help="sampling seed of the first sample of every K")
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
     p.add_argument("--cfg", type=float, default=None, help="true-CFG scale (default: the model's)")

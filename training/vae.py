@@ -107,29 +107,29 @@ def latent_stats(vae, seed: int, n_images: int, size: int) -> tuple[list[float],
 
 @torch.no_grad()
 def reconstruction_ceiling(vae, size: int = 128, ks=(1, 2, 3, 4, 5, 6, 8), n: int = 16, split: str = "test",
-                           order: str = "reading") -> dict:  # fmt: skip
-    """Checker scores of the VAE's reconstructions of ``n`` held-out composition targets per K (compositions
-    in ShapeCompose's ``order``: "anchored" targets have one object fewer at K ≥ 2).
+                           order: str = "reading", edits: int = 0) -> dict:  # fmt: skip
+    """Checker scores of the VAE's reconstructions of the held-out targets `training.evaluate` scores a model
+    on: ``n`` compositions per K (in ShapeCompose's ``order``: "anchored" targets have one object fewer at
+    K ≥ 2) and ``edits`` single-image edits of each kind.
 
     No transformer can score above what its VAE gives back for the ground truth itself, so this is the
-    ceiling of any model built on ``vae``: {K: {"per_reference", "instruction"}} (means, in [0, 1]).
+    ceiling of any model built on ``vae``: {K or "edit:<kind>": {"per_reference", "instruction"}} (means, in
+    [0, 1]; an edit's per-reference score is its edit score).
     """
-    from .evaluate import SEED_STRIDE
-    from .tasks.shapecompose import make_split, score
+    from .evaluate import held_out_groups
+    from .tasks.shapecompose import score
 
     out = {}
-    for k in ks:
+    for name, samples in held_out_groups(split, list(ks), n, edits, size, order=order):
         per_ref, instruction = [], []
-        # The very targets `training.evaluate` scores a model on.
-        for s in make_split(split, n, ks=(k,), kinds=("compose",), start=k * SEED_STRIDE, size=size,
-                            order=order):
+        for s in samples:
             x = to_pixels(s.target, size, size).unsqueeze(2).to(vae.device, vae.dtype)
             rec = to_images(vae.decode(vae.encode(x).latent_dist.mode()).sample[:, :, 0])[0]
             sc = score(rec, s.spec)
             per_ref.append(sc.per_reference_mean)
             instruction.append(sc.instruction)
-        out[str(k)] = {"per_reference": round(float(np.mean(per_ref)), 3),
-                       "instruction": round(float(np.mean(instruction)), 3)}  # fmt: skip
+        out[name] = {"per_reference": round(float(np.mean(per_ref)), 3),
+                     "instruction": round(float(np.mean(instruction)), 3)}  # fmt: skip
     return out
 
 
@@ -199,7 +199,7 @@ def main(argv=None) -> int:
     p.add_argument("--ceiling", action="store_true", help="do not train: print the checker scores of the VAE's "
                    "reconstructions of held-out targets per K as JSON (the most any model on it can score)")
     p.add_argument("--size", type=int, default=128, help="ShapeCompose image side (training and --ceiling)")
-    p.add_argument("--n", type=int, default=16, help="--ceiling: targets per K")
+    p.add_argument("--n", type=int, default=16, help="--ceiling: targets per K and per edit kind")
     p.add_argument("--order", choices=COMPOSE_ORDERS, default="reading",
                    help="--ceiling: ShapeCompose compose order of the targets")
     p.add_argument("--steps", type=int, default=1500)
@@ -217,7 +217,8 @@ def main(argv=None) -> int:
     if a.ceiling:
         if a.n < 1:
             p.error(f"--n {a.n}: give at least 1 target per K")
-        print(json.dumps(reconstruction_ceiling(load_vae(a.model).eval(), a.size, n=a.n, order=a.order), indent=1))
+        ceiling = reconstruction_ceiling(load_vae(a.model).eval(), a.size, n=a.n, order=a.order, edits=a.n)
+        print(json.dumps(ceiling, indent=1))
         return 0
     if not a.out:
         p.error("--out is required to train (or give --ceiling to only measure)")

@@ -451,7 +451,9 @@ def _make_compose(rng, k: int, size: int, order: str = "reading", ref_side: int 
     return references, instruction, spec
 
 
-def _scene_object(shape, colour, pos, s, size):
+def edit_object(shape: str, colour: str, pos: str, s: int, size: int) -> dict:
+    """An object of an edit scene: ``shape`` in ``colour``, ``s`` px, centred on the edit grid's place ``pos``
+    (a name of `SLOTS`) of a ``size`` px square scene."""
     c = _edit_centre(pos, size)
     return {"shape": shape, "colour": colour, "slot": pos, "centre": c, "size": int(s), "box": _edit_box(c, s, size)}
 
@@ -473,7 +475,7 @@ def _make_edit(rng, kind: str, size: int) -> tuple[list, str, dict]:
         if rng.random() < 0.5:
             positions.reverse()
     base = [int(round(rng.uniform(30, 36) * size / 128)) for _ in range(n)]
-    scene = [_scene_object(SHAPES[shapes[i]], colours[cols[i]], positions[i], base[i], size) for i in range(n)]
+    scene = [edit_object(SHAPES[shapes[i]], colours[cols[i]], positions[i], base[i], size) for i in range(n)]
     reference = render_scene(bg, scene, size)
     e = int(rng.integers(n))  # the edited object
     obj = scene[e]
@@ -492,13 +494,13 @@ def _make_edit(rng, kind: str, size: int) -> tuple[list, str, dict]:
         taken = [o["slot"] for i, o in enumerate(scene) if i != e]
         choices = [p for p in SLOTS if p != obj["slot"] and all(_far_apart(p, t) for t in taken)]
         to = _choice(rng, choices)
-        target_objs[e] = _scene_object(obj["shape"], obj["colour"], to, obj["size"], size)
+        target_objs[e] = edit_object(obj["shape"], obj["colour"], to, obj["size"], size)
         edit.update({"from": obj["slot"], "to": to})
         instruction = f"Move the {name} in Picture 1 to the {to}."
     elif kind == "resize":
         way = _choice(rng, RESIZE_FACTORS)
         s = int(round(obj["size"] * RESIZE_FACTORS[way]))
-        target_objs[e] = _scene_object(obj["shape"], obj["colour"], obj["slot"], s, size)
+        target_objs[e] = edit_object(obj["shape"], obj["colour"], obj["slot"], s, size)
         edit.update({"direction": way, "from_size": obj["size"], "to_size": s})
         instruction = f"Make the {name} in Picture 1 {way}."
     elif kind == "remove":
