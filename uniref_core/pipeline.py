@@ -441,6 +441,7 @@ class UniRefPipeline:
             if images
             else Plan(mode=mode, budget=None, output=budget_mod.output_size([], width, height, token_px=t), token_px=t)
         )
+        budget_mod.check_sequence(plan)
         vl_images = [im.resize(r.vl, resample=Image.Resampling.LANCZOS) for im, r in zip(images, plan.references)]
         self._onload("text_encoder")
         te = self.c.text_encoder
