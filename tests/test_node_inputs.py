@@ -1,5 +1,5 @@
-"""SELF Encode's input checks in-process, without a ComfyUI host: ComfyUI's API modules are stand-ins here, the node
-module and its checks are the real ones. (The same inputs through a real host: tests/test_comfy_nodes.py.)"""
+"""The UniRef nodes' checks in-process, without a ComfyUI host: ComfyUI's API modules are stand-ins here, the node
+module, its checks and the engine are the real ones. (The same inputs through a real host: tests/test_comfy_nodes.py.)"""
 
 import importlib
 import importlib.util
@@ -37,7 +37,7 @@ def nodes(monkeypatch):
     comfy = _StubModule("comfy")
     stubs = {"comfy_api": _StubModule("comfy_api"), "comfy_api.latest": latest, "comfy_api.latest.io": io,
              "comfy": comfy, "folder_paths": _StubModule("folder_paths")}  # fmt: skip
-    for sub in ("model_management", "utils", "model_patcher"):
+    for sub in ("model_management", "utils", "model_patcher", "cli_args"):
         stubs[f"comfy.{sub}"] = _StubModule(f"comfy.{sub}")
         setattr(comfy, sub, stubs[f"comfy.{sub}"])
     for name, module in stubs.items():
@@ -93,3 +93,20 @@ def test_a_custom_budget_reaches_the_engine_as_its_area(nodes):
     model = mock.MagicMock()
     nodes.SelfEncode.execute(model, ["ref"], "a prompt", budget="custom", custom_budget=512)
     assert model.load.return_value.encode.call_args.kwargs["budget"] == 512 * 512
+
+
+def test_a_sampler_whose_lora_makes_nan_is_a_node_error_naming_the_lora(nodes, tiny_model, tmp_path):
+    import torch
+
+    from conftest import make_refs, random_lora, write_lora
+
+    pipe = importlib.import_module(f"{PACK}.uniref_core.pipeline").UniRefPipeline.from_pretrained(tiny_model)
+    layers = random_lora(pipe.c.transformer, seed=3)
+    down, up, alpha = layers["transformer_blocks.0.attn.to_q"]
+    layers["transformer_blocks.0.attn.to_q"] = (torch.full_like(down, float("inf")), up, alpha)
+    model = mock.MagicMock()
+    model.load.return_value = pipe
+    pipe.set_loras([(write_lora(layers, tmp_path / "broken.safetensors", "comfy"), 1.0)])
+    cond = pipe.encode(make_refs([(64, 64)]), "x", cfg=1.0, budget=64 * 64, width=64, height=64)
+    with pytest.raises(nodes.UniRefError, match="non-finite values .* LoRA broken.safetensors at strength 1 is loaded"):
+        nodes.UniRefSampler.execute(model, cond, seed=0, steps=2, cfg=1.0, sampler="ode", denoise=1.0)
