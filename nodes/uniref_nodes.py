@@ -29,6 +29,9 @@ AUTOGROW_PREFIX = "images."
 CUSTOM = "custom"
 MODEL_DEFAULT = "model default"
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
+MAX_SIDE = 8192  # output width / height; the engine refuses areas beyond its longest sequence with a clear error
+MIN_CUSTOM_BUDGET = 64
+MAX_CUSTOM_BUDGET = 4096  # a 4096² budget is the most the engine runs (uniref_core.budget.MAX_SEQUENCE_TOKENS)
 
 
 def _image_slot_names(kwargs: dict) -> list:
@@ -200,8 +203,8 @@ class SelfEncode(io.ComfyNode):
                 io.Int.Input(
                     "custom_budget",
                     default=1024,
-                    min=64,
-                    max=8192,
+                    min=MIN_CUSTOM_BUDGET,
+                    max=MAX_CUSTOM_BUDGET,
                     step=32,
                     tooltip="Side of the square budget (pixels) when budget is 'custom'.",
                 ),
@@ -216,7 +219,7 @@ class SelfEncode(io.ComfyNode):
                     "width",
                     default=0,
                     min=0,
-                    max=8192,
+                    max=MAX_SIDE,
                     step=16,
                     tooltip="Output width; 0 takes reference 'match_reference's aspect ratio at the model's output "
                     "area (1024², 128² for the built-in model).",
@@ -225,7 +228,7 @@ class SelfEncode(io.ComfyNode):
                     "height",
                     default=0,
                     min=0,
-                    max=8192,
+                    max=MAX_SIDE,
                     step=16,
                     tooltip="Output height; 0 takes reference 'match_reference's aspect ratio at the model's output "
                     "area (1024², 128² for the built-in model).",
@@ -246,9 +249,14 @@ class SelfEncode(io.ComfyNode):
             outputs=[CondType.Output(display_name="conditioning")],
         )
 
+    # Only the inputs checked here are named: ComfyUI skips its own min/max/option checks for the inputs a
+    # validate_inputs takes (all of them with **kwargs), so it still checks every other input. None: linked.
     @classmethod
-    def validate_inputs(cls, width=0, height=0, **kwargs):
-        if (width == 0) != (height == 0):
+    def validate_inputs(cls, width=None, height=None):
+        for name, value in (("width", width), ("height", height)):
+            if value is not None and not 0 <= value <= MAX_SIDE:
+                return f"SELF Encode: {name} is {value}: give 0 (match a reference) or a size up to {MAX_SIDE}"
+        if width is not None and height is not None and (width == 0) != (height == 0):
             return "SELF Encode: set both width and height, or both to 0 to match a reference"
         return True
 
@@ -267,8 +275,8 @@ class SelfEncode(io.ComfyNode):
         match_reference=1,
         upscale_small=True,
     ) -> io.NodeOutput:
+        area = _budget_area(budget, custom_budget)  # None: the model's
         pipe = model.load("text_encoder", "vae")
-        area = custom_budget * custom_budget if budget == CUSTOM else BUDGETS.get(budget)  # None: the model's
         cond = pipe.encode(
             references,
             prompt,
@@ -282,6 +290,22 @@ class SelfEncode(io.ComfyNode):
             match_ref=match_reference,
         )
         return io.NodeOutput(cond)
+
+
+def _budget_area(budget: str, custom_budget: int) -> int | None:
+    """The reference budget in pixels (None: the model's default), refused here when the host let a value through
+    that the schema does not offer (an API prompt, a host that skips validation)."""
+    if budget == MODEL_DEFAULT:
+        return None
+    if budget in BUDGETS:
+        return BUDGETS[budget]
+    if budget != CUSTOM:
+        options = ", ".join([MODEL_DEFAULT, *BUDGETS, CUSTOM])
+        raise UniRefError(f"SELF Encode: budget is {budget!r}: pick one of {options}")
+    if not MIN_CUSTOM_BUDGET <= custom_budget <= MAX_CUSTOM_BUDGET:
+        raise UniRefError(f"SELF Encode: custom_budget is {custom_budget}: give the side of the square budget in "
+                          f"pixels, {MIN_CUSTOM_BUDGET} to {MAX_CUSTOM_BUDGET} (1024 is typical)")  # fmt: skip
+    return custom_budget * custom_budget
 
 
 class UniRefSampler(io.ComfyNode):

@@ -147,3 +147,20 @@ def test_parse_area():
     assert parse_area("1048576") == 1048576
     with pytest.raises(UniRefError, match="not a size"):
         parse_area("big")
+
+
+@pytest.mark.parametrize(
+    "options, fix",
+    [({"width": 8192, "height": 8192}, "lower width and height (or the output area)"),
+     ({"budget": 8192 * 8192, "width": 1024, "height": 1024}, "lower the budget"),
+     ({"budget": 100000 * 100000}, "lower the budget")],
+)  # fmt: skip
+def test_a_sequence_no_device_runs_in_a_step_is_refused_naming_what_to_lower(options, fix):
+    with pytest.raises(UniRefError, match=re.escape(fix)) as err:
+        plan_references([(1024, 768), (640, 640)], **options)
+    assert "the engine runs at most 131072" in str(err.value)
+
+
+def test_the_largest_sequence_the_engine_runs_is_planned():
+    plan = plan_references([(1024, 1024)], budget=4096 * 4096, width=4096, height=4096)
+    assert plan.sequence_length == 131072

@@ -117,6 +117,44 @@ def test_output_path_is_checked_before_the_model_loads(tmp_path, capsys):
     assert "output folder" in capsys.readouterr().err
 
 
+def test_an_output_that_is_an_input_is_refused_and_the_input_kept(tiny_model, tmp_path, capsys):
+    refs = []
+    for k, src in enumerate(REFS[:2], start=1):
+        refs.append(tmp_path / f"ref{k}.png")
+        refs[-1].write_bytes(src.read_bytes())
+    (tmp_path / "link.png").symlink_to(refs[1])
+    before = [hashlib.sha256(r.read_bytes()).hexdigest() for r in refs]
+    for output in (refs[1], tmp_path / "link.png"):  # the same path, or another name of the same file
+        code = main(["edit", "--prompt", "x", "--model", str(tiny_model), "--ref", str(refs[0]), "--ref", str(refs[1]),
+                     "-o", str(output), "--quiet"])  # fmt: skip
+        err = capsys.readouterr().err
+        assert code == 2 and "Traceback" not in err
+        assert f"-o/--output {output} is reference 2 (--ref) ({refs[1]}): saving would overwrite it; choose another " \
+               "output path" in err  # fmt: skip
+    assert [hashlib.sha256(r.read_bytes()).hexdigest() for r in refs] == before
+
+
+def test_a_failed_save_leaves_the_earlier_output_whole(tiny_model, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "out.png"
+    out.write_bytes(REFS[0].read_bytes())  # an earlier result
+    real_save = Image.Image.save
+
+    def disk_full(self, fp, format=None, **kw):
+        real_save(self, fp, format=format, **kw)
+        fp.truncate(10)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Image.Image, "save", disk_full)
+    code = main(["edit", "--prompt", "x", "--model", str(tiny_model), "--ref", str(REFS[0]), "--width", "64",
+                 "--height", "64", "--budget", "64", "--steps", "1", "-o", str(out), "--quiet"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert f"error: output {out} could not be written (No space left on device): free some space or choose another " \
+           "path" in err  # fmt: skip
+    assert out.read_bytes() == REFS[0].read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.png"]  # no temporary file left
+
+
 class _nullcontext:
     def __enter__(self):
         return self

@@ -189,6 +189,17 @@ def test_budget_too_small_is_a_node_error(host):
     expect_node_error(host, prompt, "reference 1 is 3000×30 px")
 
 
+def test_inputs_out_of_range_are_refused_before_the_prompt_runs(host):
+    # validate_inputs takes only width and height, so ComfyUI itself checks custom_budget's range and budget's options.
+    for change, text in (({"budget": "custom", "custom_budget": -64}, "custom_budget"),
+                         ({"budget": "999999²"}, "999999"), ({"width": 9000, "height": 64}, "width is 9000")):
+        prompt = workflow_prompt(host, WORKFLOWS[0])
+        node_of(prompt, "UniRefSelfEncode")["inputs"].update(change)
+        expect_node_error(host, prompt, text)
+    # The declared maximum size is a sequence no device runs in one step: refused before any encoding.
+    expect_node_error(host, workflow_prompt(host, WORKFLOWS[0], width=8192, height=8192), "lower width and height")
+
+
 def test_broken_model_folder_is_a_node_error(host, tmp_path):
     broken = host.base_dir / "models" / "uniref" / "broken"
     broken.mkdir(parents=True, exist_ok=True)

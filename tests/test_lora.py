@@ -193,3 +193,24 @@ def test_the_sft_trainers_lora_export_loads(setup, tmp_path):
     merge_comfy_lora(theirs, sd, 1.0)
     for k, v in theirs.state_dict().items():
         assert torch.allclose(mine[k], v, atol=1e-6), k
+
+
+def test_a_lora_with_nan_weights_is_an_error_naming_it_not_a_black_image(setup, tmp_path, capsys):
+    from uniref_core.__main__ import main
+
+    folder, ours, _ = setup
+    layers = random_lora(ours.c.transformer, seed=3)
+    down, up, alpha = layers["transformer_blocks.0.attn.to_q"]
+    layers["transformer_blocks.0.attn.to_q"] = (torch.full_like(down, float("nan")), up, alpha)
+    broken = write_lora(layers, tmp_path / "broken.safetensors", "comfy")
+    ref = tmp_path / "r.png"
+    make_refs([(64, 64)])[0].save(ref)
+    out = tmp_path / "o.png"
+    code = main(["edit", "--model", str(folder), "--ref", str(ref), "--prompt", PROMPT, "--width", "64", "--height",
+                 "64", "--steps", "2", "--budget", "64", "--quiet", "--lora", f"{broken}:0.5",
+                 "-o", str(out)])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert "error: the model produced non-finite values (NaN or inf) while sampling, so there is no image; LoRA " \
+           "broken.safetensors at strength 0.5 is loaded: lower its strength, or check the file" in err  # fmt: skip
+    assert not out.exists()

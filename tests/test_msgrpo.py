@@ -34,6 +34,10 @@ def prompts(tmp_path_factory):
     return str(write_manifest(make_split("train", 4, size=64, ks=(2,), kinds=("compose",)), root / "train"))
 
 
+# The module of this file's reward sources, trusted as a user trusts their own plug-in (--trust-module).
+TRUSTED = ("tests.test_msgrpo",)
+
+
 def rl_config(model, manifest, out, **over) -> dict:
     cfg = {"model": str(model), "train_manifest": manifest, "output_dir": str(out), "steps": 2, "lr": 1e-3,
            "group_size": 3, "groups_per_step": 2, "rollout_steps": 4, "sde_window": [0, 2], "budget": 64,
@@ -127,17 +131,37 @@ def constant_source():
 
 
 def test_reward_plugin_named_by_dotted_path_loads_and_bad_paths_say_what_is_wrong():
-    src = load_source("tests.test_msgrpo:custom_source", {"offset": 1.0})
+    src = load_source("tests.test_msgrpo:custom_source", {"offset": 1.0}, TRUSTED)
     from PIL import Image
 
     out = check_batch(src([Image.new("RGB", (4, 4), "white")] * 2, None), "mine", 2)
     assert list(out.signals) == ["mine/brightness"] and np.allclose(out.signals["mine/brightness"].values, 2.0)
     with pytest.raises(RewardError, match="module 'no_such_pkg.rewards' cannot be imported"):
-        load_source("no_such_pkg.rewards:make")
+        load_source("no_such_pkg.rewards:make", trusted=("no_such_pkg",))
     with pytest.raises(RewardError, match="has no 'nope'"):
-        load_source("tests.test_msgrpo:nope")
+        load_source("tests.test_msgrpo:nope", trusted=TRUSTED)
     with pytest.raises(RewardError, match="does not take these options"):
-        load_source("tests.test_msgrpo:custom_source", {"colour": 1})
+        load_source("tests.test_msgrpo:custom_source", {"colour": 1}, TRUSTED)
+
+
+def test_a_config_cannot_run_a_module_the_user_did_not_trust(tmp_path, capsys):
+    for source, module in (("os:system", "os"), ("tests.test_msgrpo:custom_source", "tests.test_msgrpo")):
+        with pytest.raises(RewardError) as err:
+            load_source(source, {"command": "touch " + str(tmp_path / "ran")})
+        assert f"reward source {source!r}: module {module!r} is not trusted: a config's reward source runs as code " \
+               f"with your rights, and only training.* modules load unless you trust others; if you trust it, run " \
+               f"with --trust-module {module}" in str(err.value)  # fmt: skip
+    assert not (tmp_path / "ran").exists()
+    assert callable(load_source("tests.test_msgrpo:custom_source", {}, trusted=("tests",)))  # a package trusts its own
+    # The command line refuses it before any model work, in one line.
+    from training.rl.trainer import main
+
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps({"model": "uniref-default", "train_manifest": str(tmp_path / "m.jsonl"),
+                                  "rewards": [{"source": "os:system", "options": {"command": "true"}}]}))  # fmt: skip
+    assert main(["--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "error: reward source 'os:system': module 'os' is not trusted" in err and "Traceback" not in err
 
 
 @pytest.mark.parametrize(
@@ -190,7 +214,7 @@ def test_msgrpo_run_logs_every_source_and_resumes_exactly(tiny_model, prompts, t
     from training.rl.config import config_from_dict as rl_from_dict
 
     cfg = rl_from_dict(rl_config(tiny_model, prompts, tmp_path / "a", save_every=1, keep_checkpoints=5, tensorboard=True))
-    res = run(cfg)
+    res = run(cfg, trusted_modules=TRUSTED)
     assert res.global_step == 2
     rec = res.records[-1]
     for key in ("reward/checker/ref1", "reward/checker/ref2", "reward/checker/instruction", "reward/checker/quality",
@@ -219,7 +243,8 @@ def test_msgrpo_run_logs_every_source_and_resumes_exactly(tiny_model, prompts, t
 
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
-    res_b = run(rl_from_dict(rl_config(tiny_model, prompts, b, save_every=1, keep_checkpoints=5)), resume="auto")
+    res_b = run(rl_from_dict(rl_config(tiny_model, prompts, b, save_every=1, keep_checkpoints=5)), resume="auto",
+                trusted_modules=TRUSTED)
     assert res_b.global_step == 2 and len(res_b.records) == 1
     again = ckpt_mod.load_tensors(ckpt_mod.complete_checkpoints(b)[-1], ckpt_mod.TRAINABLE_FILE)
     for k in final:
@@ -255,11 +280,12 @@ def test_two_processes_take_whole_groups_and_train_like_one(tiny_model, prompts,
 
     use_sgd(monkeypatch)
     # SGD moves a weight by lr · gradient; the policy gradient here is ~1e-3, so lr 1 lifts updates far above rounding.
-    run(rl_from_dict(rl_config(tiny_model, prompts, tmp_path / "one", grid_every=0, lr=1.0)))
+    run(rl_from_dict(rl_config(tiny_model, prompts, tmp_path / "one", grid_every=0, lr=1.0)), trusted_modules=TRUSTED)
     config = tmp_path / "two.json"
     config.write_text(json.dumps(rl_config(tiny_model, prompts, tmp_path / "two", grid_every=0, lr=1.0)))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, *LAUNCHERS[launcher], sgd_script(tmp_path), "training.msgrpo", "--config", str(config)]
+    cmd = [sys.executable, *LAUNCHERS[launcher], sgd_script(tmp_path), "training.msgrpo", "--config", str(config),
+           "--trust-module", TRUSTED[0]]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
@@ -301,7 +327,7 @@ def test_groups_whose_images_all_score_alike_take_no_step(tiny_model, prompts, t
                     rewards=[{"source": "tests.test_msgrpo:constant_source"}])  # fmt: skip
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        res = run(rl_from_dict(cfg))
+        res = run(rl_from_dict(cfg), trusted_modules=TRUSTED)
     assert res.records[0]["groups_without_signal"] == 2 and res.records[0]["items"] == 0
     # The schedule still advances; PyTorch's "scheduler before optimizer" warning would only confuse.
     assert not [w for w in caught if "lr_scheduler" in str(w.message)]

@@ -135,3 +135,26 @@ def test_an_unreachable_judge_is_an_error_at_start_up():
         load_source("judge", {"endpoint": f"http://127.0.0.1:{port}/v1", "timeout": 2})
     with pytest.raises(RewardError, match="no endpoint"):
         load_source("judge", {"endpoint": ""})
+
+
+@pytest.mark.parametrize("endpoint", ["http://judge.example.com/v1", "http://10.0.0.7:8000/v1"])
+def test_the_judge_never_sends_a_key_over_plain_http_off_this_machine(endpoint, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-secret")
+    monkeypatch.setattr("urllib.request.urlopen", lambda *a, **kw: pytest.fail("a request was sent"))
+    host = endpoint.split("//")[1].split(":")[0].split("/")[0]
+    with pytest.raises(RewardError) as err:
+        load_source("judge", {"endpoint": endpoint})
+    assert f"endpoint {endpoint} is plain http, which would send the API key ($OPENAI_API_KEY) unencrypted to " \
+           f"{host}; use https, or a judge on this machine (localhost, 127.0.0.1, ::1)" in str(err.value)  # fmt: skip
+    with pytest.raises(RewardError, match=r"\(options.api_key\) unencrypted"):
+        load_source("judge", {"endpoint": endpoint, "api_key": "sk-other"})
+    with pytest.raises(RewardError, match="is not an http\\(s\\) URL"):
+        load_source("judge", {"endpoint": "file:///etc/passwd"})
+
+
+def test_the_judge_sends_a_key_over_https_and_to_this_machine(judge_server, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-secret")
+    load_source("judge", {"endpoint": judge_server})  # http to 127.0.0.1: reachable, accepted
+    load_source("judge", {"endpoint": "https://judge.example.com/v1", "check_endpoint": False})
+    monkeypatch.delenv("OPENAI_API_KEY")
+    load_source("judge", {"endpoint": "http://judge.example.com/v1", "check_endpoint": False})  # no key to leak

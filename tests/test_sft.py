@@ -354,6 +354,27 @@ def test_crash_during_save_leaves_the_previous_checkpoint_loadable(tiny_model, d
     assert sorted(p.name for p in root.iterdir()) == ["step_00000001", "step_00000002"]
 
 
+def test_a_run_killed_before_its_first_checkpoint_restarts_with_a_fresh_log(tiny_model, data, tmp_path, monkeypatch):
+    out = tmp_path / "early"
+    cfg = make_config(tiny_model, data, out, stages=[make_config(tiny_model, data, out)["stages"][0]])
+
+    def killed(*args, **kw):
+        raise KeyboardInterrupt  # the process dies at its first save, with steps 1 and 2 logged
+
+    monkeypatch.setattr(ckpt_mod, "save_checkpoint", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg)
+    assert [r["step"] for r in train_records(out)] == [1, 2]
+    assert ckpt_mod.find_checkpoint("auto", out) is None
+    monkeypatch.undo()
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    assert run(cfg, resume="auto").global_step == 2  # no checkpoint: a fresh start
+    assert [r["step"] for r in train_records(out)] == [1, 2]  # each step logged once
+
+
 # 5. -------------------------------------------------------------------------------------------------
 
 

@@ -12,7 +12,7 @@ from training.sft.config import config_from_dict
 from uniref_core.fp8 import FP8Linear
 
 from tests.sgd import assert_same_updates, use_sgd
-from tests.test_msgrpo import prompts, rl_config  # noqa: F401  (the fixture is used by name)
+from tests.test_msgrpo import TRUSTED, prompts, rl_config  # noqa: F401  (the fixture is used by name)
 from tests.test_sft import data, make_config, train_records  # noqa: F401
 
 
@@ -248,7 +248,7 @@ def test_policy_micro_batches_give_the_update_of_one_batch(tiny_model, prompts, 
     weights = {}
     for name, micro in (("whole", None), ("one", 1)):
         cfg = rl_config(tiny_model, prompts, tmp_path / name, grid_every=0, lr=1.0, steps=1, policy_micro_batch=micro)
-        res = run(rl_from_dict(cfg))
+        res = run(rl_from_dict(cfg), trusted_modules=TRUSTED)
         assert res.records[0]["items"] == 12
         weights[name] = ckpt_mod.load_tensors(ckpt_mod.complete_checkpoints(tmp_path / name)[-1],
                                               ckpt_mod.TRAINABLE_FILE)  # fmt: skip
@@ -264,7 +264,7 @@ def test_rl_prompts_are_encoded_once_into_the_cache(tiny_model, prompts, tmp_pat
     from training.rl.config import config_from_dict as rl_from_dict
     from training.rl.trainer import run
 
-    run(rl_from_dict(rl_config(tiny_model, prompts, tmp_path / "r", grid_every=0, steps=1)))
+    run(rl_from_dict(rl_config(tiny_model, prompts, tmp_path / "r", grid_every=0, steps=1)), trusted_modules=TRUSTED)
     folder = next((tmp_path / "r" / "cache").glob("rl-prompts-*"))
     key = json.loads((folder / "cache.json").read_text())
     assert key["kind"] == "rl-prompts" and key["budget"] == 64 * 64  # areas: 64 means 64²

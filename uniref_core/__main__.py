@@ -105,6 +105,22 @@ def output_paths(output: str, n: int) -> list[Path]:
     return [path] if n == 1 else [path.with_name(f"{path.stem}-{i}{path.suffix}") for i in range(1, n + 1)]
 
 
+def check_outputs_are_not_inputs(paths: list[Path], inputs: list[tuple[str, str]]) -> None:
+    """Refuse an output that is one of the input files (``(what, path)`` pairs): saving would overwrite it."""
+    for out in paths:
+        for what, source in inputs:
+            if _same_file(out, Path(source).expanduser()):
+                raise UniRefError(f"-o/--output {out} is {what} ({source}): saving would overwrite it; choose another "
+                                  "output path")  # fmt: skip
+
+
+def _same_file(path: Path, other: Path) -> bool:
+    """The same path, or two names (links) of one file."""
+    if path.exists() and other.exists():
+        return os.path.samefile(path, other)
+    return path.resolve() == other.resolve()
+
+
 def _fill_defaults(a, model_defaults: dict) -> None:
     """Options left unset take the model folder's defaults (uniref.json), else the built-in ones."""
     from .pipeline import BUILTIN_DEFAULTS, resolve_setting
@@ -169,12 +185,14 @@ def cmd_edit(a) -> int:
 
     from .defaults import resolve_model_arg
     from .model import resolve_dtype
-    from .images import load_image
+    from .images import load_image, save_image
     from .pipeline import SamplingOptions, UniRefPipeline
 
     if not a.ref:
         raise UniRefError("no reference images: pass at least one --ref IMAGE")
     paths = output_paths(a.output, a.num_images)
+    inputs = [(f"reference {k} (--ref)", r) for k, r in enumerate(a.ref, start=1)]
+    check_outputs_are_not_inputs(paths, inputs + ([("the init image (--init)", a.init)] if a.init else []))
     # Read every input before the (slow) model load so a typo fails in a second.
     refs = [load_image(r, name=f"reference {k} ({r})") for k, r in enumerate(a.ref, start=1)]
     init = load_image(a.init, name=f"init image ({a.init})") if a.init else None
@@ -239,7 +257,7 @@ def cmd_edit(a) -> int:
         if bar is not None:
             bar.close()
     for img, p in zip(result.images, paths):
-        img.save(p)
+        save_image(img, p)
     with_loras = "".join(f" + LoRA {lw.name} at {s:g}" for lw, s in loras)
     print(f"{', '.join(str(p) for p in paths)}: {result.summary()}; model {model}{with_loras}")
     return 0

@@ -41,6 +41,9 @@ MODES = ("budget", "per_image")
 VL_PATCH_PX = 28
 VL_MIN_PIXELS = 56 * 56
 VL_MAX_PIXELS = 12845056
+# The longest image sequence [target ; refs] the engine runs: a 4096² output plus a 4096² budget at 16 px tokens.
+# Beyond it one step takes minutes and tens of GB on any device, and a host's cancel waits for that step.
+MAX_SEQUENCE_TOKENS = 2 * (4096 // TOKEN_PX) ** 2
 
 
 def calculate_dimensions(target_area: float, ratio: float) -> tuple[int, int]:
@@ -302,8 +305,25 @@ def plan_references(
     vl = allocate_vl(sizes, vl_budget)
     out = output_size(sizes, width, height, match_ref, output_area, token_px=token_px)
     refs = [ReferencePlan(k, s, v, c, token_px) for k, (s, v, c) in enumerate(zip(sizes, vae, vl), start=1)]
-    return Plan(mode=mode, budget=budget if mode == "budget" else None, output=out, references=refs,
+    plan = Plan(mode=mode, budget=budget if mode == "budget" else None, output=out, references=refs,
                 token_px=token_px)  # fmt: skip
+    check_sequence(plan)
+    return plan
+
+
+def check_sequence(plan: Plan) -> None:
+    """Refuse a plan whose image sequence is longer than the engine runs (`MAX_SEQUENCE_TOKENS`), naming the part
+    that is too large: the output size or the references (budget, or per_image mode's count)."""
+    if plan.sequence_length <= MAX_SEQUENCE_TOKENS:
+        return
+    w, h = plan.output
+    fix = ("lower width and height (or the output area)" if plan.output_tokens >= plan.reference_tokens
+           else "lower the budget" if plan.mode == "budget" else "use fewer references or mode 'budget'")  # fmt: skip
+    raise UniRefError(
+        f"output {w}×{h} px ({plan.output_tokens} tokens) and references of {plan.reference_tokens} tokens make an "
+        f"image sequence of {plan.sequence_length} tokens; the engine runs at most {MAX_SEQUENCE_TOKENS} (a 4096² "
+        f"output and a 4096² budget at 16 px tokens): {fix}"
+    )
 
 
 def check_token_px(token_px: int) -> None:

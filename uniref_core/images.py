@@ -8,13 +8,15 @@ Accepted sources for `load_image`:
   * a torch tensor in ComfyUI's IMAGE convention: float 0..1, [H,W,C] or [1,H,W,C].
 
 `split_image_batch` turns a ComfyUI IMAGE batch into a list of images and `pil_to_comfy`
-goes back to a float32 [B,H,W,3] tensor. Every bad input raises `UniRefError` with a
-message that names the input (the `name` argument) and says how to fix it.
+goes back to a float32 [B,H,W,3] tensor; `save_image` writes an output whole or not at all. Every
+bad input raises `UniRefError` with a message that names the input (the `name` argument) and says
+how to fix it.
 """
 
 from __future__ import annotations
 
 import os
+import secrets
 from pathlib import Path
 
 import numpy as np
@@ -66,6 +68,28 @@ def load_image(source, name: str = "image") -> Image.Image:
     raise UniRefError(
         f"{name}: unsupported input type {type(source).__name__} — give {ACCEPTED_TYPES}"
     )
+
+
+def save_image(image: Image.Image, path, name: str = "output") -> None:
+    """Write ``image`` to ``path`` (its format from the suffix) whole or not at all: into a temporary file in the same
+    folder, then renamed over ``path``, so a full disk or a crash never leaves a truncated image there."""
+    path = Path(path)
+    image_format = Image.registered_extensions().get(path.suffix.lower())
+    if image_format is None:
+        raise UniRefError(f"{name} {path} has no image extension: end it in .png, .jpg or .webp")
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    try:
+        # O_EXCL: never write through a file or link already there; 0o666: the umask applies, as for a plain save.
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb") as f:
+            image.save(f, format=image_format)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        raise UniRefError(f"{name} {path} could not be written ({e.strerror or e}): free some space or choose "
+                          "another path; nothing was left there") from None  # fmt: skip
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def split_image_batch(tensor, name: str = "image") -> list[Image.Image]:

@@ -441,6 +441,7 @@ class UniRefPipeline:
             if images
             else Plan(mode=mode, budget=None, output=budget_mod.output_size([], width, height, token_px=t), token_px=t)
         )
+        budget_mod.check_sequence(plan)
         vl_images = [im.resize(r.vl, resample=Image.Resampling.LANCZOS) for im, r in zip(images, plan.references)]
         self._onload("text_encoder")
         te = self.c.text_encoder
@@ -548,7 +549,17 @@ class UniRefPipeline:
             x = step.x_next
             if on_step is not None:
                 on_step(StepInfo(step.step, step.total, step.sigma_next, x, step.x0, cond.width, cond.height))
+        if not torch.isfinite(x).all():  # would decode to a black image that looks like a result
+            raise UniRefError(self._non_finite_message())
         return x
+
+    def _non_finite_message(self) -> str:
+        what = "the model produced non-finite values (NaN or inf) while sampling, so there is no image"
+        if self.loras:
+            names = ", ".join(f"{lw.name} at strength {s:g}" for lw, s in self.loras)
+            return (f"{what}; LoRA {names} is loaded: lower its strength, or check the file (NaN or huge weights), "
+                    "or run without it")  # fmt: skip
+        return f"{what}: check the model's weights, or use dtype fp32 (fp16 overflows on Qwen-Image)"
 
     # 3. Decoding ------------------------------------------------------------------------------
 
@@ -577,7 +588,7 @@ class UniRefPipeline:
         lat = unpack_latents(packed[:1].float().cpu(), width, height, self.vae_scale)[0, :, 0]  # [C, h, w]
         c, h, w = lat.shape
         feats = torch.cat([lat.reshape(c, -1).T, torch.ones(h * w, 1)], dim=1)
-        rgb = (feats @ self._preview_map).clamp(0, 1).reshape(h, w, 3)
+        rgb = (feats @ self._preview_map).nan_to_num().clamp(0, 1).reshape(h, w, 3)  # NaN: black, no warning
         return Image.fromarray((rgb.numpy() * 255).round().astype(np.uint8))
 
     def _fit_preview_map(self) -> torch.Tensor:

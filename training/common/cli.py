@@ -24,15 +24,22 @@ def exit_on_error(main):
     return wrapper
 
 
-def trainer_main(argv, *, prog: str, description: str, config_help: str, load_config, run) -> int:
+def trainer_main(argv, *, prog: str, description: str, config_help: str, load_config, run,
+                 reward_modules: bool = False) -> int:  # fmt: skip
     """``--config`` and ``--resume``, then ``run(load_config(config), resume)``; the main process says where
-    the outputs went (``run``'s result has ``is_main``, ``global_step`` and ``output_dir``)."""
+    the outputs went (``run``'s result has ``is_main``, ``global_step`` and ``output_dir``). ``reward_modules``:
+    also ``--trust-module`` (repeatable), passed to ``run`` as ``trusted_modules``."""
     parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--config", required=True, help=config_help)
     parser.add_argument("--resume", default=None, help="'auto' (newest checkpoint of output_dir, if any) or a "
                         "checkpoint folder")  # fmt: skip
+    if reward_modules:
+        parser.add_argument("--trust-module", action="append", default=[], metavar="MODULE",
+                            help="let the config's reward sources load factories from MODULE (and its submodules); "
+                            "they run as code with your rights, so name only modules you trust (repeat for several)")
     args = parser.parse_args(argv)
-    result = run(load_config(args.config), resume=args.resume)
+    extra = {"trusted_modules": tuple(args.trust_module)} if reward_modules else {}
+    result = run(load_config(args.config), resume=args.resume, **extra)
     if result.is_main:
         print(f"done: {result.global_step} steps; outputs in {result.output_dir}")
     return 0

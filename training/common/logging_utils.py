@@ -43,6 +43,11 @@ class RunLogger:
             except ImportError:  # tensorboard is a dev extra: `pip install tensorboard` to get events
                 self.notes.append("tensorboard is not installed: no TensorBoard events (log.jsonl has everything)")
 
+    def start_fresh(self) -> None:
+        """A run that resumes no checkpoint (also after a kill before the first one) starts an empty log."""
+        if self.enabled:
+            self.path.unlink(missing_ok=True)
+
     def truncate_after(self, step: int) -> None:
         """On resume: drop records a killed run wrote after the checkpoint it resumes from."""
         if not self.enabled or not self.path.is_file():

@@ -40,6 +40,8 @@ class TrainingRun:
             elif self.main:
                 print(f"resume: no checkpoint in {self.out / ckpt_mod.CHECKPOINTS}, starting from scratch")
         self.log = RunLogger(self.out, enabled=self.main, tensorboard=cfg.tensorboard)
+        if not self.resumed:
+            self.log.start_fresh()
         for note in self.log.notes:
             print(note)
         if self.main:

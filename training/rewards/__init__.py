@@ -13,7 +13,9 @@ failed) marks it in ``failed``: the image is dropped from its group and counted,
 
 Sources are named in the RL config, ``{"source": "checker"}`` for a built-in one or a dotted path to your
 own factory, ``{"source": "my_pkg.rewards:make_source", "options": {...}}``: the factory is called with
-the options and returns the source.
+the options and returns the source. A dotted path imports and runs code, so only this project's ``training.``
+modules load unless the user trusts others (``python -m training.msgrpo --trust-module my_pkg``, or
+``trusted_modules`` of `load_source` and the trainer's ``run``): a config from elsewhere cannot run ``os:system``.
 """
 
 from __future__ import annotations
@@ -34,6 +36,9 @@ BUILTIN = {
     "features": "training.rewards.features:feature_source",
     "judge": "training.rewards.judge:judge_source",
 }
+
+#: Packages whose factories any config may name: this project's own.
+TRUSTED_PACKAGES = ("training",)
 
 
 class RewardError(UniRefError):
@@ -57,8 +62,14 @@ class RewardBatch:
 Source = Callable[..., RewardBatch]
 
 
-def resolve(path: str):
-    """``"pkg.mod:name"`` or ``"pkg.mod.name"`` → the object; clear errors for each way it can be wrong."""
+def is_trusted(module_name: str, trusted=()) -> bool:
+    """Whether ``module_name`` is, or is inside, one of `TRUSTED_PACKAGES` or the ``trusted`` modules."""
+    return any(module_name == t or module_name.startswith(t + ".") for t in (*TRUSTED_PACKAGES, *trusted))
+
+
+def resolve(path: str, trusted=()):
+    """``"pkg.mod:name"`` or ``"pkg.mod.name"`` → the object; clear errors for each way it can be wrong. Modules
+    outside `TRUSTED_PACKAGES` and ``trusted`` are refused before they are imported (importing runs them)."""
     path = BUILTIN.get(path, path)
     if ":" in path:
         module_name, _, attr = path.partition(":")
@@ -67,6 +78,10 @@ def resolve(path: str):
     if not module_name or not attr:
         raise RewardError(f"reward source {path!r}: name a built-in one ({', '.join(BUILTIN)}) or a factory as "
                           "'package.module:function'")  # fmt: skip
+    if not is_trusted(module_name, trusted):
+        raise RewardError(f"reward source {path!r}: module {module_name!r} is not trusted: a config's reward source "
+                          "runs as code with your rights, and only training.* modules load unless you trust others; "
+                          f"if you trust it, run with --trust-module {module_name}")  # fmt: skip
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
@@ -80,9 +95,10 @@ def resolve(path: str):
     return obj
 
 
-def load_source(name: str, options: dict | None = None) -> Source:
-    """Call the factory ``name`` resolves to with ``options``; the result must be a callable source."""
-    factory = resolve(name)
+def load_source(name: str, options: dict | None = None, trusted=()) -> Source:
+    """Call the factory ``name`` resolves to with ``options``; the result must be a callable source. ``trusted``:
+    modules (and their submodules) the user trusts beyond this project's own."""
+    factory = resolve(name, trusted)
     try:
         source = factory(**(options or {}))
     except TypeError as e:

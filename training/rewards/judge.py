@@ -3,7 +3,8 @@
 ``{"source": "judge", "options": {"endpoint": "http://127.0.0.1:8000/v1", "model": "Qwen2.5-VL-7B-Instruct"}}``;
 the endpoint may instead come from ``UNIREF_JUDGE_URL`` and the key from ``api_key`` or the environment
 variable named by ``api_key_env`` (default ``OPENAI_API_KEY``). This is the only network use at run time,
-and only to the endpoint the user configured.
+and only to the endpoint the user configured. A key is sent only over https, or plain http to this machine
+(localhost, 127.0.0.1, ::1).
 
 Per image, one question per reference ("how well does the result keep Picture k?"), one on the
 instruction and one on quality, each answered with a number from 0 to 10 (images inline as PNG data URLs).
@@ -21,6 +22,7 @@ import os
 import re
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
@@ -29,6 +31,8 @@ import numpy as np
 from . import RewardBatch, RewardError, Signal
 
 SCALE = 10
+#: Hosts a key may go to over plain http: the traffic never leaves this machine.
+LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")
 QUESTIONS = {
     "reference": ("The first image is Picture {k}, a reference. The second image is the result of the edit "
                   "instruction: \"{instruction}\". How faithfully does the result keep what it should take from "
@@ -64,6 +68,18 @@ def _data_url(image) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
+def _check_endpoint_url(endpoint: str, key_from: str | None) -> None:
+    """An http(s) endpoint; one that gets a key (from ``key_from``) is https, or plain http to this machine."""
+    url = urllib.parse.urlsplit(endpoint)
+    if url.scheme not in ("http", "https") or not url.hostname:
+        raise RewardError(f"reward source 'judge': endpoint {endpoint} is not an http(s) URL: give one such as "
+                          "https://judge.example/v1 or http://127.0.0.1:8000/v1")  # fmt: skip
+    if key_from and url.scheme == "http" and url.hostname not in LOCAL_HOSTS:
+        raise RewardError(f"reward source 'judge': endpoint {endpoint} is plain http, which would send the API key "
+                          f"({key_from}) unencrypted to {url.hostname}; use https, or a judge on this machine "
+                          f"({', '.join(LOCAL_HOSTS)}), or unset the key for a server that needs none")  # fmt: skip
+
+
 def judge_source(endpoint: str | None = None, model: str = "default", api_key: str | None = None,
                  api_key_env: str = "OPENAI_API_KEY", timeout: float = 60.0, retries: int = 2, backoff: float = 1.0,
                  concurrency: int = 8, max_tokens: int = 16, check_endpoint: bool = True):  # fmt: skip
@@ -73,6 +89,7 @@ def judge_source(endpoint: str | None = None, model: str = "default", api_key: s
         raise RewardError("reward source 'judge': no endpoint: set options.endpoint (e.g. http://127.0.0.1:8000/v1) "
                           "or UNIREF_JUDGE_URL")  # fmt: skip
     key = api_key or os.environ.get(api_key_env)
+    _check_endpoint_url(endpoint, "options.api_key" if api_key else f"${api_key_env}" if key else None)
     headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
     if check_endpoint:
         try:

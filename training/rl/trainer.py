@@ -264,7 +264,7 @@ def _reference_velocity(cfg: RLConfig, transformer, pipe: UniRefPipeline):
     return lambda x, timestep, cond: frozen.velocity(x, timestep, cond, cfg.cfg)
 
 
-def run(cfg: RLConfig, resume: str | None = None) -> RLResult:
+def run(cfg: RLConfig, resume: str | None = None, trusted_modules=()) -> RLResult:
     """Train as ``cfg`` says; ``resume``: None (fresh), "auto" (newest checkpoint if any) or a path."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
@@ -284,7 +284,7 @@ def run(cfg: RLConfig, resume: str | None = None) -> RLResult:
 
         cfg = replace(cfg, budget=cfg.budget or int(defaults.get("budget", BUILTIN_DEFAULTS["budget"])),
                       vl_budget=cfg.vl_budget or defaults.get("vl_budget"))  # fmt: skip
-    sources = [(spec, load_source(spec.source, spec.options)) for spec in cfg.rewards]
+    sources = [(spec, load_source(spec.source, spec.options, trusted_modules)) for spec in cfg.rewards]
     tr = TrainingRun(cfg, accelerator, resume, kind="msgrpo")
     out, log, global_step = tr.out, tr.log, tr.global_step
 
@@ -420,4 +420,4 @@ def _save_grid(r: Rollout, out: Path, step: int, log) -> None:
 def main(argv=None) -> int:
     return trainer_main(argv, prog="python -m training.msgrpo", description=__doc__.split("\n")[0],
                         config_help="JSON or TOML config (see training/rl/config.py)", load_config=load_config,
-                        run=run)  # fmt: skip
+                        run=run, reward_modules=True)  # fmt: skip
