@@ -429,6 +429,9 @@ def test_bad_rows_are_reported_and_skipped(tiny_model, data, tmp_path):
         ({"mixed_precision": "fp8"}, "mixed_precision is 'fp8'"),
         ({"micro_batch_size": 3}, "stages[0] (stage 1): batch_size 2 is not a multiple of micro_batch_size 3"),
         ({"logit_normal": {"mean": 0, "std": 1, "pure_noise": 1.0}}, "logit_normal.pure_noise is 1.0: give a share"),
+        ({"seed": 2**64}, "the config: seed is 18446744073709551616: it must be at most 4294967295"),
+        ({"seed": 2**32}, "the config: seed is 4294967296: it must be at most 4294967295 (numpy's generators"),
+        ({"seed": -1}, "the config: seed is -1: it must be at least 0"),
     ],
 )
 def test_config_errors_name_the_key_and_stage(tiny_model, data, tmp_path, change, message):
