@@ -32,3 +32,25 @@ def test_a_failed_write_leaves_the_old_copy_and_no_tmp(tmp_path):
             raise RuntimeError("disk full")
     assert [p.name for p in final.iterdir()] == ["old.txt"]
     assert not tmp.exists()
+
+
+def test_a_full_disk_at_the_rename_puts_the_old_copy_back(tmp_path, monkeypatch):
+    final = tmp_path / "model"
+    final.mkdir()
+    (final / "old.txt").write_text("old")
+    real_replace = atomic.os.replace
+
+    def replace(src, dst):
+        if str(src).endswith(".tmp"):  # the old copy is renamed away, then the new one cannot take its place
+            raise OSError(28, "No space left on device")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(atomic.os, "replace", replace)
+    with pytest.raises(OSError, match="No space left"):
+        with atomic.atomic_dir(final) as tmp:
+            tmp.mkdir()
+            (tmp / "new.txt").write_text("new")
+    assert (final / "old.txt").read_text() == "old"
+    error = atomic.write_error(OSError(28, "No space left on device"), "the export", tmp_path, "then run it again")
+    assert str(error) == f"the export could not be written: the disk holding {tmp_path} is full (No space left on " \
+                         "device); free space there, then run it again"  # fmt: skip

@@ -93,6 +93,14 @@ def test_make_tiny_model(tmp_path, capsys):
         (["--ref", "{ref}", "-o", "{tmp}/out.txt"], "has no image extension"),
         (["--ref", "{ref}", "--model", "{tmp}/no-model"], "model folder not found"),
         (["--ref", "{ref}", "--budget", "huge"], "is not a size"),
+        (["--ref", "{ref}", "--seed", str(2**64)], "seed is 18446744073709551616: it must be between 0 and"),
+        (["--ref", "{ref}", "--seed", "-1"], "seed is -1: it must be between 0 and 18446744073709551615"),
+        (["--ref", "{ref}", "--num-images", str(10**30)], "--num-images is 10000000000000000000000000000"),
+        (["--ref", "{ref}", "--prompt", "caf\udce9"], "--prompt is not valid UTF-8 text: character 4 is the byte"),
+        (["--ref", "{ref}", "--budget", "64", "--width", "64", "--height", "64", "--prompt", "red " * 5000],
+         "prompt is too long: with the template and the references' vision tokens it makes 5"),
+        (["--ref", "{ref}", "--width", "140000", "--height", "16"], "make the output less long and thin (at most"),
+        (["--ref", "{ref}", "--vl-budget", "100000x100000"], "vision tokens alone leave it no room: lower the VL"),
     ],
 )
 def test_bad_input_prints_one_line_naming_it(tiny_model, tmp_path, capsys, args, message):
@@ -107,6 +115,18 @@ def test_bad_input_prints_one_line_naming_it(tiny_model, tmp_path, capsys, args,
     assert "Traceback" not in err
     assert not (tmp_path / "o.png").exists()
     assert hashlib.sha256(REFS[0].read_bytes()).hexdigest() == before
+
+
+def test_a_prompt_in_another_encoding_is_one_line(tmp_path):
+    # The bytes a Latin-1 terminal or file passes: Python's argv holds them as surrogates (surrogateescape).
+    r = subprocess.run([sys.executable, "-m", "uniref_core", "edit", "--ref", str(REFS[0]), "--prompt", b"caf\xe9",
+                        "--model", str(tmp_path / "none"), "-o", str(tmp_path / "o.png")], capture_output=True,
+                       cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), "LC_ALL": "C.UTF-8"},
+                       timeout=120)  # fmt: skip
+    err = r.stderr.decode()
+    assert r.returncode == 2 and "Traceback" not in err, err
+    assert err.strip() == "error: --prompt is not valid UTF-8 text: character 4 is the byte 0xe9 (text saved in " \
+                          "another encoding, such as Latin-1?); give the prompt as UTF-8 text"  # fmt: skip
 
 
 def test_output_path_is_checked_before_the_model_loads(tmp_path, capsys):

@@ -195,6 +195,8 @@ def test_a_failed_image_may_carry_nan():
         ({"sde_window": [2, 9]}, r"sde_window is \[2, 9\]"),
         ({"sde_window": [3, 4]}, "holds only the last rollout step"),
         ({"rewards": [{"source": "checker", "wieght": 2}]}, "unknown config key 'wieght' in rewards\\[0\\]"),
+        ({"seed": 2**64}, "seed is 18446744073709551616: it must be at most 4294967295"),
+        ({"output_dir": __file__}, "output_dir .*test_msgrpo.py is a file, not a folder: give a folder path"),
     ],
 )
 def test_bad_rl_config_keys_are_named(over, match):

@@ -126,6 +126,9 @@ def test_sde_sampler_is_seeded_and_differs_from_ode(pipe):
         ({"num_images": 0}, "num_images is 0"),
         ({"sampler": "sde", "steps": 4, "sde_window": (2, 6)}, r"sde_window is \(2, 6\).*≤ 4"),
         ({"steps": 4, "sde_window": (0, 2)}, "sde_window is set but sampler is 'ode'"),
+        ({"seed": 2**64}, "seed is 18446744073709551616: it must be between 0 and 18446744073709551615"),
+        ({"seed": -1}, "seed is -1: it must be between 0"),
+        ({"seed": 2**64 - 1, "num_images": 2}, r"between 0 and 18446744073709551614 \(image i of 2 uses seed \+ i\)"),
     ],
 )
 def test_bad_sampling_options_are_named(pipe, kwargs, match):
@@ -178,3 +181,23 @@ def test_bad_encode_inputs_are_named(pipe, tmp_path):
         pipe.encode(make_refs([(64, 64)]), PROMPT, cfg=1.0, width=100, height=64)
     with pytest.raises(UniRefError, match="reference 1 is 4000×70 px.*raise the budget"):
         pipe.encode(make_refs([(4000, 70)]), PROMPT, cfg=1.0, budget=64 * 64)
+
+
+def test_a_prompt_the_model_cannot_take_is_named_not_a_traceback(pipe):
+    """What a ComfyUI workflow's JSON can hold: a lone surrogate, or a prompt longer than the positions left to the
+    text (the tiny encoder's 4096, the transformer's RoPE after the longest image side): one UniRefError each, with
+    the count and the limit, before any transformer call."""
+    refs = make_refs([(64, 64)])
+    with pytest.raises(UniRefError, match="prompt is not valid UTF-8 text: character 4 is a lone surrogate U\\+D800"):
+        pipe.encode(refs, "put\ud800", cfg=1.0, budget=64 * 64, width=64, height=64)
+    with pytest.raises(UniRefError, match="negative prompt is not valid UTF-8 text: character 1 is the byte 0xe9"):
+        pipe.encode(refs, PROMPT, "\udce9", cfg=2.0, budget=64 * 64, width=64, height=64)
+    with pytest.raises(UniRefError, match=r"prompt is too long: .* makes 5\d\d\d tokens, and the text encoder's 4096 "
+                       r"positions .* at most 4032; shorten it by at least"):  # fmt: skip
+        pipe.encode(refs, "red " * 5000, cfg=1.0, budget=64 * 64, width=64, height=64)
+    # A long, thin output moves the text's first RoPE position to half its side: less room for the prompt.
+    with pytest.raises(UniRefError, match=r"prompt is too long: .* makes 1\d\d\d tokens, and at this size \(the "
+                       r"longest image side is 7500 tokens\) the transformer's 4096 RoPE positions leave it at "
+                       r"most 3"):  # fmt: skip
+        pipe.encode(refs, "red " * 1000, cfg=1.0, budget=64 * 64, width=120000, height=16)
+    assert pipe.encode(refs, "red " * 300, cfg=1.0, budget=64 * 64, width=64, height=64).positive.embeds.shape[1] > 300

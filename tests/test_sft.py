@@ -331,11 +331,11 @@ def test_crash_during_save_leaves_the_previous_checkpoint_loadable(tiny_model, d
 
     def crash(tmp, final, **kw):
         if final.name == "step_00000002":
-            raise OSError("disk full (simulated) after the files were written")
+            raise RuntimeError("crash (simulated) after the files were written")
         commit(tmp, final, **kw)
 
     monkeypatch.setattr(ckpt_mod, "commit", crash)
-    with pytest.raises(OSError, match="simulated"):
+    with pytest.raises(RuntimeError, match="simulated"):
         run(cfg)
     root = out / ckpt_mod.CHECKPOINTS
     assert (root / "step_00000002.tmp" / "trainable.safetensors").is_file()  # half a save, never renamed
@@ -352,6 +352,68 @@ def test_crash_during_save_leaves_the_previous_checkpoint_loadable(tiny_model, d
     GradientState._reset_state()
     assert run(cfg, resume="auto").global_step == 2  # the leftover .tmp is replaced
     assert sorted(p.name for p in root.iterdir()) == ["step_00000001", "step_00000002"]
+
+
+def test_a_full_disk_during_a_save_is_one_line_and_leaves_no_half_checkpoint(tiny_model, data, tmp_path, monkeypatch,
+                                                                            capsys):  # fmt: skip
+    from safetensors import SafetensorError
+
+    from training.sft.trainer import main
+
+    out = tmp_path / "full"
+    cfg = make_config(tiny_model, data, out, save_every=1, stages=[make_config(tiny_model, data, out)["stages"][0]])
+    path = write_config(tmp_path / "sft.json", cfg)
+    real_save = ckpt_mod.save_file
+
+    def disk_full(tensors, filename, *args, **kw):
+        if Path(filename).parent.name == "step_00000002.tmp":
+            Path(filename).write_bytes(b"half a file")
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28) at path "
+                                  f'"{filename}"')  # what safetensors raises  # fmt: skip
+        return real_save(tensors, filename, *args, **kw)
+
+    monkeypatch.setattr(ckpt_mod, "save_file", disk_full)
+    assert main(["--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert f"error: checkpoint step_00000002 could not be written: the disk holding {out / 'checkpoints'} is full " \
+           "(No space left on device); free space there, e.g. delete step_… folders you no longer need or lower " \
+           "keep_checkpoints, then continue with --resume auto" in err  # fmt: skip
+    root = out / ckpt_mod.CHECKPOINTS
+    assert sorted(p.name for p in root.iterdir()) == ["step_00000001"]  # the unfinished folder is gone, space freed
+    assert ckpt_mod.load_tensors(ckpt_mod.find_checkpoint("auto", out), ckpt_mod.TRAINABLE_FILE)
+
+    # A full disk met by any other write of the run (here the log) is one line too, naming the file.
+    monkeypatch.undo()
+
+    def log_disk_full(*args, **kw):
+        raise OSError(28, "No space left on device", str(out / "log.jsonl"))
+
+    monkeypatch.setattr(ckpt_mod, "save_checkpoint", log_disk_full)
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    assert main(["--config", str(path), "--resume", "auto"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and f"error: {out / 'log.jsonl'} could not be written: the disk holding {out} is " \
+           "full (No space left on device); free space there, then continue with --resume auto" in err  # fmt: skip
+
+
+def test_an_output_dir_that_is_a_file_is_named(tiny_model, data, tmp_path, capsys):
+    from training.sft.trainer import main
+
+    (tmp_path / "runs").write_text("not a folder")
+    under = f"is under {tmp_path / 'runs'}, which is a file"
+    for out, what in ((tmp_path / "runs", "is a file"), (tmp_path / "runs" / "a", under)):
+        with pytest.raises(ConfigError, match="output_dir"):
+            config_from_dict(make_config(tiny_model, data, out))
+        path = write_config(tmp_path / "sft.json", make_config(tiny_model, data, out))
+        assert main(["--config", str(path)]) == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err
+        assert f"error: output_dir {out} {what}, not a folder: give a folder path (a new one is created)" in err
+    assert (tmp_path / "runs").read_text() == "not a folder"
 
 
 def test_a_run_killed_before_its_first_checkpoint_restarts_with_a_fresh_log(tiny_model, data, tmp_path, monkeypatch):
@@ -429,6 +491,9 @@ def test_bad_rows_are_reported_and_skipped(tiny_model, data, tmp_path):
         ({"mixed_precision": "fp8"}, "mixed_precision is 'fp8'"),
         ({"micro_batch_size": 3}, "stages[0] (stage 1): batch_size 2 is not a multiple of micro_batch_size 3"),
         ({"logit_normal": {"mean": 0, "std": 1, "pure_noise": 1.0}}, "logit_normal.pure_noise is 1.0: give a share"),
+        ({"seed": 2**64}, "the config: seed is 18446744073709551616: it must be at most 4294967295"),
+        ({"seed": 2**32}, "the config: seed is 4294967296: it must be at most 4294967295 (numpy's generators"),
+        ({"seed": -1}, "the config: seed is -1: it must be at least 0"),
     ],
 )
 def test_config_errors_name_the_key_and_stage(tiny_model, data, tmp_path, change, message):

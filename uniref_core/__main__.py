@@ -190,7 +190,17 @@ def cmd_edit(a) -> int:
 
     if not a.ref:
         raise UniRefError("no reference images: pass at least one --ref IMAGE")
+    from .pipeline import MAX_IMAGES
+
+    if not 1 <= a.num_images <= MAX_IMAGES:  # before output_paths lists a file name per image
+        raise UniRefError(f"--num-images is {a.num_images}: it must be between 1 and {MAX_IMAGES}; make fewer images "
+                          "per run")  # fmt: skip
     paths = output_paths(a.output, a.num_images)
+    from .prompt import check_prompt_text
+
+    check_prompt_text(a.prompt, "--prompt")
+    if a.negative_prompt is not None:
+        check_prompt_text(a.negative_prompt, "--negative-prompt")
     inputs = [(f"reference {k} (--ref)", r) for k, r in enumerate(a.ref, start=1)]
     check_outputs_are_not_inputs(paths, inputs + ([("the init image (--init)", a.init)] if a.init else []))
     # Read every input before the (slow) model load so a typo fails in a second.

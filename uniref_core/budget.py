@@ -44,6 +44,12 @@ VL_MAX_PIXELS = 12845056
 # The longest image sequence [target ; refs] the engine runs: a 4096² output plus a 4096² budget at 16 px tokens.
 # Beyond it one step takes minutes and tens of GB on any device, and a host's cancel waits for that step.
 MAX_SEQUENCE_TOKENS = 2 * (4096 // TOKEN_PX) ** 2
+# RoPE positions per axis of the Qwen-Image transformer (diffusers' QwenEmbedRope table). An image n tokens a side
+# takes the positions -(n - n//2) … n//2 - 1 of that axis; the text stream takes those from the largest image's half
+# side on, so half the longest side plus the prompt's tokens (the VL vision tokens among them) must fit.
+ROPE_POSITIONS = 4096
+# The fewest text tokens a prompt takes after the dropped system turn: labels, the closing template and a word.
+MIN_TEXT_TOKENS = 16
 
 
 def calculate_dimensions(target_area: float, ratio: float) -> tuple[int, int]:
@@ -208,6 +214,16 @@ class Plan:
         return self.output_tokens + self.reference_tokens
 
     @property
+    def text_position(self) -> int:
+        """The first RoPE position of the text stream: half the longest side, in tokens, of any image."""
+        return max(max(rows // 2, cols // 2) for _, rows, cols in self.img_shapes)
+
+    @property
+    def text_room(self) -> int:
+        """How many text tokens (the prompt's encoding, the VL vision tokens included) the transformer's RoPE holds."""
+        return ROPE_POSITIONS - self.text_position
+
+    @property
     def img_shapes(self) -> list[tuple[int, int, int]]:
         """(frames, rows, cols) in token units per image, target first: what the transformer's RoPE reads."""
         t = self.token_px
@@ -313,8 +329,10 @@ def plan_references(
 
 def check_sequence(plan: Plan) -> None:
     """Refuse a plan whose image sequence is longer than the engine runs (`MAX_SEQUENCE_TOKENS`), naming the part
-    that is too large: the output size or the references (budget, or per_image mode's count)."""
+    that is too large: the output size or the references (budget, or per_image mode's count); then one that leaves
+    the prompt no RoPE positions (`check_text_room`)."""
     if plan.sequence_length <= MAX_SEQUENCE_TOKENS:
+        check_text_room(plan)
         return
     w, h = plan.output
     fix = ("lower width and height (or the output area)" if plan.output_tokens >= plan.reference_tokens
@@ -323,6 +341,26 @@ def check_sequence(plan: Plan) -> None:
         f"output {w}×{h} px ({plan.output_tokens} tokens) and references of {plan.reference_tokens} tokens make an "
         f"image sequence of {plan.sequence_length} tokens; the engine runs at most {MAX_SEQUENCE_TOKENS} (a 4096² "
         f"output and a 4096² budget at 16 px tokens): {fix}"
+    )
+
+
+def check_text_room(plan: Plan) -> None:
+    """Refuse a plan whose longest image side and VL vision tokens leave no room for a prompt in the transformer's
+    `ROPE_POSITIONS` (a very long, thin output or reference, or a huge VL budget), naming which."""
+    if plan.vl_tokens + MIN_TEXT_TOKENS <= plan.text_room:
+        return
+    t = plan.token_px
+    sides = [("the output", plan.output)] + [(f"reference {r.index}", r.vae) for r in plan.references]
+    name, (w, h) = max(sides, key=lambda s: max(s[1]))
+    if plan.text_position > ROPE_POSITIONS // 2:
+        longest = 2 * (ROPE_POSITIONS - plan.vl_tokens - MIN_TEXT_TOKENS) * t
+        fix = f"make {name} less long and thin (at most {longest} px on its longest side, less with a long prompt)"
+    else:
+        fix = "lower the VL budget (vl_budget)"
+    raise UniRefError(
+        f"{name} is {w}×{h} px ({max(w, h) // t} tokens on its longest side) and the VL copies make {plan.vl_tokens} "
+        f"vision tokens: the prompt starts at RoPE position {plan.text_position} of the model's {ROPE_POSITIONS} and "
+        f"the vision tokens alone leave it no room: {fix}"
     )
 
 

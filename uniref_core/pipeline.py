@@ -33,7 +33,7 @@ from .latents import (
     vae_tiling,
 )
 from .model import Components, load_components
-from .prompt import PromptEmbeds, encode_prompt
+from .prompt import DROP_IDX, PromptEmbeds, check_prompt_text, encode_prompt
 from .sampling import DenoiseStep, Schedule, denoise_steps, flow_schedule, noise_latents, true_cfg
 
 DEFAULT_STEPS = 30
@@ -80,6 +80,8 @@ SAMPLERS = ("ode", "sde")
 MAX_STEPS = 1000
 MAX_CFG = 30.0
 MAX_IMAGES = 64
+# torch.Generator.manual_seed takes 64-bit seeds; image i of a run uses seed + i, so the last one must fit too.
+MAX_SEED = 0xFFFFFFFFFFFFFFFF
 # Pixels of the synthetic image the latent→RGB preview map is fitted on (one cheap VAE encode).
 PREVIEW_FIT_PX = 128
 
@@ -187,6 +189,18 @@ def check_sampling(steps, cfg, sampler, eta, denoise, init_image, num_images) ->
         raise UniRefError(f"denoise {denoise} with {steps} steps leaves no step to run: raise denoise or steps")
 
 
+def check_seed(seed, num_images: int = 1) -> None:
+    """A whole number from 0 such that every image's seed (``seed`` … ``seed + num_images - 1``) fits the 64 bits
+    of torch's generators."""
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise UniRefError(f"seed is {seed!r}: give a whole number from 0 to {MAX_SEED}")
+    top = MAX_SEED - (num_images - 1)
+    if not 0 <= seed <= top:
+        more = f" (image i of {num_images} uses seed + i)" if num_images > 1 else ""
+        raise UniRefError(f"seed is {seed}: it must be between 0 and {top}{more}, the 64 bits of the noise generator; "
+                          "give a seed in that range")  # fmt: skip
+
+
 @dataclass(frozen=True)
 class SamplingOptions:
     """How to denoise: what the sampler node, the CLI, ``edit`` and RL rollouts hand to ``sample``.
@@ -226,6 +240,7 @@ class SamplingOptions:
         if self.steps is None or self.cfg is None:
             raise UniRefError("steps and cfg are unset: resolve the options against a model first")
         check_sampling(self.steps, self.cfg, self.sampler, self.eta, self.denoise, init_image, self.num_images)
+        check_seed(self.seed, self.num_images)
         if self.sde_window is not None:
             first, stop = self.sde_window
             total = self.steps - self.start
@@ -413,6 +428,9 @@ class UniRefPipeline:
         output_area = self.setting("output_area", output_area)
         if not isinstance(prompt, str):
             raise UniRefError(f"prompt must be text, got {type(prompt).__name__}")
+        check_prompt_text(prompt, "prompt")
+        if negative_prompt is not None:
+            check_prompt_text(negative_prompt, "negative prompt")
         references = list(references or [])
         images = [load_image(r, name=f"reference {k}") for k, r in enumerate(references, start=1)]
         if not images and (width is None or height is None):
@@ -446,11 +464,13 @@ class UniRefPipeline:
         self._onload("text_encoder")
         te = self.c.text_encoder
         te_device = self._execution_device or te.device
-        positive = encode_prompt(te, self.c.processor, prompt, vl_images, device=te_device)
+        room = self.prompt_room(plan)
+        positive = encode_prompt(te, self.c.processor, prompt, vl_images, device=te_device, max_tokens=room)
         negative = None
         if cfg > 1:
             neg_text = DEFAULT_NEGATIVE if negative_prompt is None else negative_prompt
-            negative = encode_prompt(te, self.c.processor, neg_text, vl_images, device=te_device)
+            negative = encode_prompt(te, self.c.processor, neg_text, vl_images, device=te_device, max_tokens=room,
+                                     name="negative prompt")  # fmt: skip
         ref_tokens = []
         for im, r in zip(images, plan.references):
             with self._vae_pass(*r.vae):
@@ -462,6 +482,19 @@ class UniRefPipeline:
             negative=None if negative is None else negative.to(self.device, self.dtype),
             ref_tokens=ref_tokens,
         )
+
+    def prompt_room(self, plan: Plan) -> tuple[int, str]:
+        """The most conditioning tokens a prompt may make with ``plan`` (`encode_prompt`'s ``max_tokens``): the
+        transformer's RoPE room after the largest image's half side, or the text encoder's positions less the
+        dropped system turn if fewer."""
+        config = getattr(self.c.text_encoder, "config", None)
+        encoder = getattr(getattr(config, "text_config", None), "max_position_embeddings", None)
+        encoder = encoder or getattr(config, "max_position_embeddings", None)
+        if isinstance(encoder, int) and encoder - DROP_IDX < plan.text_room:
+            why = f"the text encoder's {encoder} positions (its {DROP_IDX}-token system turn among them) leave it"
+            return encoder - DROP_IDX, why
+        return plan.text_room, (f"at this size (the longest image side is {2 * plan.text_position} tokens) the "
+                                f"transformer's {budget_mod.ROPE_POSITIONS} RoPE positions leave it")  # fmt: skip
 
     # 2. Sampling ------------------------------------------------------------------------------
 

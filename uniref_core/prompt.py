@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
+from .errors import UniRefError
+
 PROMPT_TEMPLATE = (
     "<|im_start|>system\nDescribe the key features of the input image (color, shape, size, texture, objects, "
     "background), then explain how the user's text instruction should alter or modify the image. Generate a new "
@@ -29,6 +31,18 @@ def build_prompt_text(prompt: str, num_images: int) -> str:
     """The full encoder text for ``prompt`` with ``num_images`` pictures labelled 1…K in order."""
     labels = "".join(PICTURE_LABEL.format(k) for k in range(1, num_images + 1))
     return PROMPT_TEMPLATE.format(labels + prompt)
+
+
+def check_prompt_text(text: str, name: str = "prompt") -> None:
+    """Refuse text the tokenizer cannot take: a lone surrogate, such as a byte that is not UTF-8 read from a command
+    line or file (Python keeps it as U+DC80…U+DCFF) or a ``\\ud800`` escape in a JSON workflow."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        code = ord(text[e.start])
+        what = f"the byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"a lone surrogate U+{code:04X}"
+        raise UniRefError(f"{name} is not valid UTF-8 text: character {e.start + 1} is {what} (text saved in another "
+                          "encoding, such as Latin-1?); give the prompt as UTF-8 text") from None  # fmt: skip
 
 
 @dataclass
@@ -49,11 +63,25 @@ class PromptEmbeds:
 
 
 @torch.no_grad()
-def encode_prompt(text_encoder, processor, prompt: str, vl_images: list[Image.Image], device=None, dtype=None):
-    """Encode ``prompt`` with the references' small copies ``vl_images`` (already at their VL size)."""
+def encode_prompt(text_encoder, processor, prompt: str, vl_images: list[Image.Image], device=None, dtype=None, *,
+                  max_tokens: tuple[int, str] | None = None, name: str = "prompt"):  # fmt: skip
+    """Encode ``prompt`` with the references' small copies ``vl_images`` (already at their VL size).
+
+    ``max_tokens``: (the most conditioning tokens the model takes, why), checked on the tokenized text before the
+    encoder runs; a longer prompt is refused with its count, not cut (the references' vision tokens are in the same
+    stream, and cutting would drop the end of the instruction; diffusers' Qwen-Image-Edit-Plus pipeline does not cut
+    either). ``name`` is how the errors call the text."""
+    check_prompt_text(prompt, name)
     device = device or text_encoder.device
     text = build_prompt_text(prompt, len(vl_images))
-    inputs = processor(text=[text], images=vl_images or None, padding=True, return_tensors="pt").to(device)
+    inputs = processor(text=[text], images=vl_images or None, padding=True, return_tensors="pt")
+    length = inputs["input_ids"].shape[1] - DROP_IDX
+    if max_tokens is not None and length > max_tokens[0]:
+        limit, why = max_tokens
+        raise UniRefError(f"{name} is too long: with the template and the references' vision tokens it makes "
+                          f"{length} tokens, and {why} at most {limit}; shorten it by at least {length - limit} "
+                          "tokens (or lower the VL budget and the largest image side)")  # fmt: skip
+    inputs = inputs.to(device)
     out = text_encoder(
         input_ids=inputs["input_ids"],
         attention_mask=inputs["attention_mask"],

@@ -6,10 +6,16 @@ the next write of the same folder removes first.
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
+
+from uniref_core.errors import UniRefError
+
+# The errors of a disk (or a quota) with no room left.
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 def tmp_path(final) -> Path:
@@ -38,7 +44,12 @@ def commit(tmp, final, durable: bool = False) -> None:
         shutil.rmtree(old)  # left by a crash between the renames of an earlier commit
     if final.exists():
         os.replace(final, old)
-    os.replace(tmp, final)
+    try:
+        os.replace(tmp, final)
+    except OSError:
+        if old.exists() and not final.exists():
+            os.replace(old, final)  # the earlier copy back where it was
+        raise
     if durable:
         fsync(final.parent)
     if old.exists():
@@ -57,3 +68,14 @@ def atomic_dir(final):
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     commit(tmp, final)
+
+
+def write_error(e: OSError, what: str, folder, fix: str) -> UniRefError:
+    """The message for ``what`` that could not be written into ``folder`` because of ``e``: a full disk says so and
+    what to free (``fix`` ends it), any other error names itself."""
+    reason = e.strerror or str(e)
+    if e.errno in DISK_FULL:
+        return UniRefError(f"{what} could not be written: the disk holding {folder} is full ({reason}); free space "
+                           f"there, {fix}")  # fmt: skip
+    return UniRefError(f"{what} could not be written ({reason}{f': {e.filename}' if e.filename else ''}): check that "
+                       f"{folder} is a writable folder, {fix}")  # fmt: skip

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 import re
 import shutil
@@ -34,11 +35,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from uniref_core.errors import UniRefError
 
-from .atomic import commit, fsync, tmp_path
+from .atomic import commit, fsync, tmp_path, write_error
 from .config import HashedConfig, diff_configs
 
 CHECKPOINTS = "checkpoints"
@@ -129,7 +131,14 @@ def _write_json(path: Path, data) -> None:
 
 
 def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
+    """``save_file`` and fsync; its I/O errors (a SafetensorError, "… (os error 28) …") become OSErrors."""
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
+    except SafetensorError as e:
+        code = re.search(r"os error (\d+)", str(e))
+        if code is None:
+            raise
+        raise OSError(int(code[1]), os.strerror(int(code[1])), str(path)) from e
     fsync(path)
 
 
@@ -142,7 +151,24 @@ def save_checkpoint(accelerator, final: Path, *, trainable, ema, optimizer, sche
                     sharded: bool = False) -> Path:  # fmt: skip
     """Write a checkpoint atomically from all processes (each writes its RNG state, and when ``sharded`` its shards
     of ``trainable`` and of the ``optimizer`` state dict; the main process the rest). Not `atomic.atomic_dir`: every
-    process writes into the folder between barriers, and only the main one creates and commits it."""
+    process writes into the folder between barriers, and only the main one creates and commits it.
+
+    A write that fails (a full disk) removes the unfinished folder, so it holds no space, and ends in a
+    CheckpointError that says what to free; the earlier checkpoints are untouched."""
+    try:
+        return _save_checkpoint(accelerator, final, trainable=trainable, ema=ema, optimizer=optimizer,
+                                scheduler=scheduler, state=state, sharded=sharded)  # fmt: skip
+    except OSError as e:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp_path(final), ignore_errors=True)
+        error = write_error(e, f"checkpoint {final.name}", final.parent, "e.g. delete step_… folders you no "
+                                   "longer need or lower keep_checkpoints, then continue with --resume auto (the "
+                                   "earlier checkpoints are whole)")  # fmt: skip
+        raise CheckpointError(str(error)) from None
+
+
+def _save_checkpoint(accelerator, final: Path, *, trainable, ema, optimizer, scheduler, state: dict,
+                     sharded: bool) -> Path:  # fmt: skip
     tmp = tmp_path(final)
     if accelerator.is_main_process:
         if tmp.exists():

@@ -6,12 +6,16 @@ from __future__ import annotations
 import argparse
 import functools
 import sys
+from pathlib import Path
 
 from uniref_core.errors import UniRefError
 
+from .atomic import DISK_FULL, write_error
+
 
 def exit_on_error(main):
-    """Wrap a ``main(argv) -> int`` so a UniRefError prints ``error: …`` instead of a stack trace."""
+    """Wrap a ``main(argv) -> int`` so a UniRefError prints ``error: …`` instead of a stack trace; so does a full
+    disk met by any write the trainers make (a log line, an evaluation grid, the cache), naming the file."""
 
     @functools.wraps(main)
     def wrapper(argv=None) -> int:
@@ -19,6 +23,13 @@ def exit_on_error(main):
             return main(argv)
         except UniRefError as e:
             print(f"error: {e}", file=sys.stderr)
+            return 2
+        except OSError as e:
+            if e.errno not in DISK_FULL:
+                raise
+            where = Path(e.filename).parent if e.filename else Path.cwd()
+            print(f"error: {write_error(e, str(e.filename or 'a file'), where, 'then continue with --resume auto')}",
+                  file=sys.stderr)  # fmt: skip
             return 2
 
     return wrapper

@@ -116,6 +116,31 @@ def _positive(value, where: str, key: str, kind=int, minimum=1) -> None:
         raise ConfigError(f"{where}: {key} is {value!r}: it must be at least {minimum}")
 
 
+# accelerate's set_seed seeds numpy's global generator, which takes 32-bit seeds only.
+MAX_SEED = 2**32 - 1
+
+
+def check_seed(value, where: str = "the config") -> None:
+    """A run's ``seed``: a whole number from 0 to `MAX_SEED`."""
+    _positive(value, where, "seed", minimum=0)
+    if value > MAX_SEED:
+        raise ConfigError(f"{where}: seed is {value}: it must be at most {MAX_SEED} (numpy's generators, which the "
+                          "trainers seed, take 32 bits); give a smaller seed")  # fmt: skip
+
+
+def check_output_dir(value, key: str = "output_dir") -> None:
+    """``output_dir`` must be a folder or a path one can be made at: not an existing file, nor under one."""
+    if not isinstance(value, (str, Path)) or not str(value):
+        raise ConfigError(f"{key} is {value!r}: give the path of a folder for the run's checkpoints and logs")
+    path = Path(value).expanduser()
+    for part in (path, *path.parents):
+        if part.exists() or part.is_symlink():
+            if not part.is_dir():
+                what = "is a file" if part == path else f"is under {part}, which is a file"
+                raise ConfigError(f"{key} {value} {what}, not a folder: give a folder path (a new one is created)")
+            return
+
+
 def _lora(data) -> LoraSettings | None:
     """A config's ``lora`` value checked: None (a full fine-tune) or the adapters' settings."""
     if data is None:

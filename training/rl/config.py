@@ -24,7 +24,9 @@ from uniref_core.defaults import resolve_model_arg
 
 from ..common.config import (
     MIXED_PRECISION,
+    check_output_dir,
     check_precision,
+    check_seed,
     ConfigError,
     HashedConfig,
     LoraSettings,
@@ -173,8 +175,10 @@ def _check(cfg: RLConfig) -> None:
     _positive(cfg.group_size, where, "group_size", minimum=2)
     for key in ("steps", "groups_per_step", "rollout_steps", "inner_epochs", "keep_checkpoints", "log_every"):
         _positive(getattr(cfg, key), where, key)
-    for key in ("save_every", "grid_every", "seed", "warmup"):
+    for key in ("save_every", "grid_every", "warmup"):
         _positive(getattr(cfg, key), where, key, minimum=0)
+    check_seed(cfg.seed, where)
+    check_output_dir(cfg.output_dir)
     for key, lo in (("lr", 0.0), ("eta", 0.0), ("clip_range", 0.0), ("adv_clip_max", 0.0)):
         v = getattr(cfg, key)
         if not isinstance(v, (int, float)) or not v > lo:

@@ -31,7 +31,9 @@ from uniref_core.defaults import resolve_model_arg
 
 from ..common.config import (
     MIXED_PRECISION,
+    check_output_dir,
     check_precision,
+    check_seed,
     ConfigError,
     HashedConfig,
     LoraSettings,
@@ -216,8 +218,10 @@ def _check_top(cfg: SFTConfig) -> None:
         raise ConfigError(f"max_grad_norm is {cfg.max_grad_norm!r}: give a positive norm or null for no clipping")
     for key in ("micro_batch_size", "eval_steps", "keep_checkpoints", "log_every"):
         _positive(getattr(cfg, key), where, key)
-    for key in ("eval_every", "save_every", "eval_samples", "warmup", "seed"):
+    for key in ("eval_every", "save_every", "eval_samples", "warmup"):
         _positive(getattr(cfg, key), where, key, minimum=0)
+    check_seed(cfg.seed, where)
+    check_output_dir(cfg.output_dir)
     for i, stage in enumerate(cfg.stages):
         micro = micro_batch_size(stage, cfg)
         if stage.batch_size % micro:
