@@ -93,13 +93,13 @@ def test_a_missing_or_circular_base_is_refused_naming_the_file(tmp_path, files, 
 
 
 def test_each_sft_phase_trains_the_recipe_data_from_the_phase_before():
-    """Phases 1 and 2 train the anchored compositions; the last phase the compositions and the edits together
+    """Phases 1 and 2 train the anchored compositions; the later phases the compositions and the edits together
     (so K = 1…3 are not forgotten), each phase from where the one before is exported."""
     paths = lambda m: [Path(p) for p in (m if isinstance(m, list) else [m])]  # noqa: E731
     manifests = lambda split, sets: [WORK / d["folder"] / split / "manifest.jsonl" for d in sets]  # noqa: E731
     cfgs = [load_config(p) for p in SFT_PHASES]
     for i, cfg in enumerate(cfgs):
-        sets = SFT_DATA if i == len(cfgs) - 1 else (ANCHORED,)
+        sets = SFT_DATA if i >= 2 else (ANCHORED,)
         assert paths(cfg.train_manifest) == manifests("train", sets)
         assert paths(cfg.val_manifest) == manifests("val", sets)
         if i == 0:
@@ -139,17 +139,20 @@ def test_sft_phases_run_in_order_each_exported_where_the_next_starts(tmp_path, m
     starts = [Path(load_config(p).model) for p in SFT_PHASES[1:]]
     data = [("data", "data-anchored"), ("data", "data-edit")]
     assert bd.step_build_sft(out, WORK, print) == {"final": out}
-    assert calls == data + [("init",), ("sft", "sft_default_1.json"), ("export", "sft-fast", starts[0]),
-                            ("sft", "sft_default_2.json"), ("export", "sft-fast2", starts[1]),
-                            ("sft", "sft_default_3.json"), ("export", "sft-edit", out)]  # fmt: skip
+    names = [p.name for p in SFT_PHASES]
+    runs = [Path(load_config(p).output_dir).name for p in SFT_PHASES]
+    dests = starts + [out]
+    trained = lambda first: [c for i in range(first, len(names))  # noqa: E731
+                             for c in (("sft", names[i]), ("export", runs[i], dests[i]))]  # fmt: skip
+    assert calls == data + [("init",)] + trained(0)
     calls.clear()
     bd.step_build_sft(out, WORK, print)  # every phase's start exists: only the last phase (done: it resumes)
-    assert calls == data + [("sft", "sft_default_3.json"), ("export", "sft-edit", out)]
+    assert calls == data + trained(len(names) - 1)
     calls.clear()
-    shutil.rmtree(starts[1])  # only phase 2's start is there, as when a build continues from a copied export
+    for start in starts[1:]:  # only phase 2's start is there, as when a build continues from a copied export
+        shutil.rmtree(start)
     bd.step_build_sft(out, WORK, print)
-    assert calls == data + [("sft", "sft_default_2.json"), ("export", "sft-fast2", starts[1]),
-                            ("sft", "sft_default_3.json"), ("export", "sft-edit", out)]  # fmt: skip
+    assert calls == data + trained(1)
 
 
 def test_another_work_folder_gets_the_phase_configs_with_their_paths_moved_there(tmp_path, monkeypatch):

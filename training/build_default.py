@@ -94,9 +94,10 @@ SFT_DATA = (ANCHORED, EDITS)
 
 #: The SFT phases in order. The first starts from ``<work>/init``; each later one from its config's "model", where
 #: the phase before it is exported. Phases 1 and 2 (`ANCHORED`): 4,400 steps of 8 at lr 2e-3 cosine, then 6,000
-#: more at 1.5e-3; phase 3: 3,000 steps of 8 at 1e-3 on `ANCHORED` and `EDITS` together (3 compositions to 2 edits
-#: in every epoch, so the compositions are not forgotten while the edits are learned).
-SFT_PHASES = (CONFIGS / "sft_default_1.json", CONFIGS / "sft_default_2.json", CONFIGS / "sft_default_3.json")
+#: more at 1.5e-3; phases 3 and 4: 3,000 and 3,500 steps of 8 at 1e-3 on `ANCHORED` and `EDITS` together (3
+#: compositions to 2 edits in every epoch, so the compositions are not forgotten while the edits are learned; phase
+#: 4 reads phase 3's encoding pass, ``cache_dir``).
+SFT_PHASES = tuple(CONFIGS / f"sft_default_{i}.json" for i in (1, 2, 3, 4))
 
 #: The last step: MSGRPO from the SFT export, the `sum` arm of training/README.md's aggregation ablation (checker
 #: reward, 4 groups of 6 a step), on prompts of its own: 400 anchored compositions with K = 2, 3, 3.
@@ -353,9 +354,10 @@ def step_eval(models: dict[str, Path], work: Path, log, order: str = "reading", 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m training.build_default", description=__doc__.split("\n")[0],
-        epilog="There is one recipe, what ships: 4,400 + 6,000 SFT steps of 8 on anchored K = 1…3 compositions, "
-        "3,000 more on those and single-image edits together, then 100 MSGRPO steps. The --recipe flag is gone "
-        "with the earlier recipes (training/README.md, \"Earlier recipes\", names the commit of each one's config).")  # fmt: skip
+        epilog="There is one recipe: 4,400 + 6,000 SFT steps of 8 on anchored K = 1…3 compositions, 3,000 + 3,500 "
+        "more on those and single-image edits together, then 100 MSGRPO steps (the model that ships today is phases "
+        "1 and 2 and MSGRPO; training/README.md says where the edit phases stand). The --recipe flag is gone with the "
+        "earlier recipes (training/README.md, \"Earlier recipes\", names the commit of each one's config).")  # fmt: skip
     p.add_argument("--out", default="models/uniref-default", help="where the trained model folder goes")
     p.add_argument("--sft-out", default="models/uniref-default-sft",
                    help="where the SFT model that MSGRPO starts from goes")
