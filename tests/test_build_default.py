@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from training.build_default import ANCHORED, EDITS, MSGRPO, RECIPE, SFT_DATA, SFT_PHASES, main, shapecompose_info
+from training.build_default import ANCHORED, MSGRPO, RECIPE, SFT_DATA, SFT_PHASES, main, shapecompose_info
 from training.build_default import WORK as DEFAULT_WORK
 from training.common.config import ConfigError, read_config_data
 from training.rl.config import config_from_dict as rl_config_from_dict
@@ -93,22 +93,19 @@ def test_a_missing_or_circular_base_is_refused_naming_the_file(tmp_path, files, 
 
 
 def test_each_sft_phase_trains_the_recipe_data_from_the_phase_before():
-    """Phases 1 and 2 train the anchored compositions; the later phases the compositions and the edits together
-    (so K = 1…3 are not forgotten), each phase from where the one before is exported."""
+    """Every phase trains the recipe's data sets, each from where the phase before is exported."""
     paths = lambda m: [Path(p) for p in (m if isinstance(m, list) else [m])]  # noqa: E731
     manifests = lambda split, sets: [WORK / d["folder"] / split / "manifest.jsonl" for d in sets]  # noqa: E731
     cfgs = [load_config(p) for p in SFT_PHASES]
     for i, cfg in enumerate(cfgs):
-        sets = SFT_DATA if i >= 2 else (ANCHORED,)
-        assert paths(cfg.train_manifest) == manifests("train", sets)
-        assert paths(cfg.val_manifest) == manifests("val", sets)
+        assert paths(cfg.train_manifest) == manifests("train", SFT_DATA)
+        assert paths(cfg.val_manifest) == manifests("val", SFT_DATA)
         if i == 0:
             assert Path(cfg.model) == WORK / "init"
         else:  # where the phase before is exported: a model folder of its own in the work folder
             assert Path(cfg.model).parent == WORK
             assert Path(cfg.model) not in {Path(c.output_dir) for c in cfgs} | {Path(c.model) for c in cfgs[:i]}
     assert len({Path(c.output_dir) for c in cfgs}) == len(cfgs)  # no phase resumes another's run
-    assert EDITS["compose_fraction"] == 0 and ANCHORED["compose_fraction"] == 1  # edits only / compositions only
     info = shapecompose_info(ANCHORED)
     assert info["order"] in COMPOSE_ORDERS and info["ref_side"] == RECIPE["ref_side"]
     assert MSGRPO["data"]["order"] in COMPOSE_ORDERS
@@ -137,7 +134,7 @@ def test_sft_phases_run_in_order_each_exported_where_the_next_starts(tmp_path, m
     monkeypatch.setattr(bd, "step_export", export)
     out = tmp_path / "sft-out"
     starts = [Path(load_config(p).model) for p in SFT_PHASES[1:]]
-    data = [("data", "data-anchored"), ("data", "data-edit")]
+    data = [("data", d["folder"]) for d in SFT_DATA]
     assert bd.step_build_sft(out, WORK, print) == {"final": out}
     names = [p.name for p in SFT_PHASES]
     runs = [Path(load_config(p).output_dir).name for p in SFT_PHASES]
@@ -149,10 +146,9 @@ def test_sft_phases_run_in_order_each_exported_where_the_next_starts(tmp_path, m
     bd.step_build_sft(out, WORK, print)  # every phase's start exists: only the last phase (done: it resumes)
     assert calls == data + trained(len(names) - 1)
     calls.clear()
-    for start in starts[1:]:  # only phase 2's start is there, as when a build continues from a copied export
-        shutil.rmtree(start)
+    shutil.rmtree(starts[0])  # no phase's start is there: from init again
     bd.step_build_sft(out, WORK, print)
-    assert calls == data + trained(1)
+    assert calls == data + [("init",)] + trained(0)
 
 
 def test_another_work_folder_gets_the_phase_configs_with_their_paths_moved_there(tmp_path, monkeypatch):

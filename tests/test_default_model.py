@@ -72,8 +72,8 @@ def test_edit_template_picture_and_instruction_have_a_spec():
     assert score(Image.open(ASSETS / "edit_scene.png"), EDIT_SPEC).per_reference == [0.0]
 
 
-@pytest.mark.xfail(strict=True, reason="the shipped model is not trained on edits yet (issue 35: the recipe's edit "
-                   "phases 3 and 4 are in training); strict: this fails as soon as the shipped model edits")
+@pytest.mark.xfail(strict=True, reason="the shipped model is not trained on edits (issue 35: at 128² even its VAE "
+                   "caps most edit kinds below 0.7); strict: this fails as soon as the shipped model edits")
 def test_edit_template_inputs_are_edited_as_asked_at_seeds_0_to_3(tmp_path):
     """The single-edit template's Picture 1 and instruction through the CLI at the template's settings: the red
     circle comes out blue, the triangle and the background are kept."""

@@ -1,4 +1,4 @@
-"""Reproduce the built-in default model from scratch: data, VAE, SFT in three phases, MSGRPO, export, evaluation.
+"""Reproduce the built-in default model from scratch: data, VAE, SFT in two phases, MSGRPO, export, evaluation.
 
     python -m training.build_default                      # resumes where it stopped
     python -m training.build_default --out /tmp/my-default --sft-out /tmp/my-default-sft --nproc 2
@@ -11,8 +11,8 @@ CPU). Times on 2 cores are in training/README.md. After the VAE, the checker's s
 held-out targets are logged (`vae ceiling`): no transformer on that VAE can score higher.
 
 1. ``data``: ShapeCompose train / val manifests of each set of `SFT_DATA` (128² targets; compositions'
-   references squares of ``RECIPE["ref_side"]`` px and edits' 128² scenes, one SELF layout per K and per kind
-   of sample, so a forward pass holds a whole micro-batch).
+   references squares of ``RECIPE["ref_side"]`` px, one SELF layout per K, so a forward pass holds a whole
+   micro-batch).
 2. ``init``: the tiny Qwen-Image-Edit model (``uniref_core.tiny``, a 6-layer transformer) with a 4× VAE
    (8 px tokens) trained for reconstruction on ShapeCompose images (``training.vae``) and a ``uniref.json``
    with the settings it is trained for (VL copies 112² in all, 128² output, 20 steps, no CFG; the budget
@@ -84,20 +84,14 @@ MODEL_DEFAULTS = {"budget": 192 * 192, "vl_budget": 112 * 112, "output_area": 12
 #: The ShapeCompose data the SFT phases train on, each set in ``<work>/<folder>`` (where the phases' configs name
 #: their manifests). `ANCHORED`: K = 1…3 compositions (`training.tasks.shapecompose.COMPOSE_ORDERS` "anchored":
 #: objects centred in square references at about the size their slot asks for, a background reference last at
-#: K ≥ 2), K = 3 drawn twice as often as K = 1 or 2. `EDITS`: single-image edits of 128² scenes, the five kinds
-#: (`EDIT_KINDS`: recolour, move, resize, remove, background) drawn uniformly.
+#: K ≥ 2), K = 3 drawn twice as often as K = 1 or 2.
 ANCHORED = {"folder": "data-anchored", "ks": (1, 2, 3, 3), "order": "anchored", "train_samples": 3000,
             "val_samples": 32, "compose_fraction": 1.0}
-EDITS = {"folder": "data-edit", "ks": (1,), "order": "anchored", "train_samples": 2000, "val_samples": 10,
-         "compose_fraction": 0.0}
-SFT_DATA = (ANCHORED, EDITS)
+SFT_DATA = (ANCHORED,)
 
 #: The SFT phases in order. The first starts from ``<work>/init``; each later one from its config's "model", where
-#: the phase before it is exported. Phases 1 and 2 (`ANCHORED`): 4,400 steps of 8 at lr 2e-3 cosine, then 6,000
-#: more at 1.5e-3; phases 3 and 4: 3,000 and 3,500 steps of 8 at 1e-3 on `ANCHORED` and `EDITS` together (3
-#: compositions to 2 edits in every epoch, so the compositions are not forgotten while the edits are learned; phase
-#: 4 reads phase 3's encoding pass, ``cache_dir``).
-SFT_PHASES = tuple(CONFIGS / f"sft_default_{i}.json" for i in (1, 2, 3, 4))
+#: the phase before it is exported. Phase 1: 4,400 steps of 8 at lr 2e-3 cosine; phase 2: 6,000 more at 1.5e-3.
+SFT_PHASES = (CONFIGS / "sft_default_1.json", CONFIGS / "sft_default_2.json")
 
 #: The last step: MSGRPO from the SFT export, the `sum` arm of training/README.md's aggregation ablation (checker
 #: reward, 4 groups of 6 a step), on prompts of its own: 400 anchored compositions with K = 2, 3, 3.
@@ -354,10 +348,9 @@ def step_eval(models: dict[str, Path], work: Path, log, order: str = "reading", 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m training.build_default", description=__doc__.split("\n")[0],
-        epilog="There is one recipe: 4,400 + 6,000 SFT steps of 8 on anchored K = 1…3 compositions, 3,000 + 3,500 "
-        "more on those and single-image edits together, then 100 MSGRPO steps (the model that ships today is phases "
-        "1 and 2 and MSGRPO; training/README.md says where the edit phases stand). The --recipe flag is gone with the "
-        "earlier recipes (training/README.md, \"Earlier recipes\", names the commit of each one's config).")  # fmt: skip
+        epilog="There is one recipe, what ships: 4,400 + 6,000 SFT steps of 8 on anchored K = 1…3 compositions, "
+        "then 100 MSGRPO steps. The --recipe flag is gone with the earlier recipes (training/README.md, "
+        "\"Earlier recipes\", names the commit of each one's config).")  # fmt: skip
     p.add_argument("--out", default="models/uniref-default", help="where the trained model folder goes")
     p.add_argument("--sft-out", default="models/uniref-default-sft",
                    help="where the SFT model that MSGRPO starts from goes")
