@@ -44,7 +44,8 @@ def test_vae_learns_to_reconstruct_and_its_latents_are_normalised(tiny_model, tm
 
 def test_vae_ceiling_cli_reports_what_its_reconstructions_score(tiny_model):
     """`python -m training.vae --ceiling`: the checker's scores of a VAE's reconstructions of held-out targets,
-    the most any model built on that VAE can reach. An untrained VAE gives back no objects: near 0 for every K."""
+    compositions of each K and edits of each kind, the most any model built on that VAE can reach. An untrained VAE
+    gives back no objects: near 0 everywhere."""
     import subprocess
     import sys
     from pathlib import Path
@@ -54,7 +55,9 @@ def test_vae_ceiling_cli_reports_what_its_reconstructions_score(tiny_model):
                        capture_output=True, text=True, cwd=root, timeout=600)  # fmt: skip
     assert r.returncode == 0, r.stderr
     ceiling = json.loads(r.stdout)
-    assert set(ceiling) == {"1", "2", "3", "4", "5", "6", "8"}
+    from training.tasks.shapecompose import EDIT_KINDS
+
+    assert set(ceiling) == {"1", "2", "3", "4", "5", "6", "8"} | {f"edit:{kind}" for kind in EDIT_KINDS}
     for k, scores in ceiling.items():
         assert 0.0 <= scores["per_reference"] <= 0.2 and 0.0 <= scores["instruction"] <= 0.2, (k, scores)
     bad = subprocess.run([sys.executable, "-m", "training.vae", "--model", str(tiny_model)], capture_output=True,
