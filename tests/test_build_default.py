@@ -159,7 +159,7 @@ def test_another_work_folder_gets_the_phase_configs_with_their_paths_moved_there
     monkeypatch.chdir(tmp_path)  # the default work folder (relative) lands here
     work = tmp_path / "elsewhere"
     for shipped in SFT_PHASES:
-        written = bd.phase_config(shipped, work)
+        written = bd.build_config(shipped, work)
         assert written == work / shipped.name
         cfg, default = load_config(written), load_config(shipped)
         assert Path(cfg.output_dir) == work / Path(default.output_dir).relative_to(WORK)
@@ -167,7 +167,7 @@ def test_another_work_folder_gets_the_phase_configs_with_their_paths_moved_there
         assert [Path(m) for m in cfg.train_manifest] == [work / Path(m).relative_to(WORK)
                                                           for m in default.train_manifest]  # fmt: skip
         assert cfg.stages == default.stages and cfg.ema_decay == default.ema_decay
-    assert load_config(bd.phase_config(SFT_PHASES[0], WORK)).hash() == load_config(SFT_PHASES[0]).hash()  # resumes
+    assert load_config(bd.build_config(SFT_PHASES[0], WORK)).hash() == load_config(SFT_PHASES[0]).hash()  # resumes
 
 
 def test_the_recipe_flag_is_gone(capsys):

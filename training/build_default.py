@@ -178,9 +178,10 @@ def default_nproc() -> int:
     return 2 if (os.cpu_count() or 1) >= 2 else 1
 
 
-def phase_config(config_path: Path, work: Path) -> Path:
-    """A shipped SFT phase config, its base merged in and its paths moved from `WORK` into ``work``, written to
-    ``<work>/<its name>``: the file the phase runs with (with ``--work`` at its default, the same config)."""
+def build_config(shipped: Path, work: Path, name: str | None = None, **overrides) -> Path:
+    """A shipped config as this build runs it, written to ``<work>/<name>`` (default: the shipped file's name): its
+    base merged in, its paths moved from `WORK` into ``work`` (with ``--work`` at its default, the same config) and
+    ``overrides`` set."""
     from .common.config import read_config_data
 
     def moved(value):
@@ -190,8 +191,9 @@ def phase_config(config_path: Path, work: Path) -> Path:
             return str(work / Path(value).relative_to(WORK))
         return value
 
-    data = {key: moved(value) for key, value in read_config_data(config_path).items()}
-    dest = work / config_path.name
+    data = {key: moved(value) for key, value in read_config_data(shipped).items()}
+    data.update(overrides)
+    dest = work / (name or shipped.name)
     work.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_suffix(f".tmp{os.getpid()}")
     tmp.write_text(json.dumps(data, indent=1))
@@ -250,7 +252,7 @@ def step_build_sft(out: Path, work: Path, log, nproc: int = 1) -> dict[str, Path
 
     for data in SFT_DATA:
         step_data(work, log, data)
-    configs = [phase_config(p, work) for p in SFT_PHASES]
+    configs = [build_config(p, work) for p in SFT_PHASES]
     starts = [Path(load_config(p).model) for p in configs[1:]]
     first = max([0] + [i + 1 for i, s in enumerate(starts) if (s / "model_index.json").is_file()])
     if first == 0:
@@ -294,16 +296,13 @@ def _name_model(folder: Path) -> None:
 def step_msgrpo(sft_model: Path, out: Path, work: Path, log, nproc: int = 1) -> Path:
     """MSGRPO (`MSGRPO`) from ``sft_model``, its last checkpoint exported to ``out``; resumes like SFT."""
     from .common import checkpoint as ckpt_mod
-    from .common.config import read_config_data
     from .export import export
     from .rl.config import load_config
 
     step_data(work, log, MSGRPO["data"])
-    config_path = work / "msgrpo.json"  # the shipped config, its base merged in, with this build's paths
-    data = read_config_data(MSGRPO["config"])
-    data.update(model=str(sft_model), output_dir=str(work / "msgrpo"),
-                train_manifest=str(work / MSGRPO["data"]["folder"] / "train" / "manifest.jsonl"))  # fmt: skip
-    config_path.write_text(json.dumps(data, indent=1))
+    config_path = build_config(MSGRPO["config"], work, "msgrpo.json", model=str(sft_model),
+                               output_dir=str(work / "msgrpo"),
+                               train_manifest=str(work / MSGRPO["data"]["folder"] / "train" / "manifest.jsonl"))  # fmt: skip
     cfg = load_config(config_path)
     if not _trained(cfg.output_dir, cfg.steps):
         t0 = time.perf_counter()
