@@ -8,8 +8,9 @@ The model (`uniref_core.tiny.REAL_PROPORTIONS`): a 190 M-parameter `QwenImageTra
 head width and text width 1024, a Qwen2.5-VL text stack 0.45 of its size, weights bf16 on disk. Each mode trains
 in a fresh process on ShapeCompose compositions of 3 references and reports the growth of its peak resident memory
 (``VmHWM``, reset after importing torch, diffusers, transformers, peft and accelerate; glibc told to return freed
-memory: ``MALLOC_MMAP_THRESHOLD_=65536``) over its size then: what the run itself holds at its worst moment. On a GPU it
-reports ``torch.cuda.max_memory_allocated`` instead. The memory planner's prediction for the same config
+memory: ``MALLOC_MMAP_THRESHOLD_=65536``) over its size then, less the shared-library code it faulted in meanwhile
+(which kernels run, so how many code pages, depends on the CPU: 45 MiB on one machine type, ~150 on another): what the
+run itself holds at its worst moment. On a GPU it reports ``torch.cuda.max_memory_allocated`` instead. The memory planner's prediction for the same config
 (`training.memory`) is printed beside each figure.
 
 Modes: LoRA SFT on a bf16 base and on an fp8 base (checkpointing on), full SFT (bf16 mixed precision, fp32
@@ -73,6 +74,19 @@ kind, config, device = sys.argv[1], sys.argv[2], sys.argv[3]
 def status(key):
     return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(key + ":"))
 
+def code_kib():  # resident KiB of shared-library mappings: code, faulted in by the kernels this CPU takes
+    total, lib = 0, False
+    try:
+        for line in open("/proc/self/smaps"):
+            head = line.split(maxsplit=6)
+            if "-" in head[0] and not head[0].endswith(":"):
+                lib = len(head) > 5 and ".so" in head[-1].rsplit("/", 1)[-1]
+            elif lib and head[0] == "Rss:":
+                total += int(head[1])
+    except OSError:
+        return 0
+    return total
+
 try:  # Linux: reset the peak to the current size, so a spike while importing does not hide the run's own peak
     open("/proc/self/clear_refs", "w").write("5")
     base, peak_kib = status("VmRSS"), lambda: status("VmHWM")
@@ -85,8 +99,10 @@ else:
     from training.rl.config import load_config
     from training.rl.trainer import run as rl_run
     run = lambda cfg: rl_run(cfg, trusted_modules=("bench",))  # the reward source is this bench's own
+code = code_kib()
 run(load_config(config))
-peak = peak_kib() - base
+code = code_kib() - code  # code pages only grow: all of them are counted in the peak, at most
+peak = peak_kib() - base - code
 if kind == "msgrpo":  # a step whose groups all scored alike re-scores nothing: the figure would miss the peak
     import json, pathlib
     log = pathlib.Path(json.loads(pathlib.Path(config).read_text())["output_dir"]) / "log.jsonl"
@@ -94,7 +110,7 @@ if kind == "msgrpo":  # a step whose groups all scored alike re-scores nothing: 
 if device == "cuda":
     peak = torch.cuda.max_memory_allocated() // 1024
 rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-print("PEAK_KIB", rank, peak, flush=True)
+print("PEAK_KIB", rank, peak, code, flush=True)
 """
 
 

@@ -13,9 +13,9 @@ rest is what the trainers hold (`training.sft.trainer`, `training.rl.trainer`), 
 The peak is the larger phase. Activations follow DESIGN.md §5 (per token and block, in bf16: ~177 KiB without
 gradient checkpointing, ~6 KiB with it, at the real width 3072), scaled by the transformer's width; the layout is the
 config's largest: its output area, its reference budget fully used, and the text of the template plus the VL tokens.
-``device="cpu"`` predicts the growth of a CPU process's resident memory (what ``bench/bench_train_memory.py``
-measures), which also holds what the libraries keep mapped (see ``CPU_*`` below); ``device="cuda"`` predicts
-``torch.cuda.max_memory_allocated``.
+``device="cpu"`` predicts the growth of a CPU process's resident memory, shared-library code aside (what
+``bench/bench_train_memory.py`` measures), which also holds what the encoding pass leaves (``CPU_*`` below);
+``device="cuda"`` predicts ``torch.cuda.max_memory_allocated``.
 
 ``check_fit(cfg, kind, processes, gpu_bytes)`` raises a ConfigError naming the settings that would fit.
 """
@@ -59,9 +59,11 @@ PICTURE_LABEL_TOKENS = 6
 INSTRUCTION_TOKENS = 64
 # References assumed when the manifest cannot be read (ComfyUI's Qwen node stops at 3).
 DEFAULT_REFERENCES = 3
-# CPU only: what the encoding pass leaves resident through training after the encoders are freed (processor, heap,
-# mapped pages): about constant, 108 and 117 MiB measured on models of 30 M and 190 M transformer parameters.
-CPU_ENCODER_RESIDUE = 112 * 2**20
+# CPU only: what the encoding pass leaves resident through training after the encoders are freed (heap, processor):
+# about constant, 14 and 18 MiB measured on models of 30 M and 190 M transformer parameters. Shared-library code
+# is not counted (nor measured by the bench): which kernels a CPU takes sets it, 57 MiB on one machine type and
+# ~175 on another.
+CPU_ENCODER_RESIDUE = 16 * 2**20
 
 
 # --------------------------------------------------------------------------------------------------
