@@ -72,8 +72,11 @@ def main(argv=None) -> int:
     from uniref_core.tiny import make_tiny_model
 
     tmp = Path(tempfile.mkdtemp(prefix="uniref-bench-batching-"))
-    model_dir = Path(a.model) if a.model else make_tiny_model(
-        tmp / "model", transformer=RECIPE["transformer"], vae=RECIPE["vae"])  # fmt: skip
+    model_dir = (
+        Path(a.model)
+        if a.model
+        else make_tiny_model(tmp / "model", transformer=RECIPE["transformer"], vae=RECIPE["vae"])
+    )
     c = load_components(model_dir)
     stage = Stage(budget=a.budget * a.budget, steps=1, lr=1e-3, batch_size=a.batch, output_size=RECIPE["size"] ** 2)
     cfg = SFTConfig(model=str(model_dir), train_manifest=[], stages=[stage], vl_budget=112 * 112)
@@ -98,9 +101,11 @@ def main(argv=None) -> int:
 
     transformer = c.transformer.train().requires_grad_(True)
     plan = encoded[0].plan
-    print(f"# {os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads; "
-          f"K={a.k}, global batch {a.batch}, {plan.token_px} px tokens, sequence {plan.sequence_length} image "
-          f"tokens + ~{prompts[0].embeds.shape[1]} text")  # fmt: skip
+    print(
+        f"# {os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads; "
+        f"K={a.k}, global batch {a.batch}, {plan.token_px} px tokens, sequence {plan.sequence_length} image "
+        f"tokens + ~{prompts[0].embeds.shape[1]} text"
+    )
     print(f"encoding (paid once per sample and stage, then cached): VAE {t_vae:.3f} s, text {t_text:.3f} s a sample")
     results = {}
     for bf16 in (False, True):
@@ -109,7 +114,10 @@ def main(argv=None) -> int:
             step_time(transformer, bs, bf16)  # warm-up
             t = statistics.median(step_time(transformer, bs, bf16) for _ in range(a.rounds))
             results[(bf16, micro)] = a.batch / t
-            print(f"{'bf16' if bf16 else 'fp32'}  micro-batch {micro:3d}: {a.batch / t:7.1f} samples/s ({t:.3f} s a step)")
+            print(
+                f"{'bf16' if bf16 else 'fp32'}  micro-batch {micro:3d}: "
+                f"{a.batch / t:7.1f} samples/s ({t:.3f} s a step)"
+            )
     base = results[(False, 1)]
     print("ratios to fp32 micro-batch 1:")
     for (bf16, micro), v in results.items():

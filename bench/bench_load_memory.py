@@ -7,7 +7,8 @@ as a ratio to the file's size.
 A synthetic Qwen-Image transformer (real block width 3072, 24 heads of 128; as many blocks as make the file
 about --gb GB) is written four times, each by a separate process: a diffusers folder (``transformer/``, bf16,
 what ``UniRefPipeline.from_pretrained`` reads), ComfyUI's single file in bf16, in fp8 with the newer
-``weight_scale`` + ``comfy_quant`` layout, and in fp8 with the older ``scaled_fp8`` marker + ``scale_weight``. Each load then runs in a fresh process that reports the growth of its peak resident
+``weight_scale`` + ``comfy_quant`` layout, and in fp8 with the older ``scaled_fp8`` marker + ``scale_weight``. Each
+load then runs in a fresh process that reports the growth of its peak resident
 memory over its baseline after imports (``ru_maxrss``, after every weight page was touched, as a first forward
 pass would) and the load time. Target (issue 18): peak ≤ 1.3× the
 file size; a full fp32 copy of a bf16 file would be ≥ 3×.
@@ -100,18 +101,32 @@ def main(argv=None) -> int:
             subprocess.run([sys.executable, "-c", WRITE, str(layers), str(path), kind], check=True, env=env, cwd=root)
             weights = path / "diffusion_pytorch_model.safetensors" if kind == "diffusers" else path
             size = weights.stat().st_size
-            out = subprocess.run([sys.executable, "-c", LOAD, str(path), kind], check=True, env=env, cwd=root,
-                                 capture_output=True, text=True).stdout  # fmt: skip
+            out = subprocess.run(
+                [sys.executable, "-c", LOAD, str(path), kind],
+                check=True,
+                env=env,
+                cwd=root,
+                capture_output=True,
+                text=True,
+            ).stdout
             r = json.loads(out.strip().splitlines()[-1])
             rows.append((kind, size, r))
             shutil.rmtree(path) if path.is_dir() else path.unlink()
     print(f"synthetic Qwen-Image transformer, {layers} blocks of width 3072")
-    print(f"{'format':>9} {'size GB':>8} {'peak growth GB':>15} {'peak / file':>12} {'held / file':>12} {'load ms':>8} {'read-in ms':>10} {'fp8 layers':>10}")
+    print(
+        f"{'format':>9} {'size GB':>8} {'peak growth GB':>15} {'peak / file':>12} {'held / file':>12} "
+        f"{'load ms':>8} {'read-in ms':>10} {'fp8 layers':>10}"
+    )
     for kind, size, r in rows:
-        print(f"{kind:>9} {size / 1e9:8.2f} {r['peak_growth'] / 1e9:15.2f} {r['peak_growth'] / size:12.2f} "
-              f"{r['held'] / size:12.2f} {r['seconds'] * 1e3:8.0f} {r['touch'] * 1e3:10.0f} {r['fp8_layers']:10d}")  # fmt: skip
+        print(
+            f"{kind:>9} {size / 1e9:8.2f} {r['peak_growth'] / 1e9:15.2f} {r['peak_growth'] / size:12.2f} "
+            f"{r['held'] / size:12.2f} {r['seconds'] * 1e3:8.0f} {r['touch'] * 1e3:10.0f} {r['fp8_layers']:10d}"
+        )
     total = {k: r["seconds"] + r["touch"] for k, _, r in rows}  # load + read-in: what a first edit waits for
-    print("load + read-in / the bf16 single file's: " + ", ".join(f"{k} {t / total['bf16']:.1f}x" for k, t in total.items()))
+    print(
+        "load + read-in / the bf16 single file's: "
+        + ", ".join(f"{k} {t / total['bf16']:.1f}x" for k, t in total.items())
+    )
     worst = max(r["peak_growth"] / size for _, size, r in rows)
     print(f"worst peak / file: {worst:.2f} (target <= 1.3)")
     return 0

@@ -84,8 +84,11 @@ def main(argv=None) -> int:
     import torch
 
     if a.device.startswith("cuda") and not torch.cuda.is_available():
-        print("bench_offload: no CUDA device here; run it on a GPU machine, or pass --device cpu for a smoke run "
-              "(times only, no memory figure)", file=sys.stderr)  # fmt: skip
+        print(
+            "bench_offload: no CUDA device here; run it on a GPU machine, or pass --device cpu for a smoke run "
+            "(times only, no memory figure)",
+            file=sys.stderr,
+        )
         return 2
     sys.path.insert(0, str(ROOT))
     from uniref_core.tiny import make_tiny_model
@@ -94,16 +97,33 @@ def main(argv=None) -> int:
         model_dir = make_tiny_model(Path(tmp) / "model")
         rows = {}
         for mode in ("none", "model", "blocks"):
-            out = subprocess.run([sys.executable, "-c", RUN, str(ROOT), str(model_dir), mode, a.device, str(a.layers),
-                                  str(a.size), str(a.steps), str(a.rounds)], capture_output=True, text=True)  # fmt: skip
+            out = subprocess.run(
+                [
+                    sys.executable,
+                    "-c",
+                    RUN,
+                    str(ROOT),
+                    str(model_dir),
+                    mode,
+                    a.device,
+                    str(a.layers),
+                    str(a.size),
+                    str(a.steps),
+                    str(a.rounds),
+                ],
+                capture_output=True,
+                text=True,
+            )
             if out.returncode:
                 print(f"bench_offload: mode {mode} failed:\n{out.stderr[-3000:]}", file=sys.stderr)
                 return 1
             rows[mode] = json.loads(out.stdout.strip().splitlines()[-1])
     base = rows["none"]
     gb = base["weights"] / 1e9
-    print(f"transformer: {a.layers} blocks of real width, {gb:.2f} GB bf16; 2 references and output at {a.size}², "
-          f"{a.steps} steps, cfg 2, {a.rounds} timed edits per mode, device {a.device}")  # fmt: skip
+    print(
+        f"transformer: {a.layers} blocks of real width, {gb:.2f} GB bf16; 2 references and output at {a.size}², "
+        f"{a.steps} steps, cfg 2, {a.rounds} timed edits per mode, device {a.device}"
+    )
     print("| offload | peak GPU memory | vs none | edit time | vs none |")
     print("| --- | --- | --- | --- | --- |")
     for mode, r in rows.items():

@@ -151,8 +151,19 @@ def bench_steps(pipe, refs, ks, side, rounds, log) -> list[dict]:
             enc_s = time.perf_counter() - t0
             gen = torch.Generator("cpu").manual_seed(SEED + k)
             x = torch.randn((1, cond.plan.output_tokens, pipe.c.transformer.config.in_channels), generator=gen)
-            configs.append(dict(mode=mode, k=k, cond=cond, x=x.to(pipe.device, pipe.dtype), enc_s=enc_s, step=[],
-                                attn=[], step_busy=[], attn_busy=[]))
+            configs.append(
+                dict(
+                    mode=mode,
+                    k=k,
+                    cond=cond,
+                    x=x.to(pipe.device, pipe.dtype),
+                    enc_s=enc_s,
+                    step=[],
+                    attn=[],
+                    step_busy=[],
+                    attn_busy=[],
+                )
+            )
     log(f"  encoded {len(configs)} configurations; timing {rounds} rounds ...")
     clean = busy = 0
     with torch.no_grad():
@@ -238,9 +249,15 @@ def print_steps(rows, ks, out):
             )
     out("")
     r0 = rows[0]
-    out(f"  {r0['clean_rounds']} undisturbed round(s) used" + (f", {r0['busy_rounds']} set aside (other processes on "
-        "the CPUs)" if r0["busy_rounds"] else "")
-        + ("" if r0["clean_rounds"] >= min(3, r0["clean_rounds"] + r0["busy_rounds"]) else ": TOO FEW, figures unreliable"))
+    out(
+        f"  {r0['clean_rounds']} undisturbed round(s) used"
+        + (f", {r0['busy_rounds']} set aside (other processes on the CPUs)" if r0["busy_rounds"] else "")
+        + (
+            ""
+            if r0["clean_rounds"] >= min(3, r0["clean_rounds"] + r0["busy_rounds"])
+            else ": TOO FEW, figures unreliable"
+        )
+    )
     out("")
     out("  per_image / budget at the same K")
     out("   K  step ratio  token ratio")
@@ -275,8 +292,18 @@ def bench_vs_diffusers(ours, folder, refs, side, steps, repeats, log) -> dict:
         return {}
 
     def run_ours(n):
-        res = ours.edit(refs, PROMPT, cfg=1.0, seed=SEED, steps=n, mode="per_image", per_image_area=area,
-                        width=side, height=side, on_step=our_cb)
+        res = ours.edit(
+            refs,
+            PROMPT,
+            cfg=1.0,
+            seed=SEED,
+            steps=n,
+            mode="per_image",
+            per_image_area=area,
+            width=side,
+            height=side,
+            on_step=our_cb,
+        )
         return np.asarray(res.images[0]).astype(int)
 
     def run_theirs(n):
@@ -312,7 +339,9 @@ def bench_vs_diffusers(ours, folder, refs, side, steps, repeats, log) -> dict:
             names = list(runners) if rep % 2 == 0 else list(reversed(runners))
             for n in (steps, 2 * steps) if rep % 2 == 0 else (2 * steps, steps):
                 for name in names:
-                    for attempt in range(4):  # an edit disturbed by other processes is run again (3 times at most, 2 x repeats in all)
+                    for attempt in range(
+                        4
+                    ):  # an edit disturbed by other processes is run again (3 times at most, 2 x repeats in all)
                         if attempt and retries >= 2 * repeats:
                             break
                         stamps.clear()
@@ -358,12 +387,16 @@ def bench_vs_diffusers(ours, folder, refs, side, steps, repeats, log) -> dict:
     result["step_ratio_differencing"] = ratio(result["ours"]["step_ms"], result["diffusers"]["step_ms"])
     # Ours / diffusers per repeat and N, from edits run back to back, so slow drifts of the machine's
     # speed (large on shared VMs) cancel; the median over those pairs.
-    paired = [ratio(slot_step[(rep, n, "ours")], slot_step[(rep, n, "diffusers")])
-              for rep in range(repeats) for n in (steps, 2 * steps)
-              if (rep, n, "ours") in slot_step and (rep, n, "diffusers") in slot_step]
+    paired = [
+        ratio(slot_step[(rep, n, "ours")], slot_step[(rep, n, "diffusers")])
+        for rep in range(repeats)
+        for n in (steps, 2 * steps)
+        if (rep, n, "ours") in slot_step and (rep, n, "diffusers") in slot_step
+    ]
     result["step_ratio_callbacks_pairs"] = paired
     result["step_ratio_callbacks"] = (
-        statistics.median(paired) if paired
+        statistics.median(paired)
+        if paired
         else ratio(result["ours"]["step_ms_callbacks"], result["diffusers"]["step_ms_callbacks"])
     )
     result["edit_n_ratio"] = ratio(result["ours"]["edit_n_s"], result["diffusers"]["edit_n_s"])
@@ -387,8 +420,10 @@ def bench_vs_diffusers(ours, folder, refs, side, steps, repeats, log) -> dict:
 def print_vs_diffusers(r, out):
     n = r["steps"]
     out("")
-    out(f"Table 2. Ours vs diffusers QwenImageEditPlusPipeline (per_image, K={r['k']}, cfg 1, no negative prompt, "
-        f"same seed and inputs, best of {r['repeats']})")
+    out(
+        f"Table 2. Ours vs diffusers QwenImageEditPlusPipeline (per_image, K={r['k']}, cfg 1, no negative prompt, "
+        f"same seed and inputs, best of {r['repeats']})"
+    )
     out(f"  step ms = (best time of a {2 * n}-step edit - best time of a {n}-step edit) / {n}: encode/decode cancel")
     out("  cb ms   = median time between step-end callbacks (on_step / callback_on_step_end): sees one loop")
     out("            iteration only, so no encode/decode jitter; its ratio is the median over back-to-back pairs")
@@ -396,20 +431,31 @@ def print_vs_diffusers(r, out):
     out("              step ms    cb ms   edit N s  edit 2N s")
     for name in ("ours", "diffusers"):
         x = r[name]
-        out(f"  {name:<10} {x['step_ms']:>8.2f} {x['step_ms_callbacks']:>8.2f}  {x['edit_n_s']:>9.3f}  "
-            f"{x['edit_2n_s']:>9.3f}")
-    out(f"  ours / diffusers: per step {r['step_ratio_differencing']:.3f}x by differencing, "
+        out(
+            f"  {name:<10} {x['step_ms']:>8.2f} {x['step_ms_callbacks']:>8.2f}  {x['edit_n_s']:>9.3f}  "
+            f"{x['edit_2n_s']:>9.3f}"
+        )
+    out(
+        f"  ours / diffusers: per step {r['step_ratio_differencing']:.3f}x by differencing, "
         f"{r['step_ratio_callbacks']:.3f}x by callbacks; whole edit {r['edit_n_ratio']:.3f}x ({n} steps), "
-        f"{r['edit_2n_ratio']:.3f}x ({2 * n} steps)")
+        f"{r['edit_2n_ratio']:.3f}x ({2 * n} steps)"
+    )
     spread = f"{100 * r['edit_spread']:.0f}%" if r["repeats"] > 1 else "n/a (1 repeat)"
-    out(f"  run-to-run spread of identical edits: {spread}"
-        + ("" if r["step_ratio_source"] == "differencing" else
-           "; the differencing disagrees with the callbacks by > 15% (too noisy), so the target below uses "
-           "the callback figure"))
+    out(
+        f"  run-to-run spread of identical edits: {spread}"
+        + (
+            ""
+            if r["step_ratio_source"] == "differencing"
+            else "; the differencing disagrees with the callbacks by > 15% (too noisy), so the target below uses "
+            "the callback figure"
+        )
+    )
     out(f"  same output: max |pixel difference| ours vs diffusers = {r['max_pixel_diff']} (of 255)")
     if r["disturbed_runs"]:
-        out(f"  {r['disturbed_runs']} edit(s) disturbed by other processes were run again"
-            + ("" if r["reliable"] else "; too few undisturbed edits remained"))
+        out(
+            f"  {r['disturbed_runs']} edit(s) disturbed by other processes were run again"
+            + ("" if r["reliable"] else "; too few undisturbed edits remained")
+        )
 
 
 # --- 1b. analytic estimate at the real scale -------------------------------------------------
@@ -434,11 +480,19 @@ def real_scale_estimate(rows, ks, budget_mod) -> list[dict]:
         for r in rows:
             sizes = [REF_SIZES[i % len(REF_SIZES)] for i in range(r["k"])]
             area = REAL_SIDE * REAL_SIDE
-            plan = budget_mod.plan_references(sizes, r["mode"], area, per_image_area=area, width=REAL_SIDE,
-                                              height=REAL_SIDE)
+            plan = budget_mod.plan_references(
+                sizes, r["mode"], area, per_image_area=area, width=REAL_SIDE, height=REAL_SIDE
+            )
             text = r["text_tokens"] - r["vl_tokens"] + plan.vl_tokens  # same prompt, real-size VL copies
-            est.append(dict(mode=r["mode"], k=r["k"], image_tokens=plan.sequence_length, text_tokens=text,
-                            flops=step_flops(plan.sequence_length + text)))
+            est.append(
+                dict(
+                    mode=r["mode"],
+                    k=r["k"],
+                    image_tokens=plan.sequence_length,
+                    text_tokens=text,
+                    flops=step_flops(plan.sequence_length + text),
+                )
+            )
     finally:
         budget_mod.VL_IMAGE_AREA = saved
     by = {(e["mode"], e["k"]): e for e in est}
@@ -446,23 +500,28 @@ def real_scale_estimate(rows, ks, budget_mod) -> list[dict]:
         e["flops_vs_k1"] = ratio(e["flops"], by[(e["mode"], ks[0])]["flops"])
         e["per_image_over_budget"] = ratio(by[("per_image", e["k"])]["flops"], by[("budget", e["k"])]["flops"])
         e["attention_flop_share"] = ratio(
-            2.0 * REAL_LAYERS * 2 * REAL_DIM * (e["image_tokens"] + e["text_tokens"]) ** 2, e["flops"])
+            2.0 * REAL_LAYERS * 2 * REAL_DIM * (e["image_tokens"] + e["text_tokens"]) ** 2, e["flops"]
+        )
     return est
 
 
 def print_estimate(est, ks, out):
     out("")
-    out(f"Table 1b. Not measured: compute-only estimate at the REAL scale (1024² areas, 384² VL copies, same")
-    out(f"  references and prompt) for Qwen-Image's transformer ({REAL_LAYERS} blocks, width {REAL_DIM}); "
-        "FLOP ratios, which")
+    out("Table 1b. Not measured: compute-only estimate at the REAL scale (1024² areas, 384² VL copies, same")
+    out(
+        f"  references and prompt) for Qwen-Image's transformer ({REAL_LAYERS} blocks, width {REAL_DIM}); "
+        "FLOP ratios, which"
+    )
     out("  is what step time follows on a GPU once the model is large enough to be compute-bound")
     out("   K  budget: image tok  text tok  attn  flop/K1 | per_image: image tok  text tok  attn  flop/K1 | pi/b")
     by = {(e["mode"], e["k"]): e for e in est}
     for k in ks:
         b, p = by[("budget", k)], by[("per_image", k)]
-        out(f"  {k:>2}  {b['image_tokens']:>17}  {b['text_tokens']:>8}  {100 * b['attention_flop_share']:>3.0f}%  "
+        out(
+            f"  {k:>2}  {b['image_tokens']:>17}  {b['text_tokens']:>8}  {100 * b['attention_flop_share']:>3.0f}%  "
             f"{b['flops_vs_k1']:>6.2f}x | {p['image_tokens']:>20}  {p['text_tokens']:>8}  "
-            f"{100 * p['attention_flop_share']:>3.0f}%  {p['flops_vs_k1']:>6.2f}x | {b['per_image_over_budget']:.2f}x")
+            f"{100 * p['attention_flop_share']:>3.0f}%  {p['flops_vs_k1']:>6.2f}x | {b['per_image_over_budget']:.2f}x"
+        )
 
 
 # --- 3. targets ------------------------------------------------------------------------------
@@ -485,7 +544,8 @@ def check_targets(rows, vs, est=None) -> dict:
     values = _target_values({(r["mode"], r["k"]): r for r in rows}, vs, "step_vs_k1", "per_image_over_budget_step")
     estimated = (
         _target_values({(e["mode"], e["k"]): e for e in est}, None, "flops_vs_k1", "per_image_over_budget")
-        if est else {}
+        if est
+        else {}
     )
     results = {}
     for key, value in values.items():
@@ -494,8 +554,15 @@ def check_targets(rows, vs, est=None) -> dict:
         reliable = vs["reliable"] if key == "ours_over_diffusers_step" else all(r["reliable"] for r in rows)
         if key == "ours_over_diffusers_step":
             label = f"{label[:-1]}, by {vs['step_ratio_source']})"
-        results[key] = dict(label=label, value=value, op=op, target=target, passed=bool(ok), reliable=bool(reliable),
-                            real_scale_flop_estimate=estimated.get(key))
+        results[key] = dict(
+            label=label,
+            value=value,
+            op=op,
+            target=target,
+            passed=bool(ok),
+            reliable=bool(reliable),
+            real_scale_flop_estimate=estimated.get(key),
+        )
     return results
 
 
@@ -503,7 +570,11 @@ def print_targets(targets, out):
     out("")
     out("Targets (measured; in brackets the real-scale FLOP estimate of table 1b, where it applies)")
     for t in targets.values():
-        extra = "" if t["real_scale_flop_estimate"] is None else f"  [real-scale est. {t['real_scale_flop_estimate']:.2f}x]"
+        extra = (
+            ""
+            if t["real_scale_flop_estimate"] is None
+            else f"  [real-scale est. {t['real_scale_flop_estimate']:.2f}x]"
+        )
         verdict = "PASS" if t["passed"] else "MISS"
         if not t["reliable"]:
             extra += f"  NOISY: measured on a busy machine, the {verdict} is not to be trusted"
@@ -532,13 +603,25 @@ def wait_idle(seconds: float, log) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="smoke run (< 1 min): K = 1, 3, 6, few repeats")
-    ap.add_argument("--scale", choices=sorted(SCALES), default="1/16",
-                    help="area scale vs the real 1024² setting: 1/16 = 256² areas (default), 1/4 = 512² areas")
-    ap.add_argument("--real-vl", action="store_true",
-                    help="keep the VL copies at the real 384² each instead of scaling them with the other areas")
+    ap.add_argument(
+        "--scale",
+        choices=sorted(SCALES),
+        default="1/16",
+        help="area scale vs the real 1024² setting: 1/16 = 256² areas (default), 1/4 = 512² areas",
+    )
+    ap.add_argument(
+        "--real-vl",
+        action="store_true",
+        help="keep the VL copies at the real 384² each instead of scaling them with the other areas",
+    )
     ap.add_argument("--skip-diffusers", action="store_true", help="skip table 2")
-    ap.add_argument("--wait-idle", type=float, default=0, metavar="S",
-                    help="before each table wait up to S seconds for other processes to leave the CPUs alone")
+    ap.add_argument(
+        "--wait-idle",
+        type=float,
+        default=0,
+        metavar="S",
+        help="before each table wait up to S seconds for other processes to leave the CPUs alone",
+    )
     ap.add_argument("--json", metavar="FILE", help="also write all figures as JSON")
     args = ap.parse_args(argv)
 
@@ -570,13 +653,19 @@ def main(argv=None) -> int:
         print(line, file=sys.stderr, flush=True)
 
     t_start = time.perf_counter()
-    out(f"SELF benchmark ({'quick' if quick else 'full'}) -- CPU, tiny random model (uniref_core.tiny); "
-        "absolute times are meaningless, read the ratios")
-    out(f"  torch {torch.__version__}, torch.get_num_threads() = {torch.get_num_threads()} (default), "
-        f"{os.cpu_count()} CPUs ({platform.machine()}), python {platform.python_version()}")
-    out(f"  scale {args.scale} of the real setting: budget {side}² total, per_image {side}² each, output "
+    out(
+        f"SELF benchmark ({'quick' if quick else 'full'}) -- CPU, tiny random model (uniref_core.tiny); "
+        "absolute times are meaningless, read the ratios"
+    )
+    out(
+        f"  torch {torch.__version__}, torch.get_num_threads() = {torch.get_num_threads()} (default), "
+        f"{os.cpu_count()} CPUs ({platform.machine()}), python {platform.python_version()}"
+    )
+    out(
+        f"  scale {args.scale} of the real setting: budget {side}² total, per_image {side}² each, output "
         f"{side}x{side} ({(side // 16) ** 2} target tokens), VL copies {math.isqrt(vl_area)}² each"
-        + (" (real, unscaled)" if args.real_vl else ""))
+        + (" (real, unscaled)" if args.real_vl else "")
+    )
     out(f"  references cycle through {', '.join(f'{w}x{h}' for w, h in REF_SIZES)} (random pixels)")
 
     # Every planned area is scaled by the same factor: the VL copies too (ours and diffusers').
@@ -584,9 +673,18 @@ def main(argv=None) -> int:
     dq.CONDITION_IMAGE_SIZE = vl_area
     dq.VAE_IMAGE_SIZE = side * side
 
-    report = dict(quick=quick, scale=args.scale, side=side, vl_area=vl_area, torch=torch.__version__,
-                  threads=torch.get_num_threads(), cpus=os.cpu_count(), device="cpu",
-                  model="uniref_core.tiny (random weights)", rounds=rounds)
+    report = dict(
+        quick=quick,
+        scale=args.scale,
+        side=side,
+        vl_area=vl_area,
+        torch=torch.__version__,
+        threads=torch.get_num_threads(),
+        cpus=os.cpu_count(),
+        device="cpu",
+        model="uniref_core.tiny (random weights)",
+        rounds=rounds,
+    )
     busy = {}
     with tempfile.TemporaryDirectory(prefix="uniref-bench-") as tmp:
         log("building the tiny model ...")
@@ -626,11 +724,19 @@ def main(argv=None) -> int:
     out("")
     for name, share in busy.items():
         if share is not None:
-            out(f"Other processes used {100 * share:.0f}% of the CPU time during {name}"
-                + (": WARNING, the machine was not idle, those timings are unreliable; rerun (maybe with --wait-idle 300)"
-                   if share > 0.10 else " (idle enough)."))
-    out(f"Total {report['seconds']:.0f} s. Timings are CPU, fp32, of a 2-block, 128-wide random model: per-call fixed "
-        "costs weigh more than in the 60-block, 3072-wide real model on a GPU.")
+            out(
+                f"Other processes used {100 * share:.0f}% of the CPU time during {name}"
+                + (
+                    ": WARNING, the machine was not idle, those timings are unreliable; "
+                    "rerun (maybe with --wait-idle 300)"
+                    if share > 0.10
+                    else " (idle enough)."
+                )
+            )
+    out(
+        f"Total {report['seconds']:.0f} s. Timings are CPU, fp32, of a 2-block, 128-wide random model: per-call fixed "
+        "costs weigh more than in the 60-block, 3072-wide real model on a GPU."
+    )
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
         out(f"JSON written to {args.json}")

@@ -10,7 +10,8 @@ in a fresh process on ShapeCompose compositions of 3 references and reports the 
 (``VmHWM``, reset after importing torch, diffusers, transformers, peft and accelerate; glibc told to return freed
 memory: ``MALLOC_MMAP_THRESHOLD_=65536``) over its size then, less the shared-library code it faulted in meanwhile
 (which kernels run, so how many code pages, depends on the CPU: 45 MiB on one machine type, ~150 on another): what the
-run itself holds at its worst moment. On a GPU it reports ``torch.cuda.max_memory_allocated`` instead. The memory planner's prediction for the same config
+run itself holds at its worst moment. On a GPU it reports ``torch.cuda.max_memory_allocated`` instead. The memory
+planner's prediction for the same config
 (`training.memory`) is printed beside each figure.
 
 Modes: LoRA SFT on a bf16 base and on an fp8 base (checkpointing on), full SFT (bf16 mixed precision, fp32
@@ -35,13 +36,33 @@ ROOT = Path(__file__).resolve().parents[1]
 # r64 at the real width (3072) scaled to this model's 1024: the adapters and their optimizer state then weigh the same
 # share of the model as r64 does at real size (LoRA grows with the width, the weights with its square).
 LORA = {"rank": 21, "alpha": 21}
-SFT = {"stages": [{"budget": 256, "steps": 2, "lr": 1e-4, "batch_size": 1, "output_size": 256}],
-       "vl_budget": 112, "eval_samples": 0, "tensorboard": False, "mixed_precision": "bf16",
-       "gradient_checkpointing": True, "save_every": 0}  # fmt: skip
-MSGRPO = {"steps": 1, "lr": 1e-5, "group_size": 16, "groups_per_step": 1, "rollout_steps": 4, "sde_window": [0, 2],
-          "budget": 128, "output_size": 128, "vl_budget": 112, "lora": LORA, "mixed_precision": "bf16",
-          "base_dtype": "bf16", "rewards": [{"source": "bench.bench_train_memory:brightness_source"}],
-          "gradient_checkpointing": True, "tensorboard": False, "grid_every": 0}  # fmt: skip
+SFT = {
+    "stages": [{"budget": 256, "steps": 2, "lr": 1e-4, "batch_size": 1, "output_size": 256}],
+    "vl_budget": 112,
+    "eval_samples": 0,
+    "tensorboard": False,
+    "mixed_precision": "bf16",
+    "gradient_checkpointing": True,
+    "save_every": 0,
+}
+MSGRPO = {
+    "steps": 1,
+    "lr": 1e-5,
+    "group_size": 16,
+    "groups_per_step": 1,
+    "rollout_steps": 4,
+    "sde_window": [0, 2],
+    "budget": 128,
+    "output_size": 128,
+    "vl_budget": 112,
+    "lora": LORA,
+    "mixed_precision": "bf16",
+    "base_dtype": "bf16",
+    "rewards": [{"source": "bench.bench_train_memory:brightness_source"}],
+    "gradient_checkpointing": True,
+    "tensorboard": False,
+    "grid_every": 0,
+}
 MODES = {
     "lora_bf16": ("sft", {**SFT, "lora": LORA, "base_dtype": "bf16"}),
     "lora_fp8": ("sft", {**SFT, "lora": LORA, "base_dtype": "fp8"}),
@@ -91,7 +112,9 @@ try:  # Linux: reset the peak to the current size, so a spike while importing do
     open("/proc/self/clear_refs", "w").write("5")
     base, peak_kib = status("VmRSS"), lambda: status("VmHWM")
 except OSError:
-    base, peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    def peak_kib():
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    base = peak_kib()
 if kind == "sft":
     from training.sft.config import load_config
     from training.sft.trainer import run
@@ -139,9 +162,8 @@ def main() -> None:
     ap.add_argument("--workdir", default=None, help="keep the model and data here (default: a temporary folder)")
     args = ap.parse_args()
 
-    from uniref_core.tiny import REAL_PROPORTIONS, make_tiny_model
-
     from training.tasks.shapecompose import make_split, write_manifest
+    from uniref_core.tiny import REAL_PROPORTIONS, make_tiny_model
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_train_memory_"))
     model = work / "model"
@@ -160,8 +182,12 @@ def main() -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "MALLOC_MMAP_THRESHOLD_": "65536"}
     for mode in args.modes:
         kind, over = MODES[mode]
-        config = {"model": str(model), "train_manifest": str(manifest), "output_dir": str(work / "runs" / mode),
-                  **over}  # fmt: skip
+        config = {
+            "model": str(model),
+            "train_manifest": str(manifest),
+            "output_dir": str(work / "runs" / mode),
+            **over,
+        }
         dropped = unknown_keys(kind, config)
         for key in dropped:
             del config[key]
@@ -176,11 +202,15 @@ def main() -> None:
             env_mode = {**env, "OMP_NUM_THREADS": "1"}
         else:
             launch, env_mode = [sys.executable], env
-        proc = subprocess.run([*launch, str(child), kind, str(path), args.device], cwd=ROOT, env=env_mode,
-                              capture_output=True, text=True)  # fmt: skip
+        proc = subprocess.run(
+            [*launch, str(child), kind, str(path), args.device], cwd=ROOT, env=env_mode, capture_output=True, text=True
+        )
         peaks = [int(line.split()[2]) * 1024 for line in proc.stdout.splitlines() if line.startswith("PEAK_KIB")]
         if proc.returncode or not peaks:
-            print(f"{mode:<12} failed: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode}")
+            print(
+                f"{mode:<12} failed: "
+                f"{proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode}"
+            )
             continue
         peak = max(peaks)
         planned = predict(kind, path, processes)

@@ -12,11 +12,10 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 import comfy.model_management as mm
 import comfy.model_patcher
 import folder_paths
+import torch
 
 from ..uniref_core.defaults import BUILTIN_MODELS, builtin_model_dir
 from ..uniref_core.errors import UniRefError
@@ -44,8 +43,10 @@ def list_models() -> list[str]:
         base = Path(root)
         if not base.is_dir():
             continue
-        for index in sorted(base.glob("model_index.json")) + sorted(base.glob("*/model_index.json")) + sorted(
-            base.glob("*/*/model_index.json")
+        for index in (
+            sorted(base.glob("model_index.json"))
+            + sorted(base.glob("*/model_index.json"))
+            + sorted(base.glob("*/*/model_index.json"))
         ):
             rel = index.parent.relative_to(base).as_posix()
             if rel != "." and rel not in names and rel.count("/") < SEARCH_DEPTH:
@@ -114,7 +115,7 @@ class UniRefModel:
             self.pipe.set_loras(self.loras)
         return self.pipe
 
-    def with_lora(self, lora_name: str, strength: float) -> "UniRefModel":
+    def with_lora(self, lora_name: str, strength: float) -> UniRefModel:
         """This model plus one LoRA from ComfyUI's models/loras/ (a new link value; the input is unchanged)."""
         from dataclasses import replace
 
@@ -162,7 +163,9 @@ def comfy_tokenizer_dir() -> Path:
     return Path(mm.__file__).resolve().parent / "text_encoders" / "qwen25_tokenizer"
 
 
-def load_model_files(diffusion_model: str, text_encoder: str, vae: str, dtype: str, offload: str = "none") -> UniRefModel:
+def load_model_files(
+    diffusion_model: str, text_encoder: str, vae: str, dtype: str, offload: str = "none"
+) -> UniRefModel:
     """A model from ComfyUI's single files in models/diffusion_models/, models/text_encoders/ and models/vae/."""
     from ..uniref_core.comfy_files import load_single_files
 
@@ -174,12 +177,20 @@ def load_model_files(diffusion_model: str, text_encoder: str, vae: str, dtype: s
     }
     for what, (path, folder) in paths.items():
         if not path:
-            raise UniRefError(f"{what} file was not found in models/{folder}/: pick one from the list (refresh after adding files)")
+            raise UniRefError(
+                f"{what} file was not found in models/{folder}/: pick one from the list (refresh after adding files)"
+            )
     load_device = mm.get_torch_device()
     offload_device = mm.unet_offload_device()
     logging.info("UniRef: loading single files %s, %s, %s", diffusion_model, text_encoder, vae)
-    components = load_single_files(paths["diffusion model"][0], paths["text encoder"][0], paths["vae"][0],
-                                   comfy_tokenizer_dir(), device=offload_device, dtype=pick_dtype(dtype, load_device))  # fmt: skip
+    components = load_single_files(
+        paths["diffusion model"][0],
+        paths["text encoder"][0],
+        paths["vae"][0],
+        comfy_tokenizer_dir(),
+        device=offload_device,
+        dtype=pick_dtype(dtype, load_device),
+    )
     return _wrap(diffusion_model, UniRefPipeline(components), load_device, offload_device, offload)
 
 

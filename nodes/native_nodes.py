@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import math
 
-import torch
-from comfy_api.latest import io
-
 import comfy.model_management as mm
 import comfy.utils
 import node_helpers
+import torch
+from comfy_api.latest import io
 
 from ..uniref_core.budget import BUDGETS, plan_references
 from ..uniref_core.errors import UniRefError
@@ -51,14 +50,19 @@ def _images_input() -> list:
         return [
             io.Autogrow.Input(
                 "images",
-                template=io.Autogrow.TemplateNames(io.Image.Input("image", tooltip=tip),
-                                                   names=[f"image_{i}" for i in range(1, MAX_AUTOGROW_IMAGES + 1)], min=0),
+                template=io.Autogrow.TemplateNames(
+                    io.Image.Input("image", tooltip=tip),
+                    names=[f"image_{i}" for i in range(1, MAX_AUTOGROW_IMAGES + 1)],
+                    min=0,
+                ),
                 optional=True,
                 tooltip="Reference images; a new input appears as you connect one.",
             )
-        ]  # fmt: skip
-    return [io.Image.Input(f"{AUTOGROW_PREFIX}image_{i}", display_name=f"image_{i}", optional=True, tooltip=tip)
-            for i in range(1, FIXED_IMAGE_INPUTS + 1)]  # fmt: skip
+        ]
+    return [
+        io.Image.Input(f"{AUTOGROW_PREFIX}image_{i}", display_name=f"image_{i}", optional=True, tooltip=tip)
+        for i in range(1, FIXED_IMAGE_INPUTS + 1)
+    ]
 
 
 class SelfEncodeNative(io.ComfyNode):
@@ -74,22 +78,44 @@ class SelfEncodeNative(io.ComfyNode):
             inputs=[
                 io.Clip.Input("clip", tooltip="Qwen2.5-VL text encoder from Load CLIP (type qwen_image)."),
                 io.Vae.Input("vae", tooltip="The Qwen-Image VAE from Load VAE."),
-                io.String.Input("prompt", multiline=True, default="",
-                                tooltip="The instruction. Refer to references as 'Picture 1', 'Picture 2', …"),
-                io.String.Input("negative_prompt", multiline=True, default="",
-                                tooltip="What to avoid (KSampler's negative; used when cfg is above 1)."),
+                io.String.Input(
+                    "prompt",
+                    multiline=True,
+                    default="",
+                    tooltip="The instruction. Refer to references as 'Picture 1', 'Picture 2', …",
+                ),
+                io.String.Input(
+                    "negative_prompt",
+                    multiline=True,
+                    default="",
+                    tooltip="What to avoid (KSampler's negative; used when cfg is above 1).",
+                ),
                 *_images_input(),
-                io.Combo.Input("policy", options=list(POLICIES), default="budget",
-                               tooltip="budget: SELF, all references within one pixel budget. per_image: each at "
-                               "~1024², exactly as TextEncodeQwenImageEditPlus."),
-                io.Combo.Input("budget", options=[*BUDGETS, CUSTOM], default=DEFAULT_BUDGET,
-                               tooltip="Total pixels of ALL references together (policy budget)."),
-                io.Int.Input("custom_budget", default=1024, min=64, max=8192, step=32,
-                             tooltip="Side of the square budget when budget is 'custom'."),
+                io.Combo.Input(
+                    "policy",
+                    options=list(POLICIES),
+                    default="budget",
+                    tooltip="budget: SELF, all references within one pixel budget. per_image: each at "
+                    "~1024², exactly as TextEncodeQwenImageEditPlus.",
+                ),
+                io.Combo.Input(
+                    "budget",
+                    options=[*BUDGETS, CUSTOM],
+                    default=DEFAULT_BUDGET,
+                    tooltip="Total pixels of ALL references together (policy budget).",
+                ),
+                io.Int.Input(
+                    "custom_budget",
+                    default=1024,
+                    min=64,
+                    max=8192,
+                    step=32,
+                    tooltip="Side of the square budget when budget is 'custom'.",
+                ),
                 io.Int.Input("width", default=1024, min=16, max=8192, step=16, tooltip="Output width."),
                 io.Int.Input("height", default=1024, min=16, max=8192, step=16, tooltip="Output height."),
                 io.Int.Input("batch_size", default=1, min=1, max=64, tooltip="Images in the empty latent."),
-            ],  # fmt: skip
+            ],
             outputs=[
                 io.Conditioning.Output(display_name="positive"),
                 io.Conditioning.Output(display_name="negative"),
@@ -98,11 +124,25 @@ class SelfEncodeNative(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, clip, vae, prompt, negative_prompt="", policy="budget", budget=DEFAULT_BUDGET, custom_budget=1024,
-                width=1024, height=1024, batch_size=1, **kwargs) -> io.NodeOutput:  # fmt: skip
+    def execute(
+        cls,
+        clip,
+        vae,
+        prompt,
+        negative_prompt="",
+        policy="budget",
+        budget=DEFAULT_BUDGET,
+        custom_budget=1024,
+        width=1024,
+        height=1024,
+        batch_size=1,
+        **kwargs,
+    ) -> io.NodeOutput:
         images = _image_slot_names(kwargs)
         if not images:
-            raise UniRefError("UniRef SELF Encode (native) has no image connected: connect at least one reference to image_1")
+            raise UniRefError(
+                "UniRef SELF Encode (native) has no image connected: connect at least one reference to image_1"
+            )
         frames = [im[i : i + 1] for im in images for i in range(im.shape[0])]  # a batch input is several references
         sizes = [(int(f.shape[2]), int(f.shape[1])) for f in frames]
         if policy == "per_image":
@@ -126,8 +166,9 @@ class SelfEncodeNative(io.ComfyNode):
             conditioning = clip.encode_from_tokens_scheduled(tokens)
             return node_helpers.conditioning_set_values(conditioning, {"reference_latents": ref_latents}, append=True)
 
-        latent = torch.zeros([batch_size, LATENT_CHANNELS, height // VAE_SCALE, width // VAE_SCALE],
-                             device=mm.intermediate_device())  # fmt: skip
+        latent = torch.zeros(
+            [batch_size, LATENT_CHANNELS, height // VAE_SCALE, width // VAE_SCALE], device=mm.intermediate_device()
+        )
         return io.NodeOutput(encode(prompt), encode(negative_prompt), {"samples": latent})
 
 

@@ -5,11 +5,9 @@ Each node is a schema plus a short ``execute`` that calls ``uniref_core``; no mo
 
 from __future__ import annotations
 
-import torch
-from comfy_api.latest import io
-
 import comfy.model_management as mm
 import comfy.utils
+from comfy_api.latest import io
 
 from ..uniref_core.budget import BUDGETS, MODES
 from ..uniref_core.errors import UniRefError
@@ -58,8 +56,9 @@ class LoadUniRefModel(io.ComfyNode):
                 io.Combo.Input(
                     "model",
                     options=comfy_model.list_models(),
-                    tooltip="A diffusers-format model folder inside models/uniref/ (the folder holding model_index.json), "
-                    "or a built-in model: uniref-default (tuned with MSGRPO) or uniref-default-sft (the same before it).",
+                    tooltip="A diffusers-format model folder inside models/uniref/ (the folder holding "
+                    "model_index.json), or a built-in model: uniref-default (tuned with MSGRPO) or "
+                    "uniref-default-sft (the same before it).",
                 ),
                 io.Combo.Input(
                     "dtype",
@@ -67,10 +66,15 @@ class LoadUniRefModel(io.ComfyNode):
                     default="auto",
                     tooltip="Weight precision. auto: bf16 on a GPU that supports it, fp32 on CPU.",
                 ),
-                io.Combo.Input("offload", options=list(comfy_model.OFFLOAD_MODES), default="none", optional=True,
-                               tooltip="blocks: for GPUs smaller than the model. The transformer and text encoder stay in "
-                               "CPU memory and each block visits the GPU only while it runs (slower; the VAE stays "
-                               "on the GPU). none: ComfyUI moves whole networks in and out as usual."),
+                io.Combo.Input(
+                    "offload",
+                    options=list(comfy_model.OFFLOAD_MODES),
+                    default="none",
+                    optional=True,
+                    tooltip="blocks: for GPUs smaller than the model. The transformer and text encoder stay in "
+                    "CPU memory and each block visits the GPU only while it runs (slower; the VAE stays "
+                    "on the GPU). none: ComfyUI moves whole networks in and out as usual.",
+                ),
             ],
             outputs=[ModelType.Output(display_name="model")],
         )
@@ -93,19 +97,37 @@ class LoadUniRefModelFiles(io.ComfyNode):
             "(bf16 or fp8, e.g. qwen_image_edit_2511_bf16.safetensors), its Qwen2.5-VL text encoder and the "
             "Qwen-Image VAE. The tokenizer comes with ComfyUI.",
             inputs=[
-                io.Combo.Input("diffusion_model", options=folder_paths.get_filename_list("diffusion_models"),
-                               tooltip="From models/diffusion_models/. fp8 files stay 8-bit in memory."),
-                io.Combo.Input("text_encoder", options=folder_paths.get_filename_list("text_encoders"),
-                               tooltip="From models/text_encoders/, e.g. qwen_2.5_vl_7b.safetensors."),
-                io.Combo.Input("vae", options=folder_paths.get_filename_list("vae"),
-                               tooltip="From models/vae/, e.g. qwen_image_vae.safetensors."),
-                io.Combo.Input("dtype", options=["auto", "bf16", "fp16", "fp32"], default="auto",
-                               tooltip="Compute precision. auto: bf16 on a GPU that supports it, fp32 on CPU."),
-                io.Combo.Input("offload", options=list(comfy_model.OFFLOAD_MODES), default="none", optional=True,
-                               tooltip="blocks: for GPUs smaller than the model. The transformer and text encoder stay in "
-                               "CPU memory and each block visits the GPU only while it runs (slower; the VAE stays "
-                               "on the GPU). none: ComfyUI moves whole networks in and out as usual."),
-            ],  # fmt: skip
+                io.Combo.Input(
+                    "diffusion_model",
+                    options=folder_paths.get_filename_list("diffusion_models"),
+                    tooltip="From models/diffusion_models/. fp8 files stay 8-bit in memory.",
+                ),
+                io.Combo.Input(
+                    "text_encoder",
+                    options=folder_paths.get_filename_list("text_encoders"),
+                    tooltip="From models/text_encoders/, e.g. qwen_2.5_vl_7b.safetensors.",
+                ),
+                io.Combo.Input(
+                    "vae",
+                    options=folder_paths.get_filename_list("vae"),
+                    tooltip="From models/vae/, e.g. qwen_image_vae.safetensors.",
+                ),
+                io.Combo.Input(
+                    "dtype",
+                    options=["auto", "bf16", "fp16", "fp32"],
+                    default="auto",
+                    tooltip="Compute precision. auto: bf16 on a GPU that supports it, fp32 on CPU.",
+                ),
+                io.Combo.Input(
+                    "offload",
+                    options=list(comfy_model.OFFLOAD_MODES),
+                    default="none",
+                    optional=True,
+                    tooltip="blocks: for GPUs smaller than the model. The transformer and text encoder stay in "
+                    "CPU memory and each block visits the GPU only while it runs (slower; the VAE stays "
+                    "on the GPU). none: ComfyUI moves whole networks in and out as usual.",
+                ),
+            ],
             outputs=[ModelType.Output(display_name="model")],
         )
 
@@ -303,8 +325,10 @@ def _budget_area(budget: str, custom_budget: int) -> int | None:
         options = ", ".join([MODEL_DEFAULT, *BUDGETS, CUSTOM])
         raise UniRefError(f"SELF Encode: budget is {budget!r}: pick one of {options}")
     if not MIN_CUSTOM_BUDGET <= custom_budget <= MAX_CUSTOM_BUDGET:
-        raise UniRefError(f"SELF Encode: custom_budget is {custom_budget}: give the side of the square budget in "
-                          f"pixels, {MIN_CUSTOM_BUDGET} to {MAX_CUSTOM_BUDGET} (1024 is typical)")  # fmt: skip
+        raise UniRefError(
+            f"SELF Encode: custom_budget is {custom_budget}: give the side of the square budget in "
+            f"pixels, {MIN_CUSTOM_BUDGET} to {MAX_CUSTOM_BUDGET} (1024 is typical)"
+        )
     return custom_budget * custom_budget
 
 
@@ -322,15 +346,22 @@ class UniRefSampler(io.ComfyNode):
                 io.Int.Input(
                     "seed", default=0, min=0, max=MAX_SEED, control_after_generate=True, tooltip="Noise seed."
                 ),
-                io.Int.Input("steps", default=DEFAULT_STEPS, min=1, max=1000, tooltip="Denoising steps; 30–50 is typical, 8 for distilled checkpoints, 20 for the built-in model."),
+                io.Int.Input(
+                    "steps",
+                    default=DEFAULT_STEPS,
+                    min=1,
+                    max=1000,
+                    tooltip="Denoising steps; 30–50 is typical, 8 for distilled checkpoints, 20 for the built-in "
+                    "model.",
+                ),
                 io.Float.Input(
                     "cfg",
                     default=DEFAULT_CFG,
                     min=1.0,
                     max=30.0,
                     step=0.1,
-                    tooltip="True CFG scale with the negative prompt; 1 turns it off and runs twice as fast (use 1 with the "
-                    "built-in model, which is trained without it).",
+                    tooltip="True CFG scale with the negative prompt; 1 turns it off and runs twice as fast (use 1 "
+                    "with the built-in model, which is trained without it).",
                 ),
                 io.Combo.Input(
                     "sampler",
@@ -404,15 +435,25 @@ class UniRefLora(io.ComfyNode):
             node_id="UniRefLora",
             display_name="UniRef LoRA",
             category=CATEGORY,
-            description="Applies a LoRA from models/loras/ (peft/diffusers, kohya/musubi or ComfyUI/ai-toolkit keys) to a "
-            "UniRef model's transformer at a strength. Chain several; remove the node and the model is as it was.",
+            description="Applies a LoRA from models/loras/ (peft/diffusers, kohya/musubi or ComfyUI/ai-toolkit keys) "
+            "to a UniRef model's transformer at a strength. Chain several; remove the node and the model is as it "
+            "was.",
             inputs=[
                 ModelType.Input("model", tooltip="From Load UniRef Model or another UniRef LoRA."),
-                io.Combo.Input("lora_name", options=folder_paths.get_filename_list("loras"),
-                               tooltip="A Qwen-Image / Qwen-Image-Edit LoRA (.safetensors) in models/loras/."),
-                io.Float.Input("strength", default=1.0, min=-10.0, max=10.0, step=0.01,
-                               tooltip="How strongly the LoRA changes the model; 0 leaves it out, negative inverts it."),
-            ],  # fmt: skip
+                io.Combo.Input(
+                    "lora_name",
+                    options=folder_paths.get_filename_list("loras"),
+                    tooltip="A Qwen-Image / Qwen-Image-Edit LoRA (.safetensors) in models/loras/.",
+                ),
+                io.Float.Input(
+                    "strength",
+                    default=1.0,
+                    min=-10.0,
+                    max=10.0,
+                    step=0.01,
+                    tooltip="How strongly the LoRA changes the model; 0 leaves it out, negative inverts it.",
+                ),
+            ],
             outputs=[ModelType.Output(display_name="model")],
         )
 

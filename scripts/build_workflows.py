@@ -30,10 +30,15 @@ class Graph:
             "mode": 0,
             # Dynamic slots are named "group.slot" ("images.image_1"); the label is what the artist reads.
             "inputs": [
-                dict(name=n, type=t, link=None, **({"label": n.split(".", 1)[1]} if "." in n else {}),
-                     **({"widget": {"name": n}} if w else {}))
+                dict(
+                    name=n,
+                    type=t,
+                    link=None,
+                    **({"label": n.split(".", 1)[1]} if "." in n else {}),
+                    **({"widget": {"name": n}} if w else {}),
+                )
                 for n, t, w in inputs
-            ],  # fmt: skip
+            ],
             "outputs": [{"name": n, "type": t, "links": [], "slot_index": i} for i, (n, t) in enumerate(outputs)],
             "properties": {"Node name for S&R": type_},
             "widgets_values": widgets if widgets is not None else [],
@@ -71,31 +76,66 @@ class Graph:
 NOTE_COLOR = ("#432", "#653")
 
 
-def build(name, images, prompt, note, budget="model default", custom_budget=1024, match_reference=1, steps=20, cfg=1.0, width=128, height=128):
+def build(
+    name,
+    images,
+    prompt,
+    note,
+    budget="model default",
+    custom_budget=1024,
+    match_reference=1,
+    steps=20,
+    cfg=1.0,
+    width=128,
+    height=128,
+):
     g = Graph()
     g.node("Note", (0, -330), (340, 300), widgets=[note], title="Read me", color=NOTE_COLOR)
     loaders = [
-        g.node("LoadImage", (0, 20 + 430 * i), (300, 380), outputs=[("IMAGE", "IMAGE"), ("MASK", "MASK")],
-               widgets=[img, "image"], title=f"Picture {i + 1}")
+        g.node(
+            "LoadImage",
+            (0, 20 + 430 * i),
+            (300, 380),
+            outputs=[("IMAGE", "IMAGE"), ("MASK", "MASK")],
+            widgets=[img, "image"],
+            title=f"Picture {i + 1}",
+        )
         for i, img in enumerate(images)
-    ]  # fmt: skip
+    ]
     model = g.node(
         "UniRefLoadModel", (380, -330), (320, 82), outputs=[("model", "UNIREF_MODEL")], widgets=[MODEL, "auto"]
     )
-    slots = [("previous", "UNIREF_REFS", False)] + [(f"images.image_{i + 1}", "IMAGE", False) for i in range(len(images))]
-    batch = g.node("UniRefReferenceBatch", (380, 20), (260, 46 + 22 * len(slots)), inputs=slots,
-                   outputs=[("references", "UNIREF_REFS")])  # fmt: skip
+    slots = [("previous", "UNIREF_REFS", False)] + [
+        (f"images.image_{i + 1}", "IMAGE", False) for i in range(len(images))
+    ]
+    batch = g.node(
+        "UniRefReferenceBatch",
+        (380, 20),
+        (260, 46 + 22 * len(slots)),
+        inputs=slots,
+        outputs=[("references", "UNIREF_REFS")],
+    )
     enc_inputs = [("model", "UNIREF_MODEL", False), ("references", "UNIREF_REFS", False)]
     encode = g.node(
-        "UniRefSelfEncode", (740, -330), (400, 460), inputs=enc_inputs, outputs=[("conditioning", "UNIREF_COND")],
+        "UniRefSelfEncode",
+        (740, -330),
+        (400, 460),
+        inputs=enc_inputs,
+        outputs=[("conditioning", "UNIREF_COND")],
         widgets=[prompt, " ", budget, custom_budget, "budget", width, height, match_reference, True],
-    )  # fmt: skip
+    )
     sampler = g.node(
-        "UniRefSampler", (1180, -330), (320, 300),
-        inputs=[("model", "UNIREF_MODEL", False), ("conditioning", "UNIREF_COND", False), ("init_image", "IMAGE", False)],
+        "UniRefSampler",
+        (1180, -330),
+        (320, 300),
+        inputs=[
+            ("model", "UNIREF_MODEL", False),
+            ("conditioning", "UNIREF_COND", False),
+            ("init_image", "IMAGE", False),
+        ],
         outputs=[("image", "IMAGE"), ("latent", "LATENT")],
         widgets=[0, "fixed", steps, cfg, "ode", 1.0, 0.7],
-    )  # fmt: skip
+    )
     save = g.node("SaveImage", (1540, -330), (420, 460), inputs=[("images", "IMAGE", False)], widgets=["UniRef"])
     for i, loader in enumerate(loaders):
         g.link(loader, 0, batch, f"images.image_{i + 1}")
@@ -110,8 +150,11 @@ def build(name, images, prompt, note, budget="model default", custom_budget=1024
 
 
 #: ComfyUI's own file names for Qwen-Image-Edit-2509 (its template's downloads), what an artist has on disk.
-NATIVE_FILES = {"unet": "qwen_image_edit_2509_fp8_e4m3fn.safetensors", "clip": "qwen_2.5_vl_7b_fp8_scaled.safetensors",
-                "vae": "qwen_image_vae.safetensors"}  # fmt: skip
+NATIVE_FILES = {
+    "unet": "qwen_image_edit_2509_fp8_e4m3fn.safetensors",
+    "clip": "qwen_2.5_vl_7b_fp8_scaled.safetensors",
+    "vae": "qwen_image_vae.safetensors",
+}
 
 
 def build_native(name, images, prompt, note, steps=20, cfg=2.5, shift=3.0, size=1024):
@@ -119,30 +162,66 @@ def build_native(name, images, prompt, note, steps=20, cfg=2.5, shift=3.0, size=
     g = Graph()
     g.node("Note", (0, -330), (340, 300), widgets=[note], title="Read me", color=NOTE_COLOR)
     loaders = [
-        g.node("LoadImage", (0, 20 + 430 * i), (300, 380), outputs=[("IMAGE", "IMAGE"), ("MASK", "MASK")],
-               widgets=[img, "image"], title=f"Picture {i + 1}")
+        g.node(
+            "LoadImage",
+            (0, 20 + 430 * i),
+            (300, 380),
+            outputs=[("IMAGE", "IMAGE"), ("MASK", "MASK")],
+            widgets=[img, "image"],
+            title=f"Picture {i + 1}",
+        )
         for i, img in enumerate(images)
-    ]  # fmt: skip
-    unet = g.node("UNETLoader", (380, -330), (320, 82), outputs=[("MODEL", "MODEL")], widgets=[NATIVE_FILES["unet"], "default"])
-    shifted = g.node("ModelSamplingAuraFlow", (380, -210), (320, 58), inputs=[("model", "MODEL", False)],
-                     outputs=[("MODEL", "MODEL")], widgets=[shift])  # fmt: skip
-    clip = g.node("CLIPLoader", (380, -120), (320, 106), outputs=[("CLIP", "CLIP")],
-                  widgets=[NATIVE_FILES["clip"], "qwen_image", "default"])  # fmt: skip
+    ]
+    unet = g.node(
+        "UNETLoader", (380, -330), (320, 82), outputs=[("MODEL", "MODEL")], widgets=[NATIVE_FILES["unet"], "default"]
+    )
+    shifted = g.node(
+        "ModelSamplingAuraFlow",
+        (380, -210),
+        (320, 58),
+        inputs=[("model", "MODEL", False)],
+        outputs=[("MODEL", "MODEL")],
+        widgets=[shift],
+    )
+    clip = g.node(
+        "CLIPLoader",
+        (380, -120),
+        (320, 106),
+        outputs=[("CLIP", "CLIP")],
+        widgets=[NATIVE_FILES["clip"], "qwen_image", "default"],
+    )
     vae = g.node("VAELoader", (380, 20), (320, 58), outputs=[("VAE", "VAE")], widgets=[NATIVE_FILES["vae"]])
-    slots = [("clip", "CLIP", False), ("vae", "VAE", False)] + [(f"images.image_{i + 1}", "IMAGE", False) for i in range(len(images))]
+    slots = [("clip", "CLIP", False), ("vae", "VAE", False)] + [
+        (f"images.image_{i + 1}", "IMAGE", False) for i in range(len(images))
+    ]
     encode = g.node(
-        "UniRefSelfEncodeNative", (740, -330), (400, 520), inputs=slots,
+        "UniRefSelfEncodeNative",
+        (740, -330),
+        (400, 520),
+        inputs=slots,
         outputs=[("positive", "CONDITIONING"), ("negative", "CONDITIONING"), ("latent", "LATENT")],
         widgets=[prompt, "", "budget", "1024²", 1024, size, size, 1],
-    )  # fmt: skip
+    )
     sampler = g.node(
-        "KSampler", (1180, -330), (320, 262),
-        inputs=[("model", "MODEL", False), ("positive", "CONDITIONING", False), ("negative", "CONDITIONING", False),
-                ("latent_image", "LATENT", False)],
-        outputs=[("LATENT", "LATENT")], widgets=[0, "fixed", steps, cfg, "euler", "simple", 1.0],
-    )  # fmt: skip
-    decode = g.node("VAEDecode", (1180, -30), (210, 46), inputs=[("samples", "LATENT", False), ("vae", "VAE", False)],
-                    outputs=[("IMAGE", "IMAGE")])  # fmt: skip
+        "KSampler",
+        (1180, -330),
+        (320, 262),
+        inputs=[
+            ("model", "MODEL", False),
+            ("positive", "CONDITIONING", False),
+            ("negative", "CONDITIONING", False),
+            ("latent_image", "LATENT", False),
+        ],
+        outputs=[("LATENT", "LATENT")],
+        widgets=[0, "fixed", steps, cfg, "euler", "simple", 1.0],
+    )
+    decode = g.node(
+        "VAEDecode",
+        (1180, -30),
+        (210, 46),
+        inputs=[("samples", "LATENT", False), ("vae", "VAE", False)],
+        outputs=[("IMAGE", "IMAGE")],
+    )
     save = g.node("SaveImage", (1540, -330), (420, 460), inputs=[("images", "IMAGE", False)], widgets=["UniRef"])
     g.link(unet, 0, shifted, "model")
     for i, loader in enumerate(loaders):
@@ -181,8 +260,9 @@ def main() -> None:
         "in the prompt. Connect more images to Reference Batch (a new slot appears), or chain a second Reference "
         "Batch into 'previous' for even more.\n\nAll references share ONE pixel budget (SELF Encode > budget), so "
         "adding references barely slows sampling. 'model default' is the budget the checkpoint was trained at. "
-        "Output 128×128, what the built-in model makes; with Qwen-Image-Edit checkpoints set width and height to 0 (Picture 3's "
-        "aspect ratio at 1024², match_reference) or to the size you want.\n\nSampler: 20 steps and cfg 1 suit the built-in model; use "
+        "Output 128×128, what the built-in model makes; with Qwen-Image-Edit checkpoints set width and height to 0 "
+        "(Picture 3's aspect ratio at 1024², match_reference) or to the size you want.\n\nSampler: 20 steps and cfg 1 "
+        "suit the built-in model; use "
         "30–50 steps and cfg 4 with Qwen-Image-Edit checkpoints.",
         match_reference=3,
     )

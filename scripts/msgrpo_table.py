@@ -32,7 +32,9 @@ def row(name: str, per_k: dict, borrowed: dict) -> tuple[str, float | None]:
     for k in KS:
         s = per_k.get(k)
         mark = "*" if k in borrowed else ""
-        cells.append(f"{s['per_reference']:.3f} / {s['per_reference_min']:.3f} / {s['instruction']:.3f}{mark}" if s else "–")
+        cells.append(
+            f"{s['per_reference']:.3f} / {s['per_reference_min']:.3f} / {s['instruction']:.3f}{mark}" if s else "–"
+        )
     have = [per_k[k]["per_reference_min"] for k in KS if k in per_k]
     mean = sum(have) / len(KS) if len(have) == len(KS) else None
     tail = f"{mean:.3f}" if mean is not None else f"({len(have)} of {len(KS)} K evaluated)"
@@ -51,13 +53,18 @@ def main(argv=None) -> int:
         for seed in seeds:
             borrowed = {}
             for other in (o for o in seeds if o != seed):
-                borrowed.update({k: v for k, v in found[(arm, other)].items()
-                                 if k not in borrowed and k not in found[(arm, seed)]})  # fmt: skip
+                borrowed.update(
+                    {k: v for k, v in found[(arm, other)].items() if k not in borrowed and k not in found[(arm, seed)]}
+                )
             line, mean = row(f"{arm}, seed {seed}", found[(arm, seed)], borrowed)
             print(line)
             means.append(mean)
         if len(means) > 1 and None not in means:
-            print(f"| {arm}, mean of {len(means)} seeds | " + " | " * (len(KS) - 1) + f" | {sum(means) / len(means):.3f} |")
+            print(
+                f"| {arm}, mean of {len(means)} seeds | "
+                + " | " * (len(KS) - 1)
+                + f" | {sum(means) / len(means):.3f} |"
+            )
     return 0
 
 

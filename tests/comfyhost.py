@@ -125,9 +125,12 @@ class ComfyHost:
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
                 self.install.command(self.base_dir, self.port, *self.extra_args),
-                cwd=self.install.comfy_dir, env=comfy_hosts.host_env(),
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            )  # fmt: skip
+                cwd=self.install.comfy_dir,
+                env=comfy_hosts.host_env(),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
         atexit.register(self.stop)  # no orphaned server if a test run ends abruptly
         return self
 
@@ -448,8 +451,13 @@ class WsListener:
 
 
 @contextlib.contextmanager
-def uniref_host(version: str, tiny_model: Path, default_model: Path | None = None, extra_models: dict | None = None,
-                extra_packs: dict | None = None):
+def uniref_host(
+    version: str,
+    tiny_model: Path,
+    default_model: Path | None = None,
+    extra_models: dict | None = None,
+    extra_packs: dict | None = None,
+):
     """A host with this pack and a tiny model as `models/uniref/tiny` and, unless ``default_model`` is
     given, as the built-in default too (the shipped workflows name the built-in model, and a random model
     makes the tests fast); the shipped, trained default model is there too, as `models/uniref/shipped`,

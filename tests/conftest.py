@@ -5,8 +5,8 @@ import json
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
 from PIL import Image
+from safetensors.torch import save_file
 
 from uniref_core.tiny import make_tiny_model
 
@@ -53,8 +53,15 @@ def tiny_model_4x(tmp_path_factory):
 
 
 # LoRA files for tests: random low-rank changes on these layers of every block, saved in a real file layout.
-LORA_TARGETS = ("attn.to_q", "attn.to_v", "attn.add_k_proj", "attn.to_out.0", "img_mlp.net.0.proj", "txt_mlp.net.2",
-                "img_mod.1")  # fmt: skip
+LORA_TARGETS = (
+    "attn.to_q",
+    "attn.to_v",
+    "attn.add_k_proj",
+    "attn.to_out.0",
+    "img_mlp.net.0.proj",
+    "txt_mlp.net.2",
+    "img_mod.1",
+)
 
 
 def random_lora(transformer, rank=4, alpha=8.0, seed=0, scale=0.3):
@@ -78,15 +85,24 @@ def write_lora(layers, path, layout):
     for name, (down, up, alpha) in layers.items():
         if layout == "kohya":  # musubi-tuner / kohya: flattened names, lora_down / lora_up, alpha per layer
             key = "lora_unet_" + name.replace(".", "_")
-            sd.update({f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up, f"{key}.alpha": torch.tensor(alpha)})
+            sd.update(
+                {f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up, f"{key}.alpha": torch.tensor(alpha)}
+            )
         elif layout == "comfy":  # ComfyUI / ai-toolkit (and training.export --lora)
             key = "diffusion_model." + name
             sd.update({f"{key}.lora_A.weight": down, f"{key}.lora_B.weight": up, f"{key}.alpha": torch.tensor(alpha)})
         elif layout == "diffusers":  # save_lora_weights: no alpha tensors; lora_alpha / r in the file's metadata
             sd.update({f"transformer.{name}.lora_A.weight": down, f"transformer.{name}.lora_B.weight": up})
             rank = down.shape[0]
-            metadata = {"lora_adapter_metadata": json.dumps({"transformer.r": rank, "transformer.lora_alpha": alpha,
-                                                             "transformer.target_modules": list(LORA_TARGETS)})}  # fmt: skip
+            metadata = {
+                "lora_adapter_metadata": json.dumps(
+                    {
+                        "transformer.r": rank,
+                        "transformer.lora_alpha": alpha,
+                        "transformer.target_modules": list(LORA_TARGETS),
+                    }
+                )
+            }
     save_file({k: v.contiguous() for k, v in sd.items()}, str(path), metadata=metadata)
     return path
 
@@ -97,8 +113,9 @@ def tiny_lora(tiny_model, tmp_path_factory):
     from diffusers import QwenImageTransformer2DModel
 
     transformer = QwenImageTransformer2DModel.from_pretrained(tiny_model / "transformer")
-    return write_lora(random_lora(transformer, seed=1), tmp_path_factory.mktemp("lora") / "uniref_tiny_lora.safetensors",
-                      "comfy")  # fmt: skip
+    return write_lora(
+        random_lora(transformer, seed=1), tmp_path_factory.mktemp("lora") / "uniref_tiny_lora.safetensors", "comfy"
+    )
 
 
 def tiny_text_encoder():
@@ -107,14 +124,28 @@ def tiny_text_encoder():
 
     torch.manual_seed(0)
     config = Qwen2_5_VLConfig(
-        text_config=dict(vocab_size=151936, hidden_size=256, intermediate_size=96, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, rms_norm_eps=1e-6,
-                         rope_parameters={"rope_type": "default", "mrope_section": [16, 24, 24], "rope_theta": 1e6},
-                         bos_token_id=151643, eos_token_id=151645),
-        vision_config=dict(hidden_size=64, depth=2, intermediate_size=48, num_heads=16, out_hidden_size=256,
-                           fullatt_block_indexes=[7, 15, 23, 31]),
+        text_config=dict(
+            vocab_size=151936,
+            hidden_size=256,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            rms_norm_eps=1e-6,
+            rope_parameters={"rope_type": "default", "mrope_section": [16, 24, 24], "rope_theta": 1e6},
+            bos_token_id=151643,
+            eos_token_id=151645,
+        ),
+        vision_config=dict(
+            hidden_size=64,
+            depth=2,
+            intermediate_size=48,
+            num_heads=16,
+            out_hidden_size=256,
+            fullatt_block_indexes=[7, 15, 23, 31],
+        ),
         tie_word_embeddings=False,
-    )  # fmt: skip
+    )
     return Qwen2_5_VLForConditionalGeneration(config).eval()
 
 
@@ -134,15 +165,24 @@ def comfy_single_files(tmp_path_factory):
     """A tiny Qwen-Image-Edit as ComfyUI's three single files (the VAE built by ComfyUI's own class in the 0.30.0
     host) + ComfyUI's tokenizer folder: (files, tokenizer dir, the transformer, the text encoder)."""
     from comfyhost import comfy_hosts
-    from test_comfy_vae import comfy_vae_file
     from diffusers import QwenImageTransformer2DModel
+    from test_comfy_vae import comfy_vae_file
 
     tmp = tmp_path_factory.mktemp("bundle")
     torch.manual_seed(1)
-    transformer = QwenImageTransformer2DModel(num_layers=2, attention_head_dim=128, num_attention_heads=2,
-                                              joint_attention_dim=256, in_channels=64, out_channels=16).eval()  # fmt: skip
+    transformer = QwenImageTransformer2DModel(
+        num_layers=2,
+        attention_head_dim=128,
+        num_attention_heads=2,
+        joint_attention_dim=256,
+        in_channels=64,
+        out_channels=16,
+    ).eval()
     te = tiny_text_encoder()
-    files = {"diffusion_model": tmp / "qwen_image_edit_tiny.safetensors", "text_encoder": tmp / "qwen_2.5_vl_tiny.safetensors"}
+    files = {
+        "diffusion_model": tmp / "qwen_image_edit_tiny.safetensors",
+        "text_encoder": tmp / "qwen_2.5_vl_tiny.safetensors",
+    }
     save_file({k: v.contiguous() for k, v in transformer.state_dict().items()}, str(files["diffusion_model"]))
     save_file(comfy_layout(te), str(files["text_encoder"]))
     files["vae"], _ = comfy_vae_file(tmp, "0.30.0")  # built by ComfyUI's own Wan VAE class, in its file layout

@@ -42,4 +42,4 @@ def assert_same_updates(start: dict, one: dict, two: dict) -> None:
     largest = max(float(d1.abs().max()) for d1, _ in deltas.values())
     assert largest > 100 * torch.finfo(torch.float32).eps, f"the largest update is {largest:.2e}: raise the lr"
     for name, (d1, d2) in deltas.items():
-        torch.testing.assert_close(d2, d1, rtol=0, atol=1e-4 * largest, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(d2, d1, rtol=0, atol=1e-4 * largest, msg=lambda m, name=name: f"{name}: {m}")

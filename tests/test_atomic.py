@@ -52,5 +52,7 @@ def test_a_full_disk_at_the_rename_puts_the_old_copy_back(tmp_path, monkeypatch)
             (tmp / "new.txt").write_text("new")
     assert (final / "old.txt").read_text() == "old"
     error = atomic.write_error(OSError(28, "No space left on device"), "the export", tmp_path, "then run it again")
-    assert str(error) == f"the export could not be written: the disk holding {tmp_path} is full (No space left on " \
-                         "device); free space there, then run it again"  # fmt: skip
+    assert (
+        str(error) == f"the export could not be written: the disk holding {tmp_path} is full (No space left on "
+        "device); free space there, then run it again"
+    )

@@ -28,9 +28,8 @@ import time
 from pathlib import Path
 
 import pytest
-from PIL import Image
-
 from comfyhost import PACK_NAME, output_images, uniref_host
+from PIL import Image
 from workflow_api import NATIVE_LOADERS, split_workflows
 
 pytestmark = [pytest.mark.comfy, pytest.mark.browser]
@@ -44,12 +43,19 @@ ROOT = Path(__file__).resolve().parent.parent
 # loaded only (tests/test_native_workflow.py runs it on tiny files).
 PACK_WORKFLOWS, NATIVE_WORKFLOWS = split_workflows(ROOT / "workflows")
 # The README's screenshots are refreshed only on request; ordinary runs write beside the cache.
-SCREENSHOTS = ROOT / ("docs/screenshots" if os.environ.get("UNIREF_UPDATE_SCREENSHOTS") == "1" else ".cache/screenshots")
+SCREENSHOTS = ROOT / (
+    "docs/screenshots" if os.environ.get("UNIREF_UPDATE_SCREENSHOTS") == "1" else ".cache/screenshots"
+)
 CHROMIUM = os.environ.get("UNIREF_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = [
-    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-]  # fmt: skip
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 VIEWPORT = {"width": 1600, "height": 1000}
 SHIPPED = ROOT / "models" / "uniref-default"
 TRAINED = (SHIPPED / "model_index.json").is_file()
@@ -57,8 +63,10 @@ TRAINED = (SHIPPED / "model_index.json").is_file()
 # model: the workflows' own (what an artist gets); with a random stand-in: the cheapest.
 if TRAINED:
     OUT_W, OUT_H = 128, 128
-    FAST = {"UniRefSampler": {"steps": 20, "cfg": 1.0},
-            "UniRefSelfEncode": {"width": OUT_W, "height": OUT_H, "budget": "model default"}}  # fmt: skip
+    FAST = {
+        "UniRefSampler": {"steps": 20, "cfg": 1.0},
+        "UniRefSelfEncode": {"width": OUT_W, "height": OUT_H, "budget": "model default"},
+    }
 else:
     OUT_W, OUT_H = 128, 96
     FAST = {
@@ -67,7 +75,11 @@ else:
     }
 # Settings a user would pick for a clean screenshot: no minimap over the graph.
 # MinFontSizeForLOD 1: draw widget text even at the small zoom that fits a whole graph in a screenshot.
-UI_SETTINGS = {"Comfy.TutorialCompleted": True, "Comfy.Minimap.Visible": False, "LiteGraph.Canvas.MinFontSizeForLOD": 1}
+UI_SETTINGS = {
+    "Comfy.TutorialCompleted": True,
+    "Comfy.Minimap.Visible": False,
+    "LiteGraph.Canvas.MinFontSizeForLOD": 1,
+}
 
 
 def log(msg: str) -> None:
@@ -343,7 +355,9 @@ def test_native_template_loads_with_the_pack_node_resolved(host, page, workflow)
     native = next(n for n in nodes if n["type"] == "UniRefSelfEncodeNative")
     assert native["comfyClass"] == "UniRefSelfEncodeNative" and not native["has_errors"], native
     linked = [i["name"] for i in native["inputs"] if i["link"] is not None]
-    assert len([x for x in linked if x.startswith("image")]) == sum(n["type"] == "LoadImage" for n in ui["nodes"]), linked
+    assert len([x for x in linked if x.startswith("image")]) == sum(n["type"] == "LoadImage" for n in ui["nodes"]), (
+        linked
+    )
     assert not [e for e in page.page_errors if "UniRef" in e], page.page_errors
 
 

@@ -151,10 +151,12 @@ def test_parse_area():
 
 @pytest.mark.parametrize(
     "options, fix",
-    [({"width": 8192, "height": 8192}, "lower width and height (or the output area)"),
-     ({"budget": 8192 * 8192, "width": 1024, "height": 1024}, "lower the budget"),
-     ({"budget": 100000 * 100000}, "lower the budget")],
-)  # fmt: skip
+    [
+        ({"width": 8192, "height": 8192}, "lower width and height (or the output area)"),
+        ({"budget": 8192 * 8192, "width": 1024, "height": 1024}, "lower the budget"),
+        ({"budget": 100000 * 100000}, "lower the budget"),
+    ],
+)
 def test_a_sequence_no_device_runs_in_a_step_is_refused_naming_what_to_lower(options, fix):
     with pytest.raises(UniRefError, match=re.escape(fix)) as err:
         plan_references([(1024, 768), (640, 640)], **options)

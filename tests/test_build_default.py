@@ -24,35 +24,74 @@ CONFIGS = SFT_PHASES[0].parent
 _SFT_SHARED = {
     "train_manifest": "runs/uniref-default/data-anchored/train/manifest.jsonl",
     "val_manifest": "runs/uniref-default/data-anchored/val/manifest.jsonl",
-    "seed": 0, "lora": None, "micro_batch_size": 4, "mixed_precision": "no", "ema_decay": 0.998, "vl_budget": 112,
-    "logit_normal": {"mean": 0.5, "std": 1.0, "pure_noise": 0.25}, "schedule": "cosine", "max_grad_norm": 1.0,
-    "eval_every": 0, "eval_samples": 8, "eval_steps": 20, "eval_cfg": 1.0, "save_every": 200, "keep_checkpoints": 4,
+    "seed": 0,
+    "lora": None,
+    "micro_batch_size": 4,
+    "mixed_precision": "no",
+    "ema_decay": 0.998,
+    "vl_budget": 112,
+    "logit_normal": {"mean": 0.5, "std": 1.0, "pure_noise": 0.25},
+    "schedule": "cosine",
+    "max_grad_norm": 1.0,
+    "eval_every": 0,
+    "eval_samples": 8,
+    "eval_steps": 20,
+    "eval_cfg": 1.0,
+    "save_every": 200,
+    "keep_checkpoints": 4,
     "log_every": 10,
-}  # fmt: skip
+}
 _MSGRPO_SHARED = {
-    "model": "models/uniref-default-sft", "rewards": [{"source": "checker", "weight": 1.0}], "steps": 100,
-    "lr": 1e-4, "warmup": 3, "group_size": 6, "groups_per_step": 4, "rollout_steps": 10, "sde_window": [0, 4],
-    "eta": 0.7, "cfg": 1.0, "budget": 128, "output_size": 128, "clip_range": 1e-4, "adv_clip_max": 5.0, "beta": 0.0,
-    "lora": None, "save_every": 20, "keep_checkpoints": 1, "grid_every": 10, "seed": 0,
-}  # fmt: skip
+    "model": "models/uniref-default-sft",
+    "rewards": [{"source": "checker", "weight": 1.0}],
+    "steps": 100,
+    "lr": 1e-4,
+    "warmup": 3,
+    "group_size": 6,
+    "groups_per_step": 4,
+    "rollout_steps": 10,
+    "sde_window": [0, 4],
+    "eta": 0.7,
+    "cfg": 1.0,
+    "budget": 128,
+    "output_size": 128,
+    "clip_range": 1e-4,
+    "adv_clip_max": 5.0,
+    "beta": 0.0,
+    "lora": None,
+    "save_every": 20,
+    "keep_checkpoints": 1,
+    "grid_every": 10,
+    "seed": 0,
+}
 BEFORE = {
     "sft_default_1.json": {
-        **_SFT_SHARED, "model": "runs/uniref-default/init", "output_dir": "runs/uniref-default/sft-fast",
-        "stages": [{"budget": 128, "steps": 4400, "lr": 0.002, "batch_size": 8, "output_size": 128}], "warmup": 100,
+        **_SFT_SHARED,
+        "model": "runs/uniref-default/init",
+        "output_dir": "runs/uniref-default/sft-fast",
+        "stages": [{"budget": 128, "steps": 4400, "lr": 0.002, "batch_size": 8, "output_size": 128}],
+        "warmup": 100,
     },
     "sft_default_2.json": {
-        **_SFT_SHARED, "model": "runs/uniref-default/final-fast", "output_dir": "runs/uniref-default/sft-fast2",
-        "stages": [{"budget": 128, "steps": 6000, "lr": 0.0015, "batch_size": 8, "output_size": 128}], "warmup": 50,
+        **_SFT_SHARED,
+        "model": "runs/uniref-default/final-fast",
+        "output_dir": "runs/uniref-default/sft-fast2",
+        "stages": [{"budget": 128, "steps": 6000, "lr": 0.0015, "batch_size": 8, "output_size": 128}],
+        "warmup": 50,
     },
     "msgrpo_default.json": {
-        **_MSGRPO_SHARED, "train_manifest": "runs/uniref-default/rl-data/train/manifest.jsonl",
-        "output_dir": "runs/uniref-default/msgrpo", "aggregation": "sum",
+        **_MSGRPO_SHARED,
+        "train_manifest": "runs/uniref-default/rl-data/train/manifest.jsonl",
+        "output_dir": "runs/uniref-default/msgrpo",
+        "aggregation": "sum",
     },
     "msgrpo_ablation.json": {
-        **_MSGRPO_SHARED, "train_manifest": "runs/rl-data/train/manifest.jsonl", "output_dir": "runs/rl/min",
+        **_MSGRPO_SHARED,
+        "train_manifest": "runs/rl-data/train/manifest.jsonl",
+        "output_dir": "runs/rl/min",
         "aggregation": "min",
     },
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("name", sorted(BEFORE))
@@ -69,21 +108,30 @@ def test_shipped_configs_load_to_what_they_said_before_the_split(name):
 
 def test_a_base_is_merged_tables_by_key_lists_whole_the_file_winning(tmp_path):
     (tmp_path / "bases").mkdir()
-    (tmp_path / "bases" / "root.json").write_text(json.dumps(
-        {"lr": 1.0, "sde_window": [0, 4], "logit_normal": {"mean": 0.5, "std": 1.0}, "seed": 3}))
+    (tmp_path / "bases" / "root.json").write_text(
+        json.dumps({"lr": 1.0, "sde_window": [0, 4], "logit_normal": {"mean": 0.5, "std": 1.0}, "seed": 3})
+    )
     (tmp_path / "bases" / "mid.toml").write_text('base = "root.json"\nseed = 4\n')  # relative to mid.toml
-    (tmp_path / "run.json").write_text(json.dumps(
-        {"base": "bases/mid.toml", "sde_window": [1], "logit_normal": {"std": 2.0}, "lr": None}))
+    (tmp_path / "run.json").write_text(
+        json.dumps({"base": "bases/mid.toml", "sde_window": [1], "logit_normal": {"std": 2.0}, "lr": None})
+    )
     assert read_config_data(tmp_path / "run.json") == {
-        "lr": None, "sde_window": [1], "logit_normal": {"mean": 0.5, "std": 2.0}, "seed": 4}
+        "lr": None,
+        "sde_window": [1],
+        "logit_normal": {"mean": 0.5, "std": 2.0},
+        "seed": 4,
+    }
 
 
-@pytest.mark.parametrize("files, message", [
-    ({"run.json": {"base": "nowhere.json"}}, "run.json: its base 'nowhere.json' ("),
-    ({"run.json": {"base": "a.json"}, "a.json": {"base": "run.json"}}, "is circular"),
-    ({"run.json": {"base": "run.json"}}, "is circular"),
-    ({"run.json": {"base": 3}}, "base is 3: give the path of the config it overrides"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "files, message",
+    [
+        ({"run.json": {"base": "nowhere.json"}}, "run.json: its base 'nowhere.json' ("),
+        ({"run.json": {"base": "a.json"}, "a.json": {"base": "run.json"}}, "is circular"),
+        ({"run.json": {"base": "run.json"}}, "is circular"),
+        ({"run.json": {"base": 3}}, "base is 3: give the path of the config it overrides"),
+    ],
+)
 def test_a_missing_or_circular_base_is_refused_naming_the_file(tmp_path, files, message):
     for name, data in files.items():
         (tmp_path / name).write_text(json.dumps(data))
@@ -139,8 +187,10 @@ def test_sft_phases_run_in_order_each_exported_where_the_next_starts(tmp_path, m
     names = [p.name for p in SFT_PHASES]
     runs = [Path(load_config(p).output_dir).name for p in SFT_PHASES]
     dests = starts + [out]
-    trained = lambda first: [c for i in range(first, len(names))  # noqa: E731
-                             for c in (("sft", names[i]), ("export", runs[i], dests[i]))]  # fmt: skip
+
+    def trained(first):
+        return [c for i in range(first, len(names)) for c in (("sft", names[i]), ("export", runs[i], dests[i]))]
+
     assert calls == data + [("init",)] + trained(0)
     calls.clear()
     bd.step_build_sft(out, WORK, print)  # every phase's start exists: only the last phase (done: it resumes)
@@ -164,8 +214,9 @@ def test_another_work_folder_gets_the_phase_configs_with_their_paths_moved_there
         cfg, default = load_config(written), load_config(shipped)
         assert Path(cfg.output_dir) == work / Path(default.output_dir).relative_to(WORK)
         assert Path(cfg.model) == work / Path(default.model).relative_to(WORK)
-        assert [Path(m) for m in cfg.train_manifest] == [work / Path(m).relative_to(WORK)
-                                                          for m in default.train_manifest]  # fmt: skip
+        assert [Path(m) for m in cfg.train_manifest] == [
+            work / Path(m).relative_to(WORK) for m in default.train_manifest
+        ]
         assert cfg.stages == default.stages and cfg.ema_decay == default.ema_decay
     assert load_config(bd.build_config(SFT_PHASES[0], WORK)).hash() == load_config(SFT_PHASES[0]).hash()  # resumes
 
@@ -195,8 +246,18 @@ def test_the_shipped_recipe_ends_with_msgrpo_from_the_sft_model(tiny_model_4x, t
     assert shipped["model"] == "models/uniref-default-sft"  # build_default's --sft-out
     assert Path(shipped["train_manifest"]) == WORK / bd.MSGRPO["data"]["folder"] / "train" / "manifest.jsonl"
     assert Path(shipped["output_dir"]).parent == WORK
-    small = {**shipped, "steps": 1, "group_size": 2, "groups_per_step": 1, "rollout_steps": 2, "sde_window": [0, 1],
-             "budget": 64, "output_size": 64, "vl_budget": 56, "tensorboard": False}  # fmt: skip
+    small = {
+        **shipped,
+        "steps": 1,
+        "group_size": 2,
+        "groups_per_step": 1,
+        "rollout_steps": 2,
+        "sde_window": [0, 1],
+        "budget": 64,
+        "output_size": 64,
+        "vl_budget": 56,
+        "tensorboard": False,
+    }
     (tmp_path / "msgrpo.json").write_text(json.dumps(small))
     monkeypatch.setitem(bd.MSGRPO, "config", tmp_path / "msgrpo.json")
     monkeypatch.setitem(bd.MSGRPO, "data", {**bd.MSGRPO["data"], "train_samples": 2, "val_samples": 1})

@@ -41,16 +41,33 @@ def test_plan_prints_each_reference_without_a_model(capsys):
 
     plan = json.loads(capsys.readouterr().out)
     assert len(plan["references"]) == 3
-    assert plan["reference_tokens"] * 256 <= 512 * 512 + 16 * sum(r["width"] + r["height"] + 16 for r in plan["references"])
+    assert plan["reference_tokens"] * 256 <= 512 * 512 + 16 * sum(
+        r["width"] + r["height"] + 16 for r in plan["references"]
+    )
 
 
 def test_edit_writes_the_image_and_a_summary(tiny_model, tmp_path):
     out = tmp_path / "out.png"
     r = run_cli(
-        "edit", "--model", tiny_model, *sum((["--ref", p] for p in REFS), []),
-        "--prompt", "put the circle from Picture 1 left of the square from Picture 2 on Picture 3",
-        "--budget", "256", "--width", "128", "--height", "96", "--steps", "3", "--seed", "4", "-o", out,
-    )  # fmt: skip
+        "edit",
+        "--model",
+        tiny_model,
+        *sum((["--ref", p] for p in REFS), []),
+        "--prompt",
+        "put the circle from Picture 1 left of the square from Picture 2 on Picture 3",
+        "--budget",
+        "256",
+        "--width",
+        "128",
+        "--height",
+        "96",
+        "--steps",
+        "3",
+        "--seed",
+        "4",
+        "-o",
+        out,
+    )
     assert r.returncode == 0, r.stderr
     img = Image.open(out)
     assert img.size == (128, 96)
@@ -59,18 +76,43 @@ def test_edit_writes_the_image_and_a_summary(tiny_model, tmp_path):
     # Same as the library with the same inputs.
     pipe = UniRefPipeline.from_pretrained(tiny_model)
     lib = pipe.edit(
-        [str(p) for p in REFS], "put the circle from Picture 1 left of the square from Picture 2 on Picture 3",
-        budget=256 * 256, width=128, height=96, steps=3, seed=4,
-    ).images[0]  # fmt: skip
+        [str(p) for p in REFS],
+        "put the circle from Picture 1 left of the square from Picture 2 on Picture 3",
+        budget=256 * 256,
+        width=128,
+        height=96,
+        steps=3,
+        seed=4,
+    ).images[0]
     assert np.array_equal(np.asarray(img), np.asarray(lib))
 
 
 def test_several_images_get_numbered_files(tiny_model, tmp_path):
     out = tmp_path / "many.png"
     code = main(
-        ["edit", "--model", str(tiny_model), "--ref", str(REFS[0]), "--prompt", "recolour it", "--quiet",
-         "--budget", "128", "--width", "64", "--height", "64", "--steps", "2", "--num-images", "2", "-o", str(out)]
-    )  # fmt: skip
+        [
+            "edit",
+            "--model",
+            str(tiny_model),
+            "--ref",
+            str(REFS[0]),
+            "--prompt",
+            "recolour it",
+            "--quiet",
+            "--budget",
+            "128",
+            "--width",
+            "64",
+            "--height",
+            "64",
+            "--steps",
+            "2",
+            "--num-images",
+            "2",
+            "-o",
+            str(out),
+        ]
+    )
     assert code == 0
     assert (tmp_path / "many-1.png").is_file() and (tmp_path / "many-2.png").is_file()
 
@@ -97,8 +139,10 @@ def test_make_tiny_model(tmp_path, capsys):
         (["--ref", "{ref}", "--seed", "-1"], "seed is -1: it must be between 0 and 18446744073709551615"),
         (["--ref", "{ref}", "--num-images", str(10**30)], "--num-images is 10000000000000000000000000000"),
         (["--ref", "{ref}", "--prompt", "caf\udce9"], "--prompt is not valid UTF-8 text: character 4 is the byte"),
-        (["--ref", "{ref}", "--budget", "64", "--width", "64", "--height", "64", "--prompt", "red " * 5000],
-         "prompt is too long: with the template and the references' vision tokens it makes 5"),
+        (
+            ["--ref", "{ref}", "--budget", "64", "--width", "64", "--height", "64", "--prompt", "red " * 5000],
+            "prompt is too long: with the template and the references' vision tokens it makes 5",
+        ),
         (["--ref", "{ref}", "--width", "140000", "--height", "16"], "make the output less long and thin (at most"),
         (["--ref", "{ref}", "--vl-budget", "100000x100000"], "vision tokens alone leave it no room: lower the VL"),
     ],
@@ -119,20 +163,49 @@ def test_bad_input_prints_one_line_naming_it(tiny_model, tmp_path, capsys, args,
 
 def test_a_prompt_in_another_encoding_is_one_line(tmp_path):
     # The bytes a Latin-1 terminal or file passes: Python's argv holds them as surrogates (surrogateescape).
-    r = subprocess.run([sys.executable, "-m", "uniref_core", "edit", "--ref", str(REFS[0]), "--prompt", b"caf\xe9",
-                        "--model", str(tmp_path / "none"), "-o", str(tmp_path / "o.png")], capture_output=True,
-                       cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), "LC_ALL": "C.UTF-8"},
-                       timeout=120)  # fmt: skip
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "uniref_core",
+            "edit",
+            "--ref",
+            str(REFS[0]),
+            "--prompt",
+            b"caf\xe9",
+            "--model",
+            str(tmp_path / "none"),
+            "-o",
+            str(tmp_path / "o.png"),
+        ],
+        capture_output=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "LC_ALL": "C.UTF-8"},
+        timeout=120,
+    )
     err = r.stderr.decode()
     assert r.returncode == 2 and "Traceback" not in err, err
-    assert err.strip() == "error: --prompt is not valid UTF-8 text: character 4 is the byte 0xe9 (text saved in " \
-                          "another encoding, such as Latin-1?); give the prompt as UTF-8 text"  # fmt: skip
+    assert (
+        err.strip() == "error: --prompt is not valid UTF-8 text: character 4 is the byte 0xe9 (text saved in "
+        "another encoding, such as Latin-1?); give the prompt as UTF-8 text"
+    )
 
 
 def test_output_path_is_checked_before_the_model_loads(tmp_path, capsys):
     # A bad model AND a bad output: the output error comes first, without loading anything.
-    code = main(["edit", "--prompt", "x", "--ref", str(REFS[0]), "--model", str(tmp_path / "nope"),
-                 "-o", str(tmp_path / "missing" / "o.png")])  # fmt: skip
+    code = main(
+        [
+            "edit",
+            "--prompt",
+            "x",
+            "--ref",
+            str(REFS[0]),
+            "--model",
+            str(tmp_path / "nope"),
+            "-o",
+            str(tmp_path / "missing" / "o.png"),
+        ]
+    )
     assert code == 2
     assert "output folder" in capsys.readouterr().err
 
@@ -145,12 +218,28 @@ def test_an_output_that_is_an_input_is_refused_and_the_input_kept(tiny_model, tm
     (tmp_path / "link.png").symlink_to(refs[1])
     before = [hashlib.sha256(r.read_bytes()).hexdigest() for r in refs]
     for output in (refs[1], tmp_path / "link.png"):  # the same path, or another name of the same file
-        code = main(["edit", "--prompt", "x", "--model", str(tiny_model), "--ref", str(refs[0]), "--ref", str(refs[1]),
-                     "-o", str(output), "--quiet"])  # fmt: skip
+        code = main(
+            [
+                "edit",
+                "--prompt",
+                "x",
+                "--model",
+                str(tiny_model),
+                "--ref",
+                str(refs[0]),
+                "--ref",
+                str(refs[1]),
+                "-o",
+                str(output),
+                "--quiet",
+            ]
+        )
         err = capsys.readouterr().err
         assert code == 2 and "Traceback" not in err
-        assert f"-o/--output {output} is reference 2 (--ref) ({refs[1]}): saving would overwrite it; choose another " \
-               "output path" in err  # fmt: skip
+        assert (
+            f"-o/--output {output} is reference 2 (--ref) ({refs[1]}): saving would overwrite it; choose another "
+            "output path" in err
+        )
     assert [hashlib.sha256(r.read_bytes()).hexdigest() for r in refs] == before
 
 
@@ -165,12 +254,34 @@ def test_a_failed_save_leaves_the_earlier_output_whole(tiny_model, tmp_path, cap
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(Image.Image, "save", disk_full)
-    code = main(["edit", "--prompt", "x", "--model", str(tiny_model), "--ref", str(REFS[0]), "--width", "64",
-                 "--height", "64", "--budget", "64", "--steps", "1", "-o", str(out), "--quiet"])  # fmt: skip
+    code = main(
+        [
+            "edit",
+            "--prompt",
+            "x",
+            "--model",
+            str(tiny_model),
+            "--ref",
+            str(REFS[0]),
+            "--width",
+            "64",
+            "--height",
+            "64",
+            "--budget",
+            "64",
+            "--steps",
+            "1",
+            "-o",
+            str(out),
+            "--quiet",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err
-    assert f"error: output {out} could not be written (No space left on device): free some space or choose another " \
-           "path" in err  # fmt: skip
+    assert (
+        f"error: output {out} could not be written (No space left on device): free some space or choose another "
+        "path" in err
+    )
     assert out.read_bytes() == REFS[0].read_bytes()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.png"]  # no temporary file left
 

@@ -62,11 +62,25 @@ def comfy_model_file(tmp_path, version, *, prefix="", marker=False, dtype="float
 
     host = comfy_hosts.ensure_host(version)
     file, io_file = tmp_path / f"qwen_image_tiny_{dtype}.safetensors", tmp_path / "io.safetensors"
-    args = {"seed": seed, "prefix": prefix, "marker": marker, "dtype": dtype, "sigma": sigma, "file": str(file),
-            "io": str(io_file), "ref_method": "index_timestep_zero" if marker else "index"}  # fmt: skip
+    args = {
+        "seed": seed,
+        "prefix": prefix,
+        "marker": marker,
+        "dtype": dtype,
+        "sigma": sigma,
+        "file": str(file),
+        "io": str(io_file),
+        "ref_method": "index_timestep_zero" if marker else "index",
+    }
     script = COMFY_BUILD_AND_RUN.replace("ARGS", repr(json.dumps(args)))
-    proc = subprocess.run([str(host.python), "-c", script], cwd=host.comfy_dir, capture_output=True, text=True,
-                          timeout=300, env=comfy_hosts.host_env())  # fmt: skip
+    proc = subprocess.run(
+        [str(host.python), "-c", script],
+        cwd=host.comfy_dir,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=comfy_hosts.host_env(),
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return file, load_file(str(io_file))
 
@@ -129,7 +143,9 @@ def test_zero_cond_t_can_be_chosen_for_a_file_without_the_marker(tmp_path, tiny_
 
     ref = QwenImageTransformer2DModel.from_pretrained(Path(tiny_model) / "transformer")
     mine = load_comfy_transformer(file, axes_dims_rope=axes)
-    assert {k: tuple(v.shape) for k, v in mine.state_dict().items()} == {k: tuple(v.shape) for k, v in ref.state_dict().items()}
+    assert {k: tuple(v.shape) for k, v in mine.state_dict().items()} == {
+        k: tuple(v.shape) for k, v in ref.state_dict().items()
+    }
     g = torch.Generator().manual_seed(0)
     x, r = torch.randn(1, 16, 64, generator=g), torch.randn(1, 16, 64, generator=g)
     emb = torch.randn(1, 5, ref.config.joint_attention_dim, generator=g)
@@ -142,8 +158,11 @@ def test_zero_cond_t_can_be_chosen_for_a_file_without_the_marker(tmp_path, tiny_
 def test_files_that_are_not_a_qwen_image_model_are_clear_errors(tmp_path):
     vae = tmp_path / "qwen_image_vae.safetensors"
     save_file({"encoder.middle.0.residual.0.gamma": torch.zeros(4)}, str(vae))
-    with pytest.raises(UniRefError, match=r"qwen_image_vae.safetensors is not a Qwen-Image diffusion model.*"
-                                          r"encoder.middle.0.residual.0.gamma"):
+    with pytest.raises(
+        UniRefError,
+        match=r"qwen_image_vae.safetensors is not a Qwen-Image diffusion model.*"
+        r"encoder.middle.0.residual.0.gamma",
+    ):
         load_comfy_transformer(vae)
     pickle = tmp_path / "model.ckpt"
     pickle.write_bytes(b"x")

@@ -10,12 +10,11 @@ import subprocess
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from test_comfy_files import our_prediction
 
 from uniref_core.comfy_files import load_comfy_transformer
 from uniref_core.errors import UniRefError
 from uniref_core.fp8 import FP8Linear
-
-from test_comfy_files import our_prediction
 
 COMFY_FP8 = """
 import json, sys
@@ -28,6 +27,7 @@ from comfy.ldm.qwen_image.model import QwenImageTransformer2DModel
 from safetensors.torch import save_file
 
 args = json.loads(ARGS)
+QUANT = torch.tensor(list(json.dumps({"format": "float8_e4m3fn"}).encode()), dtype=torch.uint8)
 kw = dict(num_layers=2, attention_head_dim=128, num_attention_heads=2, joint_attention_dim=64, in_channels=64,
           out_channels=16, dtype=torch.float32)
 torch.manual_seed(0)
@@ -54,7 +54,7 @@ for k in list(sd):
         sd[layer + ".scale_input"] = torch.tensor(1.0)
     elif args["layout"] == "new":
         sd[layer + ".weight_scale"] = scale.reshape(())
-        sd[layer + ".comfy_quant"] = torch.tensor(list(json.dumps({"format": "float8_e4m3fn"}).encode()), dtype=torch.uint8)
+        sd[layer + ".comfy_quant"] = QUANT
 if args["layout"] == "old":
     sd["scaled_fp8"] = torch.empty(0, dtype=torch.float8_e4m3fn)
 save_file(sd, args["file"])
@@ -65,9 +65,10 @@ loaded = load_file(args["file"])
 loaded, _ = comfy.utils.convert_old_quants(loaded, "", {})
 if args["layout"] == "plain":  # ComfyUI casts plain fp8 weights at compute; as a quantised layer with scale 1
     for k in [k for k, v in loaded.items() if v.dtype == torch.float8_e4m3fn]:
-        loaded[k[: -len(".weight")] + ".comfy_quant"] = torch.tensor(list(json.dumps({"format": "float8_e4m3fn"}).encode()), dtype=torch.uint8)
+        loaded[k[: -len(".weight")] + ".comfy_quant"] = QUANT
         loaded[k[: -len(".weight")] + ".weight_scale"] = torch.tensor(1.0)
-ops = comfy.ops.mixed_precision_ops({}, torch.float32, full_precision_mm=True, disabled={"float8_e4m3fn", "float8_e5m2"})
+FP8 = {"float8_e4m3fn", "float8_e5m2"}
+ops = comfy.ops.mixed_precision_ops({}, torch.float32, full_precision_mm=True, disabled=FP8)
 ref = QwenImageTransformer2DModel(**kw, operations=ops)
 missing, unexpected = ref.load_state_dict(loaded, strict=False)
 assert not [m for m in missing if "pe_embedder" not in m], missing
@@ -86,8 +87,14 @@ def comfy_fp8_file(tmp_path, layout, version="0.30.0", seed=0):
     host = comfy_hosts.ensure_host(version)
     file, io_file = tmp_path / f"qwen_image_tiny_fp8_{layout}.safetensors", tmp_path / "io.safetensors"
     args = {"seed": seed, "layout": layout, "file": str(file), "io": str(io_file)}
-    proc = subprocess.run([str(host.python), "-c", COMFY_FP8.replace("ARGS", repr(json.dumps(args)))],
-                          cwd=host.comfy_dir, capture_output=True, text=True, timeout=300, env=comfy_hosts.host_env())  # fmt: skip
+    proc = subprocess.run(
+        [str(host.python), "-c", COMFY_FP8.replace("ARGS", repr(json.dumps(args)))],
+        cwd=host.comfy_dir,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=comfy_hosts.host_env(),
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return file, load_file(str(io_file)), json.loads(proc.stdout.strip().splitlines()[-1])["quantised"]
 
@@ -116,9 +123,12 @@ def test_fp8_file_stays_8_bit_and_predicts_what_comfyui_predicts(tmp_path, layou
 
 
 def test_other_quantised_formats_are_refused_by_name(tmp_path):
-    sd = {"txt_norm.weight": torch.ones(4), "img_in.weight": torch.zeros(4, 4),
-          "transformer_blocks.0.attn.to_q.weight": torch.zeros(4, 4, dtype=torch.uint8),
-          "transformer_blocks.0.attn.to_q.comfy_quant": torch.tensor(list(b'{"format": "nvfp4"}'), dtype=torch.uint8)}
+    sd = {
+        "txt_norm.weight": torch.ones(4),
+        "img_in.weight": torch.zeros(4, 4),
+        "transformer_blocks.0.attn.to_q.weight": torch.zeros(4, 4, dtype=torch.uint8),
+        "transformer_blocks.0.attn.to_q.comfy_quant": torch.tensor(list(b'{"format": "nvfp4"}'), dtype=torch.uint8),
+    }
     file = tmp_path / "qwen_image_nvfp4.safetensors"
     save_file(sd, str(file))
     with pytest.raises(UniRefError, match="qwen_image_nvfp4.safetensors is quantised as nvfp4.*bf16 or fp8"):
@@ -135,7 +145,9 @@ def _fp8_and_dense(tiny_model, tmp_path):
     for k in [k for k in sd if k.startswith("transformer_blocks.") and k.endswith(".weight") and sd[k].ndim == 2]:
         scale = sd[k].abs().max() / 448
         sd[k], sd[k[: -len(".weight")] + ".weight_scale"] = (sd[k] / scale).to(torch.float8_e4m3fn), scale.reshape(())
-        sd[k[: -len(".weight")] + ".comfy_quant"] = torch.tensor(list(b'{"format": "float8_e4m3fn"}'), dtype=torch.uint8)
+        sd[k[: -len(".weight")] + ".comfy_quant"] = torch.tensor(
+            list(b'{"format": "float8_e4m3fn"}'), dtype=torch.uint8
+        )
     file = tmp_path / "tiny_fp8.safetensors"
     save_file(sd, str(file))
     model = load_comfy_transformer(file, axes_dims_rope=dense.config.axes_dims_rope)
@@ -152,7 +164,10 @@ def _predict(model, seed=0):
 
     g = torch.Generator().manual_seed(seed)
     c = model.config.in_channels // 4
-    x, ref = pack_latents(torch.randn(1, c, 1, 8, 8, generator=g)), pack_latents(torch.randn(1, c, 1, 4, 8, generator=g))
+    x, ref = (
+        pack_latents(torch.randn(1, c, 1, 8, 8, generator=g)),
+        pack_latents(torch.randn(1, c, 1, 4, 8, generator=g)),
+    )
     context = torch.randn(1, 7, model.config.joint_attention_dim, generator=g)
     with torch.no_grad():
         return predict_velocity(model, x, 700.0, [ref], context, None, [[(1, 4, 4), (1, 2, 4)]])

@@ -9,12 +9,11 @@ import subprocess
 
 import pytest
 import torch
+from conftest import random_lora
 from safetensors.torch import load_file, save_file
 
 from uniref_core import UniRefPipeline
 from uniref_core.tiny import TRANSFORMER_CONFIG
-
-from conftest import random_lora
 
 COMFY_LORA = """
 import json, sys
@@ -53,6 +52,7 @@ needs_host = pytest.mark.skipif(os.environ.get("UNIREF_SKIP_COMFY") == "1", reas
 @pytest.mark.parametrize("version", ["0.30.0", "0.3.75"])
 def test_trainer_lora_export_loads_in_comfyuis_lora_loader(tmp_path, tiny_model, version):
     from comfyhost import comfy_hosts
+
     from training.common.trainable import comfy_lora_state_dict
 
     pipe = UniRefPipeline.from_pretrained(tiny_model)
@@ -62,14 +62,24 @@ def test_trainer_lora_export_loads_in_comfyuis_lora_loader(tmp_path, tiny_model,
     for name, (down, up, _) in layers.items():
         peft_state[f"{name}.lora_A.default.weight"] = down
         peft_state[f"{name}.lora_B.default.weight"] = up
-    lora_file, model_file, out = tmp_path / "export.safetensors", tmp_path / "model.safetensors", tmp_path / "out.safetensors"
+    lora_file, model_file, out = (
+        tmp_path / "export.safetensors",
+        tmp_path / "model.safetensors",
+        tmp_path / "out.safetensors",
+    )
     save_file(comfy_lora_state_dict(peft_state, alpha=8.0), str(lora_file))
     save_file({k: v.contiguous() for k, v in transformer.state_dict().items()}, str(model_file))
     config = {k: list(v) if isinstance(v, tuple) else v for k, v in TRANSFORMER_CONFIG.items()}
     args = {"model": str(model_file), "lora": str(lora_file), "out": str(out), "strength": 0.7, "config": config}
     host = comfy_hosts.ensure_host(version)
-    proc = subprocess.run([str(host.python), "-c", COMFY_LORA.replace("ARGS", repr(json.dumps(args)))],
-                          cwd=host.comfy_dir, capture_output=True, text=True, timeout=300, env=comfy_hosts.host_env())  # fmt: skip
+    proc = subprocess.run(
+        [str(host.python), "-c", COMFY_LORA.replace("ARGS", repr(json.dumps(args)))],
+        cwd=host.comfy_dir,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=comfy_hosts.host_env(),
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "lora key not loaded" not in proc.stderr + proc.stdout
     assert json.loads(proc.stdout.strip().splitlines()[-1])["matched"] == len(layers)

@@ -10,14 +10,12 @@ import io
 import json
 import os
 import time
-import uuid
 from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from comfyhost import output_images, uniref_host
+from PIL import Image
 from workflow_api import split_workflows, ui_to_api
 
 pytestmark = pytest.mark.comfy
@@ -27,8 +25,14 @@ if os.environ.get("UNIREF_SKIP_COMFY") == "1":
 ROOT = Path(__file__).resolve().parent.parent
 # The pack-loader workflows; the native one (ComfyUI's own loaders) runs in tests/test_native_workflow.py.
 WORKFLOWS, _ = split_workflows(ROOT / "workflows")
-NODE_IDS = ["UniRefLoadModel", "UniRefLoadModelFiles", "UniRefReferenceBatch", "UniRefSelfEncode", "UniRefSampler",
-            "UniRefLora"]
+NODE_IDS = [
+    "UniRefLoadModel",
+    "UniRefLoadModelFiles",
+    "UniRefReferenceBatch",
+    "UniRefSelfEncode",
+    "UniRefSampler",
+    "UniRefLora",
+]
 # Small settings so a CPU host runs each prompt in seconds; the graph is the shipped one.
 FAST = {"UniRefSampler": {"steps": 3, "cfg": 2.0}, "UniRefSelfEncode": {"budget": "custom", "custom_budget": 256}}
 
@@ -36,8 +40,17 @@ FAST = {"UniRefSampler": {"steps": 3, "cfg": 2.0}, "UniRefSelfEncode": {"budget"
 @pytest.fixture(scope="module", params=["0.30.0", "0.3.75"])
 def host(request, tiny_model, tiny_lora, comfy_single_files):
     files = comfy_single_files[0]
-    extra = {f"loras/{tiny_lora.name}": tiny_lora, **{f"{folder}/{files[part].name}": files[part] for part, folder in
-             (("diffusion_model", "diffusion_models"), ("text_encoder", "text_encoders"), ("vae", "vae"))}}  # fmt: skip
+    extra = {
+        f"loras/{tiny_lora.name}": tiny_lora,
+        **{
+            f"{folder}/{files[part].name}": files[part]
+            for part, folder in (
+                ("diffusion_model", "diffusion_models"),
+                ("text_encoder", "text_encoders"),
+                ("vae", "vae"),
+            )
+        },
+    }
     with uniref_host(request.param, tiny_model, extra_models=extra) as h:
         yield h
 
@@ -136,18 +149,41 @@ def test_nodes_give_the_same_image_as_the_cli(host, tiny_model, tmp_path, offloa
     refs = [ROOT / "assets" / n for n in ("ref_red_circle.png", "ref_blue_triangle.png", "ref_background.png")]
     out = tmp_path / "cli.png"
     code = main(
-        ["edit", "--model", str(tiny_model), *sum((["--ref", str(r)] for r in refs), []),
-         "--prompt", enc["prompt"], "--negative-prompt", enc["negative_prompt"], "--budget", "256",
-         "--width", "64", "--height", "96", "--steps", str(smp["steps"]), "--cfg", str(smp["cfg"]),
-         "--seed", str(smp["seed"]), "--quiet", "-o", str(out)]
-    )  # fmt: skip
+        [
+            "edit",
+            "--model",
+            str(tiny_model),
+            *sum((["--ref", str(r)] for r in refs), []),
+            "--prompt",
+            enc["prompt"],
+            "--negative-prompt",
+            enc["negative_prompt"],
+            "--budget",
+            "256",
+            "--width",
+            "64",
+            "--height",
+            "96",
+            "--steps",
+            str(smp["steps"]),
+            "--cfg",
+            str(smp["cfg"]),
+            "--seed",
+            str(smp["seed"]),
+            "--quiet",
+            "-o",
+            str(out),
+        ]
+    )
     assert code == 0
     cli_img = np.asarray(Image.open(out))
     assert np.abs(node_img.astype(int) - cli_img.astype(int)).max() <= 1
 
 
 def test_cancel_stops_sampling_and_the_next_prompt_runs(host):
-    prompt = workflow_prompt(host, WORKFLOWS[0], overrides={"UniRefSampler": {"steps": 200, "cfg": 1.0}}, width=64, height=64)
+    prompt = workflow_prompt(
+        host, WORKFLOWS[0], overrides={"UniRefSampler": {"steps": 200, "cfg": 1.0}}, width=64, height=64
+    )
     node_of(prompt, "UniRefSampler")["inputs"]["seed"] = 123  # not cached from another test
     with host.listen() as ws:
         prompt_id = host.queue(prompt, ws.client_id)
@@ -183,7 +219,9 @@ def test_no_reference_connected_is_a_node_error(host):
 def test_budget_too_small_is_a_node_error(host):
     # A 3000×30 strip next to two other references cannot keep 16 px of height in 256².
     Image.new("RGB", (3000, 30), (200, 30, 30)).save(host.input_dir / "uniref_test_strip.png")
-    prompt = workflow_prompt(host, WORKFLOWS[-1], overrides={"UniRefSelfEncode": {"budget": "custom", "custom_budget": 256}})
+    prompt = workflow_prompt(
+        host, WORKFLOWS[-1], overrides={"UniRefSelfEncode": {"budget": "custom", "custom_budget": 256}}
+    )
     loaders = [n for n in prompt.values() if n["class_type"] == "LoadImage"]
     loaders[0]["inputs"]["image"] = "uniref_test_strip.png"
     expect_node_error(host, prompt, "reference 1 is 3000×30 px")
@@ -191,8 +229,11 @@ def test_budget_too_small_is_a_node_error(host):
 
 def test_inputs_out_of_range_are_refused_before_the_prompt_runs(host):
     # validate_inputs takes only width and height, so ComfyUI itself checks custom_budget's range and budget's options.
-    for change, text in (({"budget": "custom", "custom_budget": -64}, "custom_budget"),
-                         ({"budget": "999999²"}, "999999"), ({"width": 9000, "height": 64}, "width is 9000")):
+    for change, text in (
+        ({"budget": "custom", "custom_budget": -64}, "custom_budget"),
+        ({"budget": "999999²"}, "999999"),
+        ({"width": 9000, "height": 64}, "width is 9000"),
+    ):
         prompt = workflow_prompt(host, WORKFLOWS[0])
         node_of(prompt, "UniRefSelfEncode")["inputs"].update(change)
         expect_node_error(host, prompt, text)
@@ -243,22 +284,50 @@ def test_lora_node_gives_the_clis_image_and_leaves_no_trace_when_removed(host, t
         for name, value in node["inputs"].items():
             if value == [load_id, 0]:
                 node["inputs"][name] = ["lora", 0]
-    prompt["lora"] = {"class_type": "UniRefLora",
-                      "inputs": {"model": [load_id, 0], "lora_name": tiny_lora.name, "strength": 0.7}}  # fmt: skip
+    prompt["lora"] = {
+        "class_type": "UniRefLora",
+        "inputs": {"model": [load_id, 0], "lora_name": tiny_lora.name, "strength": 0.7},
+    }
 
     def node_image(p):
         meta = output_images(host.run(p, timeout=240))[0]
-        return np.asarray(Image.open(io.BytesIO(host.view(meta["filename"], meta["subfolder"], meta["type"])))).astype(int)
+        return np.asarray(Image.open(io.BytesIO(host.view(meta["filename"], meta["subfolder"], meta["type"])))).astype(
+            int
+        )
 
     enc, smp = node_of(prompt, "UniRefSelfEncode")["inputs"], node_of(prompt, "UniRefSampler")["inputs"]
     refs = [ROOT / "assets" / n for n in ("ref_red_circle.png", "ref_blue_triangle.png", "ref_background.png")]
 
     def cli_image(*extra):
         out = tmp_path / "cli.png"
-        code = main(["edit", "--model", str(tiny_model), *sum((["--ref", str(r)] for r in refs), []),
-                     "--prompt", enc["prompt"], "--negative-prompt", enc["negative_prompt"], "--budget", "256",
-                     "--width", "64", "--height", "64", "--steps", str(smp["steps"]), "--cfg", str(smp["cfg"]),
-                     "--seed", str(smp["seed"]), "--quiet", "-o", str(out), *extra])  # fmt: skip
+        code = main(
+            [
+                "edit",
+                "--model",
+                str(tiny_model),
+                *sum((["--ref", str(r)] for r in refs), []),
+                "--prompt",
+                enc["prompt"],
+                "--negative-prompt",
+                enc["negative_prompt"],
+                "--budget",
+                "256",
+                "--width",
+                "64",
+                "--height",
+                "64",
+                "--steps",
+                str(smp["steps"]),
+                "--cfg",
+                str(smp["cfg"]),
+                "--seed",
+                str(smp["seed"]),
+                "--quiet",
+                "-o",
+                str(out),
+                *extra,
+            ]
+        )
         assert code == 0
         return np.asarray(Image.open(out)).astype(int)
 
@@ -281,19 +350,55 @@ def test_single_files_loader_node_gives_the_clis_image(host, comfy_single_files,
         assert files[part].name in json.dumps(spec[name])
     prompt = workflow_prompt(host, ROOT / "workflows" / "uniref_multi_compose.json", width=64, height=64)
     load_id = next(k for k, n in prompt.items() if n["class_type"] == "UniRefLoadModel")
-    prompt[load_id] = {"class_type": "UniRefLoadModelFiles",
-                       "inputs": {"diffusion_model": files["diffusion_model"].name, "text_encoder": files["text_encoder"].name,
-                                  "vae": files["vae"].name, "dtype": "fp32"}}  # fmt: skip
+    prompt[load_id] = {
+        "class_type": "UniRefLoadModelFiles",
+        "inputs": {
+            "diffusion_model": files["diffusion_model"].name,
+            "text_encoder": files["text_encoder"].name,
+            "vae": files["vae"].name,
+            "dtype": "fp32",
+        },
+    }
     meta = output_images(host.run(prompt, timeout=300))[0]
     node = np.asarray(Image.open(io.BytesIO(host.view(meta["filename"], meta["subfolder"], meta["type"])))).astype(int)
     enc, smp = node_of(prompt, "UniRefSelfEncode")["inputs"], node_of(prompt, "UniRefSampler")["inputs"]
     refs = [ROOT / "assets" / n for n in ("ref_red_circle.png", "ref_blue_triangle.png", "ref_background.png")]
     out = tmp_path / "cli.png"
-    code = main(["edit", "--diffusion-model", str(files["diffusion_model"]), "--text-encoder", str(files["text_encoder"]),
-                 "--vae", str(files["vae"]), "--tokenizer", str(tokenizer), *sum((["--ref", str(r)] for r in refs), []),
-                 "--prompt", enc["prompt"], "--negative-prompt", enc["negative_prompt"], "--budget", "256",
-                 "--width", "64", "--height", "64", "--steps", str(smp["steps"]), "--cfg", str(smp["cfg"]),
-                 "--seed", str(smp["seed"]), "--dtype", "fp32", "--quiet", "-o", str(out)])  # fmt: skip
+    code = main(
+        [
+            "edit",
+            "--diffusion-model",
+            str(files["diffusion_model"]),
+            "--text-encoder",
+            str(files["text_encoder"]),
+            "--vae",
+            str(files["vae"]),
+            "--tokenizer",
+            str(tokenizer),
+            *sum((["--ref", str(r)] for r in refs), []),
+            "--prompt",
+            enc["prompt"],
+            "--negative-prompt",
+            enc["negative_prompt"],
+            "--budget",
+            "256",
+            "--width",
+            "64",
+            "--height",
+            "64",
+            "--steps",
+            str(smp["steps"]),
+            "--cfg",
+            str(smp["cfg"]),
+            "--seed",
+            str(smp["seed"]),
+            "--dtype",
+            "fp32",
+            "--quiet",
+            "-o",
+            str(out),
+        ]
+    )
     assert code == 0
     cli = np.asarray(Image.open(out)).astype(int)
     assert node.shape == cli.shape and cli.std() > 5

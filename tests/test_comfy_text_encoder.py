@@ -26,12 +26,15 @@ from comfy.text_encoders import llama, qwen_vl
 from safetensors.torch import save_file
 
 args = json.loads(ARGS)
+QUANT = torch.tensor(list(json.dumps({"format": "float8_e4m3fn"}).encode()), dtype=torch.uint8)
 Vision = qwen_vl.Qwen2VLVisionTransformer
 
 
 class TinyVision(Vision):  # ComfyUI hard-codes the 7B tower's width and depth; everything else is its own
     def __init__(self, hidden_size=1280, output_hidden_size=3584, **kw):
-        super().__init__(hidden_size=64, output_hidden_size=output_hidden_size, intermediate_size=48, num_layers=2, **kw)
+        super().__init__(
+            hidden_size=64, output_hidden_size=output_hidden_size, intermediate_size=48, num_layers=2, **kw
+        )
 
 
 qwen_vl.Qwen2VLVisionTransformer = TinyVision
@@ -61,7 +64,7 @@ if layout:  # an fp8 file as ComfyUI's *_fp8_scaled text encoders are laid out: 
             sd[layer + ".scale_weight"] = scale.reshape(())
         else:
             sd[layer + ".weight_scale"] = scale.reshape(())
-            sd[layer + ".comfy_quant"] = torch.tensor(list(json.dumps({"format": "float8_e4m3fn"}).encode()), dtype=torch.uint8)
+            sd[layer + ".comfy_quant"] = QUANT
     if layout == "old":
         sd["scaled_fp8"] = torch.empty(0, dtype=torch.float8_e4m3fn)
     print(json.dumps({"quantised": quantised}))
@@ -70,7 +73,8 @@ if layout:  # ComfyUI's own load of that file: old quants converted, quantised l
     import comfy.utils
     from safetensors.torch import load_file
     loaded, _ = comfy.utils.convert_old_quants(load_file(args["file"]), "", {})
-    ops = comfy.ops.mixed_precision_ops({}, torch.float32, full_precision_mm=True, disabled={"float8_e4m3fn", "float8_e5m2"})
+    fp8 = {"float8_e4m3fn", "float8_e5m2"}
+    ops = comfy.ops.mixed_precision_ops({}, torch.float32, full_precision_mm=True, disabled=fp8)
     model = llama.Qwen25_7BVLI(config, dtype=torch.float32, device="cpu", operations=ops)
     missing, unexpected = model.load_state_dict(loaded, strict=False)
     assert not missing and not unexpected, (missing, unexpected)
@@ -93,8 +97,14 @@ def comfy_te_file(tmp_path, version, *, dtype="float32", seed=0, layout=None):
     file, io_file = tmp_path / f"{name}.safetensors", tmp_path / "io.safetensors"
     args = {"seed": seed, "dtype": dtype, "file": str(file), "io": str(io_file), "layout": layout}
     script = COMFY_TE.replace("ARGS", repr(json.dumps(args)))
-    proc = subprocess.run([str(host.python), "-c", script], cwd=host.comfy_dir, capture_output=True, text=True,
-                          timeout=300, env=comfy_hosts.host_env())  # fmt: skip
+    proc = subprocess.run(
+        [str(host.python), "-c", script],
+        cwd=host.comfy_dir,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=comfy_hosts.host_env(),
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     io = load_file(str(io_file))
     if layout:
@@ -159,12 +169,24 @@ def test_fp8_scaled_text_encoder_stays_8_bit_and_gives_comfyuis_hidden_states(tm
 def test_files_that_are_not_a_qwen25_vl_text_encoder_are_clear_errors(tmp_path):
     vae = tmp_path / "qwen_image_vae.safetensors"
     save_file({"encoder.middle.0.residual.0.gamma": torch.zeros(4)}, str(vae))
-    with pytest.raises(UniRefError, match=r"qwen_image_vae.safetensors is not a Qwen2.5-VL text encoder.*models/text_encoders/"):
+    with pytest.raises(
+        UniRefError, match=r"qwen_image_vae.safetensors is not a Qwen2.5-VL text encoder.*models/text_encoders/"
+    ):
         load_comfy_text_encoder(vae)
     fp8 = tmp_path / "qwen_2.5_vl_7b_fp8_scaled.safetensors"
-    save_file({"model.layers.0.self_attn.q_proj.weight": torch.zeros(4, 4), "model.embed_tokens.weight": torch.zeros(4, 4),
-               "model.norm.weight": torch.zeros(4), "model.norm.scale_weight": torch.ones(())}, str(fp8))  # fmt: skip
-    with pytest.raises(UniRefError, match="qwen_2.5_vl_7b_fp8_scaled.safetensors: 'model.norm' has an fp8 scale but its weight is not fp8"):
+    save_file(
+        {
+            "model.layers.0.self_attn.q_proj.weight": torch.zeros(4, 4),
+            "model.embed_tokens.weight": torch.zeros(4, 4),
+            "model.norm.weight": torch.zeros(4),
+            "model.norm.scale_weight": torch.ones(()),
+        },
+        str(fp8),
+    )
+    with pytest.raises(
+        UniRefError,
+        match="qwen_2.5_vl_7b_fp8_scaled.safetensors: 'model.norm' has an fp8 scale but its weight is not fp8",
+    ):
         load_comfy_text_encoder(fp8)
     pickle = tmp_path / "text_encoder.bin"
     pickle.write_bytes(b"x")

@@ -100,36 +100,59 @@ def put_image(host, name, w, h, seed=0):
 def node(id, type, inputs=(), outputs=(), widgets=None, mode=0, **extra):
     """A UI-format node; inputs/outputs as (name, type, link) / (name, type, [links])."""
     return {
-        "id": id, "type": type, "pos": [0, 0], "size": [200, 100], "flags": {}, "order": id,
-        "mode": mode, "properties": {},
-        "inputs": [{"name": n, "type": t, "link": l} for n, t, l in inputs],
-        "outputs": [{"name": n, "type": t, "links": l} for n, t, l in outputs],
-        "widgets_values": widgets if widgets is not None else [], **extra,
-    }  # fmt: skip
+        "id": id,
+        "type": type,
+        "pos": [0, 0],
+        "size": [200, 100],
+        "flags": {},
+        "order": id,
+        "mode": mode,
+        "properties": {},
+        "inputs": [{"name": n, "type": t, "link": link} for n, t, link in inputs],
+        "outputs": [{"name": n, "type": t, "links": ls} for n, t, ls in outputs],
+        "widgets_values": widgets if widgets is not None else [],
+        **extra,
+    }
 
 
 def workflow(nodes, links):
     """A UI-format (0.4) workflow; links as (id, origin, slot, target, slot, type)."""
     return {
-        "id": "00000000-0000-0000-0000-000000000000", "revision": 0, "version": 0.4,
-        "last_node_id": max(n["id"] for n in nodes), "last_link_id": max((l[0] for l in links), default=0),
-        "nodes": nodes, "links": [list(l) for l in links], "groups": [], "config": {}, "extra": {},
-    }  # fmt: skip
+        "id": "00000000-0000-0000-0000-000000000000",
+        "revision": 0,
+        "version": 0.4,
+        "last_node_id": max(n["id"] for n in nodes),
+        "last_link_id": max((link[0] for link in links), default=0),
+        "nodes": nodes,
+        "links": [list(link) for link in links],
+        "groups": [],
+        "config": {},
+        "extra": {},
+    }
 
 
 def invert_workflow(image_name):
     """LoadImage -> Invert Image -> SaveImage, with a Note, as the frontend would save it."""
     return workflow(
         [
-            node(1, "LoadImage", outputs=[("IMAGE", "IMAGE", [1]), ("MASK", "MASK", None)],
-                 widgets=[image_name, "image"]),
-            node(2, "ToolingInvertImage", inputs=[("image", "IMAGE", 1)],
-                 outputs=[("IMAGE", "IMAGE", [2])], widgets=[1.0, 7, "randomize", "rgb"]),
+            node(
+                1,
+                "LoadImage",
+                outputs=[("IMAGE", "IMAGE", [1]), ("MASK", "MASK", None)],
+                widgets=[image_name, "image"],
+            ),
+            node(
+                2,
+                "ToolingInvertImage",
+                inputs=[("image", "IMAGE", 1)],
+                outputs=[("IMAGE", "IMAGE", [2])],
+                widgets=[1.0, 7, "randomize", "rgb"],
+            ),
             node(3, "SaveImage", inputs=[("images", "IMAGE", 2)], widgets=["tooling"]),
             node(4, "Note", widgets=["Invert the image, then save it."]),
         ],
         [(1, 1, 0, 2, 0, "IMAGE"), (2, 2, 0, 3, 0, "IMAGE")],
-    )  # fmt: skip
+    )
 
 
 @pytest.fixture(scope="module")
@@ -216,19 +239,30 @@ def test_autogrow_inputs_keep_their_dotted_names(hosts):
     put_image(host, "b.png", 40, 24, seed=2)
     spec = host.object_info("ToolingStackImages")["input"]["required"]["images"]
     assert spec[0] == "COMFY_AUTOGROW_V3"
-    assert spec[1]["template"] == {"input": {"required": {"image": ["IMAGE", {}]}}, "prefix": "image",
-                                   "min": 1, "max": 4}  # fmt: skip
+    assert spec[1]["template"] == {
+        "input": {"required": {"image": ["IMAGE", {}]}},
+        "prefix": "image",
+        "min": 1,
+        "max": 4,
+    }
     wf = workflow(
         [
             node(1, "LoadImage", outputs=[("IMAGE", "IMAGE", [1])], widgets=["a.png", "image"]),
             node(2, "LoadImage", outputs=[("IMAGE", "IMAGE", [2])], widgets=["b.png", "image"]),
-            node(3, "ToolingStackImages", outputs=[("IMAGE", "IMAGE", [3])],
-                 inputs=[("images.image0", "IMAGE", 1), ("images.image1", "IMAGE", 2),
-                         ("images.image2", "IMAGE", None)]),
+            node(
+                3,
+                "ToolingStackImages",
+                outputs=[("IMAGE", "IMAGE", [3])],
+                inputs=[
+                    ("images.image0", "IMAGE", 1),
+                    ("images.image1", "IMAGE", 2),
+                    ("images.image2", "IMAGE", None),
+                ],
+            ),
             node(4, "SaveImage", inputs=[("images", "IMAGE", 3)], widgets=["stacked"]),
         ],
         [(1, 1, 0, 3, 0, "IMAGE"), (2, 2, 0, 3, 1, "IMAGE"), (3, 3, 0, 4, 0, "IMAGE")],
-    )  # fmt: skip
+    )
     prompt = ui_to_api(wf, host.object_info())
     assert prompt["3"]["inputs"] == {"images.image0": ["1", 0], "images.image1": ["2", 0]}
     (saved,) = output_images(host.run(prompt))
@@ -255,11 +289,23 @@ INFO = {
     "Pick": {
         "input": {
             "required": {
-                "model": ["COMFY_DYNAMICCOMBO_V3", {"options": [
-                    {"key": "small", "inputs": {"required": {"size": ["INT", {"default": 1}]}}},
-                    {"key": "big", "inputs": {"required": {"size": ["INT", {"default": 9}],
-                                                           "mode": ["COMBO", {"options": ["a", "b"]}]}}},
-                ]}],
+                "model": [
+                    "COMFY_DYNAMICCOMBO_V3",
+                    {
+                        "options": [
+                            {"key": "small", "inputs": {"required": {"size": ["INT", {"default": 1}]}}},
+                            {
+                                "key": "big",
+                                "inputs": {
+                                    "required": {
+                                        "size": ["INT", {"default": 9}],
+                                        "mode": ["COMBO", {"options": ["a", "b"]}],
+                                    }
+                                },
+                            },
+                        ]
+                    },
+                ],
                 "seed": ["INT", {"control_after_generate": True}],
             }
         },
@@ -270,15 +316,19 @@ INFO = {
             "optional": {"scale": ["FLOAT", {"default": 1.0}]},
         },
     },
-}  # fmt: skip
+}
 
 
 def test_ui_to_api_widgets_follow_the_frontend():
     wf = workflow(
         [
             node(1, "Src", outputs=[("IMAGE", "IMAGE", [1])]),
-            node(2, "Sampler", inputs=[("image", "IMAGE", 1), ("cfg", "FLOAT", 2)],
-                 widgets=[5, "fixed", 8, "heun", "text"]),
+            node(
+                2,
+                "Sampler",
+                inputs=[("image", "IMAGE", 1), ("cfg", "FLOAT", 2)],
+                widgets=[5, "fixed", 8, "heun", "text"],
+            ),
             node(3, "PrimitiveNode", outputs=[("FLOAT", "FLOAT", [2])], widgets=[2.5, "fixed"]),
             node(4, "Pick", widgets=["big", 3, "b", 11, "randomize"]),
             node(5, "Upload", widgets=["x.png", "alpha", "image", 0.5]),
@@ -286,11 +336,17 @@ def test_ui_to_api_widgets_follow_the_frontend():
             node(7, "MarkdownNote", widgets=["# hello"]),
         ],
         [(1, 1, 0, 2, 0, "IMAGE"), (2, 3, 0, 2, 1, "FLOAT")],
-    )  # fmt: skip
+    )
     prompt = ui_to_api(wf, INFO)
     assert set(prompt) == {"1", "2", "4", "5", "6"}
-    assert prompt["2"]["inputs"] == {"image": ["1", 0], "noise_seed": 5, "steps": 8, "sampler": "heun",
-                                     "note": "text", "cfg": 2.5}  # fmt: skip
+    assert prompt["2"]["inputs"] == {
+        "image": ["1", 0],
+        "noise_seed": 5,
+        "steps": 8,
+        "sampler": "heun",
+        "note": "text",
+        "cfg": 2.5,
+    }
     assert prompt["4"]["inputs"] == {"model": "big", "model.size": 3, "model.mode": "b", "seed": 11}
     assert prompt["5"]["inputs"] == {"image": "x.png", "channel": "alpha", "scale": 0.5}
     assert prompt["6"]["inputs"] == {"image": "x.png", "channel": "red", "scale": 2.0}
@@ -299,14 +355,16 @@ def test_ui_to_api_widgets_follow_the_frontend():
 
 def test_ui_to_api_old_workflows_get_defaults_and_short_upload_lists():
     wf = workflow(
-        [node(1, "Upload", widgets=["x.png", "red"]), node(2, "Src", outputs=[("IMAGE", "IMAGE", [1])]),
-         node(3, "Sampler", inputs=[("image", "IMAGE", 1)], widgets=[5, "fixed"])],
+        [
+            node(1, "Upload", widgets=["x.png", "red"]),
+            node(2, "Src", outputs=[("IMAGE", "IMAGE", [1])]),
+            node(3, "Sampler", inputs=[("image", "IMAGE", 1)], widgets=[5, "fixed"]),
+        ],
         [(1, 2, 0, 3, 0, "IMAGE")],
-    )  # fmt: skip
+    )
     prompt = ui_to_api(wf, INFO)
     assert prompt["1"]["inputs"] == {"image": "x.png", "channel": "red", "scale": 1.0}
-    assert prompt["3"]["inputs"] == {"image": ["2", 0], "noise_seed": 5, "steps": 4, "sampler": "euler",
-                                     "note": "hi"}  # fmt: skip
+    assert prompt["3"]["inputs"] == {"image": ["2", 0], "noise_seed": 5, "steps": 4, "sampler": "euler", "note": "hi"}
 
 
 def test_ui_to_api_bypass_mute_and_reroute():
@@ -314,14 +372,20 @@ def test_ui_to_api_bypass_mute_and_reroute():
         [
             node(1, "Src", outputs=[("IMAGE", "IMAGE", [1])]),
             node(2, "Reroute", inputs=[("", "*", 1)], outputs=[("", "IMAGE", [2])]),
-            node(3, "Sampler", mode=4, inputs=[("image", "IMAGE", 2)], outputs=[("IMAGE", "IMAGE", [3])],
-                 widgets=[1, "fixed", 2, "euler", ""]),
+            node(
+                3,
+                "Sampler",
+                mode=4,
+                inputs=[("image", "IMAGE", 2)],
+                outputs=[("IMAGE", "IMAGE", [3])],
+                widgets=[1, "fixed", 2, "euler", ""],
+            ),
             node(4, "Sampler", inputs=[("image", "IMAGE", 3)], widgets=[1, "fixed", 2, "euler", ""]),
             node(5, "Src", mode=2, outputs=[("IMAGE", "IMAGE", [4])]),
             node(6, "Sampler", inputs=[("image", "IMAGE", 4)], widgets=[1, "fixed", 2, "euler", ""]),
         ],
         [(1, 1, 0, 2, 0, "*"), (2, 2, 0, 3, 0, "IMAGE"), (3, 3, 0, 4, 0, "IMAGE"), (4, 5, 0, 6, 0, "IMAGE")],
-    )  # fmt: skip
+    )
     prompt = ui_to_api(wf, INFO)
     assert set(prompt) == {"1", "4", "6"}
     assert prompt["4"]["inputs"]["image"] == ["1", 0]  # through the bypassed node and the reroute

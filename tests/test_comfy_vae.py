@@ -46,7 +46,8 @@ with torch.no_grad():
     out = vae.decode(mu)
 fmt = latent_formats.Wan21()
 save_file({"image": image, "mu": mu.contiguous(), "out": out.contiguous(),
-           "latents_mean": fmt.latents_mean.flatten().contiguous(), "latents_std": fmt.latents_std.flatten().contiguous()},
+           "latents_mean": fmt.latents_mean.flatten().contiguous(),
+           "latents_std": fmt.latents_std.flatten().contiguous()},
           args["io"])
 """
 
@@ -58,8 +59,14 @@ def comfy_vae_file(tmp_path, version, *, prefix="", dtype="float32", dim=8, seed
     file, io_file = tmp_path / f"qwen_image_vae_{dtype}.safetensors", tmp_path / "io.safetensors"
     args = {"seed": seed, "prefix": prefix, "dtype": dtype, "dim": dim, "file": str(file), "io": str(io_file)}
     script = COMFY_VAE.replace("ARGS", repr(json.dumps(args)))
-    proc = subprocess.run([str(host.python), "-c", script], cwd=host.comfy_dir, capture_output=True, text=True,
-                          timeout=300, env=comfy_hosts.host_env())  # fmt: skip
+    proc = subprocess.run(
+        [str(host.python), "-c", script],
+        cwd=host.comfy_dir,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=comfy_hosts.host_env(),
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return file, load_file(str(io_file))
 
@@ -101,16 +108,29 @@ def test_a_bf16_vae_file_stays_bf16(tmp_path):
 def test_files_that_are_not_a_qwen_image_vae_are_clear_errors(tmp_path):
     transformer = tmp_path / "qwen_image_edit_2511_bf16.safetensors"
     save_file({"txt_norm.weight": torch.zeros(4), "img_in.weight": torch.zeros(4, 4)}, str(transformer))
-    with pytest.raises(UniRefError, match=r"qwen_image_edit_2511_bf16.safetensors is not a Qwen-Image VAE.*models/vae/"):
+    with pytest.raises(
+        UniRefError, match=r"qwen_image_edit_2511_bf16.safetensors is not a Qwen-Image VAE.*models/vae/"
+    ):
         load_comfy_vae(transformer)
     wan22 = tmp_path / "wan2.2_vae.safetensors"
-    save_file({"decoder.middle.0.residual.0.gamma": torch.zeros(4, 1, 1, 1),
-               "decoder.upsamples.0.upsamples.0.residual.2.weight": torch.zeros(4)}, str(wan22))  # fmt: skip
+    save_file(
+        {
+            "decoder.middle.0.residual.0.gamma": torch.zeros(4, 1, 1, 1),
+            "decoder.upsamples.0.upsamples.0.residual.2.weight": torch.zeros(4),
+        },
+        str(wan22),
+    )
     with pytest.raises(UniRefError, match="Wan 2.2 VAE.*qwen_image_vae.safetensors"):
         load_comfy_vae(wan22)
     partial = tmp_path / "partial_vae.safetensors"
-    save_file({"decoder.middle.0.residual.0.gamma": torch.zeros(8, 1, 1, 1), "decoder.head.0.gamma": torch.ones(8, 1, 1, 1),
-               "decoder.conv1.weight": torch.zeros(32, 16, 3, 3, 3)}, str(partial))  # fmt: skip
+    save_file(
+        {
+            "decoder.middle.0.residual.0.gamma": torch.zeros(8, 1, 1, 1),
+            "decoder.head.0.gamma": torch.ones(8, 1, 1, 1),
+            "decoder.conv1.weight": torch.zeros(32, 16, 3, 3, 3),
+        },
+        str(partial),
+    )
     with pytest.raises(UniRefError, match="does not match the Qwen-Image VAE layout.*missing"):
         load_comfy_vae(partial)
     pickle = tmp_path / "vae.pt"

@@ -25,8 +25,9 @@ EDIT_SPEC = json.loads((ASSETS / "edit_spec.json").read_text())
 def run(*args, env_extra=None):
     env = {k: v for k, v in os.environ.items() if k != "UNIREF_DEFAULT_MODEL"}
     env.update(PYTHONPATH=str(ROOT), **(env_extra or {}))
-    return subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, cwd=ROOT, env=env,
-                          timeout=600)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, *map(str, args)], capture_output=True, text=True, cwd=ROOT, env=env, timeout=600
+    )
 
 
 def test_shipped_model_is_small_safetensors_with_its_defaults():
@@ -49,8 +50,23 @@ def test_example_spec_describes_the_main_command():
 
 def test_cli_without_a_model_composes_the_example_references(tmp_path):
     out = tmp_path / "out.png"
-    r = run("-m", "uniref_core", "edit", *sum((["--ref", p] for p in REFS), []), "--prompt", SPEC["instruction"],
-            "--width", "128", "--height", "128", "--seed", "0", "--quiet", "-o", out)  # fmt: skip
+    r = run(
+        "-m",
+        "uniref_core",
+        "edit",
+        *sum((["--ref", p] for p in REFS), []),
+        "--prompt",
+        SPEC["instruction"],
+        "--width",
+        "128",
+        "--height",
+        "128",
+        "--seed",
+        "0",
+        "--quiet",
+        "-o",
+        out,
+    )
     assert r.returncode == 0, r.stderr
     assert "uniref-default" in r.stdout  # the summary names the model it used
     image = Image.open(out)
@@ -72,15 +88,34 @@ def test_edit_template_picture_and_instruction_have_a_spec():
     assert score(Image.open(ASSETS / "edit_scene.png"), EDIT_SPEC).per_reference == [0.0]
 
 
-@pytest.mark.xfail(strict=True, reason="the shipped model is not trained on edits (issue 35: at 128² even its VAE "
-                   "caps most edit kinds below 0.7); strict: this fails as soon as the shipped model edits")
+@pytest.mark.xfail(
+    strict=True,
+    reason="the shipped model is not trained on edits (issue 35: at 128² even its VAE "
+    "caps most edit kinds below 0.7); strict: this fails as soon as the shipped model edits",
+)
 def test_edit_template_inputs_are_edited_as_asked_at_seeds_0_to_3(tmp_path):
     """The single-edit template's Picture 1 and instruction through the CLI at the template's settings: the red
     circle comes out blue, the triangle and the background are kept."""
     for seed in range(4):
         out = tmp_path / f"edit{seed}.png"
-        r = run("-m", "uniref_core", "edit", "--ref", ASSETS / "edit_scene.png", "--prompt", EDIT_SPEC["instruction"],
-                "--width", "128", "--height", "128", "--seed", seed, "--quiet", "-o", out)  # fmt: skip
+        r = run(
+            "-m",
+            "uniref_core",
+            "edit",
+            "--ref",
+            ASSETS / "edit_scene.png",
+            "--prompt",
+            EDIT_SPEC["instruction"],
+            "--width",
+            "128",
+            "--height",
+            "128",
+            "--seed",
+            seed,
+            "--quiet",
+            "-o",
+            out,
+        )
         assert r.returncode == 0, r.stderr
         s = score(Image.open(out), EDIT_SPEC)
         assert s.per_reference[0] >= 0.7 and s.instruction >= 0.7, (seed, s)
@@ -101,12 +136,31 @@ def test_the_sft_model_ships_beside_the_default_and_loads_by_name(tmp_path):
         for f in (SHIPPED_MODEL_DIR / part).iterdir():
             assert f.read_bytes() == (sft / part / f.name).read_bytes(), f
     assert [json.loads((m / "uniref.json").read_text())["name"] for m in (SHIPPED_MODEL_DIR, sft)] == [
-        "uniref-default", "uniref-default-sft"]  # fmt: skip
+        "uniref-default",
+        "uniref-default-sft",
+    ]
     images = {}
     for name in ("uniref-default", "uniref-default-sft"):
         out = tmp_path / f"{name}.png"
-        r = run("-m", "uniref_core", "edit", *sum((["--ref", p] for p in REFS), []), "--prompt", SPEC["instruction"],
-                "--model", name, "--width", "128", "--height", "128", "--seed", "0", "--quiet", "-o", out)  # fmt: skip
+        r = run(
+            "-m",
+            "uniref_core",
+            "edit",
+            *sum((["--ref", p] for p in REFS), []),
+            "--prompt",
+            SPEC["instruction"],
+            "--model",
+            name,
+            "--width",
+            "128",
+            "--height",
+            "128",
+            "--seed",
+            "0",
+            "--quiet",
+            "-o",
+            out,
+        )
         assert r.returncode == 0, r.stderr
         assert f"models/{name}" in r.stdout
         images[name] = np.asarray(Image.open(out).convert("RGB"))
@@ -152,9 +206,32 @@ def test_checker_cli_scores_an_image_against_a_spec(tmp_path):
 
 def test_evaluate_cli_prints_per_k_scores_and_writes_a_grid(tiny_model, tmp_path):
     grid = tmp_path / "grid.png"
-    r = run("-m", "training.evaluate", "--model", tiny_model, "--split", "test", "--refs", "1-2", "--n", "2",
-            "--edits", "1", "--seed", "0", "--steps", "2", "--cfg", "1", "--budget", "128", "--grid", grid,
-            "--grid-rows", "1")  # fmt: skip
+    r = run(
+        "-m",
+        "training.evaluate",
+        "--model",
+        tiny_model,
+        "--split",
+        "test",
+        "--refs",
+        "1-2",
+        "--n",
+        "2",
+        "--edits",
+        "1",
+        "--seed",
+        "0",
+        "--steps",
+        "2",
+        "--cfg",
+        "1",
+        "--budget",
+        "128",
+        "--grid",
+        grid,
+        "--grid-rows",
+        "1",
+    )
     assert r.returncode == 0, r.stderr
     result = json.loads(r.stdout)
     assert set(result["per_k"]) == {"1", "2"} and result["edit"]["n"] == len(EDIT_KINDS)  # --edits 1: one per kind
@@ -162,7 +239,9 @@ def test_evaluate_cli_prints_per_k_scores_and_writes_a_grid(tiny_model, tmp_path
     assert result["per_k"]["1"]["n"] == 2 and result["options"] == {"steps": 2, "cfg": 1.0, "budget": 128 * 128}
     assert result["size"] == 128  # a model folder without uniref.json: ShapeCompose's default side
     for means in [*result["per_k"].values(), *result["edit_kinds"].values(), result["edit"]]:
-        assert all(0.0 <= means[k] <= 1.0 for k in ("per_reference", "per_reference_min", "instruction", "quality", "overall"))
+        assert all(
+            0.0 <= means[k] <= 1.0 for k in ("per_reference", "per_reference_min", "instruction", "quality", "overall")
+        )
         assert means["per_reference_min"] <= means["per_reference"]  # the weakest reference of each sample
     with Image.open(grid) as im:  # one row per K and one per edit kind
         assert im.height >= (2 + len(EDIT_KINDS)) * 128
@@ -194,7 +273,9 @@ def test_evaluation_samples_the_task_the_model_was_trained_on(tiny_model_4x, tmp
     assert all(im.size == (64, 64) for im in drawn[0].references)
     assert result["order"] == "anchored" and result["ref_side"] == 64 and result["per_k"]["2"]["n"] == 1
     (folder / DEFAULTS_FILE).write_text(json.dumps({"shapecompose": {"order": "sideways"}}))
-    with pytest.raises(UniRefError, match="shapecompose order 'sideways' is unknown; use one of reading, free, anchored"):
+    with pytest.raises(
+        UniRefError, match="shapecompose order 'sideways' is unknown; use one of reading, free, anchored"
+    ):
         trained_order(folder)
 
 
@@ -227,8 +308,19 @@ def test_model_defaults_fill_what_the_caller_leaves_unset(tiny_model, tmp_path):
 
     folder = tmp_path / "model"
     shutil.copytree(tiny_model, folder)
-    (folder / DEFAULTS_FILE).write_text(json.dumps({"defaults": {"budget": 128 * 128, "vl_budget": 56 * 56 * 3,
-                                                                  "output_area": 64 * 64, "steps": 2, "cfg": 1.0}}))  # fmt: skip
+    (folder / DEFAULTS_FILE).write_text(
+        json.dumps(
+            {
+                "defaults": {
+                    "budget": 128 * 128,
+                    "vl_budget": 56 * 56 * 3,
+                    "output_area": 64 * 64,
+                    "steps": 2,
+                    "cfg": 1.0,
+                }
+            }
+        )
+    )
     pipe = UniRefPipeline.from_pretrained(folder)
     refs = [Image.open(p).convert("RGB") for p in REFS]
     cond = pipe.encode(refs, "x", match_ref=2)

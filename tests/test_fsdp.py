@@ -16,9 +16,18 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
+from test_sft import (  # noqa: F401
+    KILL_CHILD,
+    ROOT,
+    _fresh_accelerate_state,
+    data,
+    final_weights,
+    make_config,
+    run,
+    train_records,
+    write_config,
+)
 
-from test_sft import KILL_CHILD, ROOT, _fresh_accelerate_state, data, final_weights, make_config, run  # noqa: F401
-from test_sft import train_records, write_config
 from tests.sgd import assert_same_updates, sgd_script, use_sgd
 from training.common import checkpoint as ckpt_mod
 from training.common.config import ConfigError
@@ -28,21 +37,39 @@ MOMENTUM = 0.9
 PORT = "29531"
 # Stage 1 has 3 steps so that checkpoint 2 falls mid-stage, with the optimizer's state in it; max_grad_norm below
 # the measured gradient norms (~0.9), so clipping over the shards is part of what is compared.
-STAGES = [{"budget": 64, "steps": 3, "lr": 1e-2, "batch_size": 2, "output_size": 64},
-          {"budget": 96, "steps": 2, "lr": 5e-3, "batch_size": 2, "output_size": 64}]  # fmt: skip
+STAGES = [
+    {"budget": 64, "steps": 3, "lr": 1e-2, "batch_size": 2, "output_size": 64},
+    {"budget": 96, "steps": 2, "lr": 5e-3, "batch_size": 2, "output_size": 64},
+]
 
 
 def fsdp_config(model, data, out, **over) -> dict:
-    over = {"stages": STAGES, "save_every": 1, "keep_checkpoints": 5, "max_grad_norm": 0.5,
-            "gradient_checkpointing": True, "fsdp": True, **over}
+    over = {
+        "stages": STAGES,
+        "save_every": 1,
+        "keep_checkpoints": 5,
+        "max_grad_norm": 0.5,
+        "gradient_checkpointing": True,
+        "fsdp": True,
+        **over,
+    }
     return make_config(model, data, out, **over)
 
 
 def torchrun(script, *args, **popen):
     """``torchrun --nproc_per_node 2 SCRIPT ARGS…`` on the CPU, one thread per process."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", PORT, script,
-           *args]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        PORT,
+        script,
+        *args,
+    ]
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
 
 
@@ -84,13 +111,18 @@ def runs(tiny_model, data, tmp_path_factory):
         use_sgd(mp, MOMENTUM)
         run(one)  # meanwhile
     stdout = finish(proc)
-    return {"one": root / "one", "two": root / "two", "configs": {"one": one, "two": two}, "stdout": stdout,
-            "start": start_weights(tiny_model)}  # fmt: skip
+    return {
+        "one": root / "one",
+        "two": root / "two",
+        "configs": {"one": one, "two": two},
+        "stdout": stdout,
+        "start": start_weights(tiny_model),
+    }
 
 
 def test_two_processes_hold_half_the_weights_each_and_train_as_one_process(runs, tmp_path):
-    from uniref_core import UniRefPipeline
     from training.export import export
+    from uniref_core import UniRefPipeline
 
     # Each process holds half of every weight: the trainer says so, and each writes its half to the checkpoint.
     assert "FSDP: process 0 of 2 holds 647,488 of the 1,294,976 weights (50.0%)" in runs["stdout"]
@@ -108,11 +140,13 @@ def test_two_processes_hold_half_the_weights_each_and_train_as_one_process(runs,
     # The same training as one process without FSDP: losses to rtol 1e-5, weight updates to 1e-4 of the largest.
     one, two = train_records(runs["one"]), train_records(runs["two"])
     assert [r["step"] for r in two] == [1, 2, 3, 4, 5]
-    torch.testing.assert_close(torch.tensor([r["loss"] for r in two]), torch.tensor([r["loss"] for r in one]),
-                               rtol=1e-5, atol=0)  # fmt: skip
+    torch.testing.assert_close(
+        torch.tensor([r["loss"] for r in two]), torch.tensor([r["loss"] for r in one]), rtol=1e-5, atol=0
+    )
     assert all(r["grad_norm"] > 0.5 for r in two)  # clipped: the norm is taken over both processes' shards
-    torch.testing.assert_close(torch.tensor([r["grad_norm"] for r in two]),
-                               torch.tensor([r["grad_norm"] for r in one]), rtol=1e-5, atol=0)  # fmt: skip
+    torch.testing.assert_close(
+        torch.tensor([r["grad_norm"] for r in two]), torch.tensor([r["grad_norm"] for r in one]), rtol=1e-5, atol=0
+    )
 
     # The export gathers nothing at training time: it reads both files into an ordinary diffusers folder.
     exported = export(last, tmp_path / "exported")
@@ -155,14 +189,15 @@ def resumable_copy(killed, out: Path) -> dict:
 def test_sigkill_then_resume_at_two_processes_ends_with_the_same_weights(killed, runs, tmp_path):
     out = tmp_path / "two"
     resumable_copy(killed, out)
-    proc = torchrun(sgd_script(tmp_path, MOMENTUM), "training.sft", "--config", str(out.with_suffix(".json")),
-                    "--resume", "auto")  # fmt: skip
+    proc = torchrun(
+        sgd_script(tmp_path, MOMENTUM), "training.sft", "--config", str(out.with_suffix(".json")), "--resume", "auto"
+    )
     assert "resumed from" in finish(proc)
     assert [r["loss"] for r in train_records(out)] == [r["loss"] for r in train_records(runs["two"])]
     a = sharded_weights(ckpt_mod.complete_checkpoints(out)[-1], runs["start"])
     b = sharded_weights(ckpt_mod.complete_checkpoints(runs["two"])[-1], runs["start"])
     for name in a:
-        torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_a_two_process_checkpoint_resumes_in_one_process(killed, runs, tmp_path, monkeypatch):
@@ -206,5 +241,6 @@ def test_bf16_gathers_bf16_blocks_and_keeps_the_loss_of_autocast(tiny_model, dat
     run({**two, "output_dir": str(tmp_path / "one"), "fsdp": False})
     finish(proc)
     one, two = train_records(tmp_path / "one"), train_records(tmp_path / "two")
-    torch.testing.assert_close(torch.tensor([r["loss"] for r in two]), torch.tensor([r["loss"] for r in one]),
-                               rtol=5e-4, atol=0)  # fmt: skip
+    torch.testing.assert_close(
+        torch.tensor([r["loss"] for r in two]), torch.tensor([r["loss"] for r in one]), rtol=5e-4, atol=0
+    )

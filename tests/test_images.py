@@ -147,8 +147,22 @@ def test_plain_rgb_file_loads_from_str_and_path(tmp_path):
         (lambda: Image.new("F", (3, 3), 0.5), (128, 128, 128)),
         (lambda: Image.new("F", (3, 3), 200.0), (200, 200, 200)),
     ],
-    ids=["L", "1", "CMYK", "YCbCr", "LA-clear", "LA-opaque", "La", "RGBa", "I16B", "I-max", "I-mid",
-         "F-one", "F-half", "F-255"],
+    ids=[
+        "L",
+        "1",
+        "CMYK",
+        "YCbCr",
+        "LA-clear",
+        "LA-opaque",
+        "La",
+        "RGBa",
+        "I16B",
+        "I-max",
+        "I-mid",
+        "F-one",
+        "F-half",
+        "F-255",
+    ],
 )
 def test_pil_modes_become_8bit_rgb(make, expected):
     image = load_image(make())
@@ -182,8 +196,19 @@ def test_pil_input_is_not_modified_and_result_is_a_copy():
         (np.tile(np.array([1.5, 0.5, -0.2], np.float32), (2, 3, 1)), (255, 128, 0)),
         (np.full((2, 3, 3), 0.25, np.float64), (64, 64, 64)),
     ],
-    ids=["u8-HW", "u8-HW1", "u8-HW3", "u8-HW4-clear", "u8-HW4-opaque", "u16", "u16-bigendian",
-         "bool-true", "bool-false", "float-clipped", "float64"],
+    ids=[
+        "u8-HW",
+        "u8-HW1",
+        "u8-HW3",
+        "u8-HW4-clear",
+        "u8-HW4-opaque",
+        "u16",
+        "u16-bigendian",
+        "bool-true",
+        "bool-false",
+        "float-clipped",
+        "float64",
+    ],
 )
 def test_numpy_arrays(array, expected):
     image = load_image(array)
@@ -331,8 +356,11 @@ def test_integer_tensor_is_rejected():
 
 @pytest.mark.parametrize(
     "source",
-    [np.full((2, 2, 3), np.nan, np.float32), torch.full((1, 2, 2, 3), float("inf")),
-     Image.fromarray(np.full((2, 2), np.nan, np.float32), "F")],
+    [
+        np.full((2, 2, 3), np.nan, np.float32),
+        torch.full((1, 2, 2, 3), float("inf")),
+        Image.fromarray(np.full((2, 2), np.nan, np.float32), "F"),
+    ],
     ids=["numpy-nan", "tensor-inf", "pil-F-nan"],
 )
 def test_nan_and_inf_are_rejected(source):

@@ -2,18 +2,17 @@
 diffusers' own LoRA loader makes on the same model (one LoRA, two at once, at strengths), removing it restores
 the model exactly, and bad files are clear errors."""
 
+import diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus as dq
 import numpy as np
 import pytest
 import torch
+from conftest import make_refs, random_lora, write_lora
 from diffusers import QwenImageEditPlusPipeline
 from safetensors.torch import save_file
 
-import diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus as dq
 from uniref_core import UniRefPipeline
 from uniref_core.errors import UniRefError
 from uniref_core.lora import parse_lora_arg, read_lora
-
-from conftest import make_refs, random_lora, write_lora
 
 PROMPT = "put the object from Picture 1 on the background of Picture 2"
 AREA = 96 * 96
@@ -25,18 +24,28 @@ def setup(tiny_model, tmp_path_factory):
     folder = tmp_path_factory.mktemp("loras")
     a = random_lora(ours.c.transformer, seed=1)
     b = random_lora(ours.c.transformer, rank=2, alpha=2.0, seed=2)
-    files = {layout: write_lora(a, folder / f"a_{layout}.safetensors", layout) for layout in ("kohya", "comfy", "diffusers")}
+    files = {
+        layout: write_lora(a, folder / f"a_{layout}.safetensors", layout) for layout in ("kohya", "comfy", "diffusers")
+    }
     files["b"] = write_lora(b, folder / "b.safetensors", "kohya")
     return tiny_model, ours, files
 
 
 def edit(pipe_or_ours, refs, seed=5):
     if isinstance(pipe_or_ours, UniRefPipeline):
-        out = pipe_or_ours.edit(refs, PROMPT, mode="per_image", per_image_area=AREA, cfg=1.0, seed=seed, steps=3,
-                                width=64, height=64)  # fmt: skip
+        out = pipe_or_ours.edit(
+            refs, PROMPT, mode="per_image", per_image_area=AREA, cfg=1.0, seed=seed, steps=3, width=64, height=64
+        )
         return np.asarray(out.images[0]).astype(int)
-    out = pipe_or_ours(image=refs, prompt=PROMPT, true_cfg_scale=1.0, height=64, width=64, num_inference_steps=3,
-                       generator=torch.Generator("cpu").manual_seed(seed))  # fmt: skip
+    out = pipe_or_ours(
+        image=refs,
+        prompt=PROMPT,
+        true_cfg_scale=1.0,
+        height=64,
+        width=64,
+        num_inference_steps=3,
+        generator=torch.Generator("cpu").manual_seed(seed),
+    )
     return np.asarray(out.images[0]).astype(int)
 
 
@@ -119,8 +128,30 @@ def test_cli_lora_flag_gives_the_pipelines_image(setup, tmp_path):
     ref_path = tmp_path / "r.png"
     refs[0].save(ref_path)
     out = tmp_path / "o.png"
-    args = ["edit", "--model", str(folder), "--ref", str(ref_path), "--prompt", PROMPT, "--width", "64", "--height",
-            "64", "--steps", "2", "--cfg", "1", "--budget", "64", "--seed", "1", "--quiet", "-o", str(out)]  # fmt: skip
+    args = [
+        "edit",
+        "--model",
+        str(folder),
+        "--ref",
+        str(ref_path),
+        "--prompt",
+        PROMPT,
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--steps",
+        "2",
+        "--cfg",
+        "1",
+        "--budget",
+        "64",
+        "--seed",
+        "1",
+        "--quiet",
+        "-o",
+        str(out),
+    ]
     assert main([*args, "--lora", f"{files['comfy']}:0.4"]) == 0
     cli = np.asarray(Image.open(out)).astype(int)
     ours.set_loras([(files["comfy"], 0.4)])
@@ -154,14 +185,26 @@ def test_bad_lora_files_are_clear_errors(setup, tmp_path):
     with pytest.raises(UniRefError, match="holds no LoRA weights.*Load UniRef Model"):
         read_lora(full)
     other = tmp_path / "flux.safetensors"
-    save_file({"diffusion_model.double_blocks.0.img_attn.qkv.lora_A.weight": torch.zeros(2, 8),
-               "diffusion_model.double_blocks.0.img_attn.qkv.lora_B.weight": torch.zeros(24, 2)}, str(other))  # fmt: skip
+    save_file(
+        {
+            "diffusion_model.double_blocks.0.img_attn.qkv.lora_A.weight": torch.zeros(2, 8),
+            "diffusion_model.double_blocks.0.img_attn.qkv.lora_B.weight": torch.zeros(24, 2),
+        },
+        str(other),
+    )
     before = ours.c.transformer.state_dict()["transformer_blocks.0.attn.to_q.weight"].clone()
-    with pytest.raises(UniRefError, match=r"matches no layer of this model \(first keys: double_blocks.0.img_attn.qkv"):
+    with pytest.raises(
+        UniRefError, match=r"matches no layer of this model \(first keys: double_blocks.0.img_attn.qkv"
+    ):
         ours.set_loras([(other, 1.0)])
     wrong = tmp_path / "wide.safetensors"
-    save_file({"diffusion_model.transformer_blocks.0.attn.to_q.lora_A.weight": torch.zeros(2, 999),
-               "diffusion_model.transformer_blocks.0.attn.to_q.lora_B.weight": torch.zeros(999, 2)}, str(wrong))  # fmt: skip
+    save_file(
+        {
+            "diffusion_model.transformer_blocks.0.attn.to_q.lora_A.weight": torch.zeros(2, 999),
+            "diffusion_model.transformer_blocks.0.attn.to_q.lora_B.weight": torch.zeros(999, 2),
+        },
+        str(wrong),
+    )
     with pytest.raises(UniRefError, match="transformer_blocks.0.attn.to_q is 999×999 in the LoRA"):
         ours.set_loras([(files["kohya"], 1.0), (wrong, 1.0)])
     # Nothing was half-applied.
@@ -206,11 +249,34 @@ def test_a_lora_with_nan_weights_is_an_error_naming_it_not_a_black_image(setup, 
     ref = tmp_path / "r.png"
     make_refs([(64, 64)])[0].save(ref)
     out = tmp_path / "o.png"
-    code = main(["edit", "--model", str(folder), "--ref", str(ref), "--prompt", PROMPT, "--width", "64", "--height",
-                 "64", "--steps", "2", "--budget", "64", "--quiet", "--lora", f"{broken}:0.5",
-                 "-o", str(out)])  # fmt: skip
+    code = main(
+        [
+            "edit",
+            "--model",
+            str(folder),
+            "--ref",
+            str(ref),
+            "--prompt",
+            PROMPT,
+            "--width",
+            "64",
+            "--height",
+            "64",
+            "--steps",
+            "2",
+            "--budget",
+            "64",
+            "--quiet",
+            "--lora",
+            f"{broken}:0.5",
+            "-o",
+            str(out),
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err
-    assert "error: the model produced non-finite values (NaN or inf) while sampling, so there is no image; LoRA " \
-           "broken.safetensors at strength 0.5 is loaded: lower its strength, or check the file" in err  # fmt: skip
+    assert (
+        "error: the model produced non-finite values (NaN or inf) while sampling, so there is no image; LoRA "
+        "broken.safetensors at strength 0.5 is loaded: lower its strength, or check the file" in err
+    )
     assert not out.exists()

@@ -17,13 +17,25 @@ ROOT = Path(__file__).resolve().parents[1]
 # A model in the real proportions (uniref_core.tiny.REAL_PROPORTIONS) at half its width and 3 blocks: ~30 M
 # transformer parameters with the real head width, the text stack ~0.4 of it.
 SMALL_PROPORTIONS = dict(
-    transformer=dict(num_layers=3, attention_head_dim=128, num_attention_heads=4, joint_attention_dim=512,
-                     axes_dims_rope=(16, 56, 56)),
-    text=dict(hidden_size=512, intermediate_size=3072, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=1, max_window_layers=2,
-              rope_parameters={"rope_type": "default", "mrope_section": [16, 24, 24], "rope_theta": 1000000.0}),
+    transformer=dict(
+        num_layers=3,
+        attention_head_dim=128,
+        num_attention_heads=4,
+        joint_attention_dim=512,
+        axes_dims_rope=(16, 56, 56),
+    ),
+    text=dict(
+        hidden_size=512,
+        intermediate_size=3072,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        max_window_layers=2,
+        rope_parameters={"rope_type": "default", "mrope_section": [16, 24, 24], "rope_theta": 1000000.0},
+    ),
     dtype="bf16",
-)  # fmt: skip
+)
+
 
 @pytest.fixture(scope="module")
 def real_model(tmp_path_factory):
@@ -33,10 +45,17 @@ def real_model(tmp_path_factory):
 
 def write_config(folder: Path, model, size=1024, rank=64, base="bf16", kind="sft", refs=3, **extra) -> Path:
     manifest = folder / "manifest.jsonl"
-    manifest.write_text(json.dumps({"references": [f"r{k}.png" for k in range(refs)], "instruction": "x",
-                                    "target": "t.png"}) + "\n")  # fmt: skip
-    data = {"model": str(model), "train_manifest": str(manifest), "mixed_precision": "bf16", "base_dtype": base,
-            "lora": None if rank is None else {"rank": rank, "alpha": rank}, "gradient_checkpointing": True}  # fmt: skip
+    manifest.write_text(
+        json.dumps({"references": [f"r{k}.png" for k in range(refs)], "instruction": "x", "target": "t.png"}) + "\n"
+    )
+    data = {
+        "model": str(model),
+        "train_manifest": str(manifest),
+        "mixed_precision": "bf16",
+        "base_dtype": base,
+        "lora": None if rank is None else {"rank": rank, "alpha": rank},
+        "gradient_checkpointing": True,
+    }
     if kind == "sft":
         data["stages"] = [{"budget": size, "steps": 100, "lr": 1e-4, "batch_size": 1, "output_size": size}]
     else:
@@ -164,10 +183,20 @@ def test_prediction_within_15_percent_of_a_measured_lora_run(tmp_path):
 
     model = make_tiny_model(tmp_path / "model", **SMALL_PROPORTIONS)
     manifest = write_manifest(make_split("train", 2, size=256, ks=(3,), kinds=("compose",)), tmp_path / "data")
-    config = {"model": str(model), "train_manifest": str(manifest), "output_dir": str(tmp_path / "run"),
-              "stages": [{"budget": 256, "steps": 2, "lr": 1e-4, "batch_size": 1, "output_size": 256}],
-              "vl_budget": 112, "eval_samples": 0, "tensorboard": False, "mixed_precision": "bf16", "base_dtype": "bf16",
-              "gradient_checkpointing": True, "save_every": 0, "lora": {"rank": 64, "alpha": 64}}  # fmt: skip
+    config = {
+        "model": str(model),
+        "train_manifest": str(manifest),
+        "output_dir": str(tmp_path / "run"),
+        "stages": [{"budget": 256, "steps": 2, "lr": 1e-4, "batch_size": 1, "output_size": 256}],
+        "vl_budget": 112,
+        "eval_samples": 0,
+        "tensorboard": False,
+        "mixed_precision": "bf16",
+        "base_dtype": "bf16",
+        "gradient_checkpointing": True,
+        "save_every": 0,
+        "lora": {"rank": 64, "alpha": 64},
+    }
     path = tmp_path / "lora.json"
     path.write_text(json.dumps(config))
     from bench.bench_train_memory import CHILD  # measured exactly as the bench measures
@@ -175,8 +204,9 @@ def test_prediction_within_15_percent_of_a_measured_lora_run(tmp_path):
     child = tmp_path / "child.py"
     child.write_text(CHILD)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, str(child), "sft", str(path), "cpu"], cwd=ROOT, env=env,
-                          capture_output=True, text=True)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, str(child), "sft", str(path), "cpu"], cwd=ROOT, env=env, capture_output=True, text=True
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     peak_kib, code_kib = next(line.split()[2:4] for line in proc.stdout.splitlines() if line.startswith("PEAK_KIB"))
     measured = int(peak_kib) * 1024

@@ -6,13 +6,12 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from conftest import make_refs
 from diffusers import QwenImageTransformer2DModel
 from safetensors.torch import save_file
 
 from uniref_core import UniRefError, UniRefPipeline
 from uniref_core.model import check_model_folder
-
-from conftest import make_refs
 
 
 @pytest.fixture

@@ -39,11 +39,25 @@ TRUSTED = ("tests.test_msgrpo",)
 
 
 def rl_config(model, manifest, out, **over) -> dict:
-    cfg = {"model": str(model), "train_manifest": manifest, "output_dir": str(out), "steps": 2, "lr": 1e-3,
-           "group_size": 3, "groups_per_step": 2, "rollout_steps": 4, "sde_window": [0, 2], "budget": 64,
-           "output_size": 64, "vl_budget": 56, "tensorboard": False, "grid_every": 1, "seed": 1,
-           # A random tiny model often scores 0 on every checker signal; brightness always varies, so groups teach.
-           "rewards": [{"source": "checker"}, {"source": "tests.test_msgrpo:custom_source", "weight": 0.5}]}  # fmt: skip
+    cfg = {
+        "model": str(model),
+        "train_manifest": manifest,
+        "output_dir": str(out),
+        "steps": 2,
+        "lr": 1e-3,
+        "group_size": 3,
+        "groups_per_step": 2,
+        "rollout_steps": 4,
+        "sde_window": [0, 2],
+        "budget": 64,
+        "output_size": 64,
+        "vl_budget": 56,
+        "tensorboard": False,
+        "grid_every": 1,
+        "seed": 1,
+        # A random tiny model often scores 0 on every checker signal; brightness always varies, so groups teach.
+        "rewards": [{"source": "checker"}, {"source": "tests.test_msgrpo:custom_source", "weight": 0.5}],
+    }
     cfg.update(over)
     return cfg
 
@@ -78,14 +92,19 @@ def test_clipping_stops_the_gradient_beyond_the_trust_region():
 
 
 def _batch(ref1, ref2, instruction, failed=None):
-    sig = {"c/ref1": Signal(np.array(ref1, float), "reference", 1), "c/ref2": Signal(np.array(ref2, float), "reference", 2),
-           "c/instruction": Signal(np.array(instruction, float), "instruction")}  # fmt: skip
+    sig = {
+        "c/ref1": Signal(np.array(ref1, float), "reference", 1),
+        "c/ref2": Signal(np.array(ref2, float), "reference", 2),
+        "c/instruction": Signal(np.array(instruction, float), "instruction"),
+    }
     return RewardBatch(sig, np.zeros(len(ref1), bool) if failed is None else np.array(failed))
 
 
 @pytest.mark.parametrize("mode", ["sum", "normalized_sum", "min", "product"])
 def test_group_advantages_have_zero_mean_and_skip_failed_images(mode):
-    batch = _batch([0.9, 0.2, 0.5, 0.7], [0.1, 0.8, 0.4, 0.6], [1.0, 0.5, 0.2, 0.9], failed=[False, False, True, False])
+    batch = _batch(
+        [0.9, 0.2, 0.5, 0.7], [0.1, 0.8, 0.4, 0.6], [1.0, 0.5, 0.2, 0.9], failed=[False, False, True, False]
+    )
     adv, reward = group_advantages(batch, {}, mode)
     assert math.isnan(adv[2]) and math.isnan(reward[2])
     assert abs(np.nanmean(adv)) < 1e-9
@@ -148,17 +167,26 @@ def test_a_config_cannot_run_a_module_the_user_did_not_trust(tmp_path, capsys):
     for source, module in (("os:system", "os"), ("tests.test_msgrpo:custom_source", "tests.test_msgrpo")):
         with pytest.raises(RewardError) as err:
             load_source(source, {"command": "touch " + str(tmp_path / "ran")})
-        assert f"reward source {source!r}: module {module!r} is not trusted: a config's reward source runs as code " \
-               f"with your rights, and only training.* modules load unless you trust others; if you trust it, run " \
-               f"with --trust-module {module}" in str(err.value)  # fmt: skip
+        assert (
+            f"reward source {source!r}: module {module!r} is not trusted: a config's reward source runs as code "
+            f"with your rights, and only training.* modules load unless you trust others; if you trust it, run "
+            f"with --trust-module {module}" in str(err.value)
+        )
     assert not (tmp_path / "ran").exists()
     assert callable(load_source("tests.test_msgrpo:custom_source", {}, trusted=("tests",)))  # a package trusts its own
     # The command line refuses it before any model work, in one line.
     from training.rl.trainer import main
 
     config = tmp_path / "c.json"
-    config.write_text(json.dumps({"model": "uniref-default", "train_manifest": str(tmp_path / "m.jsonl"),
-                                  "rewards": [{"source": "os:system", "options": {"command": "true"}}]}))  # fmt: skip
+    config.write_text(
+        json.dumps(
+            {
+                "model": "uniref-default",
+                "train_manifest": str(tmp_path / "m.jsonl"),
+                "rewards": [{"source": "os:system", "options": {"command": "true"}}],
+            }
+        )
+    )
     assert main(["--config", str(config)]) == 2
     err = capsys.readouterr().err
     assert "error: reward source 'os:system': module 'os' is not trusted" in err and "Traceback" not in err
@@ -168,7 +196,10 @@ def test_a_config_cannot_run_a_module_the_user_did_not_trust(tmp_path, capsys):
     "batch, match",
     [
         (RewardBatch({"a": Signal(np.zeros(3))}), r"signal 'a' has shape \(3,\), expected \(2,\)"),
-        (RewardBatch({"a": Signal(np.array([0.1, np.nan]))}), "signal 'a' is nan for image 1, which is not marked failed"),
+        (
+            RewardBatch({"a": Signal(np.array([0.1, np.nan]))}),
+            "signal 'a' is nan for image 1, which is not marked failed",
+        ),
         (RewardBatch({"a": Signal(np.zeros(2), "style")}), "role 'style'"),
         ([0.1, 0.2], "returned list: return a RewardBatch"),
     ],
@@ -179,7 +210,9 @@ def test_a_plugin_returning_a_wrong_shape_or_nan_is_named(batch, match):
 
 
 def test_a_failed_image_may_carry_nan():
-    out = check_batch(RewardBatch({"a": Signal(np.array([0.3, np.nan]))}, np.array([False, True]), ["timeout"]), "j", 2)
+    out = check_batch(
+        RewardBatch({"a": Signal(np.array([0.3, np.nan]))}, np.array([False, True]), ["timeout"]), "j", 2
+    )
     assert out.failed.tolist() == [False, True] and out.notes == ["timeout"]
 
 
@@ -212,22 +245,30 @@ def test_msgrpo_run_logs_every_source_and_resumes_exactly(tiny_model, prompts, t
     checkpoint, TensorBoard events as a user's run (the default) writes them; resumed from step 1 it ends with the
     same weights as the uninterrupted run."""
     from training.common import checkpoint as ckpt_mod
-    from training.rl.trainer import run
     from training.rl.config import config_from_dict as rl_from_dict
+    from training.rl.trainer import run
 
-    cfg = rl_from_dict(rl_config(tiny_model, prompts, tmp_path / "a", save_every=1, keep_checkpoints=5, tensorboard=True))
+    cfg = rl_from_dict(
+        rl_config(tiny_model, prompts, tmp_path / "a", save_every=1, keep_checkpoints=5, tensorboard=True)
+    )
     res = run(cfg, trusted_modules=TRUSTED)
     assert res.global_step == 2
     rec = res.records[-1]
-    for key in ("reward/checker/ref1", "reward/checker/ref2", "reward/checker/instruction", "reward/checker/quality",
-                "reward_std/checker/ref1", "loss"):  # fmt: skip
+    for key in (
+        "reward/checker/ref1",
+        "reward/checker/ref2",
+        "reward/checker/instruction",
+        "reward/checker/quality",
+        "reward_std/checker/ref1",
+        "loss",
+    ):
         assert key in rec and math.isfinite(rec[key]), key
     assert rec["items"] == 2 * 3 * 2  # groups × G × SDE steps in the window (no image dropped)
     assert rec["groups_without_signal"] == 0 and "reward/tests.test_msgrpo:custom_source/brightness" in rec
     out = tmp_path / "a"
     assert (out / "rewards.png").stat().st_size > 0 and sorted(p.name for p in (out / "rollouts").iterdir())
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
-    log = [json.loads(l) for l in (out / "log.jsonl").read_text().splitlines()]
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if r.get("kind") == "train"] == [1, 2]
     ckpts = ckpt_mod.complete_checkpoints(out)
     assert [ckpt_mod.read_state(p)["global_step"] for p in ckpts] == [1, 2]
@@ -245,8 +286,11 @@ def test_msgrpo_run_logs_every_source_and_resumes_exactly(tiny_model, prompts, t
 
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
-    res_b = run(rl_from_dict(rl_config(tiny_model, prompts, b, save_every=1, keep_checkpoints=5)), resume="auto",
-                trusted_modules=TRUSTED)
+    res_b = run(
+        rl_from_dict(rl_config(tiny_model, prompts, b, save_every=1, keep_checkpoints=5)),
+        resume="auto",
+        trusted_modules=TRUSTED,
+    )
     assert res_b.global_step == 2 and len(res_b.records) == 1
     again = ckpt_mod.load_tensors(ckpt_mod.complete_checkpoints(b)[-1], ckpt_mod.TRAINABLE_FILE)
     for k in final:
@@ -257,9 +301,22 @@ LAUNCHERS = {
     "torchrun": ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29519"],
     # accelerate's own launcher, as a multi-GPU user runs it; on a CPU-only machine --multi_gpu still starts two
     # gloo processes (--cpu would start one).
-    "accelerate": ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                   "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29521"],
-}  # fmt: skip
+    "accelerate": [
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        "29521",
+    ],
+}
 
 
 @pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
@@ -272,13 +329,11 @@ def test_two_processes_take_whole_groups_and_train_like_one(tiny_model, prompts,
     import subprocess
     import sys
 
-    from training.common import checkpoint as ckpt_mod
-    from training.rl.trainer import run
-    from training.rl.config import config_from_dict as rl_from_dict
-
-    from uniref_core.model import load_components
-
     from tests.sgd import assert_same_updates, sgd_script, use_sgd
+    from training.common import checkpoint as ckpt_mod
+    from training.rl.config import config_from_dict as rl_from_dict
+    from training.rl.trainer import run
+    from uniref_core.model import load_components
 
     use_sgd(monkeypatch)
     # SGD moves a weight by lr · gradient; the policy gradient here is ~1e-3, so lr 1 lifts updates far above rounding.
@@ -286,13 +341,21 @@ def test_two_processes_take_whole_groups_and_train_like_one(tiny_model, prompts,
     config = tmp_path / "two.json"
     config.write_text(json.dumps(rl_config(tiny_model, prompts, tmp_path / "two", grid_every=0, lr=1.0)))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, *LAUNCHERS[launcher], sgd_script(tmp_path), "training.msgrpo", "--config", str(config),
-           "--trust-module", TRUSTED[0]]
+    cmd = [
+        sys.executable,
+        *LAUNCHERS[launcher],
+        sgd_script(tmp_path),
+        "training.msgrpo",
+        "--config",
+        str(config),
+        "--trust-module",
+        TRUSTED[0],
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     def records(out):
-        return [json.loads(l) for l in (out / "log.jsonl").read_text().splitlines() if '"train"' in l]
+        return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines() if '"train"' in line]
 
     one, two = records(tmp_path / "one"), records(tmp_path / "two")
     assert [r["items"] for r in one] == [r["items"] for r in two] == [12, 12]
@@ -321,12 +384,18 @@ def test_groups_whose_images_all_score_alike_take_no_step(tiny_model, prompts, t
     """A reward that never varies gives zero advantages: no re-scoring and no optimizer step (Adam would
     otherwise drift on momentum), and the log says so."""
     from training.common import checkpoint as ckpt_mod
-    from training.rl.trainer import run
     from training.rl.config import config_from_dict as rl_from_dict
+    from training.rl.trainer import run
     from uniref_core.model import load_components
 
-    cfg = rl_config(tiny_model, prompts, tmp_path / "c", steps=1, grid_every=0,
-                    rewards=[{"source": "tests.test_msgrpo:constant_source"}])  # fmt: skip
+    cfg = rl_config(
+        tiny_model,
+        prompts,
+        tmp_path / "c",
+        steps=1,
+        grid_every=0,
+        rewards=[{"source": "tests.test_msgrpo:constant_source"}],
+    )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         res = run(rl_from_dict(cfg), trusted_modules=TRUSTED)

@@ -41,7 +41,9 @@ llama.Qwen25_7BVLI_Config = Tiny
 Vision = qwen_vl.Qwen2VLVisionTransformer
 class TinyVision(Vision):
     def __init__(self, hidden_size=1280, output_hidden_size=3584, **kw):
-        super().__init__(hidden_size=64, output_hidden_size=output_hidden_size, intermediate_size=48, num_layers=2, **kw)
+        super().__init__(
+            hidden_size=64, output_hidden_size=output_hidden_size, intermediate_size=48, num_layers=2, **kw
+        )
 qwen_vl.Qwen2VLVisionTransformer = TinyVision
 
 g = torch.Generator().manual_seed(0)
@@ -59,7 +61,9 @@ te = llama.Qwen25_7BVLI({}, dtype=torch.float32, device="cpu", operations=comfy.
 init(te)
 save_file({k: v.contiguous() for k, v in te.state_dict().items()}, args["te"])
 from comfy.ldm.wan.vae import WanVAE
-wan = WanVAE(dim=8, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[], temperal_downsample=[False, True, True])
+wan = WanVAE(
+    dim=8, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[], temperal_downsample=[False, True, True]
+)
 init(wan)
 clip = comfy.sd.load_clip(ckpt_paths=[args["te"]], clip_type=comfy.sd.CLIPType.QWEN_IMAGE)
 vae = comfy.sd.VAE(sd={k: v.contiguous() for k, v in wan.state_dict().items()})
@@ -84,8 +88,9 @@ for k in (1, 3):
     ours = SelfEncodeNative.execute(clip, vae, prompt, "blurry", policy="per_image", width=256, height=128,
                                     **{f"images.image_{i + 1}": r for i, r in enumerate(refs)})
     pos, neg, latent = cond_of(ours, 0), cond_of(ours, 1), cond_of(ours, 2)
-    same = torch.equal(core[0][0], pos[0][0]) and len(core[0][1]["reference_latents"]) == len(pos[0][1]["reference_latents"]) == k
-    same = same and all(torch.equal(a, b) for a, b in zip(core[0][1]["reference_latents"], pos[0][1]["reference_latents"]))
+    core_refs, pos_refs = core[0][1]["reference_latents"], pos[0][1]["reference_latents"]
+    same = torch.equal(core[0][0], pos[0][0]) and len(core_refs) == len(pos_refs) == k
+    same = same and all(torch.equal(a, b) for a, b in zip(core_refs, pos_refs))
     neg_refs = all(torch.equal(a, b) for a, b in zip(core[0][1]["reference_latents"], neg[0][1]["reference_latents"]))
     report[f"per_image_{k}"] = {"equal": bool(same), "neg_refs": bool(neg_refs), "text_std": float(pos[0][0].std()),
                                 "neg_differs": not torch.equal(neg[0][0], pos[0][0]),
@@ -110,8 +115,14 @@ def test_native_self_encode_matches_core_node_and_holds_the_budget(tmp_path, ver
 
     host = comfy_hosts.ensure_host(version)
     args = {"te": str(tmp_path / "qwen_2.5_vl_tiny.safetensors"), "pack": str(ROOT)}
-    proc = subprocess.run([str(host.python), "-c", SCRIPT.replace("ARGS", repr(json.dumps(args)))], cwd=host.comfy_dir,
-                          capture_output=True, text=True, timeout=600, env=comfy_hosts.host_env())  # fmt: skip
+    proc = subprocess.run(
+        [str(host.python), "-c", SCRIPT.replace("ARGS", repr(json.dumps(args)))],
+        cwd=host.comfy_dir,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=comfy_hosts.host_env(),
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     for k in (1, 3):

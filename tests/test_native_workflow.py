@@ -18,9 +18,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from comfyhost import output_images, uniref_host
+from PIL import Image
 from workflow_api import ui_to_api
 
 pytestmark = pytest.mark.comfy
@@ -78,12 +77,21 @@ def host(request, tiny_model, tmp_path_factory):
     files = {"dit": tmp / "qwen_image_edit_tiny.safetensors", "te": tmp / "qwen_2.5_vl_tiny.safetensors"}
     comfy = comfy_hosts.ensure_host(version)
     args = json.dumps({"shim": str(SHIM / "__init__.py"), **{k: str(v) for k, v in files.items()}})
-    proc = subprocess.run([str(comfy.python), "-c", BUILD.replace("ARGS", repr(args))], cwd=comfy.comfy_dir,
-                          capture_output=True, text=True, timeout=300, env=comfy_hosts.host_env())  # fmt: skip
+    proc = subprocess.run(
+        [str(comfy.python), "-c", BUILD.replace("ARGS", repr(args))],
+        cwd=comfy.comfy_dir,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=comfy_hosts.host_env(),
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     files["vae"], _ = comfy_vae_file(tmp, version)  # ComfyUI's own Wan VAE class, in its file layout
-    models = {f"diffusion_models/{files['dit'].name}": files["dit"], f"text_encoders/{files['te'].name}": files["te"],
-              f"vae/{files['vae'].name}": files["vae"]}  # fmt: skip
+    models = {
+        f"diffusion_models/{files['dit'].name}": files["dit"],
+        f"text_encoders/{files['te'].name}": files["te"],
+        f"vae/{files['vae'].name}": files["vae"],
+    }
     with uniref_host(version, tiny_model, extra_models=models, extra_packs={SHIM.name: SHIM}) as h:
         h.files = files
         yield h
@@ -135,9 +143,15 @@ def test_per_image_equals_the_core_qwen_edit_node_and_budget_changes_the_image(h
     core = json.loads(json.dumps(ours))
     del core[enc_id]
     for name, text in (("pos", enc["prompt"]), ("neg", enc["negative_prompt"])):
-        core[name] = {"class_type": "TextEncodeQwenImageEditPlus",
-                      "inputs": {"clip": enc["clip"], "vae": enc["vae"], "prompt": text,
-                                 **{f"image{i}": im for i, im in enumerate(images, start=1)}}}  # fmt: skip
+        core[name] = {
+            "class_type": "TextEncodeQwenImageEditPlus",
+            "inputs": {
+                "clip": enc["clip"],
+                "vae": enc["vae"],
+                "prompt": text,
+                **{f"image{i}": im for i, im in enumerate(images, start=1)},
+            },
+        }
     core["latent"] = {"class_type": "EmptySD3LatentImage", "inputs": {"width": SIZE, "height": SIZE, "batch_size": 1}}
     sampler = core[node_id(core, "KSampler")]["inputs"]
     sampler.update(positive=["pos", 0], negative=["neg", 0], latent_image=["latent", 0])

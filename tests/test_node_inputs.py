@@ -1,5 +1,6 @@
 """The UniRef nodes' checks in-process, without a ComfyUI host: ComfyUI's API modules are stand-ins here, the node
-module, its checks and the engine are the real ones. (The same inputs through a real host: tests/test_comfy_nodes.py.)"""
+module, its checks and the engine are the real ones. (The same inputs through a real host:
+tests/test_comfy_nodes.py.)"""
 
 import importlib
 import importlib.util
@@ -35,8 +36,13 @@ def nodes(monkeypatch):
     latest = _StubModule("comfy_api.latest")
     latest.io = io
     comfy = _StubModule("comfy")
-    stubs = {"comfy_api": _StubModule("comfy_api"), "comfy_api.latest": latest, "comfy_api.latest.io": io,
-             "comfy": comfy, "folder_paths": _StubModule("folder_paths")}  # fmt: skip
+    stubs = {
+        "comfy_api": _StubModule("comfy_api"),
+        "comfy_api.latest": latest,
+        "comfy_api.latest.io": io,
+        "comfy": comfy,
+        "folder_paths": _StubModule("folder_paths"),
+    }
     for sub in ("model_management", "utils", "model_patcher", "cli_args"):
         stubs[f"comfy.{sub}"] = _StubModule(f"comfy.{sub}")
         setattr(comfy, sub, stubs[f"comfy.{sub}"])
@@ -60,10 +66,12 @@ def test_validate_inputs_names_only_what_it_checks_so_comfyui_checks_the_rest(no
 
 @pytest.mark.parametrize(
     "width, height, message",
-    [(9000, 64, "SELF Encode: width is 9000: give 0 (match a reference) or a size up to 8192"),
-     (64, -16, "SELF Encode: height is -16"),
-     (64, 0, "set both width and height, or both to 0")],
-)  # fmt: skip
+    [
+        (9000, 64, "SELF Encode: width is 9000: give 0 (match a reference) or a size up to 8192"),
+        (64, -16, "SELF Encode: height is -16"),
+        (64, 0, "set both width and height, or both to 0"),
+    ],
+)
 def test_width_and_height_are_checked_by_the_node_itself(nodes, width, height, message):
     assert message in nodes.SelfEncode.validate_inputs(width=width, height=height)
 
@@ -76,11 +84,13 @@ def test_good_and_linked_sizes_pass(nodes):
 
 @pytest.mark.parametrize(
     "budget, custom_budget, message",
-    [("custom", -64, "SELF Encode: custom_budget is -64: give the side of the square budget in pixels, 64 to 4096"),
-     ("custom", 0, "custom_budget is 0"),
-     ("custom", 100000, "custom_budget is 100000"),
-     ("999999²", 1024, "budget is '999999²': pick one of model default, 1024², 1536², 2048², custom")],
-)  # fmt: skip
+    [
+        ("custom", -64, "SELF Encode: custom_budget is -64: give the side of the square budget in pixels, 64 to 4096"),
+        ("custom", 0, "custom_budget is 0"),
+        ("custom", 100000, "custom_budget is 100000"),
+        ("999999²", 1024, "budget is '999999²': pick one of model default, 1024², 1536², 2048², custom"),
+    ],
+)
 def test_budgets_the_node_cannot_run_are_refused_before_the_model_loads(nodes, budget, custom_budget, message):
     model = mock.MagicMock()
     with pytest.raises(nodes.UniRefError) as err:
@@ -97,7 +107,6 @@ def test_a_custom_budget_reaches_the_engine_as_its_area(nodes):
 
 def test_a_sampler_whose_lora_makes_nan_is_a_node_error_naming_the_lora(nodes, tiny_model, tmp_path):
     import torch
-
     from conftest import make_refs, random_lora, write_lora
 
     pipe = importlib.import_module(f"{PACK}.uniref_core.pipeline").UniRefPipeline.from_pretrained(tiny_model)
@@ -108,5 +117,7 @@ def test_a_sampler_whose_lora_makes_nan_is_a_node_error_naming_the_lora(nodes, t
     model.load.return_value = pipe
     pipe.set_loras([(write_lora(layers, tmp_path / "broken.safetensors", "comfy"), 1.0)])
     cond = pipe.encode(make_refs([(64, 64)]), "x", cfg=1.0, budget=64 * 64, width=64, height=64)
-    with pytest.raises(nodes.UniRefError, match="non-finite values .* LoRA broken.safetensors at strength 1 is loaded"):
+    with pytest.raises(
+        nodes.UniRefError, match="non-finite values .* LoRA broken.safetensors at strength 1 is loaded"
+    ):
         nodes.UniRefSampler.execute(model, cond, seed=0, steps=2, cfg=1.0, sampler="ode", denoise=1.0)

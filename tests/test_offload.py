@@ -18,13 +18,16 @@ from uniref_core.pipeline import UniRefPipeline
 
 def _refs():
     rng = np.random.default_rng(0)
-    return [Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)),
-            Image.fromarray(rng.integers(0, 255, (64, 32, 3), dtype=np.uint8))]  # fmt: skip
+    return [
+        Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)),
+        Image.fromarray(rng.integers(0, 255, (64, 32, 3), dtype=np.uint8)),
+    ]
 
 
 def _edit(pipe):
-    out = pipe.edit(_refs(), "Put Picture 1 next to Picture 2", seed=3, steps=3, cfg=2.0, budget=64 * 64,
-                    width=64, height=64)  # fmt: skip
+    out = pipe.edit(
+        _refs(), "Put Picture 1 next to Picture 2", seed=3, steps=3, cfg=2.0, budget=64 * 64, width=64, height=64
+    )
     return np.asarray(out.images[0])
 
 
@@ -45,7 +48,9 @@ def test_block_offload_gives_the_same_edit_with_and_without_a_lora(tiny_model, t
     plain.set_loras([(lora, 0.7)])
     offloaded.set_loras([(lora, 0.7)])
     with_lora = _edit(offloaded)
-    assert np.array_equal(with_lora, _edit(plain)) and not np.array_equal(with_lora, _edit(UniRefPipeline.from_pretrained(tiny_model)))
+    assert np.array_equal(with_lora, _edit(plain)) and not np.array_equal(
+        with_lora, _edit(UniRefPipeline.from_pretrained(tiny_model))
+    )
     assert {p.device.type for p in offloaded.c.transformer.parameters()} == {"cpu"}
 
 
@@ -81,10 +86,15 @@ def test_model_offload_moves_one_network_at_a_time_and_gives_the_same_edit(tiny_
     first, second = _edit(pipe), _edit(pipe)  # the text encoder comes back for the second edit
     assert np.array_equal(first, _edit(plain)) and np.array_equal(second, first)
 
-    one_edit = [("onto the device", "text_encoder"), *[("run", "text_encoder")] * 2,  # positive + negative prompt
-                ("off the device", "text_encoder"), ("onto the device", "transformer"),
-                *[("run", "transformer")] * 3 * 2,  # 3 steps × (positive + negative), all on one onload
-                ("off the device", "transformer"), ("run", "VAE decoder")]  # fmt: skip
+    one_edit = [
+        ("onto the device", "text_encoder"),
+        *[("run", "text_encoder")] * 2,  # positive + negative prompt
+        ("off the device", "text_encoder"),
+        ("onto the device", "transformer"),
+        *[("run", "transformer")] * 3 * 2,  # 3 steps × (positive + negative), all on one onload
+        ("off the device", "transformer"),
+        ("run", "VAE decoder"),
+    ]
     assert events == one_edit * 2
 
     lora = tmp_path / "lora.safetensors"
@@ -107,8 +117,28 @@ def test_cli_offload_writes_the_same_image(tiny_model, tmp_path, offload):
     outs = []
     for mode in ("none", offload):
         outs.append(tmp_path / f"{mode}.png")
-        code = main(["edit", "--model", str(tiny_model), *refs, "--prompt", "Put Picture 1 next to Picture 2", "--quiet",
-                     "--budget", "64", "--width", "64", "--height", "64", "--steps", "2", "--offload", mode,
-                     "-o", str(outs[-1])])  # fmt: skip
+        code = main(
+            [
+                "edit",
+                "--model",
+                str(tiny_model),
+                *refs,
+                "--prompt",
+                "Put Picture 1 next to Picture 2",
+                "--quiet",
+                "--budget",
+                "64",
+                "--width",
+                "64",
+                "--height",
+                "64",
+                "--steps",
+                "2",
+                "--offload",
+                mode,
+                "-o",
+                str(outs[-1]),
+            ]
+        )
         assert code == 0
     assert np.array_equal(np.asarray(Image.open(outs[0])), np.asarray(Image.open(outs[1])))

@@ -5,15 +5,14 @@ pixels (±1). Most cases shrink diffusers' per-image VAE area (a module constant
 same small value so the suite stays fast; one case runs at the real 1024² constant.
 """
 
+import diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus as dq
 import numpy as np
 import pytest
 import torch
+from conftest import make_refs
 from diffusers import QwenImageEditPlusPipeline
 
-import diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus as dq
 from uniref_core import UniRefPipeline
-
-from conftest import make_refs
 
 SIZES = [(96, 64), (80, 120), (200, 100)]
 PROMPT = "put the red object from Picture 1 on the left of the background of Picture 2"

@@ -3,12 +3,11 @@
 import numpy as np
 import pytest
 import torch
+from conftest import make_refs
 from PIL import Image
 
 from uniref_core import UniRefCancelled, UniRefError, pil_to_comfy
-from uniref_core.latents import pack_latents, vae_encode, to_pixels
-
-from conftest import make_refs
+from uniref_core.latents import pack_latents, to_pixels, vae_encode
 
 PROMPT = "put the object from Picture 2 on the left of Picture 1"
 
@@ -37,7 +36,9 @@ def test_self_sequence_is_target_then_each_reference_within_budget(pipe, monkeyp
     # RoPE layout: target first, then Picture 1…K in order, each at its own grid.
     assert calls[0]["img_shapes"] == [plan.img_shapes]
     assert [s[1:] for s in plan.img_shapes[1:]] == [(r.vae[1] // 16, r.vae[0] // 16) for r in plan.references]
-    assert plan.reference_tokens * 256 <= budget + 16 * sum(w + h for w, h in (r.vae for r in plan.references)) + 4 * 256
+    assert (
+        plan.reference_tokens * 256 <= budget + 16 * sum(w + h for w, h in (r.vae for r in plan.references)) + 4 * 256
+    )
     # Each reference keeps its orientation.
     assert plan.references[1].vae[1] > plan.references[1].vae[0]
     assert plan.references[3].vae[0] > plan.references[3].vae[1]
@@ -192,12 +193,18 @@ def test_a_prompt_the_model_cannot_take_is_named_not_a_traceback(pipe):
         pipe.encode(refs, "put\ud800", cfg=1.0, budget=64 * 64, width=64, height=64)
     with pytest.raises(UniRefError, match="negative prompt is not valid UTF-8 text: character 1 is the byte 0xe9"):
         pipe.encode(refs, PROMPT, "\udce9", cfg=2.0, budget=64 * 64, width=64, height=64)
-    with pytest.raises(UniRefError, match=r"prompt is too long: .* makes 5\d\d\d tokens, and the text encoder's 4096 "
-                       r"positions .* at most 4032; shorten it by at least"):  # fmt: skip
+    with pytest.raises(
+        UniRefError,
+        match=r"prompt is too long: .* makes 5\d\d\d tokens, and the text encoder's 4096 "
+        r"positions .* at most 4032; shorten it by at least",
+    ):
         pipe.encode(refs, "red " * 5000, cfg=1.0, budget=64 * 64, width=64, height=64)
     # A long, thin output moves the text's first RoPE position to half its side: less room for the prompt.
-    with pytest.raises(UniRefError, match=r"prompt is too long: .* makes 1\d\d\d tokens, and at this size \(the "
-                       r"longest image side is 7500 tokens\) the transformer's 4096 RoPE positions leave it at "
-                       r"most 3"):  # fmt: skip
+    with pytest.raises(
+        UniRefError,
+        match=r"prompt is too long: .* makes 1\d\d\d tokens, and at this size \(the "
+        r"longest image side is 7500 tokens\) the transformer's 4096 RoPE positions leave it at "
+        r"most 3",
+    ):
         pipe.encode(refs, "red " * 1000, cfg=1.0, budget=64 * 64, width=120000, height=16)
     assert pipe.encode(refs, "red " * 300, cfg=1.0, budget=64 * 64, width=64, height=64).positive.embeds.shape[1] > 300

@@ -38,8 +38,9 @@ def test_feature_similarity_is_highest_for_the_reference_the_image_copies(tmp_pa
     from transformers import Dinov2Config, Dinov2Model
 
     folder = tmp_path / "dinov2-tiny"
-    cfg = Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                       image_size=32, patch_size=8)  # fmt: skip
+    cfg = Dinov2Config(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=32, patch_size=8
+    )
     Dinov2Model(cfg).save_pretrained(folder, safe_serialization=True)
     src = load_source("features", {"path": str(folder)})
     images = [_image("red"), _image("blue")]
@@ -51,8 +52,18 @@ def test_feature_similarity_is_highest_for_the_reference_the_image_copies(tmp_pa
         load_source("features", {"path": str(tmp_path / "nowhere")})
 
 
-@pytest.mark.parametrize("text, score", [("7", 0.7), ("Score: 8/10", 0.8), ("**9**", 0.9), ("3 / 5", 0.6),
-                                         ("I think 10.", 1.0), ("no idea", None), ("12", None)])  # fmt: skip
+@pytest.mark.parametrize(
+    "text, score",
+    [
+        ("7", 0.7),
+        ("Score: 8/10", 0.8),
+        ("**9**", 0.9),
+        ("3 / 5", 0.6),
+        ("I think 10.", 1.0),
+        ("no idea", None),
+        ("12", None),
+    ],
+)
 def test_judge_answers_parse_robustly(text, score):
     assert parse_score(text) == (pytest.approx(score) if score is not None else None)
 
@@ -88,8 +99,13 @@ class _Judge(BaseHTTPRequestHandler):
         url = [c for c in content if c["type"] == "image_url"][-1]["image_url"]["url"]
         question = [c for c in content if c["type"] == "text"][0]["text"]
         im = Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))).convert("RGB")
-        colour = {(255, 255, 255): "white", (0, 0, 0): "black", (255, 0, 0): "red", (0, 128, 0): "green",
-                  (0, 0, 255): "blue"}[im.getpixel((0, 0))]  # fmt: skip
+        colour = {
+            (255, 255, 255): "white",
+            (0, 0, 0): "black",
+            (255, 0, 0): "red",
+            (0, 128, 0): "green",
+            (0, 0, 255): "blue",
+        }[im.getpixel((0, 0))]
         key = (colour, question)
         _Judge.calls[key] = _Judge.calls.get(key, 0) + 1
         if colour == "red" or (colour == "green" and _Judge.calls[key] == 1):
@@ -98,7 +114,11 @@ class _Judge(BaseHTTPRequestHandler):
             time.sleep(4.0)  # far beyond the client timeout, even on a loaded machine
         if colour == "black":
             return self._reply(200, "I cannot judge this image.")
-        answer = "Score: 8/10" if "Picture" in question and "reference" in question else ("7" if "instruction" in question else "**9**")
+        answer = (
+            "Score: 8/10"
+            if "Picture" in question and "reference" in question
+            else ("7" if "instruction" in question else "**9**")
+        )
         self._reply(200, answer)
 
 
@@ -118,8 +138,9 @@ def test_judge_scores_each_reference_and_drops_images_it_could_not_score(judge_s
     out = check_batch(src(images, row), "judge", 5)
     assert out.failed.tolist() == [False, True, True, False, True]
     for i in (0, 3):
-        assert [out.signals[f"judge/{s}"].values[i] for s in ("ref1", "ref2", "instruction", "quality")] == pytest.approx(
-            [0.8, 0.8, 0.7, 0.9])
+        assert [
+            out.signals[f"judge/{s}"].values[i] for s in ("ref1", "ref2", "instruction", "quality")
+        ] == pytest.approx([0.8, 0.8, 0.7, 0.9])
     notes = " | ".join(out.notes)
     assert "without a score" in notes and "HTTP 500 after 2 attempt(s)" in notes and "timed out" in notes
     # The failed images are out of the group's statistics: no silent 0 reward.
@@ -144,8 +165,10 @@ def test_the_judge_never_sends_a_key_over_plain_http_off_this_machine(endpoint, 
     host = endpoint.split("//")[1].split(":")[0].split("/")[0]
     with pytest.raises(RewardError) as err:
         load_source("judge", {"endpoint": endpoint})
-    assert f"endpoint {endpoint} is plain http, which would send the API key ($OPENAI_API_KEY) unencrypted to " \
-           f"{host}; use https, or a judge on this machine (localhost, 127.0.0.1, ::1)" in str(err.value)  # fmt: skip
+    assert (
+        f"endpoint {endpoint} is plain http, which would send the API key ($OPENAI_API_KEY) unencrypted to "
+        f"{host}; use https, or a judge on this machine (localhost, 127.0.0.1, ::1)" in str(err.value)
+    )
     with pytest.raises(RewardError, match=r"\(options.api_key\) unencrypted"):
         load_source("judge", {"endpoint": endpoint, "api_key": "sk-other"})
     with pytest.raises(RewardError, match="is not an http\\(s\\) URL"):

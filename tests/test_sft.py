@@ -46,11 +46,19 @@ def data(tmp_path_factory):
 def make_config(model, data, out, **over) -> dict:
     """A small two-stage config: budgets 64² → 96², 64² outputs, tiny VL copies, 2 steps each."""
     cfg = {
-        "model": str(model), "train_manifest": data["train"], "val_manifest": data["val"], "output_dir": str(out),
-        "stages": [{"budget": 64, "steps": 2, "lr": 1e-3, "batch_size": 2, "output_size": 64},
-                   {"budget": 96, "steps": 2, "lr": 5e-4, "batch_size": 2, "output_size": 64}],
-        "vl_budget": 56, "eval_samples": 0, "tensorboard": False, "seed": 3,
-    }  # fmt: skip
+        "model": str(model),
+        "train_manifest": data["train"],
+        "val_manifest": data["val"],
+        "output_dir": str(out),
+        "stages": [
+            {"budget": 64, "steps": 2, "lr": 1e-3, "batch_size": 2, "output_size": 64},
+            {"budget": 96, "steps": 2, "lr": 5e-4, "batch_size": 2, "output_size": 64},
+        ],
+        "vl_budget": 56,
+        "eval_samples": 0,
+        "tensorboard": False,
+        "seed": 3,
+    }
     cfg.update(over)
     return cfg
 
@@ -81,8 +89,18 @@ def smoke_run(tiny_model, data, tmp_path_factory):
     """Full fine-tune, two stages of 2 steps, micro-batches of 2 (one layout, padded prompts), EMA,
     TensorBoard, a checkpoint every step, evaluations."""
     out = tmp_path_factory.mktemp("smoke") / "run"
-    cfg = make_config(tiny_model, data, out, ema_decay=0.9, save_every=1, keep_checkpoints=3, eval_samples=2,
-                      eval_steps=2, tensorboard=True, micro_batch_size=2)  # fmt: skip
+    cfg = make_config(
+        tiny_model,
+        data,
+        out,
+        ema_decay=0.9,
+        save_every=1,
+        keep_checkpoints=3,
+        eval_samples=2,
+        eval_steps=2,
+        tensorboard=True,
+        micro_batch_size=2,
+    )
     result = run(cfg)
     from accelerate.state import AcceleratorState, GradientState
 
@@ -95,8 +113,8 @@ def smoke_run(tiny_model, data, tmp_path_factory):
 
 
 def test_two_stage_smoke_run_logs_checkpoints_and_exports(smoke_run, tmp_path):
-    from uniref_core import UniRefPipeline
     from training.export import export
+    from uniref_core import UniRefPipeline
 
     cfg, result = smoke_run
     out = Path(cfg["output_dir"])
@@ -122,8 +140,15 @@ def test_two_stage_smoke_run_logs_checkpoints_and_exports(smoke_run, tmp_path):
     torch.testing.assert_close(pipe.c.transformer.state_dict()["img_in.weight"], ema["img_in.weight"])
     refs = json.loads(Path(cfg["train_manifest"]).read_text().splitlines()[0])["references"]
     base = Path(cfg["train_manifest"]).parent
-    edit = pipe.edit([base / r for r in refs], "Put the red circle on the left.", steps=2, cfg=1.0, budget=64 * 64,
-                     width=64, height=64)  # fmt: skip
+    edit = pipe.edit(
+        [base / r for r in refs],
+        "Put the red circle on the left.",
+        steps=2,
+        cfg=1.0,
+        budget=64 * 64,
+        width=64,
+        height=64,
+    )
     assert edit.images[0].size == (64, 64)
 
 
@@ -147,14 +172,16 @@ def lora_run(tiny_model, data, tmp_path_factory):
 def test_lora_export_in_comfyui_key_format_merges_to_the_trained_model(tiny_model, lora_run):
     from safetensors.torch import load_file
 
+    from training.common.trainable import load_trainable_state_dict, setup_transformer
     from uniref_core import UniRefPipeline
     from uniref_core.pipeline import predict_velocity
-    from training.common.trainable import load_trainable_state_dict, setup_transformer
 
     cfg, last, lora_file, merged_dir = lora_run
     lora = load_file(lora_file)
-    key = re.compile(r"^diffusion_model\.transformer_blocks\.\d+\.(attn\.(to_[qkv]|to_out\.0|add_[qkv]_proj|to_add_out)"
-                     r"|(img|txt)_mlp\.net\.(0\.proj|2))\.(lora_A\.weight|lora_B\.weight|alpha)$")  # fmt: skip
+    key = re.compile(
+        r"^diffusion_model\.transformer_blocks\.\d+\.(attn\.(to_[qkv]|to_out\.0|add_[qkv]_proj|to_add_out)"
+        r"|(img|txt)_mlp\.net\.(0\.proj|2))\.(lora_A\.weight|lora_B\.weight|alpha)$"
+    )
     assert lora and all(key.match(k) for k in lora), [k for k in lora if not key.match(k)][:3]
     assert len(lora) == 2 * 12 * 3 and float(lora["diffusion_model.transformer_blocks.0.attn.to_q.alpha"]) == 8.0
 
@@ -213,11 +240,20 @@ def test_comfyui_applies_the_exported_lora_like_the_merged_export(tiny_model, lo
 
     host = comfy_hosts.ensure_host(version)
     _, _, lora_file, merged_dir = lora_run
-    paths = [str(lora_file), str(Path(tiny_model) / "transformer" / "diffusion_pytorch_model.safetensors"),
-             str(Path(merged_dir) / "transformer" / "diffusion_pytorch_model.safetensors")]  # fmt: skip
+    paths = [
+        str(lora_file),
+        str(Path(tiny_model) / "transformer" / "diffusion_pytorch_model.safetensors"),
+        str(Path(merged_dir) / "transformer" / "diffusion_pytorch_model.safetensors"),
+    ]
     script = COMFY_LORA_CHECK.replace("sys.argv_paths", repr(paths))
-    proc = subprocess.run([str(host.python), "-c", script], cwd=host.comfy_dir, capture_output=True, text=True,
-                          timeout=300, env=comfy_hosts.host_env())  # fmt: skip
+    proc = subprocess.run(
+        [str(host.python), "-c", script],
+        cwd=host.comfy_dir,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=comfy_hosts.host_env(),
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["layers"] == 2 * 12  # every adapted layer of both blocks
@@ -237,9 +273,8 @@ def test_two_processes_give_the_loss_curve_of_one(tiny_model, data, tmp_path, mo
     change (~1e-2): a wrong shard, noise draw or loss scaling would fail it. The weights are compared
     after plain SGD steps (tests/sgd.py), whose updates are the summed gradients themselves.
     """
-    from uniref_core.model import load_components
-
     from tests.sgd import assert_same_updates, sgd_script, use_sgd
+    from uniref_core.model import load_components
 
     use_sgd(monkeypatch)
     cfg1 = make_config(tiny_model, data, tmp_path / "one")
@@ -247,15 +282,27 @@ def test_two_processes_give_the_loss_curve_of_one(tiny_model, data, tmp_path, mo
     cfg2 = make_config(tiny_model, data, tmp_path / "two")
     config = write_config(tmp_path / "two.json", cfg2)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-           sgd_script(tmp_path), "training.sft", "--config", str(config)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29517",
+        sgd_script(tmp_path),
+        "training.sft",
+        "--config",
+        str(config),
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "2 process(es)" in proc.stdout
     one, two = train_records(tmp_path / "one"), train_records(tmp_path / "two")
     assert [r["step"] for r in one] == [r["step"] for r in two] == [1, 2, 3, 4]
-    torch.testing.assert_close(torch.tensor([r["loss"] for r in two]), torch.tensor([r["loss"] for r in one]),
-                               rtol=1e-5, atol=0)  # fmt: skip
+    torch.testing.assert_close(
+        torch.tensor([r["loss"] for r in two]), torch.tensor([r["loss"] for r in one]), rtol=1e-5, atol=0
+    )
     start = {n: p.detach() for n, p in load_components(tiny_model, dtype="fp32").transformer.named_parameters()}
     assert_same_updates(start, final_weights(tmp_path / "one"), final_weights(tmp_path / "two"))
 
@@ -283,14 +330,21 @@ sys.exit(trainer.main(["--config", sys.argv[1]]))
 
 
 def test_sigkill_after_a_checkpoint_then_resume_ends_with_the_same_weights(tiny_model, data, tmp_path):
-    stages = [{"budget": 64, "steps": 3, "lr": 1e-3, "batch_size": 2, "output_size": 64},
-              {"budget": 96, "steps": 2, "lr": 5e-4, "batch_size": 2, "output_size": 64}]  # fmt: skip
+    stages = [
+        {"budget": 64, "steps": 3, "lr": 1e-3, "batch_size": 2, "output_size": 64},
+        {"budget": 96, "steps": 2, "lr": 5e-4, "batch_size": 2, "output_size": 64},
+    ]
     killed = make_config(tiny_model, data, tmp_path / "killed", stages=stages, save_every=1, ema_decay=0.9)
     config = write_config(tmp_path / "killed.json", killed)
     marker = tmp_path / "saved"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    child = subprocess.Popen([sys.executable, "-c", KILL_CHILD, str(config), str(marker), "2"], cwd=ROOT, env=env,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    child = subprocess.Popen(
+        [sys.executable, "-c", KILL_CHILD, str(config), str(marker), "2"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     try:
         deadline = time.time() + 120
         while not marker.exists():
@@ -318,7 +372,9 @@ def test_sigkill_after_a_checkpoint_then_resume_ends_with_the_same_weights(tiny_
     ema_b = ckpt_mod.load_tensors(ckpt_mod.complete_checkpoints(tmp_path / "straight")[-1], ckpt_mod.EMA_FILE)
     for name in ema_a:
         torch.testing.assert_close(ema_a[name], ema_b[name], rtol=0, atol=0)
-    assert [r["loss"] for r in train_records(tmp_path / "killed")] == [r["loss"] for r in train_records(tmp_path / "straight")]
+    assert [r["loss"] for r in train_records(tmp_path / "killed")] == [
+        r["loss"] for r in train_records(tmp_path / "straight")
+    ]
 
 
 # 4. -------------------------------------------------------------------------------------------------
@@ -343,7 +399,9 @@ def test_crash_during_save_leaves_the_previous_checkpoint_loadable(tiny_model, d
     found = ckpt_mod.find_checkpoint("auto", out)
     assert found.name == "step_00000001"
     assert ckpt_mod.read_state(found)["global_step"] == 1
-    assert ckpt_mod.load_tensors(found, ckpt_mod.TRAINABLE_FILE) and ckpt_mod.load_torch(found, ckpt_mod.OPTIMIZER_FILE)
+    assert ckpt_mod.load_tensors(found, ckpt_mod.TRAINABLE_FILE) and ckpt_mod.load_torch(
+        found, ckpt_mod.OPTIMIZER_FILE
+    )
 
     monkeypatch.setattr(ckpt_mod, "commit", commit)
     from accelerate.state import AcceleratorState, GradientState
@@ -354,8 +412,9 @@ def test_crash_during_save_leaves_the_previous_checkpoint_loadable(tiny_model, d
     assert sorted(p.name for p in root.iterdir()) == ["step_00000001", "step_00000002"]
 
 
-def test_a_full_disk_during_a_save_is_one_line_and_leaves_no_half_checkpoint(tiny_model, data, tmp_path, monkeypatch,
-                                                                            capsys):  # fmt: skip
+def test_a_full_disk_during_a_save_is_one_line_and_leaves_no_half_checkpoint(
+    tiny_model, data, tmp_path, monkeypatch, capsys
+):
     from safetensors import SafetensorError
 
     from training.sft.trainer import main
@@ -368,17 +427,20 @@ def test_a_full_disk_during_a_save_is_one_line_and_leaves_no_half_checkpoint(tin
     def disk_full(tensors, filename, *args, **kw):
         if Path(filename).parent.name == "step_00000002.tmp":
             Path(filename).write_bytes(b"half a file")
-            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28) at path "
-                                  f'"{filename}"')  # what safetensors raises  # fmt: skip
+            raise SafetensorError(
+                f'Error while serializing: I/O error: No space left on device (os error 28) at path "{filename}"'
+            )  # what safetensors raises
         return real_save(tensors, filename, *args, **kw)
 
     monkeypatch.setattr(ckpt_mod, "save_file", disk_full)
     assert main(["--config", str(path)]) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err
-    assert f"error: checkpoint step_00000002 could not be written: the disk holding {out / 'checkpoints'} is full " \
-           "(No space left on device); free space there, e.g. delete step_… folders you no longer need or lower " \
-           "keep_checkpoints, then continue with --resume auto" in err  # fmt: skip
+    assert (
+        f"error: checkpoint step_00000002 could not be written: the disk holding {out / 'checkpoints'} is full "
+        "(No space left on device); free space there, e.g. delete step_… folders you no longer need or lower "
+        "keep_checkpoints, then continue with --resume auto" in err
+    )
     root = out / ckpt_mod.CHECKPOINTS
     assert sorted(p.name for p in root.iterdir()) == ["step_00000001"]  # the unfinished folder is gone, space freed
     assert ckpt_mod.load_tensors(ckpt_mod.find_checkpoint("auto", out), ckpt_mod.TRAINABLE_FILE)
@@ -396,8 +458,12 @@ def test_a_full_disk_during_a_save_is_one_line_and_leaves_no_half_checkpoint(tin
     GradientState._reset_state()
     assert main(["--config", str(path), "--resume", "auto"]) == 2
     err = capsys.readouterr().err
-    assert "Traceback" not in err and f"error: {out / 'log.jsonl'} could not be written: the disk holding {out} is " \
-           "full (No space left on device); free space there, then continue with --resume auto" in err  # fmt: skip
+    assert (
+        "Traceback" not in err
+        and f"error: {out / 'log.jsonl'} could not be written: the disk holding {out} is "
+        "full (No space left on device); free space there, then continue with --resume auto"
+        in err
+    )
 
 
 def test_an_output_dir_that_is_a_file_is_named(tiny_model, data, tmp_path, capsys):
@@ -446,8 +512,11 @@ def test_bad_rows_are_reported_and_skipped(tiny_model, data, tmp_path):
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"not really a png" * 10)
-    good = {**rows[0], "references": [str(base / r) for r in rows[0]["references"]],
-            "target": str(base / rows[0]["target"])}  # fmt: skip
+    good = {
+        **rows[0],
+        "references": [str(base / r) for r in rows[0]["references"]],
+        "target": str(base / rows[0]["target"]),
+    }
     lines = [
         json.dumps(good),
         json.dumps({**good, "references": [str(bad / "missing.png")]}),
@@ -470,8 +539,14 @@ def test_bad_rows_are_reported_and_skipped(tiny_model, data, tmp_path):
     assert "6 rows, 1 usable, 5 skipped" in report.summary()
 
     # A target smaller than a stage's output size would be upscaled: skipped, the stage named.
-    big = config_from_dict(make_config(tiny_model, data, tmp_path / "o", stages=[
-        {"budget": 64, "steps": 1, "lr": 1e-3, "batch_size": 1, "output_size": 128}]))  # fmt: skip
+    big = config_from_dict(
+        make_config(
+            tiny_model,
+            data,
+            tmp_path / "o",
+            stages=[{"budget": 64, "steps": 1, "lr": 1e-3, "batch_size": 1, "output_size": 128}],
+        )
+    )
     kept, report = load_rows([str(manifest)], big)
     assert not kept and "smaller than stage 1's output 128×128" in dict(report.skipped)["manifest.jsonl:1"]
 
@@ -480,13 +555,25 @@ def test_bad_rows_are_reported_and_skipped(tiny_model, data, tmp_path):
     "change, message",
     [
         ({"lerning_rate": 1e-4}, "unknown config key 'lerning_rate' in the config"),
-        ({"stages": [{"budget": 64, "steps": 1, "lr": 1e-3, "batch_size": 1, "out_size": 64}]},
-         "unknown config key 'out_size' in stages[0] (stage 1): did you mean 'output_size'"),
+        (
+            {"stages": [{"budget": 64, "steps": 1, "lr": 1e-3, "batch_size": 1, "out_size": 64}]},
+            "unknown config key 'out_size' in stages[0] (stage 1): did you mean 'output_size'",
+        ),
         ({"stages": []}, "stages is empty"),
-        ({"stages": [{"budget": 64, "steps": 1, "lr": 1e-3, "batch_size": 1},
-                     {"budget": 0, "steps": 1, "lr": 1e-3, "batch_size": 1}]}, "stages[1] (stage 2): budget is 0"),
+        (
+            {
+                "stages": [
+                    {"budget": 64, "steps": 1, "lr": 1e-3, "batch_size": 1},
+                    {"budget": 0, "steps": 1, "lr": 1e-3, "batch_size": 1},
+                ]
+            },
+            "stages[1] (stage 2): budget is 0",
+        ),
         ({"stages": [{"budget": 64, "steps": 0, "lr": 1e-3, "batch_size": 1}]}, "stages[0] (stage 1): steps is 0"),
-        ({"stages": [{"budget": 64, "steps": 1, "lr": 1e-3, "batch_size": 0}]}, "stages[0] (stage 1): batch_size is 0"),
+        (
+            {"stages": [{"budget": 64, "steps": 1, "lr": 1e-3, "batch_size": 0}]},
+            "stages[0] (stage 1): batch_size is 0",
+        ),
         ({"lora": {"rank": 4, "alpha": 4, "rnak": 2}}, "unknown config key 'rnak' in lora"),
         ({"mixed_precision": "fp8"}, "mixed_precision is 'fp8'"),
         ({"micro_batch_size": 3}, "stages[0] (stage 1): batch_size 2 is not a multiple of micro_batch_size 3"),
@@ -538,8 +625,10 @@ def test_config_file_json_and_toml(tiny_model, data, tmp_path):
     cfg = make_config(tiny_model, data, tmp_path)
     assert load_config(write_config(tmp_path / "c.json", cfg)).stages[1].budget == 96 * 96
     toml = tmp_path / "c.toml"
-    toml.write_text(f'model = "{tiny_model}"\ntrain_manifest = "{data["train"]}"\n'
-                    '[[stages]]\nbudget = "1536x1024"\nsteps = 5\nlr = 1e-4\nbatch_size = 4\n')  # fmt: skip
+    toml.write_text(
+        f'model = "{tiny_model}"\ntrain_manifest = "{data["train"]}"\n'
+        '[[stages]]\nbudget = "1536x1024"\nsteps = 5\nlr = 1e-4\nbatch_size = 4\n'
+    )
     loaded = load_config(toml)
     assert loaded.stages[0].budget == 1536 * 1024 and loaded.lora is None and loaded.mixed_precision == "no"
     shipped = load_config(ROOT / "training" / "configs" / "tiny_shapecompose.json")
@@ -611,8 +700,12 @@ def test_padded_text_batch_equals_one_sample_forwards(tiny_model, data):
         for j, (e, p) in enumerate(zip(encoded, prompts)):
             alone = predict_velocity(tr, x[j : j + 1], t[j : j + 1], e.refs, p.embeds, None, [e.img_shapes])
             torch.testing.assert_close(together[j : j + 1], alone, rtol=1e-5, atol=1e-5)
-    other = next(i for g2 in by_layout.values() for i in g2 if i not in group and
-                 layout_key(plan_row(rows[i], stage, cfg)) != layout_key(encoded[0].plan))  # fmt: skip
+    other = next(
+        i
+        for g2 in by_layout.values()
+        for i in g2
+        if i not in group and layout_key(plan_row(rows[i], stage, cfg)) != layout_key(encoded[0].plan)
+    )
     with pytest.raises(ValueError, match="mixes layouts"):
         e2 = enc.latents(rows[other], stage)
         collate([encoded[0], e2], [prompts[0], enc.prompt(rows[other], e2.plan)], "cpu", torch.float32)
@@ -629,8 +722,16 @@ def test_training_encodes_samples_exactly_as_inference(tiny_model, data):
     enc = SampleEncoder(pipe.c, cfg)
     encoded = enc.latents(row, stage)
     prompt = enc.prompt(row, encoded.plan)
-    cond = pipe.encode([str(p) for p in row.references], row.instruction, cfg=1.0, mode="budget",
-                       budget=stage.budget, vl_budget=cfg.vl_budget, width=64, height=64)  # fmt: skip
+    cond = pipe.encode(
+        [str(p) for p in row.references],
+        row.instruction,
+        cfg=1.0,
+        mode="budget",
+        budget=stage.budget,
+        vl_budget=cfg.vl_budget,
+        width=64,
+        height=64,
+    )
     assert cond.plan.img_shapes == encoded.img_shapes
     assert torch.equal(cond.positive.embeds, prompt.embeds)
     for a, b in zip(cond.ref_tokens, encoded.refs):

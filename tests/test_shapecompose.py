@@ -149,7 +149,11 @@ def test_checker_tolerates_mild_degradation_but_not_blur():
 
 def test_each_reference_is_scored_on_its_own(samples):
     """Break one object of a composition: only its reference (and the instruction) loses credit."""
-    s = next(x for x in samples if x.kind == "compose" and x.k >= 4 and all(r["role"] == "object" for r in x.spec["references"]))
+    s = next(
+        x
+        for x in samples
+        if x.kind == "compose" and x.k >= 4 and all(r["role"] == "object" for r in x.spec["references"])
+    )
     sp = wrong_colour_spec(s.spec)
     sc = score(render_target(sp), s)
     broken = s.spec["objects"][0]["ref"]
@@ -173,8 +177,14 @@ def test_copy_instead_of_move_and_pasted_reference_crops_are_caught():
         ref = s.references[o["ref"]]
         r = s.spec["references"][o["ref"]]["object"]
         half = o["size"] * 0.8
-        crop = ref.crop((round(r["centre"][0] - r["size"] * 0.8), round(r["centre"][1] - r["size"] * 0.8),
-                         round(r["centre"][0] + r["size"] * 0.8), round(r["centre"][1] + r["size"] * 0.8)))  # fmt: skip
+        crop = ref.crop(
+            (
+                round(r["centre"][0] - r["size"] * 0.8),
+                round(r["centre"][1] - r["size"] * 0.8),
+                round(r["centre"][0] + r["size"] * 0.8),
+                round(r["centre"][1] + r["size"] * 0.8),
+            )
+        )
         crop = crop.resize((round(2 * half), round(2 * half)))
         out.paste(crop, (round(o["centre"][0] - half), round(o["centre"][1] - half)))
     sc = score(out, s)
@@ -194,7 +204,11 @@ def test_same_seed_gives_identical_pixels_and_splits_never_share_seeds():
         assert [pixels(r) for r in a.references] == [pixels(r) for r in b.references]
     assert pixels(make_sample(1).target) != pixels(make_sample(2).target)
     seeds = {split: set(split_seeds(split, 1000)) for split in SPLIT_SEED_BASE}
-    assert not (seeds["train"] & seeds["val"]) and not (seeds["train"] & seeds["test"]) and not (seeds["val"] & seeds["test"])
+    assert (
+        not (seeds["train"] & seeds["val"])
+        and not (seeds["train"] & seeds["test"])
+        and not (seeds["val"] & seeds["test"])
+    )
     train, test = make_split("train", 4), make_split("test", 4)
     assert {s.seed for s in train}.isdisjoint({s.seed for s in test})
     assert [pixels(s.target) for s in test] == [pixels(s.target) for s in make_split("test", 4)]
@@ -304,10 +318,24 @@ def test_manifest_round_trip(tmp_path, samples):
 def test_rendered_shapes_are_told_apart_at_the_smallest_size():
     """Every shape drawn at ~20 px is recognised as itself, and as nothing else, by the checker."""
     for shape in SHAPES:
-        spec = {"kind": "compose", "size": 128, "background": "gray", "edit": None,
-                "references": [{"role": "object", "shape": shape, "colour": "red"}],
-                "objects": [{"shape": shape, "colour": "red", "slot": "centre", "box": [44, 44, 84, 84],
-                             "centre": [64, 64], "size": 20, "ref": 0}]}  # fmt: skip
+        spec = {
+            "kind": "compose",
+            "size": 128,
+            "background": "gray",
+            "edit": None,
+            "references": [{"role": "object", "shape": shape, "colour": "red"}],
+            "objects": [
+                {
+                    "shape": shape,
+                    "colour": "red",
+                    "slot": "centre",
+                    "box": [44, 44, 84, 84],
+                    "centre": [64, 64],
+                    "size": 20,
+                    "ref": 0,
+                }
+            ],
+        }
         img = render_target(spec)
         assert score(img, spec).per_reference[0] >= 0.95, shape
         for other in SHAPES:
@@ -327,19 +355,25 @@ def test_square_references_give_one_layout_per_k_and_the_same_task():
         assert all(r.size == (96, 96) for s in square for r in s.references)
         assert [s.instruction for s in square] == [s.instruction for s in free]
         assert [s.spec["objects"] for s in square] == [s.spec["objects"] for s in free]
-        layouts = {tuple(plan_references([r.size for r in s.references], "budget", 128 * 128, width=128, height=128,
-                                         token_px=8).img_shapes) for s in square}  # fmt: skip
+        layouts = {
+            tuple(
+                plan_references(
+                    [r.size for r in s.references], "budget", 128 * 128, width=128, height=128, token_px=8
+                ).img_shapes
+            )
+            for s in square
+        }
         assert len(layouts) == 1
     with pytest.raises(ValueError, match="ref_side"):
         make_sample(0, k=2, kind="compose", ref_side=8)
 
 
 def test_anchored_order_fixes_each_picture_role_and_sizes_objects_for_their_slot():
-    """"anchored" (what the built-in model ships on): at K ≥ 2 the last picture is always the background, the
+    """ "anchored" (what the built-in model ships on): at K ≥ 2 the last picture is always the background, the
     objects sit centred on a flat background at about the size SELF then gives their slot (96 px references
     at budget 128², K = 2, 3), and reading order holds; the checker still passes the ground truth."""
-    from uniref_core.budget import plan_references
     from training.tasks.shapecompose import ANCHORED_OBJECT_FRAC
+    from uniref_core.budget import plan_references
 
     for k in (1, 2, 3, 4):
         for seed in range(TEST + 6000, TEST + 6010):
@@ -348,8 +382,9 @@ def test_anchored_order_fixes_each_picture_role_and_sizes_objects_for_their_slot
             assert roles == ["object"] * (k - 1) + ["background"] if k >= 2 else roles == ["object"]
             assert f"on the background of Picture {k}" in s.instruction if k >= 2 else "Picture 2" not in s.instruction
             assert [o["ref"] for o in s.spec["objects"]] == list(range(len(s.spec["objects"])))
-            plan = plan_references([r.size for r in s.references], "budget", 128 * 128, width=128, height=128,
-                                   token_px=8)  # fmt: skip
+            plan = plan_references(
+                [r.size for r in s.references], "budget", 128 * 128, width=128, height=128, token_px=8
+            )
             for ref, rs, rp in zip(s.references, s.spec["references"], plan.references):
                 if rs["role"] != "object":
                     continue

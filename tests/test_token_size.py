@@ -10,17 +10,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus as dq
 import numpy as np
 import pytest
+from conftest import make_refs
+from test_parity import AREA, PROMPT, SIZES, diffusers_edit
 
-import diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus as dq
 from uniref_core import UniRefPipeline
 from uniref_core.budget import plan_references
 from uniref_core.errors import UniRefError
 from uniref_core.model import check_model_folder, token_px_of
-
-from conftest import make_refs
-from test_parity import AREA, PROMPT, SIZES, diffusers_edit
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -41,8 +40,9 @@ def test_per_image_edit_with_a_4x_vae_reproduces_diffusers(tiny_model_4x, pipe4,
     monkeypatch.setattr(dq, "VAE_IMAGE_SIZE", AREA)
     refs = make_refs(SIZES[:k], seed=k)
     want = diffusers_edit(tiny_model_4x, refs, cfg, seed=5, steps=3, width=72, height=104)
-    got = pipe4.edit(refs, PROMPT, " ", mode="per_image", per_image_area=AREA, cfg=cfg, seed=5, steps=3,
-                     width=72, height=104)  # fmt: skip
+    got = pipe4.edit(
+        refs, PROMPT, " ", mode="per_image", per_image_area=AREA, cfg=cfg, seed=5, steps=3, width=72, height=104
+    )
     img = np.asarray(got.images[0]).astype(int)
     # 72 and 104 are multiples of 8, not of 16: only a model of 8 px tokens can make this size.
     assert img.shape == want.shape == (104, 72, 3)
@@ -95,9 +95,27 @@ def test_cli_plan_uses_16px_tokens_without_a_model_and_the_models_with_one(tiny_
         r.save(tmp_path / f"r{i}.png")
 
     def plan(*extra):
-        out = subprocess.run([sys.executable, "-m", "uniref_core", "plan", *paths, "--budget", "128",
-                              "--width", "128", "--height", "128", "--json", *extra],
-                             capture_output=True, text=True, cwd=ROOT, timeout=120)  # fmt: skip
+        out = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "uniref_core",
+                "plan",
+                *paths,
+                "--budget",
+                "128",
+                "--width",
+                "128",
+                "--height",
+                "128",
+                "--json",
+                *extra,
+            ],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            timeout=120,
+        )
         assert out.returncode == 0, out.stderr
         return json.loads(out.stdout)
 

@@ -7,13 +7,12 @@ import json
 import pytest
 import torch
 
-from training.common.config import ConfigError
-from training.sft.config import config_from_dict
-from uniref_core.fp8 import FP8Linear
-
 from tests.sgd import assert_same_updates, use_sgd
 from tests.test_msgrpo import TRUSTED, prompts, rl_config  # noqa: F401  (the fixture is used by name)
 from tests.test_sft import data, make_config, train_records  # noqa: F401
+from training.common.config import ConfigError
+from training.sft.config import config_from_dict
+from uniref_core.fp8 import FP8Linear
 
 
 @pytest.fixture(autouse=True)
@@ -26,8 +25,14 @@ def _fresh_accelerate_state():
 
 
 def lora_config(model, data, out, **over) -> dict:
-    cfg = make_config(model, data, out, lora={"rank": 4, "alpha": 4}, mixed_precision="bf16",
-                      stages=[{"budget": 64, "steps": 2, "lr": 1e-3, "batch_size": 2, "output_size": 64}])  # fmt: skip
+    cfg = make_config(
+        model,
+        data,
+        out,
+        lora={"rank": 4, "alpha": 4},
+        mixed_precision="bf16",
+        stages=[{"budget": 64, "steps": 2, "lr": 1e-3, "batch_size": 2, "output_size": 64}],
+    )
     cfg.update(over)
     return cfg
 
@@ -59,8 +64,11 @@ def test_lora_trains_fp32_adapters_on_a_frozen_base_in_its_own_dtype(tiny_model,
     fp8 = [m for m in transformer.modules() if isinstance(m, FP8Linear)]
     if base == "fp8":
         assert fp8 and all(m.weight_fp8.dtype == torch.uint8 for m in fp8)
-        assert not any(isinstance(m, torch.nn.Linear) for n, m in transformer.named_modules()
-                       if n.startswith("transformer_blocks.") and "lora_" not in n)  # fmt: skip
+        assert not any(
+            isinstance(m, torch.nn.Linear)
+            for n, m in transformer.named_modules()
+            if n.startswith("transformer_blocks.") and "lora_" not in n
+        )
     else:
         assert not fp8
 
@@ -87,8 +95,10 @@ def test_fp8_base_lora_run_exports_a_comfyui_lora_like_a_bf16_base(tiny_model, d
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()
     assert runs["fp8"].losses[0] == pytest.approx(runs["bf16"].losses[0], rel=0.05)
-    files = {b: export(ckpt_mod.complete_checkpoints(tmp_path / b)[-1], tmp_path / f"{b}.safetensors", lora_only=True)
-             for b in runs}  # fmt: skip
+    files = {
+        b: export(ckpt_mod.complete_checkpoints(tmp_path / b)[-1], tmp_path / f"{b}.safetensors", lora_only=True)
+        for b in runs
+    }
     from safetensors.torch import load_file
 
     keys = {b: set(load_file(f)) for b, f in files.items()}
@@ -100,8 +110,9 @@ def test_fp8_base_lora_run_exports_a_comfyui_lora_like_a_bf16_base(tiny_model, d
     cfg = config_from_dict(lora_config(tiny_model, data, tmp_path / "z", base_dtype="fp8"))
     model = load_transformer(cfg, "cpu")
     setup_transformer(model, cfg.lora, False)
-    load_trainable_state_dict(model, ckpt_mod.load_tensors(ckpt_mod.complete_checkpoints(tmp_path / "fp8")[-1],
-                                                           ckpt_mod.TRAINABLE_FILE))  # fmt: skip
+    load_trainable_state_dict(
+        model, ckpt_mod.load_tensors(ckpt_mod.complete_checkpoints(tmp_path / "fp8")[-1], ckpt_mod.TRAINABLE_FILE)
+    )
     layer = model.transformer_blocks[0].attn.to_q
     x = torch.randn(1, 16, layer.in_features, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -134,8 +145,9 @@ def test_checkpointing_defaults_on_only_above_a_billion_parameters(tiny_model, d
     assert cfg.gradient_checkpointing is None and not model_mod.use_checkpointing(cfg)
     monkeypatch.setattr(model_mod, "transformer_parameters", lambda model: 20_400_000_000)
     assert model_mod.use_checkpointing(cfg)
-    assert not model_mod.use_checkpointing(config_from_dict(lora_config(tiny_model, data, tmp_path,
-                                                                        gradient_checkpointing=False)))  # fmt: skip
+    assert not model_mod.use_checkpointing(
+        config_from_dict(lora_config(tiny_model, data, tmp_path, gradient_checkpointing=False))
+    )
 
 
 # -- the encoding pass ----------------------------------------------------------------------------------
@@ -166,8 +178,9 @@ def test_text_encoder_is_gone_before_the_transformer_loads(tiny_model, data, tmp
     assert seen == [before]
 
 
-def test_cache_is_reused_by_a_later_run_and_never_across_models(tiny_model, tiny_model_2511, data, tmp_path,
-                                                                monkeypatch):  # fmt: skip
+def test_cache_is_reused_by_a_later_run_and_never_across_models(
+    tiny_model, tiny_model_2511, data, tmp_path, monkeypatch
+):
     """A second run on the same model, data and sizes reads every encoding from the shared cache (the encoders are
     not even loaded) and trains exactly as the first; a changed stage re-encodes only that stage; another model's
     encoders get their own folder."""
@@ -202,8 +215,9 @@ def test_cache_is_reused_by_a_later_run_and_never_across_models(tiny_model, tiny
     assert len(list(cache.iterdir())) == 5  # its own prompts and stage folders
 
 
-def test_an_interrupted_encoding_pass_keeps_whole_shards_and_the_next_run_encodes_the_rest(tiny_model, data,
-                                                                                          tmp_path, monkeypatch):  # fmt: skip
+def test_an_interrupted_encoding_pass_keeps_whole_shards_and_the_next_run_encodes_the_rest(
+    tiny_model, data, tmp_path, monkeypatch
+):
     from training.common import cache as cache_mod
     from training.sft import data as data_mod
 
@@ -226,7 +240,9 @@ def test_an_interrupted_encoding_pass_keeps_whole_shards_and_the_next_run_encode
     calls.clear()
     monkeypatch.setattr(data_mod.SampleEncoder, "prompt", real)
     encoded = []
-    monkeypatch.setattr(data_mod.SampleEncoder, "prompt", lambda self, row, plan: encoded.append(1) or real(self, row, plan))
+    monkeypatch.setattr(
+        data_mod.SampleEncoder, "prompt", lambda self, row, plan: encoded.append(1) or real(self, row, plan)
+    )
     sft(cfg)
     rows = sum(1 for _ in open(data["train"]))
     assert len(encoded) == rows - 3  # the first shard's 3 rows were not encoded again
@@ -250,8 +266,9 @@ def test_policy_micro_batches_give_the_update_of_one_batch(tiny_model, prompts, 
         cfg = rl_config(tiny_model, prompts, tmp_path / name, grid_every=0, lr=1.0, steps=1, policy_micro_batch=micro)
         res = run(rl_from_dict(cfg), trusted_modules=TRUSTED)
         assert res.records[0]["items"] == 12
-        weights[name] = ckpt_mod.load_tensors(ckpt_mod.complete_checkpoints(tmp_path / name)[-1],
-                                              ckpt_mod.TRAINABLE_FILE)  # fmt: skip
+        weights[name] = ckpt_mod.load_tensors(
+            ckpt_mod.complete_checkpoints(tmp_path / name)[-1], ckpt_mod.TRAINABLE_FILE
+        )
         from accelerate.state import AcceleratorState, GradientState
 
         AcceleratorState._reset_state(reset_partial_state=True)

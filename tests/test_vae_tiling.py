@@ -74,9 +74,32 @@ def test_cli_vae_tiling_option(tiny_model, tmp_path):
     images = {}
     for setting in ("off", "on", "auto"):
         out = tmp_path / f"{setting}.png"
-        code = main(["edit", "--model", str(tiny_model), "--ref", str(ref), "--prompt", "Picture 1 at dusk", "--quiet",
-                     "--budget", "64", "--width", "320", "--height", "320", "--steps", "1", "--cfg", "1",
-                     "--vae-tiling", setting, "-o", str(out)])  # fmt: skip
+        code = main(
+            [
+                "edit",
+                "--model",
+                str(tiny_model),
+                "--ref",
+                str(ref),
+                "--prompt",
+                "Picture 1 at dusk",
+                "--quiet",
+                "--budget",
+                "64",
+                "--width",
+                "320",
+                "--height",
+                "320",
+                "--steps",
+                "1",
+                "--cfg",
+                "1",
+                "--vae-tiling",
+                setting,
+                "-o",
+                str(out),
+            ]
+        )
         assert code == 0
         images[setting] = np.asarray(Image.open(out)).astype(int)
     assert np.array_equal(images["auto"], images["off"])  # 320² is below auto's threshold

@@ -12,7 +12,9 @@ from uniref_core.latents import to_pixels, vae_decode, vae_encode
 def test_vae_learns_to_reconstruct_and_its_latents_are_normalised(tiny_model, tmp_path):
     from diffusers import AutoencoderKLQwenImage
 
-    out = train_vae(tiny_model, tmp_path / "vae", steps=150, batch_size=4, crop=32, lr=2e-3, seed=0, log=lambda m: None)
+    out = train_vae(
+        tiny_model, tmp_path / "vae", steps=150, batch_size=4, crop=32, lr=2e-3, seed=0, log=lambda m: None
+    )
     l1 = [r["l1"] for r in json.loads((out / "train_log.json").read_text())]
     assert len(l1) == 150 and all(np.isfinite(l1))  # one record a step (crops differ a lot: no trend test here)
     assert not list(out.glob("*.bin")) and list(out.glob("*.safetensors"))
@@ -51,8 +53,13 @@ def test_vae_ceiling_cli_reports_what_its_reconstructions_score(tiny_model):
     from pathlib import Path
 
     root = Path(__file__).resolve().parent.parent
-    r = subprocess.run([sys.executable, "-m", "training.vae", "--model", str(tiny_model), "--ceiling", "--n", "2"],
-                       capture_output=True, text=True, cwd=root, timeout=600)  # fmt: skip
+    r = subprocess.run(
+        [sys.executable, "-m", "training.vae", "--model", str(tiny_model), "--ceiling", "--n", "2"],
+        capture_output=True,
+        text=True,
+        cwd=root,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr
     ceiling = json.loads(r.stdout)
     from training.tasks.shapecompose import EDIT_KINDS
@@ -60,6 +67,11 @@ def test_vae_ceiling_cli_reports_what_its_reconstructions_score(tiny_model):
     assert set(ceiling) == {"1", "2", "3", "4", "5", "6", "8"} | {f"edit:{kind}" for kind in EDIT_KINDS}
     for k, scores in ceiling.items():
         assert 0.0 <= scores["per_reference"] <= 0.2 and 0.0 <= scores["instruction"] <= 0.2, (k, scores)
-    bad = subprocess.run([sys.executable, "-m", "training.vae", "--model", str(tiny_model)], capture_output=True,
-                         text=True, cwd=root, timeout=600)  # fmt: skip
+    bad = subprocess.run(
+        [sys.executable, "-m", "training.vae", "--model", str(tiny_model)],
+        capture_output=True,
+        text=True,
+        cwd=root,
+        timeout=600,
+    )
     assert bad.returncode == 2 and "--out" in bad.stderr and "Traceback" not in bad.stderr

@@ -59,9 +59,7 @@ def _control_values(name: str, typ, opts: dict) -> int:
     return 0
 
 
-def _lay_out(
-    inputs: dict, order: dict, values: list, out: dict, prefix: str, upload: bool, pos: int = 0
-) -> int:
+def _lay_out(inputs: dict, order: dict, values: list, out: dict, prefix: str, upload: bool, pos: int = 0) -> int:
     """Assign values[pos:] to the widget inputs in frontend order; returns the next position.
     A DynamicCombo's chosen option's widgets follow its own value, named "<combo>.<input>"."""
     for section in ("required", "optional"):
@@ -130,6 +128,7 @@ def ui_to_api(workflow: dict, object_info: dict) -> dict:
     subgraphs = {s.get("id") for s in (workflow.get("definitions") or {}).get("subgraphs") or []}
     nodes = {n["id"]: n for n in workflow.get("nodes", [])}
     links = _links(workflow)
+
     def resolve(link_id, depth=0):
         """("link", [origin id, slot]), ("value", v) from a PrimitiveNode, or None (dropped)."""
         if link_id is None or link_id not in links or depth > 100:
@@ -196,4 +195,3 @@ def split_workflows(folder) -> tuple[list, list]:
         types = {n["type"] for n in json.loads(path.read_text())["nodes"]}
         (native if types & set(NATIVE_LOADERS) else pack).append(path)
     return pack, native
-

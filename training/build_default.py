@@ -68,10 +68,27 @@ RECIPE = {
     # VAE painted bands onto whole images).
     "vae": {"dim_mult": [1, 2, 4], "temperal_downsample": [False, True]},
     "vae_phases": [
-        {"steps": 1500, "lr": 1.5e-3, "kl_weight": 1e-6, "focus": 4, "seed": 0, "crop": 64, "l2_weight": 1.0,
-         "bf16": False},
-        {"steps": 700, "lr": 1e-3, "kl_weight": 1e-6, "focus": 1, "seed": 1, "crop": 128, "batch_size": 4,
-         "l2_weight": 1.0, "bf16": False},
+        {
+            "steps": 1500,
+            "lr": 1.5e-3,
+            "kl_weight": 1e-6,
+            "focus": 4,
+            "seed": 0,
+            "crop": 64,
+            "l2_weight": 1.0,
+            "bf16": False,
+        },
+        {
+            "steps": 700,
+            "lr": 1e-3,
+            "kl_weight": 1e-6,
+            "focus": 1,
+            "seed": 1,
+            "crop": 128,
+            "batch_size": 4,
+            "l2_weight": 1.0,
+            "bf16": False,
+        },
     ],
     "eval_n": 24,  # test samples per K and per edit kind
     "eval_refs": "1-6",
@@ -85,8 +102,14 @@ MODEL_DEFAULTS = {"budget": 192 * 192, "vl_budget": 112 * 112, "output_area": 12
 #: their manifests). `ANCHORED`: K = 1…3 compositions (`training.tasks.shapecompose.COMPOSE_ORDERS` "anchored":
 #: objects centred in square references at about the size their slot asks for, a background reference last at
 #: K ≥ 2), K = 3 drawn twice as often as K = 1 or 2.
-ANCHORED = {"folder": "data-anchored", "ks": (1, 2, 3, 3), "order": "anchored", "train_samples": 3000,
-            "val_samples": 32, "compose_fraction": 1.0}
+ANCHORED = {
+    "folder": "data-anchored",
+    "ks": (1, 2, 3, 3),
+    "order": "anchored",
+    "train_samples": 3000,
+    "val_samples": 32,
+    "compose_fraction": 1.0,
+}
 SFT_DATA = (ANCHORED,)
 
 #: The SFT phases in order. The first starts from ``<work>/init``; each later one from its config's "model", where
@@ -95,9 +118,17 @@ SFT_PHASES = (CONFIGS / "sft_default_1.json", CONFIGS / "sft_default_2.json")
 
 #: The last step: MSGRPO from the SFT export, the `sum` arm of training/README.md's aggregation ablation (checker
 #: reward, 4 groups of 6 a step), on prompts of its own: 400 anchored compositions with K = 2, 3, 3.
-MSGRPO = {"config": CONFIGS / "msgrpo_default.json",
-          "data": {"folder": "rl-data", "ks": (2, 3, 3), "order": "anchored", "train_samples": 400, "val_samples": 8,
-                   "compose_fraction": 1.0}}  # fmt: skip
+MSGRPO = {
+    "config": CONFIGS / "msgrpo_default.json",
+    "data": {
+        "folder": "rl-data",
+        "ks": (2, 3, 3),
+        "order": "anchored",
+        "train_samples": 400,
+        "val_samples": 8,
+        "compose_fraction": 1.0,
+    },
+}
 
 
 def _done(path: Path) -> bool:
@@ -123,8 +154,15 @@ def step_data(work: Path, log, data: dict) -> None:
             continue
         with atomic_dir(final) as tmp:
             t0 = time.perf_counter()
-            samples = make_mixture(split, n, data["compose_fraction"], data["ks"], RECIPE["size"],
-                                   order=data["order"], ref_side=RECIPE["ref_side"])  # fmt: skip
+            samples = make_mixture(
+                split,
+                n,
+                data["compose_fraction"],
+                data["ks"],
+                RECIPE["size"],
+                order=data["order"],
+                ref_side=RECIPE["ref_side"],
+            )
             write_manifest(samples, tmp)
             _mark(tmp, {"samples": n, "seconds": time.perf_counter() - t0})
         log(f"data: {split} {n} samples in {time.perf_counter() - t0:.0f} s")
@@ -230,12 +268,25 @@ def _launch(trainer: str, config_path: Path, nproc: int, output_dir, log) -> Non
     checkpoint; on a CPU each process gets an equal share of the cores."""
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", f"training.{trainer}", "--config", str(config_path), "--resume", "auto"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        f"training.{trainer}",
+        "--config",
+        str(config_path),
+        "--resume",
+        "auto",
+    ]
     log(f"{trainer}: " + " ".join(cmd[1:]))
     if subprocess.run(cmd, env=env).returncode != 0:
-        raise UniRefError(f"training.{trainer} stopped (see the output above); run the command again to resume "
-                          f"from the newest checkpoint in {output_dir}")  # fmt: skip
+        raise UniRefError(
+            f"training.{trainer} stopped (see the output above); run the command again to resume "
+            f"from the newest checkpoint in {output_dir}"
+        )
 
 
 def stage_end_checkpoints(cfg) -> list[Path]:
@@ -268,11 +319,13 @@ def step_export(cfg, out: Path, work: Path, log, shapecompose: dict | None = Non
 
     ends = stage_end_checkpoints(cfg)
     if len(ends) != len(cfg.stages):
-        raise UniRefError(f"{cfg.output_dir} has {len(ends)} stage-end checkpoints, expected {len(cfg.stages)}: "
-                          "run the command again to finish SFT")  # fmt: skip
+        raise UniRefError(
+            f"{cfg.output_dir} has {len(ends)} stage-end checkpoints, expected {len(cfg.stages)}: "
+            "run the command again to finish SFT"
+        )
     models = {"after_stage1": work / "after_stage1", "final": out}
     pairs = [("after_stage1", ends[0]), ("final", ends[-1])] if len(ends) > 1 else [("final", ends[-1])]
-    for (name, ckpt), stage in zip(pairs, [cfg.stages[0], cfg.stages[-1]][-len(pairs):]):
+    for (name, ckpt), stage in zip(pairs, [cfg.stages[0], cfg.stages[-1]][-len(pairs) :]):
         export(ckpt, models[name], weights="auto")
         # The model's default budget is the one it was last trained at.
         info_path = models[name] / "uniref.json"
@@ -300,9 +353,14 @@ def step_msgrpo(sft_model: Path, out: Path, work: Path, log, nproc: int = 1) -> 
     from .rl.config import load_config
 
     step_data(work, log, MSGRPO["data"])
-    config_path = build_config(MSGRPO["config"], work, "msgrpo.json", model=str(sft_model),
-                               output_dir=str(work / "msgrpo"),
-                               train_manifest=str(work / MSGRPO["data"]["folder"] / "train" / "manifest.jsonl"))  # fmt: skip
+    config_path = build_config(
+        MSGRPO["config"],
+        work,
+        "msgrpo.json",
+        model=str(sft_model),
+        output_dir=str(work / "msgrpo"),
+        train_manifest=str(work / MSGRPO["data"]["folder"] / "train" / "manifest.jsonl"),
+    )
     cfg = load_config(config_path)
     if not _trained(cfg.output_dir, cfg.steps):
         t0 = time.perf_counter()
@@ -326,8 +384,15 @@ def step_eval(models: dict[str, Path], work: Path, log, order: str = "reading", 
     ks = parse_refs(RECIPE["eval_refs"])
     for name, path in models.items():
         for seed in RECIPE["eval_seeds"]:
-            res = evaluate_model(path, "test", ks, RECIPE["eval_n"], seed=seed, edits=RECIPE["eval_n"],
-                                 grid_path=folder / f"{name}_seed{seed}.png")  # fmt: skip
+            res = evaluate_model(
+                path,
+                "test",
+                ks,
+                RECIPE["eval_n"],
+                seed=seed,
+                edits=RECIPE["eval_n"],
+                grid_path=folder / f"{name}_seed{seed}.png",
+            )
             (folder / f"{name}_seed{seed}.json").write_text(json.dumps(res, indent=1))
             results[f"{name}_seed{seed}"] = res
             log(f"eval {name} seed {seed}: " + json.dumps({**res["per_k"], **res.get("edit_kinds", {})}))
@@ -336,8 +401,9 @@ def step_eval(models: dict[str, Path], work: Path, log, order: str = "reading", 
         from .vae import load_vae, reconstruction_ceiling
 
         vae = load_vae(next(iter(models.values()))).eval()
-        ceiling = reconstruction_ceiling(vae, RECIPE["size"], ks=ks, n=RECIPE["eval_n"], order=order,
-                                         edits=RECIPE["eval_n"])  # fmt: skip
+        ceiling = reconstruction_ceiling(
+            vae, RECIPE["size"], ks=ks, n=RECIPE["eval_n"], order=order, edits=RECIPE["eval_n"]
+        )
         ceiling_file.write_text(json.dumps(ceiling, indent=1))
         log(f"vae ceiling on the evaluation's targets ({order}): " + json.dumps(ceiling))
     return results
@@ -346,21 +412,30 @@ def step_eval(models: dict[str, Path], work: Path, log, order: str = "reading", 
 @exit_on_error
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m training.build_default", description=__doc__.split("\n")[0],
+        prog="python -m training.build_default",
+        description=__doc__.split("\n")[0],
         epilog="There is one recipe, what ships: 4,400 + 6,000 SFT steps of 8 on anchored K = 1…3 compositions, "
         "then 100 MSGRPO steps. The --recipe flag is gone with the earlier recipes (training/README.md, "
-        "\"Earlier recipes\", names the commit of each one's config).")  # fmt: skip
+        '"Earlier recipes", names the commit of each one\'s config).',
+    )
     p.add_argument("--out", default="models/uniref-default", help="where the trained model folder goes")
-    p.add_argument("--sft-out", default="models/uniref-default-sft",
-                   help="where the SFT model that MSGRPO starts from goes")
+    p.add_argument(
+        "--sft-out", default="models/uniref-default-sft", help="where the SFT model that MSGRPO starts from goes"
+    )
     p.add_argument("--no-msgrpo", action="store_true", help="stop after SFT: the SFT model goes to --out")
-    p.add_argument("--work", default=WORK,
-                   help="data, runs, checkpoints and evaluations (the shipped configs' paths in runs/uniref-default "
-                   "are moved here)")
+    p.add_argument(
+        "--work",
+        default=WORK,
+        help="data, runs, checkpoints and evaluations (the shipped configs' paths in runs/uniref-default "
+        "are moved here)",
+    )
     p.add_argument("--skip-eval", action="store_true")
-    p.add_argument("--nproc", type=int, default=None,
-                   help="SFT and MSGRPO processes (torch.distributed.run; default: one per GPU, else 2 on a CPU with "
-                   "≥ 2 cores)")
+    p.add_argument(
+        "--nproc",
+        type=int,
+        default=None,
+        help="SFT and MSGRPO processes (torch.distributed.run; default: one per GPU, else 2 on a CPU with ≥ 2 cores)",
+    )
     a = p.parse_args(argv)
     if a.nproc is None:
         a.nproc = default_nproc()

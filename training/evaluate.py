@@ -49,8 +49,12 @@ def _scores(image: Image.Image, spec: dict | None) -> dict | None:
     if not spec or "objects" not in spec or "size" not in spec:
         return None  # not a ShapeCompose row: nothing to check against
     s = score(image, spec)
-    return {"per_reference_mean": s.per_reference_mean, "instruction": s.instruction, "quality": s.quality,
-            "overall": s.overall}  # fmt: skip
+    return {
+        "per_reference_mean": s.per_reference_mean,
+        "instruction": s.instruction,
+        "quality": s.quality,
+        "overall": s.overall,
+    }
 
 
 def evaluate(components: Components, transformer, rows: list[Row], conds: list, cfg: SFTConfig, seed: int = 0):
@@ -71,8 +75,9 @@ def evaluate(components: Components, transformer, rows: list[Row], conds: list, 
         transformer.train(was_training)
     scored = [r["scores"] for r in records if r["scores"]]
     means = {k: float(np.mean([s[k] for s in scored])) for k in SCORE_FIELDS} if scored else {}
-    captions = [f"{r['row']} K={r['k']}" + (f" overall {r['scores']['overall']:.2f}" if r["scores"] else "")
-                for r in records]  # fmt: skip
+    captions = [
+        f"{r['row']} K={r['k']}" + (f" overall {r['scores']['overall']:.2f}" if r["scores"] else "") for r in records
+    ]
     return make_grid(grid_rows, captions=captions), records, means
 
 
@@ -86,16 +91,31 @@ SEED_STRIDE = 100_000
 EDIT_START = K_MAX + 1
 
 
-def held_out_groups(split: str, ks: list[int], n: int, edits: int = 0, size: int = 128, ref_side: int | None = None,
-                    order: str = "reading") -> list[tuple[str, list]]:  # fmt: skip
+def held_out_groups(
+    split: str,
+    ks: list[int],
+    n: int,
+    edits: int = 0,
+    size: int = 128,
+    ref_side: int | None = None,
+    order: str = "reading",
+) -> list[tuple[str, list]]:
     """The samples `evaluate_model` scores, as (group, samples): ``n`` compositions per K (group "K"), then
     ``edits`` single-image edits of each kind (group "edit:<kind>"). `training.vae.reconstruction_ceiling`
     scores the VAE on the very same targets."""
-    groups = [(str(k), make_split(split, n, ks=(k,), kinds=("compose",), start=k * SEED_STRIDE, size=size,
-                                  ref_side=ref_side, order=order)) for k in ks]  # fmt: skip
+    groups = [
+        (
+            str(k),
+            make_split(
+                split, n, ks=(k,), kinds=("compose",), start=k * SEED_STRIDE, size=size, ref_side=ref_side, order=order
+            ),
+        )
+        for k in ks
+    ]
     for j, kind in enumerate(EDIT_KINDS if edits else ()):
-        groups.append((f"edit:{kind}", make_split(split, edits, kinds=(kind,), start=(EDIT_START + j) * SEED_STRIDE,
-                                                  size=size)))  # fmt: skip
+        groups.append(
+            (f"edit:{kind}", make_split(split, edits, kinds=(kind,), start=(EDIT_START + j) * SEED_STRIDE, size=size))
+        )
     return groups
 
 
@@ -148,14 +168,29 @@ def trained_order(model) -> str:
     """The compose order the model's ShapeCompose data used (``uniref.json`` "shapecompose"; "reading" if unset)."""
     order = _trained_shapecompose(model).get("order") or "reading"
     if order not in COMPOSE_ORDERS:
-        raise UniRefError(f"{Path(model) / 'uniref.json'}: shapecompose order {order!r} is unknown; "
-                          f"use one of {', '.join(COMPOSE_ORDERS)}")  # fmt: skip
+        raise UniRefError(
+            f"{Path(model) / 'uniref.json'}: shapecompose order {order!r} is unknown; "
+            f"use one of {', '.join(COMPOSE_ORDERS)}"
+        )
     return order
 
 
-def evaluate_model(model, split: str, ks: list[int], n: int, seed: int = 0, edits: int = 0, grid_path=None,
-                   grid_rows: int = 2, device: str = "cpu", progress: bool = False, size: int | None = None,
-                   ref_side: int | None = -1, order: str | None = None, **options) -> dict:  # fmt: skip
+def evaluate_model(
+    model,
+    split: str,
+    ks: list[int],
+    n: int,
+    seed: int = 0,
+    edits: int = 0,
+    grid_path=None,
+    grid_rows: int = 2,
+    device: str = "cpu",
+    progress: bool = False,
+    size: int | None = None,
+    ref_side: int | None = -1,
+    order: str | None = None,
+    **options,
+) -> dict:
     """Edit and score ``n`` compositions per K (and ``edits`` single-image edits of each kind); mean scores.
 
     Samples are ``size`` px square (default: the model's trained output size, see `sample_size`); their
@@ -176,18 +211,40 @@ def evaluate_model(model, split: str, ks: list[int], n: int, seed: int = 0, edit
     from tqdm.auto import tqdm
 
     bar = tqdm(total=sum(len(g) for _, g in groups), desc="evaluate", disable=not progress, file=sys.stderr)
-    result: dict = {"model": str(model), "split": split, "seed": seed, "size": side, "ref_side": ref_side,
-                    "order": order, "options": options, "per_k": {}}  # fmt: skip
+    result: dict = {
+        "model": str(model),
+        "split": split,
+        "seed": seed,
+        "size": side,
+        "ref_side": ref_side,
+        "order": order,
+        "options": options,
+        "per_k": {},
+    }
     grid, captions, edit_scores = [], [], []
     for name, samples in groups:
         scored = []
         for i, s in enumerate(samples):
-            out = pipe.edit(s.references, s.instruction, seed=seed + i, mode="budget", width=s.target.width,
-                            height=s.target.height, **options).images[0]  # fmt: skip
+            out = pipe.edit(
+                s.references,
+                s.instruction,
+                seed=seed + i,
+                mode="budget",
+                width=s.target.width,
+                height=s.target.height,
+                **options,
+            ).images[0]
             sc = score(out, s.spec)
             # per_reference_min: the weakest reference of the sample (what MSGRPO's "min" aggregation lifts)
-            scored.append({"per_reference": sc.per_reference_mean, "per_reference_min": min(sc.per_reference, default=0.0),
-                           "instruction": sc.instruction, "quality": sc.quality, "overall": sc.overall})  # fmt: skip
+            scored.append(
+                {
+                    "per_reference": sc.per_reference_mean,
+                    "per_reference_min": min(sc.per_reference, default=0.0),
+                    "instruction": sc.instruction,
+                    "quality": sc.quality,
+                    "overall": sc.overall,
+                }
+            )
             if i < grid_rows:
                 grid.append((s.references, s.target, out))
                 captions.append(f"K={s.k} {s.kind} seed {s.seed}: overall {sc.overall:.2f}")
@@ -211,20 +268,38 @@ def evaluate_model(model, split: str, ks: list[int], n: int, seed: int = 0, edit
 @exit_on_error
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m training.evaluate", description=__doc__.split("\n")[0])
-    p.add_argument("--model", default="default", help="'default' (the built-in model), a built-in name (uniref-default-sft) or a model folder")
+    p.add_argument(
+        "--model",
+        default="default",
+        help="'default' (the built-in model), a built-in name (uniref-default-sft) or a model folder",
+    )
     p.add_argument("--split", default="test", choices=sorted(SPLIT_SEED_BASE))
     p.add_argument("--refs", default="1-6", help="numbers of references K: 1-6, or 1,2,7 …")
     p.add_argument("--n", type=int, default=16, help="compositions per K")
-    p.add_argument("--edits", type=int, default=0, help="single-image edits of each kind (recolour, move, resize, remove, background) to add")
+    p.add_argument(
+        "--edits",
+        type=int,
+        default=0,
+        help="single-image edits of each kind (recolour, move, resize, remove, background) to add",
+    )
     p.add_argument("--seed", type=int, default=0, help="sampling seed of the first sample of every K")
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
     p.add_argument("--cfg", type=float, default=None, help="true-CFG scale (default: the model's)")
     p.add_argument("--budget", default=None, help="reference budget, e.g. 256 for 256² (default: the model's)")
     p.add_argument("--size", type=int, default=None, help="sample side in px (default: the model's output size)")
-    p.add_argument("--ref-side", type=int, default=-1, help="compositions' references: squares of this side; 0: "
-                   "64-160 px a side at random (default: as the model was trained, uniref.json)")
-    p.add_argument("--order", choices=COMPOSE_ORDERS, default=None,
-                   help="compositions' order (default: as the model was trained, uniref.json; else reading)")
+    p.add_argument(
+        "--ref-side",
+        type=int,
+        default=-1,
+        help="compositions' references: squares of this side; 0: "
+        "64-160 px a side at random (default: as the model was trained, uniref.json)",
+    )
+    p.add_argument(
+        "--order",
+        choices=COMPOSE_ORDERS,
+        default=None,
+        help="compositions' order (default: as the model was trained, uniref.json; else reading)",
+    )
     p.add_argument("--grid", default="eval_grid.png", help="PNG grid of samples ('' for none)")
     p.add_argument("--grid-rows", type=int, default=2, help="samples per K in the grid")
     p.add_argument("--device", default="cpu")
@@ -238,8 +313,22 @@ def main(argv=None) -> int:
         options["budget"] = parse_area(a.budget)
     if a.size is not None and not 32 <= a.size <= 2048:
         p.error(f"--size {a.size}: give a side of 32..2048 px")
-    result = evaluate_model(model, a.split, ks, a.n, a.seed, a.edits, a.grid or None, a.grid_rows, a.device,
-                            progress=True, size=a.size, ref_side=a.ref_side or None, order=a.order, **options)  # fmt: skip
+    result = evaluate_model(
+        model,
+        a.split,
+        ks,
+        a.n,
+        a.seed,
+        a.edits,
+        a.grid or None,
+        a.grid_rows,
+        a.device,
+        progress=True,
+        size=a.size,
+        ref_side=a.ref_side or None,
+        order=a.order,
+        **options,
+    )
     print(json.dumps(result, indent=1))
     return 0
 

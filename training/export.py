@@ -73,25 +73,37 @@ def export(checkpoint, out, lora_only: bool = False, weights: str = "auto", mode
     base = Path(model or state["model"]["path"])
     check_model_folder(base)
     if ckpt_mod.model_fingerprint(base) != state["model"]["fingerprint"]:
-        raise UniRefError(f"base model {base} is not the one {ckpt} was trained from (fingerprint differs): "
-                          "give the original with --model")  # fmt: skip
+        raise UniRefError(
+            f"base model {base} is not the one {ckpt} was trained from (fingerprint differs): "
+            "give the original with --model"
+        )
     out = Path(out)
-    meta = {"base_model_fingerprint": state["model"]["fingerprint"], "step": str(state["global_step"]),
-            "config_hash": state["config_hash"]}  # fmt: skip
+    meta = {
+        "base_model_fingerprint": state["model"]["fingerprint"],
+        "step": str(state["global_step"]),
+        "config_hash": state["config_hash"],
+    }
 
     if lora_only:
         lora, used = _lora_state(ckpt, state, weights)
         out.parent.mkdir(parents=True, exist_ok=True)
-        meta.update({"format": "comfyui-qwen-image-lora", "rank": str(state["lora"]["rank"]),
-                     "alpha": str(state["lora"]["alpha"]), "weights": used})  # fmt: skip
+        meta.update(
+            {
+                "format": "comfyui-qwen-image-lora",
+                "rank": str(state["lora"]["rank"]),
+                "alpha": str(state["lora"]["alpha"]),
+                "weights": used,
+            }
+        )
         save_file(lora, str(out), metadata=meta)
         return out
 
     from diffusers import QwenImageTransformer2DModel
 
     dtype = _base_dtype(base / "transformer")
-    transformer = QwenImageTransformer2DModel.from_pretrained(base / "transformer", torch_dtype=torch.float32,
-                                                              use_safetensors=True, local_files_only=True)  # fmt: skip
+    transformer = QwenImageTransformer2DModel.from_pretrained(
+        base / "transformer", torch_dtype=torch.float32, use_safetensors=True, local_files_only=True
+    )
     if state.get("lora"):
         lora, used = _lora_state(ckpt, state, weights)
         merge_comfy_lora(transformer, lora)  # in fp32, then cast: as precise as the base dtype allows
@@ -105,26 +117,36 @@ def export(checkpoint, out, lora_only: bool = False, weights: str = "auto", mode
         trained, used = _weights(ckpt, weights)
         missing, unexpected = transformer.load_state_dict(trained, strict=False)
         if missing or unexpected:
-            raise UniRefError(f"{ckpt} does not fit {base}'s transformer (missing {missing[:3]}, "
-                              f"unexpected {unexpected[:3]})")  # fmt: skip
+            raise UniRefError(
+                f"{ckpt} does not fit {base}'s transformer (missing {missing[:3]}, unexpected {unexpected[:3]})"
+            )
     with atomic_dir(out) as tmp:
         shutil.copytree(base, tmp, ignore=shutil.ignore_patterns("transformer"))
         if dtype != torch.float32:
             transformer.to(dtype)  # back to the base model's storage dtype (bf16 for the published ones)
         transformer.save_pretrained(tmp / "transformer", safe_serialization=True)
-        (tmp / "uniref_training.json").write_text(json.dumps({**meta, "weights": used, "checkpoint": str(ckpt)},
-                                                             indent=1))  # fmt: skip
+        (tmp / "uniref_training.json").write_text(
+            json.dumps({**meta, "weights": used, "checkpoint": str(ckpt)}, indent=1)
+        )
     return out
 
 
 @exit_on_error
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training.export", description=__doc__.split("\n")[0])
-    parser.add_argument("--checkpoint", required=True, help="a step_… folder written by training.sft or training.msgrpo")
-    parser.add_argument("--out", required=True, help="model folder to write, or the .safetensors file with --lora-only")
+    parser.add_argument(
+        "--checkpoint", required=True, help="a step_… folder written by training.sft or training.msgrpo"
+    )
+    parser.add_argument(
+        "--out", required=True, help="model folder to write, or the .safetensors file with --lora-only"
+    )
     parser.add_argument("--lora-only", action="store_true", help="write only the LoRA, in ComfyUI's key format")
-    parser.add_argument("--weights", choices=("auto", "ema", "live"), default="auto",
-                        help="auto: EMA weights when the checkpoint has them")  # fmt: skip
+    parser.add_argument(
+        "--weights",
+        choices=("auto", "ema", "live"),
+        default="auto",
+        help="auto: EMA weights when the checkpoint has them",
+    )
     parser.add_argument("--model", default=None, help="base model folder, if it moved since training")
     args = parser.parse_args(argv)
     path = export(args.checkpoint, args.out, args.lora_only, args.weights, args.model)

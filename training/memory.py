@@ -94,8 +94,9 @@ class Networks:
 
     def lora_parameters(self, rank: int, targets) -> int:
         """LoRA weights on the linear layers ``targets`` names, matched as peft matches them."""
-        return sum(rank * (i + o) for name, i, o in self.linears
-                   if any(name == t or name.endswith("." + t) for t in targets))  # fmt: skip
+        return sum(
+            rank * (i + o) for name, i, o in self.linears if any(name == t or name.endswith("." + t) for t in targets)
+        )
 
 
 def _meta(build):
@@ -131,14 +132,23 @@ def _networks(model: str, _stamp: str) -> Networks:
     vcfg = {k: v for k, v in _read(root / "vae" / "config.json").items() if not k.startswith("_")}
     vae_params = _count(_meta(lambda: AutoencoderKLQwenImage(**vcfg)))
     return Networks(
-        transformer=t_params, block_linears=block_linears, blocks=tcfg.get("num_layers", 60),
+        transformer=t_params,
+        block_linears=block_linears,
+        blocks=tcfg.get("num_layers", 60),
         width=tcfg.get("num_attention_heads", 24) * tcfg.get("attention_head_dim", 128),
-        text_encoder=te_params, text_hidden=text.hidden_size, text_intermediate=text.intermediate_size,
-        text_layers=text.num_hidden_layers, vocab=text.vocab_size, vision_hidden=vision.hidden_size,
-        vae=vae_params, vae_base_dim=vcfg.get("base_dim", 96), token_px=token_px_of(root),
+        text_encoder=te_params,
+        text_hidden=text.hidden_size,
+        text_intermediate=text.intermediate_size,
+        text_layers=text.num_hidden_layers,
+        vocab=text.vocab_size,
+        vision_hidden=vision.hidden_size,
+        vae=vae_params,
+        vae_base_dim=vcfg.get("base_dim", 96),
+        token_px=token_px_of(root),
         transformer_file_bytes=_files_bytes(root / "transformer", 2 * t_params),
-        text_encoder_file_bytes=_files_bytes(root / "text_encoder", 2 * te_params), linears=linears,
-    )  # fmt: skip
+        text_encoder_file_bytes=_files_bytes(root / "text_encoder", 2 * te_params),
+        linears=linears,
+    )
 
 
 def networks(model) -> Networks:
@@ -147,8 +157,10 @@ def networks(model) -> Networks:
     try:
         stamp = "".join((root / part / "config.json").read_text() for part in ("transformer", "text_encoder", "vae"))
     except OSError as e:
-        raise ConfigError(f"model {root}: its configs could not be read ({e}); give a diffusers-format folder with "
-                          "transformer/, text_encoder/ and vae/ config.json") from None  # fmt: skip
+        raise ConfigError(
+            f"model {root}: its configs could not be read ({e}); give a diffusers-format folder with "
+            "transformer/, text_encoder/ and vae/ config.json"
+        ) from None
     return _networks(str(root), stamp)
 
 
@@ -182,8 +194,10 @@ class Layout:
         return self.output + self.references + self.text
 
     def describe(self) -> str:
-        return (f"{_area(self.output_area)} output ({self.output}) + {_area(self.budget)} reference budget, {self.k} "
-                f"references ({self.references}) + text ({self.text}, {self.vl} of them VL) = {self.tokens} tokens")  # fmt: skip
+        return (
+            f"{_area(self.output_area)} output ({self.output}) + {_area(self.budget)} reference budget, {self.k} "
+            f"references ({self.references}) + text ({self.text}, {self.vl} of them VL) = {self.tokens} tokens"
+        )
 
 
 @dataclass(frozen=True)
@@ -247,14 +261,31 @@ def _setup(cfg, kind: str, processes: int, fsdp: bool | None) -> Setup:
         steps = cfg.total_steps
     else:
         cfg_pass = 2 if cfg.cfg > 1 else 1
-        micro, group, decode, keeps_vae = cfg.policy_micro_batch or cfg.group_size, cfg.group_size, cfg.decode_batch, True
+        micro, group, decode, keeps_vae = (
+            cfg.policy_micro_batch or cfg.group_size,
+            cfg.group_size,
+            cfg.decode_batch,
+            True,
+        )
         steps = cfg.steps
-    return Setup(kind=kind, base=base_dtype(cfg), mixed=cfg.mixed_precision == "bf16",
-                 lora_rank=None if full else lora.rank, lora_targets=() if full else tuple(lora.targets),
-                 checkpointing=bool(ckpt), ema=bool(getattr(cfg, "ema_decay", None)), micro=micro, group=group,
-                 cfg_pass=cfg_pass, decode_batch=decode, keeps_vae=keeps_vae, encodes=True,
-                 optimizer_in_backward=steps > 1, processes=processes,
-                 fsdp=bool(getattr(cfg, "fsdp", False)) if fsdp is None else fsdp)  # fmt: skip
+    return Setup(
+        kind=kind,
+        base=base_dtype(cfg),
+        mixed=cfg.mixed_precision == "bf16",
+        lora_rank=None if full else lora.rank,
+        lora_targets=() if full else tuple(lora.targets),
+        checkpointing=bool(ckpt),
+        ema=bool(getattr(cfg, "ema_decay", None)),
+        micro=micro,
+        group=group,
+        cfg_pass=cfg_pass,
+        decode_batch=decode,
+        keeps_vae=keeps_vae,
+        encodes=True,
+        optimizer_in_backward=steps > 1,
+        processes=processes,
+        fsdp=bool(getattr(cfg, "fsdp", False)) if fsdp is None else fsdp,
+    )
 
 
 def _references(manifests) -> int:
@@ -284,8 +315,9 @@ def layout(cfg, kind: str, token_px: int) -> Layout:
     best = None
     for out_area, budget in pairs:
         side = max(token_px, round(math.sqrt(out_area) / token_px) * token_px)
-        plan = plan_references([(1024, 1024)] * k, "budget", budget, vl_budget=cfg.vl_budget, width=side,
-                               height=side, token_px=token_px)  # fmt: skip
+        plan = plan_references(
+            [(1024, 1024)] * k, "budget", budget, vl_budget=cfg.vl_budget, width=side, height=side, token_px=token_px
+        )
         text = TEMPLATE_END_TOKENS + k * PICTURE_LABEL_TOKENS + INSTRUCTION_TOKENS + plan.vl_tokens
         lay = Layout(plan.output_tokens, plan.reference_tokens, text, plan.vl_tokens, k, out_area, budget)
         best = lay if best is None or lay.tokens > best.tokens else best
@@ -308,24 +340,44 @@ def estimate(net: Networks, s: Setup, lay: Layout, device: str = "cuda") -> Esti
 
     # 1. The encoding pass.
     if s.encodes:
-        add(Part("text encoder", enc, where, net.text_encoder * BYTES[enc], "encoding", "freed before the transformer"))
+        add(
+            Part("text encoder", enc, where, net.text_encoder * BYTES[enc], "encoding", "freed before the transformer")
+        )
         te_seq = lay.text + DROP_IDX
-        te_act = te_seq * BYTES[enc] * (net.text_hidden * (net.text_layers + 1) + net.vocab + 3 * net.text_intermediate)
+        te_act = (
+            te_seq * BYTES[enc] * (net.text_hidden * (net.text_layers + 1) + net.vocab + 3 * net.text_intermediate)
+        )
         te_act += 4 * lay.vl * net.vision_hidden * BYTES[enc] * 10  # the vision tower: 4 patches per VL token
         add(Part("text encoder activations", enc, where, te_act, "encoding"))
         add(Part("VAE encode activations", enc, where, _vae_activations(net, lay, 1, enc), "encoding", "one image"))
         if cpu:
             add(Part("encoding pass residue", "-", where, CPU_ENCODER_RESIDUE, "training", "what it leaves resident"))
-    add(Part("VAE", enc, where, net.vae * BYTES[enc], "both" if s.keeps_vae else "encoding",
-             "stays to decode" if s.keeps_vae else ""))  # fmt: skip
+    add(
+        Part(
+            "VAE",
+            enc,
+            where,
+            net.vae * BYTES[enc],
+            "both" if s.keeps_vae else "encoding",
+            "stays to decode" if s.keeps_vae else "",
+        )
+    )
 
     # 2. The transformer and what trains.
     full = s.lora_rank is None
     shard = s.processes if s.fsdp else 1
     per_block = net.transformer / net.blocks
     if full:
-        add(Part("transformer", "fp32", where, 4 * net.transformer // shard, "training",
-                 f"1/{shard} per process (FSDP)" if shard > 1 else "every weight trains"))  # fmt: skip
+        add(
+            Part(
+                "transformer",
+                "fp32",
+                where,
+                4 * net.transformer // shard,
+                "training",
+                f"1/{shard} per process (FSDP)" if shard > 1 else "every weight trains",
+            )
+        )
         trainable = net.transformer
         if s.fsdp:  # one block gathered whole in fp32, its bf16 cast and its gradient before the reduce-scatter
             add(Part("FSDP gathered block", "fp32", where, int(per_block * (4 + 2 * s.mixed + 4)), "training"))
@@ -351,8 +403,16 @@ def estimate(net: Networks, s: Setup, lay: Layout, device: str = "cuda") -> Esti
         add(Part("autocast casts", "bf16", where, 2 * t_shard, "training"))
 
     # 3. Activations of the largest layout.
-    add(Part("activations", "bf16" if s.mixed else "fp32", where, _train_activations(net, s, lay, act), "training",
-             _activation_note(s, lay)))  # fmt: skip
+    add(
+        Part(
+            "activations",
+            "bf16" if s.mixed else "fp32",
+            where,
+            _train_activations(net, s, lay, act),
+            "training",
+            _activation_note(s, lay),
+        )
+    )
     return e
 
 
@@ -374,7 +434,9 @@ def _train_activations(net: Networks, s: Setup, lay: Layout, act: int) -> int:
 def _activation_note(s: Setup, lay: Layout) -> str:
     n = s.micro * s.cfg_pass
     what = "checkpointed" if s.checkpointing else "every block saved"
-    return f"{n} × {lay.tokens} tokens with gradients, {what}" + (f"; rollouts of {s.group * s.cfg_pass}" if s.group else "")
+    return f"{n} × {lay.tokens} tokens with gradients, {what}" + (
+        f"; rollouts of {s.group * s.cfg_pass}" if s.group else ""
+    )
 
 
 def _vae_activations(net: Networks, lay: Layout, images: int, dtype: str) -> int:
@@ -428,9 +490,9 @@ def suggest(cfg, kind: str, processes: int, gpu_bytes: int, device: str = "cuda"
     if not s.checkpointing:
         steps.append(("gradient_checkpointing true", {"checkpointing": True}))
     if s.lora_rank is not None and s.base == "fp32":
-        steps.append(("base_dtype \"bf16\" (with mixed_precision \"bf16\")", {"base": "bf16", "mixed": True}))
+        steps.append(('base_dtype "bf16" (with mixed_precision "bf16")', {"base": "bf16", "mixed": True}))
     if s.lora_rank is not None and s.base != "fp8":
-        steps.append(("base_dtype \"fp8\" (with mixed_precision \"bf16\")", {"base": "fp8", "mixed": True}))
+        steps.append(('base_dtype "fp8" (with mixed_precision "bf16")', {"base": "fp8", "mixed": True}))
     if s.micro > 1:
         key = "micro_batch_size" if kind == "sft" else "policy_micro_batch"
         for m in _halvings(s.micro):
@@ -442,7 +504,9 @@ def suggest(cfg, kind: str, processes: int, gpu_bytes: int, device: str = "cuda"
         steps.append(("ema_decay null", {"ema": False}))
     if s.lora_rank is None and s.processes < 8:
         for n in (n for n in (2, 4, 8) if n > s.processes):
-            steps.append((f"\"fsdp\": true over {n} processes (torchrun --nproc_per_node {n})", {"processes": n, "fsdp": True}))
+            steps.append(
+                (f'"fsdp": true over {n} processes (torchrun --nproc_per_node {n})', {"processes": n, "fsdp": True})
+            )
 
     def peak(changes: dict) -> int:
         return estimate(networks(cfg.model), dataclasses.replace(s, **changes), base.layout, device).peak
@@ -499,11 +563,16 @@ def check_fit(cfg, kind: str, processes: int, gpu_bytes: int) -> None:
     if est.peak <= gpu_bytes or os.environ.get(NO_FIT_CHECK):
         return
     fixes = suggest(cfg, kind, processes, gpu_bytes)
-    how = ("; ".join(f"{label} (→ {_gib(p)})" for label, p in fixes) if fixes else
-           "no setting of these trainers does: use a larger GPU, or a trainer with offloading (block swap)")  # fmt: skip
-    raise ConfigError(f"this run needs ~{_gib(est.peak)} per GPU and the GPU has {_gib(gpu_bytes)} "
-                      f"(training/memory.py); to fit, set {how}. The estimate is within ~15 %: to try anyway, set "
-                      f"{NO_FIT_CHECK}=1")  # fmt: skip
+    how = (
+        "; ".join(f"{label} (→ {_gib(p)})" for label, p in fixes)
+        if fixes
+        else "no setting of these trainers does: use a larger GPU, or a trainer with offloading (block swap)"
+    )
+    raise ConfigError(
+        f"this run needs ~{_gib(est.peak)} per GPU and the GPU has {_gib(gpu_bytes)} "
+        f"(training/memory.py); to fit, set {how}. The estimate is within ~15 %: to try anyway, set "
+        f"{NO_FIT_CHECK}=1"
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -511,32 +580,72 @@ def check_fit(cfg, kind: str, processes: int, gpu_bytes: int) -> None:
 # --------------------------------------------------------------------------------------------------
 
 #: Qwen-Image-Edit's transformer (DESIGN.md §2).
-REAL_TRANSFORMER = dict(patch_size=2, in_channels=64, out_channels=16, num_layers=60, attention_head_dim=128,
-                        num_attention_heads=24, joint_attention_dim=3584, guidance_embeds=False,
-                        axes_dims_rope=[16, 56, 56])  # fmt: skip
+REAL_TRANSFORMER = dict(
+    patch_size=2,
+    in_channels=64,
+    out_channels=16,
+    num_layers=60,
+    attention_head_dim=128,
+    num_attention_heads=24,
+    joint_attention_dim=3584,
+    guidance_embeds=False,
+    axes_dims_rope=[16, 56, 56],
+)
 #: Qwen2.5-VL-7B-Instruct, the text encoder.
 REAL_TEXT_ENCODER = dict(
-    model_type="qwen2_5_vl", architectures=["Qwen2_5_VLForConditionalGeneration"], tie_word_embeddings=False,
-    text_config=dict(model_type="qwen2_5_vl_text", hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-                     num_attention_heads=28, num_key_value_heads=4, vocab_size=152064, max_position_embeddings=128000,
-                     rms_norm_eps=1e-6, rope_parameters={"rope_type": "default", "mrope_section": [16, 24, 24],
-                                                         "rope_theta": 1000000.0}),
-    vision_config=dict(model_type="qwen2_5_vl_vision", depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16,
-                       out_hidden_size=3584, patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
-                       window_size=112, fullatt_block_indexes=[7, 15, 23, 31]),
-)  # fmt: skip
+    model_type="qwen2_5_vl",
+    architectures=["Qwen2_5_VLForConditionalGeneration"],
+    tie_word_embeddings=False,
+    text_config=dict(
+        model_type="qwen2_5_vl_text",
+        hidden_size=3584,
+        intermediate_size=18944,
+        num_hidden_layers=28,
+        num_attention_heads=28,
+        num_key_value_heads=4,
+        vocab_size=152064,
+        max_position_embeddings=128000,
+        rms_norm_eps=1e-6,
+        rope_parameters={"rope_type": "default", "mrope_section": [16, 24, 24], "rope_theta": 1000000.0},
+    ),
+    vision_config=dict(
+        model_type="qwen2_5_vl_vision",
+        depth=32,
+        hidden_size=1280,
+        intermediate_size=3420,
+        num_heads=16,
+        out_hidden_size=3584,
+        patch_size=14,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        window_size=112,
+        fullatt_block_indexes=[7, 15, 23, 31],
+    ),
+)
 #: Qwen-Image's VAE.
-REAL_VAE = dict(base_dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
-                temperal_downsample=[False, True, True], dropout=0.0, latents_mean=[0.0] * 16, latents_std=[1.0] * 16)  # fmt: skip
+REAL_VAE = dict(
+    base_dim=96,
+    z_dim=16,
+    dim_mult=[1, 2, 4, 4],
+    num_res_blocks=2,
+    attn_scales=[],
+    temperal_downsample=[False, True, True],
+    dropout=0.0,
+    latents_mean=[0.0] * 16,
+    latents_std=[1.0] * 16,
+)
 
 
-def write_config_only_model(folder, transformer: dict | None = None, text_encoder: dict | None = None,
-                            vae: dict | None = None) -> Path:  # fmt: skip
+def write_config_only_model(
+    folder, transformer: dict | None = None, text_encoder: dict | None = None, vae: dict | None = None
+) -> Path:
     """A model folder with the three networks' configs and no weights (real size unless given): enough to plan."""
     folder = Path(folder)
-    parts = {"transformer": ("QwenImageTransformer2DModel", transformer or REAL_TRANSFORMER),
-             "text_encoder": (None, text_encoder or REAL_TEXT_ENCODER),
-             "vae": ("AutoencoderKLQwenImage", vae or REAL_VAE)}  # fmt: skip
+    parts = {
+        "transformer": ("QwenImageTransformer2DModel", transformer or REAL_TRANSFORMER),
+        "text_encoder": (None, text_encoder or REAL_TEXT_ENCODER),
+        "vae": ("AutoencoderKLQwenImage", vae or REAL_VAE),
+    }
     for name, (cls, config) in parts.items():
         (folder / name).mkdir(parents=True, exist_ok=True)
         data = {"_class_name": cls, **config} if cls else dict(config)
@@ -560,8 +669,13 @@ def _area(area: int) -> str:
 
 def describe_setup(s: Setup) -> str:
     what = "full fine-tune" if s.lora_rank is None else f"LoRA r{s.lora_rank}"
-    parts = [s.kind.upper() if s.kind == "sft" else "MSGRPO", what, f"base {s.base}",
-             f"checkpointing {'on' if s.checkpointing else 'off'}", f"{s.processes} process(es)" + (" FSDP" if s.fsdp else "")]  # fmt: skip
+    parts = [
+        s.kind.upper() if s.kind == "sft" else "MSGRPO",
+        what,
+        f"base {s.base}",
+        f"checkpointing {'on' if s.checkpointing else 'off'}",
+        f"{s.processes} process(es)" + (" FSDP" if s.fsdp else ""),
+    ]
     if s.group:
         parts.append(f"G {s.group}, re-scored {s.micro} at a time")
     return ", ".join(parts)
@@ -570,15 +684,22 @@ def describe_setup(s: Setup) -> str:
 def report(cfg, kind: str, processes: int, gpu_bytes: int, device: str = "cuda") -> tuple[str, bool]:
     """The planner's printout and whether the run fits."""
     est = plan(cfg, kind, processes, device)
-    lines = [describe_setup(est.setup), f"largest sample: {est.layout.describe()}", "",
-             f"{'part':<28} {'dtype':<6} {'device':<6} {'GiB':>7}  phase"]  # fmt: skip
+    lines = [
+        describe_setup(est.setup),
+        f"largest sample: {est.layout.describe()}",
+        "",
+        f"{'part':<28} {'dtype':<6} {'device':<6} {'GiB':>7}  phase",
+    ]
     for p in est.parts:
         if p.bytes:
             note = f" ({p.note})" if p.note else ""
             lines.append(f"{p.name:<28} {p.dtype:<6} {p.device:<6} {p.bytes / GiB:>7.2f}  {p.phase}{note}")
     enc, train = est.phase_total("encoding"), est.phase_total("training")
-    lines += ["", f"encoding pass: {_gib(enc)}; training: {_gib(train)}",
-              f"total per {'GPU' if device == 'cuda' else 'process'}: {_gib(est.peak)} of {_gib(gpu_bytes)}"]  # fmt: skip
+    lines += [
+        "",
+        f"encoding pass: {_gib(enc)}; training: {_gib(train)}",
+        f"total per {'GPU' if device == 'cuda' else 'process'}: {_gib(est.peak)} of {_gib(gpu_bytes)}",
+    ]
     fits = est.peak <= gpu_bytes
     if fits:
         lines.append("fits")
@@ -586,14 +707,20 @@ def report(cfg, kind: str, processes: int, gpu_bytes: int, device: str = "cuda")
         fixes = suggest(cfg, kind, processes, gpu_bytes, device)
         lines.append("does not fit; any one of these would:" if len(fixes) > 1 else "does not fit; this would:")
         lines += [f"  {label}: {_gib(p)}" for label, p in fixes] or [
-            "  nothing the trainers offer: use a larger GPU, or a trainer with offloading (block swap)"]
+            "  nothing the trainers offer: use a larger GPU, or a trainer with offloading (block swap)"
+        ]
     return "\n".join(lines), fits
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m training.memory", description=__doc__.split("\n")[0])
     ap.add_argument("--config", required=True, help="an SFT or MSGRPO config (JSON or TOML)")
-    ap.add_argument("--processes", type=int, default=1, help="GPUs (processes); with \"fsdp\": true a full fine-tune is sharded over them")
+    ap.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        help='GPUs (processes); with "fsdp": true a full fine-tune is sharded over them',
+    )
     ap.add_argument("--gpu-gb", type=float, default=80.0, help="memory of one GPU in GiB (an 80 GB card: 80)")
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: a CPU process's resident memory")
     args = ap.parse_args(argv)

@@ -106,8 +106,15 @@ def latent_stats(vae, seed: int, n_images: int, size: int) -> tuple[list[float],
 
 
 @torch.no_grad()
-def reconstruction_ceiling(vae, size: int = 128, ks=(1, 2, 3, 4, 5, 6, 8), n: int = 16, split: str = "test",
-                           order: str = "reading", edits: int = 0) -> dict:  # fmt: skip
+def reconstruction_ceiling(
+    vae,
+    size: int = 128,
+    ks=(1, 2, 3, 4, 5, 6, 8),
+    n: int = 16,
+    split: str = "test",
+    order: str = "reading",
+    edits: int = 0,
+) -> dict:
     """Checker scores of the VAE's reconstructions of the held-out targets `training.evaluate` scores a model
     on: ``n`` compositions per K (in ShapeCompose's ``order``: "anchored" targets have one object fewer at
     K ≥ 2) and ``edits`` single-image edits of each kind.
@@ -128,8 +135,10 @@ def reconstruction_ceiling(vae, size: int = 128, ks=(1, 2, 3, 4, 5, 6, 8), n: in
             sc = score(rec, s.spec)
             per_ref.append(sc.per_reference_mean)
             instruction.append(sc.instruction)
-        out[name] = {"per_reference": round(float(np.mean(per_ref)), 3),
-                     "instruction": round(float(np.mean(instruction)), 3)}  # fmt: skip
+        out[name] = {
+            "per_reference": round(float(np.mean(per_ref)), 3),
+            "instruction": round(float(np.mean(instruction)), 3),
+        }
     return out
 
 
@@ -145,9 +154,21 @@ def load_vae(model_dir):
     return AutoencoderKLQwenImage.from_pretrained(src, use_safetensors=True).float()
 
 
-def train_vae(model_dir, out_dir, steps: int = 1500, batch_size: int = 8, crop: int = 64, lr: float = 1e-3,
-              kl_weight: float = 1e-4, seed: int = 0, size: int = 128, bf16: bool = True, focus: int = 1,
-              l2_weight: float = 0.0, log=print) -> Path:  # fmt: skip
+def train_vae(
+    model_dir,
+    out_dir,
+    steps: int = 1500,
+    batch_size: int = 8,
+    crop: int = 64,
+    lr: float = 1e-3,
+    kl_weight: float = 1e-4,
+    seed: int = 0,
+    size: int = 128,
+    bf16: bool = True,
+    focus: int = 1,
+    l2_weight: float = 0.0,
+    log=print,
+) -> Path:
     """Train a VAE and save it with fitted latent statistics to ``out_dir``; return out_dir.
 
     ``model_dir``: a diffusers model folder (its ``vae/`` is trained) or a VAE folder (a second phase).
@@ -159,8 +180,13 @@ def train_vae(model_dir, out_dir, steps: int = 1500, batch_size: int = 8, crop: 
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     warmup = min(100, steps // 10)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: (s + 1) / (warmup + 1) if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(steps - warmup, 1)))
-    )  # fmt: skip
+        opt,
+        lambda s: (
+            (s + 1) / (warmup + 1)
+            if s < warmup
+            else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(steps - warmup, 1)))
+        ),
+    )
     data = batches(seed, batch_size, crop, size, focus)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -179,8 +205,14 @@ def train_vae(model_dir, out_dir, steps: int = 1500, batch_size: int = 8, crop: 
         if not math.isfinite(float(loss.detach())):
             raise UniRefError(f"VAE loss is {float(loss.detach())} at step {step + 1}: lower --lr")
         bar.set_postfix(l1=f"{float(l1.detach()):.4f}")
-        records.append({"step": step + 1, "loss": float(loss.detach()), "l1": float(l1.detach()),
-                        "seconds": round(time.perf_counter() - t0, 3)})  # fmt: skip
+        records.append(
+            {
+                "step": step + 1,
+                "loss": float(loss.detach()),
+                "l1": float(l1.detach()),
+                "seconds": round(time.perf_counter() - t0, 3),
+            }
+        )
     vae.eval()
     mean, std = latent_stats(vae, seed + 1, 256, size)
     vae.register_to_config(latents_mean=mean, latents_std=std)
@@ -196,12 +228,20 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m training.vae", description=__doc__.split("\n")[0])
     p.add_argument("--model", required=True, help="diffusers-format model folder whose vae/ is trained")
     p.add_argument("--out", help="folder for the trained VAE (config + safetensors)")
-    p.add_argument("--ceiling", action="store_true", help="do not train: print the checker scores of the VAE's "
-                   "reconstructions of held-out targets per K as JSON (the most any model on it can score)")
+    p.add_argument(
+        "--ceiling",
+        action="store_true",
+        help="do not train: print the checker scores of the VAE's "
+        "reconstructions of held-out targets per K as JSON (the most any model on it can score)",
+    )
     p.add_argument("--size", type=int, default=128, help="ShapeCompose image side (training and --ceiling)")
     p.add_argument("--n", type=int, default=16, help="--ceiling: targets per K and per edit kind")
-    p.add_argument("--order", choices=COMPOSE_ORDERS, default="reading",
-                   help="--ceiling: ShapeCompose compose order of the targets")
+    p.add_argument(
+        "--order",
+        choices=COMPOSE_ORDERS,
+        default="reading",
+        help="--ceiling: ShapeCompose compose order of the targets",
+    )
     p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--crop", type=int, default=64, help="square crop side in pixels (a multiple of 8)")
@@ -224,8 +264,20 @@ def main(argv=None) -> int:
         p.error("--out is required to train (or give --ceiling to only measure)")
     if a.crop % 8:
         p.error(f"--crop {a.crop} is not a multiple of 8")
-    train_vae(a.model, a.out, a.steps, a.batch_size, a.crop, a.lr, a.kl_weight, a.seed, a.size,
-              bf16=not a.no_bf16, focus=a.focus, l2_weight=a.l2_weight)
+    train_vae(
+        a.model,
+        a.out,
+        a.steps,
+        a.batch_size,
+        a.crop,
+        a.lr,
+        a.kl_weight,
+        a.seed,
+        a.size,
+        bf16=not a.no_bf16,
+        focus=a.focus,
+        l2_weight=a.l2_weight,
+    )
     return 0
 
 

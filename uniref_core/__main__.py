@@ -29,53 +29,111 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     def size_options(q: argparse.ArgumentParser) -> None:
-        q.add_argument("--ref", action="append", default=[], metavar="IMAGE", help="reference image (repeat; order = Picture k)")
-        q.add_argument("--mode", choices=MODES, default="budget", help="budget: SELF, all references within --budget; per_image: each at ~1024² (diffusers behaviour)")
-        q.add_argument("--budget", type=_area, default=None, help="total reference pixels: 1024, 1536, 2048 (squared) or WxH (default: the model's, else 1024)")
+        q.add_argument(
+            "--ref", action="append", default=[], metavar="IMAGE", help="reference image (repeat; order = Picture k)"
+        )
+        q.add_argument(
+            "--mode",
+            choices=MODES,
+            default="budget",
+            help="budget: SELF, all references within --budget; per_image: each at ~1024² (diffusers behaviour)",
+        )
+        q.add_argument(
+            "--budget",
+            type=_area,
+            default=None,
+            help="total reference pixels: 1024, 1536, 2048 (squared) or WxH (default: the model's, else 1024)",
+        )
         q.add_argument("--per-image-area", type=_area, default=PER_IMAGE_AREA, help=argparse.SUPPRESS)
-        q.add_argument("--vl-budget", type=_area, default=None, help="total area of the VL encoder's copies (default: the model's, else 384² each)")
-        q.add_argument("--no-upscale", action="store_true", help="never enlarge references smaller than their share of the budget")
-        q.add_argument("--width", type=int, help="output width (a multiple of the model's token size: 16 px for Qwen-Image-Edit)")
+        q.add_argument(
+            "--vl-budget",
+            type=_area,
+            default=None,
+            help="total area of the VL encoder's copies (default: the model's, else 384² each)",
+        )
+        q.add_argument(
+            "--no-upscale", action="store_true", help="never enlarge references smaller than their share of the budget"
+        )
+        q.add_argument(
+            "--width", type=int, help="output width (a multiple of the model's token size: 16 px for Qwen-Image-Edit)"
+        )
         q.add_argument("--height", type=int, help="output height (a multiple of the model's token size)")
-        q.add_argument("--match-ref", type=int, default=1, metavar="K", help="output takes reference K's aspect ratio (default 1)")
-        q.add_argument("--output-area", type=_area, default=None, help="output area when matching a reference (default: the model's, else 1024)")
+        q.add_argument(
+            "--match-ref", type=int, default=1, metavar="K", help="output takes reference K's aspect ratio (default 1)"
+        )
+        q.add_argument(
+            "--output-area",
+            type=_area,
+            default=None,
+            help="output area when matching a reference (default: the model's, else 1024)",
+        )
 
     e = sub.add_parser("edit", help="edit / compose references with an instruction")
-    e.add_argument("--model", help="diffusers-format model folder, or a built-in model: uniref-default (the default), "
-                   "uniref-default-sft (the same before MSGRPO)")
-    e.add_argument("--diffusion-model", metavar="FILE", help="instead of --model: a ComfyUI single-file diffusion model "
-                   "(bf16/fp16/fp32 or fp8; with --text-encoder, --vae and --tokenizer)")
+    e.add_argument(
+        "--model",
+        help="diffusers-format model folder, or a built-in model: uniref-default (the default), "
+        "uniref-default-sft (the same before MSGRPO)",
+    )
+    e.add_argument(
+        "--diffusion-model",
+        metavar="FILE",
+        help="instead of --model: a ComfyUI single-file diffusion model "
+        "(bf16/fp16/fp32 or fp8; with --text-encoder, --vae and --tokenizer)",
+    )
     e.add_argument("--text-encoder", metavar="FILE", help="ComfyUI single-file Qwen2.5-VL text encoder")
     e.add_argument("--vae", metavar="FILE", help="ComfyUI single-file Qwen-Image VAE")
-    e.add_argument("--tokenizer", metavar="DIR", help="Qwen2.5 tokenizer folder (ComfyUI's: comfy/text_encoders/qwen25_tokenizer)")
+    e.add_argument(
+        "--tokenizer", metavar="DIR", help="Qwen2.5 tokenizer folder (ComfyUI's: comfy/text_encoders/qwen25_tokenizer)"
+    )
     size_options(e)
-    e.add_argument("--prompt", required=True, help="the instruction, e.g. 'put the cat from Picture 1 on the sofa of Picture 2'")
+    e.add_argument(
+        "--prompt", required=True, help="the instruction, e.g. 'put the cat from Picture 1 on the sofa of Picture 2'"
+    )
     e.add_argument("--negative-prompt", default=None, help="what to avoid (used when --cfg > 1; default ' ')")
     e.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's, else 30)")
-    e.add_argument("--cfg", type=float, default=None, help="true-CFG scale; 1 turns guidance off (default: the model's, else 4)")
+    e.add_argument(
+        "--cfg", type=float, default=None, help="true-CFG scale; 1 turns guidance off (default: the model's, else 4)"
+    )
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--num-images", type=int, default=1, help="images with seeds S, S+1, …")
     e.add_argument("--sampler", choices=("ode", "sde"), default="ode")
     e.add_argument("--eta", type=float, default=0.7, help="SDE noise level")
     e.add_argument("--denoise", type=float, default=1.0, help="< 1 starts from --init")
     e.add_argument("--init", default=None, help="init image for --denoise < 1")
-    e.add_argument("--lora", action="append", default=[], metavar="PATH[:STRENGTH]",
-                   help="a LoRA .safetensors file (peft/diffusers, kohya or ComfyUI keys) at a strength (default 1); repeat for several")
+    e.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="PATH[:STRENGTH]",
+        help="a LoRA .safetensors file (peft/diffusers, kohya or ComfyUI keys) at a strength (default 1); "
+        "repeat for several",
+    )
     e.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda if present)")
     e.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp16", "fp32"))
-    e.add_argument("--offload", default="none", choices=("none", "model", "blocks"),
-                   help="model: only one of the text encoder and the transformer on the device at a time (for GPUs "
-                   "that hold the transformer alone); blocks: keep both in CPU memory and move each block to the "
-                   "device only while it runs (for GPUs smaller than the transformer; slower)")
-    e.add_argument("--vae-tiling", default="auto", choices=("auto", "on", "off"),
-                   help="encode and decode images in 256 px tiles (diffusers' tiled VAE: far less memory for large "
-                   "images, slightly different pixels); auto: only images above 2 MP (default)")
+    e.add_argument(
+        "--offload",
+        default="none",
+        choices=("none", "model", "blocks"),
+        help="model: only one of the text encoder and the transformer on the device at a time (for GPUs "
+        "that hold the transformer alone); blocks: keep both in CPU memory and move each block to the "
+        "device only while it runs (for GPUs smaller than the transformer; slower)",
+    )
+    e.add_argument(
+        "--vae-tiling",
+        default="auto",
+        choices=("auto", "on", "off"),
+        help="encode and decode images in 256 px tiles (diffusers' tiled VAE: far less memory for large "
+        "images, slightly different pixels); auto: only images above 2 MP (default)",
+    )
     e.add_argument("-o", "--output", required=True, help="output image path (.png/.jpg/.webp)")
     e.add_argument("--quiet", action="store_true", help="no progress bar")
 
     pl = sub.add_parser("plan", help="print the SELF allocation without loading a model")
-    pl.add_argument("--model", help="plan with this model folder's token size and defaults (its configs are read, "
-                    "no weights); without it: 16 px tokens, as every Qwen-Image-Edit checkpoint")
+    pl.add_argument(
+        "--model",
+        help="plan with this model folder's token size and defaults (its configs are read, "
+        "no weights); without it: 16 px tokens, as every Qwen-Image-Edit checkpoint",
+    )
     size_options(pl)
     pl.add_argument("--json", action="store_true", help="print JSON")
 
@@ -83,7 +141,13 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("dir")
     t.add_argument("--zero-cond-t", action="store_true", help="like Qwen-Image-Edit-2511")
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--vae-scale", type=int, choices=(4, 8), default=8, help="8 like real checkpoints (16 px tokens); 4 gives 8 px tokens")
+    t.add_argument(
+        "--vae-scale",
+        type=int,
+        choices=(4, 8),
+        default=8,
+        help="8 like real checkpoints (16 px tokens); 4 gives 8 px tokens",
+    )
     return p
 
 
@@ -110,8 +174,9 @@ def check_outputs_are_not_inputs(paths: list[Path], inputs: list[tuple[str, str]
     for out in paths:
         for what, source in inputs:
             if _same_file(out, Path(source).expanduser()):
-                raise UniRefError(f"-o/--output {out} is {what} ({source}): saving would overwrite it; choose another "
-                                  "output path")  # fmt: skip
+                raise UniRefError(
+                    f"-o/--output {out} is {what} ({source}): saving would overwrite it; choose another output path"
+                )
 
 
 def _same_file(path: Path, other: Path) -> bool:
@@ -184,8 +249,8 @@ def cmd_edit(a) -> int:
     import torch
 
     from .defaults import resolve_model_arg
-    from .model import resolve_dtype
     from .images import load_image, save_image
+    from .model import resolve_dtype
     from .pipeline import SamplingOptions, UniRefPipeline
 
     if not a.ref:
@@ -193,8 +258,9 @@ def cmd_edit(a) -> int:
     from .pipeline import MAX_IMAGES
 
     if not 1 <= a.num_images <= MAX_IMAGES:  # before output_paths lists a file name per image
-        raise UniRefError(f"--num-images is {a.num_images}: it must be between 1 and {MAX_IMAGES}; make fewer images "
-                          "per run")  # fmt: skip
+        raise UniRefError(
+            f"--num-images is {a.num_images}: it must be between 1 and {MAX_IMAGES}; make fewer images per run"
+        )
     paths = output_paths(a.output, a.num_images)
     from .prompt import check_prompt_text
 
@@ -212,14 +278,20 @@ def cmd_edit(a) -> int:
     from .budget import plan_references
     from .model import check_model_folder, read_defaults, token_px_of
 
-    files = {"--diffusion-model": a.diffusion_model, "--text-encoder": a.text_encoder, "--vae": a.vae,
-             "--tokenizer": a.tokenizer}  # fmt: skip
+    files = {
+        "--diffusion-model": a.diffusion_model,
+        "--text-encoder": a.text_encoder,
+        "--vae": a.vae,
+        "--tokenizer": a.tokenizer,
+    }
     single = any(files.values())
     if single:
         missing = [k for k, v in files.items() if not v]
         if missing or a.model:
-            raise UniRefError("single files need all of --diffusion-model, --text-encoder, --vae and --tokenizer, and "
-                              + (f"no --model (got {a.model})" if a.model else f"{', '.join(missing)} is missing"))  # fmt: skip
+            raise UniRefError(
+                "single files need all of --diffusion-model, --text-encoder, --vae and --tokenizer, and "
+                + (f"no --model (got {a.model})" if a.model else f"{', '.join(missing)} is missing")
+            )
         model = a.diffusion_model
         token_px = 16  # Qwen-Image's 8x VAE and 2x2 patches: the only layout its single files come in
         _fill_defaults(a, {})
@@ -229,8 +301,9 @@ def cmd_edit(a) -> int:
         token_px = token_px_of(model)
         _fill_defaults(a, read_defaults(model))
     plan_references([r.size for r in refs], token_px=token_px, **_size_kwargs(a))
-    options = SamplingOptions(seed=a.seed, steps=a.steps, cfg=a.cfg, sampler=a.sampler, eta=a.eta, denoise=a.denoise,
-                              num_images=a.num_images)  # fmt: skip
+    options = SamplingOptions(
+        seed=a.seed, steps=a.steps, cfg=a.cfg, sampler=a.sampler, eta=a.eta, denoise=a.denoise, num_images=a.num_images
+    )
     options.check(init)
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = resolve_dtype(a.dtype, torch.device(device))  # the compute device's, also when loading to the CPU
@@ -238,8 +311,9 @@ def cmd_edit(a) -> int:
     if single:
         from .comfy_files import load_single_files
 
-        pipe = UniRefPipeline(load_single_files(a.diffusion_model, a.text_encoder, a.vae, a.tokenizer, device=load_to,
-                                                dtype=dtype))  # fmt: skip
+        pipe = UniRefPipeline(
+            load_single_files(a.diffusion_model, a.text_encoder, a.vae, a.tokenizer, device=load_to, dtype=dtype)
+        )
     else:
         pipe = UniRefPipeline.from_pretrained(model, device=load_to, dtype=dtype)
     if a.offload == "blocks":
@@ -261,8 +335,9 @@ def cmd_edit(a) -> int:
             bar.update(1)
 
     try:
-        result = pipe.edit(refs, a.prompt, a.negative_prompt, options, init_image=init, on_step=on_step,
-                           **_size_kwargs(a))  # fmt: skip
+        result = pipe.edit(
+            refs, a.prompt, a.negative_prompt, options, init_image=init, on_step=on_step, **_size_kwargs(a)
+        )
     finally:
         if bar is not None:
             bar.close()
@@ -274,9 +349,7 @@ def cmd_edit(a) -> int:
 
 
 def cmd_make_tiny(a) -> int:
-    from .tiny import make_tiny_model
-
-    from .tiny import VAE_4X
+    from .tiny import VAE_4X, make_tiny_model
 
     path = make_tiny_model(a.dir, zero_cond_t=a.zero_cond_t, seed=a.seed, vae=VAE_4X if a.vae_scale == 4 else None)
     print(f"tiny model written to {path}")

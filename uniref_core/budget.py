@@ -321,8 +321,7 @@ def plan_references(
     vl = allocate_vl(sizes, vl_budget)
     out = output_size(sizes, width, height, match_ref, output_area, token_px=token_px)
     refs = [ReferencePlan(k, s, v, c, token_px) for k, (s, v, c) in enumerate(zip(sizes, vae, vl), start=1)]
-    plan = Plan(mode=mode, budget=budget if mode == "budget" else None, output=out, references=refs,
-                token_px=token_px)  # fmt: skip
+    plan = Plan(mode=mode, budget=budget if mode == "budget" else None, output=out, references=refs, token_px=token_px)
     check_sequence(plan)
     return plan
 
@@ -335,8 +334,13 @@ def check_sequence(plan: Plan) -> None:
         check_text_room(plan)
         return
     w, h = plan.output
-    fix = ("lower width and height (or the output area)" if plan.output_tokens >= plan.reference_tokens
-           else "lower the budget" if plan.mode == "budget" else "use fewer references or mode 'budget'")  # fmt: skip
+    fix = (
+        "lower width and height (or the output area)"
+        if plan.output_tokens >= plan.reference_tokens
+        else "lower the budget"
+        if plan.mode == "budget"
+        else "use fewer references or mode 'budget'"
+    )
     raise UniRefError(
         f"output {w}×{h} px ({plan.output_tokens} tokens) and references of {plan.reference_tokens} tokens make an "
         f"image sequence of {plan.sequence_length} tokens; the engine runs at most {MAX_SEQUENCE_TOKENS} (a 4096² "
@@ -381,7 +385,9 @@ def parse_area(text: str | int) -> int:
             return int(a) * int(b)
         v = int(s)
     except ValueError:
-        raise UniRefError(f"budget {text!r} is not a size: write 1024 (for 1024²), 1536x1024 or a pixel count") from None
+        raise UniRefError(
+            f"budget {text!r} is not a size: write 1024 (for 1024²), 1536x1024 or a pixel count"
+        ) from None
     return v * v if v < 65536 else v
 
 

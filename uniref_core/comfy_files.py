@@ -70,8 +70,10 @@ def transformer_config(shapes: dict[str, tuple], zero_cond_t: bool, axes_dims_ro
     patch = 2
     axes = tuple(axes_dims_rope) if axes_dims_rope else QWEN_AXES
     if sum(axes) != head_dim:
-        raise UniRefError(f"the model's heads are {head_dim} wide but its rotary split {axes} sums to {sum(axes)}: "
-                          "give the split it was trained with (axes_dims_rope, three even numbers summing to the head size)")
+        raise UniRefError(
+            f"the model's heads are {head_dim} wide but its rotary split {axes} sums to {sum(axes)}: "
+            "give the split it was trained with (axes_dims_rope, three even numbers summing to the head size)"
+        )
     return {
         "patch_size": patch,
         "in_channels": in_channels,
@@ -86,8 +88,9 @@ def transformer_config(shapes: dict[str, tuple], zero_cond_t: bool, axes_dims_ro
     }
 
 
-def load_comfy_transformer(path, dtype: torch.dtype | None = None, device="cpu", zero_cond_t: bool | None = None,
-                           axes_dims_rope=None):
+def load_comfy_transformer(
+    path, dtype: torch.dtype | None = None, device="cpu", zero_cond_t: bool | None = None, axes_dims_rope=None
+):
     """A ComfyUI single-file Qwen-Image(-Edit) diffusion model as diffusers' ``QwenImageTransformer2DModel``.
 
     ``zero_cond_t``: None reads it from the file (the 2511 marker); True/False overrides it for files without
@@ -120,8 +123,9 @@ def load_comfy_transformer(path, dtype: torch.dtype | None = None, device="cpu",
             cast = dtype is not None and tensor.is_floating_point() and not is_fp8(tensor)
             state[name] = tensor.to(dtype) if cast else tensor
     fp8_layers = quantized_layers(state, metadata, path.name)
-    config = transformer_config({k: tuple(v.shape) for k, v in state.items()}, marker if zero_cond_t is None else zero_cond_t,
-                                axes_dims_rope)
+    config = transformer_config(
+        {k: tuple(v.shape) for k, v in state.items()}, marker if zero_cond_t is None else zero_cond_t, axes_dims_rope
+    )
     with torch.device("meta"):  # no weights allocated or initialised: the file's are assigned below
         model = QwenImageTransformer2DModel(**config)
     if fp8_layers:
@@ -192,9 +196,14 @@ def load_comfy_vae(path, dtype: torch.dtype | None = None, device="cpu"):
         for key in keys:
             if key.startswith(prefix):
                 tensor = f.get_tensor(key)
-                raw[key[len(prefix) :]] = tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+                raw[key[len(prefix) :]] = (
+                    tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+                )
     state = convert_wan_vae_to_diffusers(raw)
-    config = {"base_dim": int(raw["decoder.head.0.gamma"].shape[0]), "z_dim": int(raw["decoder.conv1.weight"].shape[1])}
+    config = {
+        "base_dim": int(raw["decoder.head.0.gamma"].shape[0]),
+        "z_dim": int(raw["decoder.conv1.weight"].shape[1]),
+    }
     if config["z_dim"] != 16:
         raise UniRefError(f"{path.name} has {config['z_dim']} latent channels; a Qwen-Image VAE has 16")
     with torch.device("meta"):
@@ -218,9 +227,18 @@ def load_comfy_vae(path, dtype: torch.dtype | None = None, device="cpu"):
 TEXT_ENCODER_MARKER = "model.layers.0.self_attn.q_proj.weight"
 #: What ComfyUI assumes for every Qwen2.5-VL text-encoder file (``comfy/text_encoders/llama.py``
 #: ``Qwen25_7BVLI_Config`` and ``qwen_vl.Qwen2VLVisionTransformer``): these are not in the weights' shapes.
-QWEN25_VL_FIXED = {"head_dim": 128, "rope_theta": 1_000_000.0, "rms_norm_eps": 1e-6, "mrope_section": [16, 24, 24],
-                   "vision_heads": 16, "patch_size": 14, "temporal_patch_size": 2, "spatial_merge_size": 2,
-                   "window_size": 112, "fullatt_block_indexes": [7, 15, 23, 31]}  # fmt: skip
+QWEN25_VL_FIXED = {
+    "head_dim": 128,
+    "rope_theta": 1_000_000.0,
+    "rms_norm_eps": 1e-6,
+    "mrope_section": [16, 24, 24],
+    "vision_heads": 16,
+    "patch_size": 14,
+    "temporal_patch_size": 2,
+    "spatial_merge_size": 2,
+    "window_size": 112,
+    "fullatt_block_indexes": [7, 15, 23, 31],
+}
 
 
 def text_encoder_config(shapes: dict[str, tuple]):
@@ -237,24 +255,35 @@ def text_encoder_config(shapes: dict[str, tuple]):
     if shapes["model.layers.0.self_attn.q_proj.weight"][0] % fixed["head_dim"]:
         raise UniRefError("the text encoder's attention width is not a multiple of Qwen2.5-VL's 128-wide heads")
     text = dict(
-        vocab_size=vocab, hidden_size=hidden, num_hidden_layers=count(r"model\.layers\.(\d+)\."),
+        vocab_size=vocab,
+        hidden_size=hidden,
+        num_hidden_layers=count(r"model\.layers\.(\d+)\."),
         intermediate_size=shapes["model.layers.0.mlp.gate_proj.weight"][0],
         num_attention_heads=shapes["model.layers.0.self_attn.q_proj.weight"][0] // fixed["head_dim"],
         num_key_value_heads=shapes["model.layers.0.self_attn.k_proj.weight"][0] // fixed["head_dim"],
-        rope_theta=fixed["rope_theta"], rms_norm_eps=fixed["rms_norm_eps"],
+        rope_theta=fixed["rope_theta"],
+        rms_norm_eps=fixed["rms_norm_eps"],
         rope_scaling={"type": "mrope", "mrope_section": list(fixed["mrope_section"])},
-        bos_token_id=151643, eos_token_id=151645,
-    )  # fmt: skip
+        bos_token_id=151643,
+        eos_token_id=151645,
+    )
     vision = None
     if "visual.patch_embed.proj.weight" in shapes:
         vision = dict(
-            hidden_size=shapes["visual.patch_embed.proj.weight"][0], depth=count(r"visual\.blocks\.(\d+)\."),
-            intermediate_size=shapes["visual.blocks.0.mlp.gate_proj.weight"][0], num_heads=fixed["vision_heads"],
-            out_hidden_size=shapes["visual.merger.mlp.2.weight"][0], patch_size=fixed["patch_size"],
-            temporal_patch_size=fixed["temporal_patch_size"], spatial_merge_size=fixed["spatial_merge_size"],
-            window_size=fixed["window_size"], fullatt_block_indexes=list(fixed["fullatt_block_indexes"]),
-        )  # fmt: skip
-    return Qwen2_5_VLConfig(text_config=text, **({"vision_config": vision} if vision else {}), tie_word_embeddings=False)
+            hidden_size=shapes["visual.patch_embed.proj.weight"][0],
+            depth=count(r"visual\.blocks\.(\d+)\."),
+            intermediate_size=shapes["visual.blocks.0.mlp.gate_proj.weight"][0],
+            num_heads=fixed["vision_heads"],
+            out_hidden_size=shapes["visual.merger.mlp.2.weight"][0],
+            patch_size=fixed["patch_size"],
+            temporal_patch_size=fixed["temporal_patch_size"],
+            spatial_merge_size=fixed["spatial_merge_size"],
+            window_size=fixed["window_size"],
+            fullatt_block_indexes=list(fixed["fullatt_block_indexes"]),
+        )
+    return Qwen2_5_VLConfig(
+        text_config=text, **({"vision_config": vision} if vision else {}), tie_word_embeddings=False
+    )
 
 
 def load_comfy_text_encoder(path, dtype: torch.dtype | None = None, device="cpu"):
@@ -294,6 +323,7 @@ def load_comfy_text_encoder(path, dtype: torch.dtype | None = None, device="cpu"
     mapping = get_model_conversion_mapping(model)
     renamings = [m for m in mapping if isinstance(m, WeightRenaming)]
     converters = [m for m in mapping if isinstance(m, WeightConverter)]
+
     def rename(key: str) -> str:
         return rename_source_key(key, renamings, converters, model.base_model_prefix, expected)[0]
 
@@ -345,8 +375,10 @@ def load_single_files(diffusion_model, text_encoder, vae, tokenizer_dir, device=
     dt = resolve_dtype(dtype, device)
     tokenizer_dir = Path(tokenizer_dir)
     if not (tokenizer_dir / "vocab.json").is_file() or not (tokenizer_dir / "merges.txt").is_file():
-        raise UniRefError(f"tokenizer folder {tokenizer_dir} has no vocab.json / merges.txt: give a Qwen2.5 tokenizer "
-                          "folder (ComfyUI's is comfy/text_encoders/qwen25_tokenizer in its source tree)")  # fmt: skip
+        raise UniRefError(
+            f"tokenizer folder {tokenizer_dir} has no vocab.json / merges.txt: give a Qwen2.5 tokenizer "
+            "folder (ComfyUI's is comfy/text_encoders/qwen25_tokenizer in its source tree)"
+        )
     tokenizer = Qwen2Tokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
     processor = Qwen2VLProcessor(
         image_processor=Qwen2VLImageProcessor(**IMAGE_PROCESSOR_CONFIG),
@@ -360,11 +392,15 @@ def load_single_files(diffusion_model, text_encoder, vae, tokenizer_dir, device=
     )
     te_width, joint = parts[2].config.text_config.hidden_size, parts[0].config.joint_attention_dim
     if te_width != joint:
-        raise UniRefError(f"{Path(text_encoder).name} gives {te_width}-wide text states but {Path(diffusion_model).name} "
-                          f"expects {joint}: pick the text encoder that belongs to this diffusion model")  # fmt: skip
+        raise UniRefError(
+            f"{Path(text_encoder).name} gives {te_width}-wide text states but {Path(diffusion_model).name} "
+            f"expects {joint}: pick the text encoder that belongs to this diffusion model"
+        )
     if parts[1].config.z_dim * 4 != parts[0].config.in_channels:
-        raise UniRefError(f"{Path(vae).name} has {parts[1].config.z_dim} latent channels but {Path(diffusion_model).name} "
-                          f"takes {parts[0].config.in_channels // 4}: pick the VAE that belongs to this diffusion model")  # fmt: skip
+        raise UniRefError(
+            f"{Path(vae).name} has {parts[1].config.z_dim} latent channels but {Path(diffusion_model).name} "
+            f"takes {parts[0].config.in_channels // 4}: pick the VAE that belongs to this diffusion model"
+        )
     for m in parts:
         m.to(device).eval().requires_grad_(False)
     transformer, vae_model, te = parts

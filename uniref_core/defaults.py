@@ -45,8 +45,10 @@ def resolve_model_arg(spec) -> Path:
 
 
 #: How to get a shipped model folder back.
-RESTORE = "it ships with the repository (restore it with `git checkout -- models/`, or rebuild it with " \
-          "`python -m training.build_default`)"  # fmt: skip
+RESTORE = (
+    "it ships with the repository (restore it with `git checkout -- models/`, or rebuild it with "
+    "`python -m training.build_default`)"
+)
 
 
 def default_model_path() -> Path:
@@ -56,5 +58,7 @@ def default_model_path() -> Path:
         return path
     if path == SHIPPED_MODEL_DIR:
         raise UniRefError(f"the built-in default model is missing from {path}: {RESTORE}, or pass --model DIR")
-    raise UniRefError(f"UNIREF_DEFAULT_MODEL points at {path}, which is not a model folder (no model_index.json): "
-                      "fix the variable or unset it to use the built-in model")  # fmt: skip
+    raise UniRefError(
+        f"UNIREF_DEFAULT_MODEL points at {path}, which is not a model folder (no model_index.json): "
+        "fix the variable or unset it to use the built-in model"
+    )

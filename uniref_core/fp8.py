@@ -112,7 +112,9 @@ def quantize_fp8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (w / scale).to(torch.float8_e4m3fn), scale
 
 
-def quantized_layers(state: dict[str, torch.Tensor], metadata: dict | None, file_name: str) -> dict[str, torch.Tensor | None]:
+def quantized_layers(
+    state: dict[str, torch.Tensor], metadata: dict | None, file_name: str
+) -> dict[str, torch.Tensor | None]:
     """``{layer name: scale or None}`` for every layer whose weight in ``state`` is fp8, after taking the scale
     and quantisation entries out of ``state`` (it is changed in place). Unknown formats are errors."""
     formats: dict[str, str] = {}
@@ -124,8 +126,10 @@ def quantized_layers(state: dict[str, torch.Tensor], metadata: dict | None, file
         formats[key[: -len(".comfy_quant")]] = conf.get("format")
     bad = sorted({f for f in formats.values() if f not in FP8_DTYPES})
     if bad:
-        raise UniRefError(f"{file_name} is quantised as {', '.join(map(str, bad))}, which is not supported: use a bf16 "
-                          "or fp8 (float8_e4m3fn) file")  # fmt: skip
+        raise UniRefError(
+            f"{file_name} is quantised as {', '.join(map(str, bad))}, which is not supported: use a bf16 "
+            "or fp8 (float8_e4m3fn) file"
+        )
     state.pop("scaled_fp8", None)
     scales: dict[str, torch.Tensor] = {}
     for key in list(state):
@@ -142,8 +146,9 @@ def quantized_layers(state: dict[str, torch.Tensor], metadata: dict | None, file
     return layers
 
 
-def swap_in_fp8_linears(model: nn.Module, layers: dict[str, torch.Tensor | None], state: dict[str, torch.Tensor],
-                        file_name: str) -> None:  # fmt: skip
+def swap_in_fp8_linears(
+    model: nn.Module, layers: dict[str, torch.Tensor | None], state: dict[str, torch.Tensor], file_name: str
+) -> None:
     """Replace the model's ``nn.Linear`` named in ``layers`` by ``FP8Linear`` holding the file's fp8 weight; their
     ``.weight`` entries in ``state`` become the layers' 8-bit buffers, so ``load_state_dict(state, assign=True)``
     then loads the rest (biases included) as usual."""
@@ -154,8 +159,10 @@ def swap_in_fp8_linears(model: nn.Module, layers: dict[str, torch.Tensor | None]
             raise UniRefError(f"{file_name}: '{name}.weight' is fp8 but '{name}' is not a linear layer of the model")
         weight = state.pop(f"{name}.weight")
         if tuple(weight.shape) != (old.out_features, old.in_features):
-            raise UniRefError(f"{file_name}: '{name}.weight' is {tuple(weight.shape)}, the model's layer "
-                              f"{(old.out_features, old.in_features)}")  # fmt: skip
+            raise UniRefError(
+                f"{file_name}: '{name}.weight' is {tuple(weight.shape)}, the model's layer "
+                f"{(old.out_features, old.in_features)}"
+            )
         new = FP8Linear(old.in_features, old.out_features, bias=old.bias is not None, fp8_dtype=weight.dtype)
         new.to(weight.device)
         new.set_fp8(weight, scale)
@@ -176,8 +183,10 @@ def add_trainable_lora(model: nn.Module, rank: int, alpha: float, targets, dropo
             continue
         if not isinstance(module, FP8Linear):
             if isinstance(module, nn.Linear):
-                raise UniRefError(f"lora target {name!r} is not an fp8 layer (base_dtype fp8 quantises the linear "
-                                  "layers of transformer_blocks): target block layers only, or use base_dtype bf16")  # fmt: skip
+                raise UniRefError(
+                    f"lora target {name!r} is not an fp8 layer (base_dtype fp8 quantises the linear "
+                    "layers of transformer_blocks): target block layers only, or use base_dtype bf16"
+                )
             continue
         module.add_trainable_lora(rank, alpha, dropout)
         done += 1

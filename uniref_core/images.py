@@ -65,9 +65,7 @@ def load_image(source, name: str = "image") -> Image.Image:
         if tensor.ndim == 4:
             tensor = tensor[0]
         return _tensor_image_to_rgb(tensor, name)
-    raise UniRefError(
-        f"{name}: unsupported input type {type(source).__name__} — give {ACCEPTED_TYPES}"
-    )
+    raise UniRefError(f"{name}: unsupported input type {type(source).__name__} — give {ACCEPTED_TYPES}")
 
 
 def save_image(image: Image.Image, path, name: str = "output") -> None:
@@ -86,8 +84,10 @@ def save_image(image: Image.Image, path, name: str = "output") -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as e:
-        raise UniRefError(f"{name} {path} could not be written ({e.strerror or e}): free some space or choose "
-                          "another path; nothing was left there") from None  # fmt: skip
+        raise UniRefError(
+            f"{name} {path} could not be written ({e.strerror or e}): free some space or choose "
+            "another path; nothing was left there"
+        ) from None
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -109,7 +109,9 @@ def split_image_batch(tensor, name: str = "image") -> list[Image.Image]:
         )
     count = tensor.shape[0]
     if count == 0:
-        raise UniRefError(f"{name}: the image batch is empty (shape {tuple(tensor.shape)}) — connect at least one image")
+        raise UniRefError(
+            f"{name}: the image batch is empty (shape {tuple(tensor.shape)}) — connect at least one image"
+        )
     # Name each image so an error points at the one at fault.
     return [
         _tensor_image_to_rgb(tensor[i], f"{name} (image {i + 1} of {count})" if count > 1 else name)
@@ -164,7 +166,9 @@ def _open_file(source, name: str) -> Image.Image:
             image = ImageOps.exif_transpose(opened)
             image.load()
     except PermissionError:
-        raise UniRefError(f"{name}: {path} cannot be opened (permission denied) — check the file's permissions") from None
+        raise UniRefError(
+            f"{name}: {path} cannot be opened (permission denied) — check the file's permissions"
+        ) from None
     except Image.DecompressionBombError as exc:
         raise UniRefError(f"{name}: {path} is too large to load safely ({exc}) — downscale it first") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
@@ -182,9 +186,7 @@ def _pil_to_rgb(image: Image.Image, name: str) -> Image.Image:
     try:
         image.load()  # lazily opened images decode here, so corrupt data is reported as such
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise UniRefError(
-            f"{name}: the image could not be decoded (truncated or corrupt): {READ_HINT}"
-        ) from exc
+        raise UniRefError(f"{name}: the image could not be decoded (truncated or corrupt): {READ_HINT}") from exc
     _check_has_pixels(image.width, image.height, name)
     mode = image.mode
     if mode == "RGB" and "transparency" not in image.info:

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+
 def pack_latents(latents: torch.Tensor) -> torch.Tensor:
     """[B, C, 1, h, w] or [B, C, h, w] → [B, (h/2)·(w/2), 4C] in the order the transformer expects."""
     if latents.ndim == 5:

@@ -155,8 +155,13 @@ def lora_deltas(transformer: torch.nn.Module, loras: Sequence[tuple[LoraWeights,
                 "for another model. Use a LoRA trained for Qwen-Image / Qwen-Image-Edit"
             )
         if missing:
-            log.warning("LoRA %s: %d of its %d layers are not in this model and were skipped (first: %s)",
-                        lora.name, len(missing), len(lora.layers), ", ".join(missing[:3]))  # fmt: skip
+            log.warning(
+                "LoRA %s: %d of its %d layers are not in this model and were skipped (first: %s)",
+                lora.name,
+                len(missing),
+                len(lora.layers),
+                ", ".join(missing[:3]),
+            )
         for name, (down, up) in lora.layers.items():
             if name in missing:
                 continue
@@ -191,7 +196,7 @@ class LoraPatcher:
     def apply(self, loras: Sequence[tuple[LoraWeights, float]]) -> int:
         """Patch the model to carry ``loras``; returns the number of layers that carry a LoRA now."""
         wanted = tuple((lora, float(s)) for lora, s in loras)
-        if [(id(l), s) for l, s in wanted] == [(id(l), s) for l, s in self._current]:
+        if [(id(lo), s) for lo, s in wanted] == [(id(lo), s) for lo, s in self._current]:
             return len(self._originals) + len(self._fp8)
         deltas = lora_deltas(self.transformer, wanted)  # raises before anything changes
         self.restore()
@@ -206,7 +211,9 @@ class LoraPatcher:
                 self._originals[name] = weight.detach().to("cpu", copy=True)
                 merged = weight.detach().float()
                 for strength, down, up in parts:
-                    merged = merged + strength * (up.to(merged.device, torch.float32) @ down.to(merged.device, torch.float32))
+                    merged = merged + strength * (
+                        up.to(merged.device, torch.float32) @ down.to(merged.device, torch.float32)
+                    )
                 weight.copy_(merged.to(weight.dtype))
         self._current = wanted
         return len(deltas)

@@ -9,7 +9,6 @@ remote code.
 from __future__ import annotations
 
 import dataclasses
-
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,7 +75,9 @@ def vae_scale_of(vae_config: dict, folder="the model folder") -> int:
         )
     scale = 2 ** len(stages)
     if not 2 <= scale <= 16:
-        raise UniRefError(f"{folder}: its VAE scale is {scale}x; UniRef supports 2x to 16x VAEs (real checkpoints: 8x)")
+        raise UniRefError(
+            f"{folder}: its VAE scale is {scale}x; UniRef supports 2x to 16x VAEs (real checkpoints: 8x)"
+        )
     return scale
 
 
@@ -95,7 +96,9 @@ def _read_json(path: Path, what: str) -> dict:
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError) as e:
-        raise UniRefError(f"{what} ({path}) could not be read as JSON ({e}); re-download or re-export the model") from None
+        raise UniRefError(
+            f"{what} ({path}) could not be read as JSON ({e}); re-download or re-export the model"
+        ) from None
 
 
 def _check_weights(folder: Path, name: str) -> None:
@@ -209,8 +212,15 @@ def load_components(path, device="cpu", dtype="auto", parts=PARTS, transformer_d
     except (OSError, ValueError, RuntimeError, KeyError) as e:
         raise UniRefError(f"model folder {root} could not be loaded: {e}") from e
     scheduler_config = _read_json(root / "scheduler" / "scheduler_config.json", "scheduler config")
-    return Components(loaded["transformer"], loaded["vae"], loaded["text_encoder"], processor, scheduler_config, root,
-                      read_defaults(root))  # fmt: skip
+    return Components(
+        loaded["transformer"],
+        loaded["vae"],
+        loaded["text_encoder"],
+        processor,
+        scheduler_config,
+        root,
+        read_defaults(root),
+    )
 
 
 def load_transformer(root, device, dtype) -> torch.nn.Module:
@@ -224,12 +234,15 @@ def load_transformer(root, device, dtype) -> torch.nn.Module:
 
     folder = Path(root) / "transformer"
     if dtype != "fp8":
-        return QwenImageTransformer2DModel.from_pretrained(folder, torch_dtype=dtype, use_safetensors=True,
-                                                           local_files_only=True)  # fmt: skip
+        return QwenImageTransformer2DModel.from_pretrained(
+            folder, torch_dtype=dtype, use_safetensors=True, local_files_only=True
+        )
     from .fp8 import quantize_fp8, swap_in_fp8_linears
 
     model = empty_transformer(folder, device)
-    linears = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.startswith("transformer_blocks.")}
+    linears = {
+        n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.startswith("transformer_blocks.")
+    }
     state, layers = {}, {}
     for file in sorted(folder.glob("*.safetensors")):
         for key, tensor in read_safetensors(file):
@@ -245,11 +258,15 @@ def load_transformer(root, device, dtype) -> torch.nn.Module:
 
 def empty_transformer(folder, device) -> torch.nn.Module:
     """The transformer of a ``transformer/`` folder built on the meta device (its weights take no memory until they
-    are filled), with its rotary tables, which ``__init__`` computes and no file holds, built for real on ``device``."""
+    are filled), with its rotary tables, which ``__init__`` computes and no file holds, built for real on
+    ``device``."""
     from diffusers import QwenImageTransformer2DModel
 
-    config = {k: v for k, v in _read_json(Path(folder) / "config.json", "transformer/config.json").items()
-              if not k.startswith("_")}  # fmt: skip
+    config = {
+        k: v
+        for k, v in _read_json(Path(folder) / "config.json", "transformer/config.json").items()
+        if not k.startswith("_")
+    }
     with torch.device("meta"):
         model = QwenImageTransformer2DModel(**config)
     with torch.device(device):
@@ -257,9 +274,20 @@ def empty_transformer(folder, device) -> torch.nn.Module:
     return model
 
 
-SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-                      "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}  # fmt: skip
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
 
 
 def read_safetensors(path):
@@ -303,11 +331,15 @@ def read_defaults(root) -> dict:
     data = _read_json(path, "model defaults")
     defaults = data.get("defaults", {}) if isinstance(data, dict) else None
     if not isinstance(defaults, dict):
-        raise UniRefError(f"{path}: 'defaults' must be an object of settings; delete the file to use built-in defaults")
+        raise UniRefError(
+            f"{path}: 'defaults' must be an object of settings; delete the file to use built-in defaults"
+        )
     unknown = sorted(set(defaults) - set(DEFAULT_KEYS))
     if unknown:
         raise UniRefError(f"{path}: unknown default(s) {', '.join(unknown)}; known: {', '.join(DEFAULT_KEYS)}")
     for key, value in defaults.items():
         if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
-            raise UniRefError(f"{path}: default '{key}' ({DEFAULT_KEYS[key]}) must be a positive number, got {value!r}")
+            raise UniRefError(
+                f"{path}: default '{key}' ({DEFAULT_KEYS[key]}) must be a positive number, got {value!r}"
+            )
     return dict(defaults)

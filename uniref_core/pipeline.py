@@ -107,7 +107,7 @@ class SelfConditioning:
     def output_tokens(self) -> int:
         return self.plan.output_tokens
 
-    def to(self, device, dtype) -> "SelfConditioning":
+    def to(self, device, dtype) -> SelfConditioning:
         """The same conditioning on another device (the model may have moved since encoding)."""
         return SelfConditioning(
             plan=self.plan,
@@ -140,7 +140,8 @@ class EditResult:
     def summary(self) -> str:
         per_ref = " ".join(f"ref{r.index}={r.tokens}" for r in self.plan.references)
         return (
-            f"{len(self.images)} image(s) {self.plan.output[0]}×{self.plan.output[1]} | tokens/ref: {per_ref or '-'} | "
+            f"{len(self.images)} image(s) {self.plan.output[0]}×{self.plan.output[1]} | "
+            f"tokens/ref: {per_ref or '-'} | "
             f"VL tokens {self.plan.vl_tokens} | sequence {self.plan.sequence_length} image tokens | "
             f"{self.seconds:.2f} s"
         )
@@ -197,8 +198,10 @@ def check_seed(seed, num_images: int = 1) -> None:
     top = MAX_SEED - (num_images - 1)
     if not 0 <= seed <= top:
         more = f" (image i of {num_images} uses seed + i)" if num_images > 1 else ""
-        raise UniRefError(f"seed is {seed}: it must be between 0 and {top}{more}, the 64 bits of the noise generator; "
-                          "give a seed in that range")  # fmt: skip
+        raise UniRefError(
+            f"seed is {seed}: it must be between 0 and {top}{more}, the 64 bits of the noise generator; "
+            "give a seed in that range"
+        )
 
 
 @dataclass(frozen=True)
@@ -247,19 +250,25 @@ class SamplingOptions:
             if self.sampler != "sde":
                 raise UniRefError(f"sde_window is set but sampler is {self.sampler!r}: use sampler 'sde' or drop it")
             if not (0 <= first < stop <= total):
-                raise UniRefError(f"sde_window is {self.sde_window}: give [first, stop) with 0 ≤ first < stop ≤ "
-                                  f"{total} (the steps this run takes)")  # fmt: skip
+                raise UniRefError(
+                    f"sde_window is {self.sde_window}: give [first, stop) with 0 ≤ first < stop ≤ "
+                    f"{total} (the steps this run takes)"
+                )
 
 
 def _sampling_overrides(options: SamplingOptions | None, overrides: dict, where: str) -> SamplingOptions:
     unknown = sorted(set(overrides) - SamplingOptions.names())
     if unknown:
-        raise TypeError(f"{where}() got unknown sampling option(s) {', '.join(unknown)}; "
-                        f"known: {', '.join(sorted(SamplingOptions.names()))}")  # fmt: skip
+        raise TypeError(
+            f"{where}() got unknown sampling option(s) {', '.join(unknown)}; "
+            f"known: {', '.join(sorted(SamplingOptions.names()))}"
+        )
     return replace(options or SamplingOptions(), **overrides)
 
 
-def draw_noise(seed: int, channels: int, width: int, height: int, vae_scale: int) -> tuple[torch.Tensor, torch.Generator]:
+def draw_noise(
+    seed: int, channels: int, width: int, height: int, vae_scale: int
+) -> tuple[torch.Tensor, torch.Generator]:
     """Initial noise for one image, drawn on the CPU in fp32 exactly as diffusers draws it; packed."""
     gen = torch.Generator("cpu").manual_seed(int(seed))
     h, w = height // vae_scale, width // vae_scale
@@ -291,10 +300,16 @@ class UniRefPipeline:
         device, offload_device = self._start_offload("blocks", device, offload_device)
         # No CUDA streams: with streams diffusers keeps pinned copies of the weights, which a LoRA merge would
         # leave stale.
-        apply_group_offloading(self.c.transformer, onload_device=device, offload_device=offload_device,
-                               offload_type="block_level", num_blocks_per_group=1)  # fmt: skip
-        apply_group_offloading(self.c.text_encoder, onload_device=device, offload_device=offload_device,
-                               offload_type="leaf_level")  # fmt: skip
+        apply_group_offloading(
+            self.c.transformer,
+            onload_device=device,
+            offload_device=offload_device,
+            offload_type="block_level",
+            num_blocks_per_group=1,
+        )
+        apply_group_offloading(
+            self.c.text_encoder, onload_device=device, offload_device=offload_device, offload_type="leaf_level"
+        )
 
     def _start_offload(self, mode: str, device, offload_device) -> tuple[torch.device, torch.device]:
         """What both offload modes share: one mode per model, the big networks resting on ``offload_device``,
@@ -344,7 +359,7 @@ class UniRefPipeline:
         return vae_tiling(self.c.vae, use_vae_tiling(self.vae_tiling, width, height))
 
     @classmethod
-    def from_pretrained(cls, path, device="cpu", dtype="auto") -> "UniRefPipeline":
+    def from_pretrained(cls, path, device="cpu", dtype="auto") -> UniRefPipeline:
         return cls(load_components(path, device=device, dtype=dtype))
 
     @property
@@ -469,8 +484,9 @@ class UniRefPipeline:
         negative = None
         if cfg > 1:
             neg_text = DEFAULT_NEGATIVE if negative_prompt is None else negative_prompt
-            negative = encode_prompt(te, self.c.processor, neg_text, vl_images, device=te_device, max_tokens=room,
-                                     name="negative prompt")  # fmt: skip
+            negative = encode_prompt(
+                te, self.c.processor, neg_text, vl_images, device=te_device, max_tokens=room, name="negative prompt"
+            )
         ref_tokens = []
         for im, r in zip(images, plan.references):
             with self._vae_pass(*r.vae):
@@ -493,8 +509,10 @@ class UniRefPipeline:
         if isinstance(encoder, int) and encoder - DROP_IDX < plan.text_room:
             why = f"the text encoder's {encoder} positions (its {DROP_IDX}-token system turn among them) leave it"
             return encoder - DROP_IDX, why
-        return plan.text_room, (f"at this size (the longest image side is {2 * plan.text_position} tokens) the "
-                                f"transformer's {budget_mod.ROPE_POSITIONS} RoPE positions leave it")  # fmt: skip
+        return plan.text_room, (
+            f"at this size (the longest image side is {2 * plan.text_position} tokens) the "
+            f"transformer's {budget_mod.ROPE_POSITIONS} RoPE positions leave it"
+        )
 
     # 2. Sampling ------------------------------------------------------------------------------
 
@@ -519,7 +537,9 @@ class UniRefPipeline:
     def schedule(self, steps: int, output_tokens: int) -> Schedule:
         return flow_schedule(steps, output_tokens, self.c.scheduler_config)
 
-    def sampling_options(self, options: SamplingOptions | None = None, /, init_image=None, **overrides) -> SamplingOptions:
+    def sampling_options(
+        self, options: SamplingOptions | None = None, /, init_image=None, **overrides
+    ) -> SamplingOptions:
         """``options`` with ``overrides`` applied, ``steps`` / ``cfg`` None filled from the model's
         defaults (``uniref.json``, else ours), checked: clear errors before any model work."""
         opts = _sampling_overrides(options, overrides, "sampling_options")
@@ -545,8 +565,9 @@ class UniRefPipeline:
             cond = cond.to(self.device, self.dtype)
         w, h = cond.width, cond.height
         schedule = self.schedule(opts.steps, cond.output_tokens)
-        noises, gens = zip(*(draw_noise(opts.seed + i, self.latent_channels, w, h, self.vae_scale)
-                             for i in range(opts.num_images)))  # fmt: skip
+        noises, gens = zip(
+            *(draw_noise(opts.seed + i, self.latent_channels, w, h, self.vae_scale) for i in range(opts.num_images))
+        )
         x = torch.cat(noises).to(self.device, self.dtype)
         if opts.denoise < 1:
             init = load_image(init_image, name="init image")
@@ -557,8 +578,9 @@ class UniRefPipeline:
         def velocity(x: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
             return self.velocity(x, timestep, cond, opts.cfg)
 
-        steps = denoise_steps(velocity, x, schedule, start=opts.start, sde=opts.sde_steps, eta=opts.eta,
-                              generators=gens)  # fmt: skip
+        steps = denoise_steps(
+            velocity, x, schedule, start=opts.start, sde=opts.sde_steps, eta=opts.eta, generators=gens
+        )
         total = opts.steps - opts.start
         for n in range(total):
             if is_cancelled is not None and is_cancelled():
@@ -590,8 +612,10 @@ class UniRefPipeline:
         what = "the model produced non-finite values (NaN or inf) while sampling, so there is no image"
         if self.loras:
             names = ", ".join(f"{lw.name} at strength {s:g}" for lw, s in self.loras)
-            return (f"{what}; LoRA {names} is loaded: lower its strength, or check the file (NaN or huge weights), "
-                    "or run without it")  # fmt: skip
+            return (
+                f"{what}; LoRA {names} is loaded: lower its strength, or check the file (NaN or huge weights), "
+                "or run without it"
+            )
         return f"{what}: check the model's weights, or use dtype fp32 (fp16 overflows on Qwen-Image)"
 
     # 3. Decoding ------------------------------------------------------------------------------

@@ -41,8 +41,10 @@ def check_prompt_text(text: str, name: str = "prompt") -> None:
     except UnicodeEncodeError as e:
         code = ord(text[e.start])
         what = f"the byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"a lone surrogate U+{code:04X}"
-        raise UniRefError(f"{name} is not valid UTF-8 text: character {e.start + 1} is {what} (text saved in another "
-                          "encoding, such as Latin-1?); give the prompt as UTF-8 text") from None  # fmt: skip
+        raise UniRefError(
+            f"{name} is not valid UTF-8 text: character {e.start + 1} is {what} (text saved in another "
+            "encoding, such as Latin-1?); give the prompt as UTF-8 text"
+        ) from None
 
 
 @dataclass
@@ -53,18 +55,27 @@ class PromptEmbeds:
     mask: torch.Tensor | None
     vl_tokens: list[int]  # vision tokens per reference inside the text stream
 
-    def repeat(self, n: int) -> "PromptEmbeds":
+    def repeat(self, n: int) -> PromptEmbeds:
         mask = None if self.mask is None else self.mask.repeat(n, 1)
         return PromptEmbeds(self.embeds.repeat(n, 1, 1), mask, self.vl_tokens)
 
-    def to(self, device, dtype=None) -> "PromptEmbeds":
+    def to(self, device, dtype=None) -> PromptEmbeds:
         mask = None if self.mask is None else self.mask.to(device)
         return PromptEmbeds(self.embeds.to(device, dtype or self.embeds.dtype), mask, self.vl_tokens)
 
 
 @torch.no_grad()
-def encode_prompt(text_encoder, processor, prompt: str, vl_images: list[Image.Image], device=None, dtype=None, *,
-                  max_tokens: tuple[int, str] | None = None, name: str = "prompt"):  # fmt: skip
+def encode_prompt(
+    text_encoder,
+    processor,
+    prompt: str,
+    vl_images: list[Image.Image],
+    device=None,
+    dtype=None,
+    *,
+    max_tokens: tuple[int, str] | None = None,
+    name: str = "prompt",
+):
     """Encode ``prompt`` with the references' small copies ``vl_images`` (already at their VL size).
 
     ``max_tokens``: (the most conditioning tokens the model takes, why), checked on the tokenized text before the
@@ -78,9 +89,11 @@ def encode_prompt(text_encoder, processor, prompt: str, vl_images: list[Image.Im
     length = inputs["input_ids"].shape[1] - DROP_IDX
     if max_tokens is not None and length > max_tokens[0]:
         limit, why = max_tokens
-        raise UniRefError(f"{name} is too long: with the template and the references' vision tokens it makes "
-                          f"{length} tokens, and {why} at most {limit}; shorten it by at least {length - limit} "
-                          "tokens (or lower the VL budget and the largest image side)")  # fmt: skip
+        raise UniRefError(
+            f"{name} is too long: with the template and the references' vision tokens it makes "
+            f"{length} tokens, and {why} at most {limit}; shorten it by at least {length - limit} "
+            "tokens (or lower the VL budget and the largest image side)"
+        )
     inputs = inputs.to(device)
     out = text_encoder(
         input_ids=inputs["input_ids"],

@@ -123,11 +123,22 @@ VIDEO_PROCESSOR_CONFIG = dict(patch_size=14, temporal_patch_size=2, merge_size=2
 #: the 7B one (head 128, 4:1 grouped KV, MLP 6× the width) at 0.45 of the transformer's size, as 8.3 B is of
 #: 20.4 B. Memory per weight and per activation then scales like the real model's.
 REAL_PROPORTIONS = dict(
-    transformer=dict(num_layers=5, attention_head_dim=128, num_attention_heads=8, joint_attention_dim=1024,
-                     axes_dims_rope=(16, 56, 56)),  # fmt: skip
-    text=dict(hidden_size=1024, intermediate_size=6144, num_hidden_layers=4, num_attention_heads=8,
-              num_key_value_heads=2, max_window_layers=4,
-              rope_parameters={"rope_type": "default", "mrope_section": [16, 24, 24], "rope_theta": 1000000.0}),
+    transformer=dict(
+        num_layers=5,
+        attention_head_dim=128,
+        num_attention_heads=8,
+        joint_attention_dim=1024,
+        axes_dims_rope=(16, 56, 56),
+    ),
+    text=dict(
+        hidden_size=1024,
+        intermediate_size=6144,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        max_window_layers=4,
+        rope_parameters={"rope_type": "default", "mrope_section": [16, 24, 24], "rope_theta": 1000000.0},
+    ),
     dtype="bf16",
 )
 
@@ -179,7 +190,7 @@ def _corpus() -> list[str]:
     for w in _WORDS:
         for form in (w, w.capitalize()):
             lines += [form, " " + form] * 2
-    lines += ["Picture %d: " % i for i in range(1, 10)]
+    lines += [f"Picture {i}: " for i in range(1, 10)]
     lines += [
         "Put the red circle from Picture 1 on the left of the blue square in Picture 2.",
         "Move the object to the top right corner and keep the background.",
@@ -264,8 +275,13 @@ def _build_text_encoder(tokenizer, text: dict | None = None):
 
 
 def make_tiny_model(
-    path, zero_cond_t: bool = False, seed: int = 0, transformer: dict | None = None, vae: dict | None = None,
-    text: dict | None = None, dtype: str = "fp32",
+    path,
+    zero_cond_t: bool = False,
+    seed: int = 0,
+    transformer: dict | None = None,
+    vae: dict | None = None,
+    text: dict | None = None,
+    dtype: str = "fp32",
 ) -> pathlib.Path:
     """Build the tiny model and save it to ``path`` (created if missing); return the path.
 

@@ -75,7 +75,10 @@ def write_error(e: OSError, what: str, folder, fix: str) -> UniRefError:
     what to free (``fix`` ends it), any other error names itself."""
     reason = e.strerror or str(e)
     if e.errno in DISK_FULL:
-        return UniRefError(f"{what} could not be written: the disk holding {folder} is full ({reason}); free space "
-                           f"there, {fix}")  # fmt: skip
-    return UniRefError(f"{what} could not be written ({reason}{f': {e.filename}' if e.filename else ''}): check that "
-                       f"{folder} is a writable folder, {fix}")  # fmt: skip
+        return UniRefError(
+            f"{what} could not be written: the disk holding {folder} is full ({reason}); free space there, {fix}"
+        )
+    return UniRefError(
+        f"{what} could not be written ({reason}{f': {e.filename}' if e.filename else ''}): check that "
+        f"{folder} is a writable folder, {fix}"
+    )

@@ -51,8 +51,15 @@ class ShardCache:
     def _shard(self, s: int) -> Path:
         return self.folder / f"shard_{s:05d}.safetensors"
 
-    def build(self, n_rows: int, encode: Callable[[int], tuple[dict[str, torch.Tensor], dict]], rank: int = 0,
-              world: int = 1, barrier: Callable[[], None] = lambda: None, progress: Callable[[int], None] | None = None) -> None:  # fmt: skip
+    def build(
+        self,
+        n_rows: int,
+        encode: Callable[[int], tuple[dict[str, torch.Tensor], dict]],
+        rank: int = 0,
+        world: int = 1,
+        barrier: Callable[[], None] = lambda: None,
+        progress: Callable[[int], None] | None = None,
+    ) -> None:
         """Encode every row not yet on disk: ``encode(i)`` → (tensors, metadata) of row i."""
         from safetensors.torch import save_file
 
@@ -64,7 +71,9 @@ class ShardCache:
                 tensors, meta = {}, {}
                 for i in range(s * SHARD_ROWS, min((s + 1) * SHARD_ROWS, n_rows)):
                     row_tensors, meta[str(i)] = encode(i)
-                    tensors.update({f"{i}.{name}": t.detach().to("cpu").contiguous() for name, t in row_tensors.items()})
+                    tensors.update(
+                        {f"{i}.{name}": t.detach().to("cpu").contiguous() for name, t in row_tensors.items()}
+                    )
                     if progress is not None:
                         progress(1)
                 tmp = self._shard(s).with_suffix(f".tmp{os.getpid()}")
@@ -87,7 +96,7 @@ class ShardCache:
             self._handles[s] = handle
             self._meta.update({int(k): v for k, v in json.loads(handle.metadata()["rows"]).items()})
         handle, prefix = self._handles[s], f"{i}."
-        tensors = {k[len(prefix):]: handle.get_tensor(k) for k in handle.keys() if k.startswith(prefix)}
+        tensors = {k[len(prefix) :]: handle.get_tensor(k) for k in handle.keys() if k.startswith(prefix)}
         return tensors, self._meta[i]
 
 

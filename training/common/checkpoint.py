@@ -147,8 +147,9 @@ def _torch_save(path: Path, obj) -> None:
     fsync(path)
 
 
-def save_checkpoint(accelerator, final: Path, *, trainable, ema, optimizer, scheduler, state: dict,
-                    sharded: bool = False) -> Path:  # fmt: skip
+def save_checkpoint(
+    accelerator, final: Path, *, trainable, ema, optimizer, scheduler, state: dict, sharded: bool = False
+) -> Path:
     """Write a checkpoint atomically from all processes (each writes its RNG state, and when ``sharded`` its shards
     of ``trainable`` and of the ``optimizer`` state dict; the main process the rest). Not `atomic.atomic_dir`: every
     process writes into the folder between barriers, and only the main one creates and commits it.
@@ -156,19 +157,33 @@ def save_checkpoint(accelerator, final: Path, *, trainable, ema, optimizer, sche
     A write that fails (a full disk) removes the unfinished folder, so it holds no space, and ends in a
     CheckpointError that says what to free; the earlier checkpoints are untouched."""
     try:
-        return _save_checkpoint(accelerator, final, trainable=trainable, ema=ema, optimizer=optimizer,
-                                scheduler=scheduler, state=state, sharded=sharded)  # fmt: skip
+        return _save_checkpoint(
+            accelerator,
+            final,
+            trainable=trainable,
+            ema=ema,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            state=state,
+            sharded=sharded,
+        )
     except OSError as e:
         if accelerator.is_main_process:
             shutil.rmtree(tmp_path(final), ignore_errors=True)
-        error = write_error(e, f"checkpoint {final.name}", final.parent, "e.g. delete step_… folders you no "
-                                   "longer need or lower keep_checkpoints, then continue with --resume auto (the "
-                                   "earlier checkpoints are whole)")  # fmt: skip
+        error = write_error(
+            e,
+            f"checkpoint {final.name}",
+            final.parent,
+            "e.g. delete step_… folders you no "
+            "longer need or lower keep_checkpoints, then continue with --resume auto (the "
+            "earlier checkpoints are whole)",
+        )
         raise CheckpointError(str(error)) from None
 
 
-def _save_checkpoint(accelerator, final: Path, *, trainable, ema, optimizer, scheduler, state: dict,
-                     sharded: bool) -> Path:  # fmt: skip
+def _save_checkpoint(
+    accelerator, final: Path, *, trainable, ema, optimizer, scheduler, state: dict, sharded: bool
+) -> Path:
     tmp = tmp_path(final)
     if accelerator.is_main_process:
         if tmp.exists():
@@ -234,8 +249,10 @@ def find_checkpoint(resume: str, output_dir) -> Path | None:
         return ckpts[-1] if ckpts else None
     path = Path(resume)
     if not (path / STATE_FILE).is_file():
-        raise CheckpointError(f"--resume {resume}: no checkpoint there (no {STATE_FILE}); give a step_… folder "
-                              f"under {Path(output_dir) / CHECKPOINTS} or 'auto'")  # fmt: skip
+        raise CheckpointError(
+            f"--resume {resume}: no checkpoint there (no {STATE_FILE}); give a step_… folder "
+            f"under {Path(output_dir) / CHECKPOINTS} or 'auto'"
+        )
     return path
 
 
@@ -243,12 +260,17 @@ def check_resume(path: Path, state: dict, cfg: HashedConfig, fingerprint: str) -
     """Refuse a checkpoint of another model or another config, saying which differs."""
     sharded, fsdp = bool(state.get("sharded")), bool(getattr(cfg, "fsdp", False))
     if sharded and getattr(cfg, "lora", None) is not None:
-        raise CheckpointError(f"cannot resume from {path}: it is a sharded full fine-tune (an FSDP run), which a LoRA "
-                              f"run cannot continue. Export it (python -m training.export --checkpoint {path} --out "
-                              "DIR) and start the LoRA run from DIR as its model")  # fmt: skip
+        raise CheckpointError(
+            f"cannot resume from {path}: it is a sharded full fine-tune (an FSDP run), which a LoRA "
+            f"run cannot continue. Export it (python -m training.export --checkpoint {path} --out "
+            "DIR) and start the LoRA run from DIR as its model"
+        )
     if sharded != fsdp:
-        how = ("holds sharded weights (an FSDP run): resume it with \"fsdp\": true, at any number of processes"
-               if sharded else "holds whole weights (a run without FSDP): resume it with \"fsdp\": false")
+        how = (
+            'holds sharded weights (an FSDP run): resume it with "fsdp": true, at any number of processes'
+            if sharded
+            else 'holds whole weights (a run without FSDP): resume it with "fsdp": false'
+        )
         raise CheckpointError(f"cannot resume from {path}: it {how}, or export it and start a new run from the export")
     problems = []
     if state["model"]["fingerprint"] != fingerprint:
@@ -261,7 +283,8 @@ def check_resume(path: Path, state: dict, cfg: HashedConfig, fingerprint: str) -
         problems.append("its config differs in " + "; ".join(diffs or ["(hash only)"]))
     if problems:
         raise CheckpointError(
-            f"cannot resume from {path}: " + ", and ".join(problems)
+            f"cannot resume from {path}: "
+            + ", and ".join(problems)
             + ". Resume with the config and model it was trained with, or use a new output_dir."
         )
 
@@ -314,8 +337,10 @@ def load_sharded(folder: Path, tensors: dict[str, torch.Tensor]) -> None:
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
             dcp.load(tensors, storage_reader=HuggingFaceStorageReader(str(folder)), no_dist=not dist.is_initialized())
     except Exception as e:  # DCP wraps each process's error in a CheckpointException
-        raise CheckpointError(f"{folder} does not hold these weights ({str(e).strip().splitlines()[-1][:300]}): "
-                              "it is not a sharded checkpoint of this model and config") from e
+        raise CheckpointError(
+            f"{folder} does not hold these weights ({str(e).strip().splitlines()[-1][:300]}): "
+            "it is not a sharded checkpoint of this model and config"
+        ) from e
 
 
 def sharded_keys(folder: Path) -> set[str]:
@@ -348,6 +373,7 @@ def load_sharded_optimizer(path: Path, model, optimizer) -> None:
     load_sharded(Path(path) / OPTIMIZER_SHARDS, optimizer_tensors(state))
     groups = json.loads((Path(path) / OPTIMIZER_GROUPS).read_text())
     # JSON turned tuples (betas) into lists
-    state["param_groups"] = [{k: tuple(v) if isinstance(v, list) and k != "params" else v for k, v in g.items()}
-                             for g in groups]  # fmt: skip
+    state["param_groups"] = [
+        {k: tuple(v) if isinstance(v, list) and k != "params" else v for k, v in g.items()} for g in groups
+    ]
     set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(strict=False))

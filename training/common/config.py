@@ -13,9 +13,10 @@ import difflib
 import hashlib
 import json
 import math
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import tomllib
 
 from uniref_core.budget import parse_area
 from uniref_core.errors import UniRefError
@@ -23,10 +24,19 @@ from uniref_core.errors import UniRefError
 # Linear layers of QwenImageTransformer2DModel's blocks (diffusers transformer_qwenimage.py): joint
 # attention projections of both streams and both MLPs. ComfyUI's qwen_image model uses the same names.
 DEFAULT_LORA_TARGETS = (
-    "to_q", "to_k", "to_v", "to_out.0",
-    "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
-    "img_mlp.net.0.proj", "img_mlp.net.2", "txt_mlp.net.0.proj", "txt_mlp.net.2",
-)  # fmt: skip
+    "to_q",
+    "to_k",
+    "to_v",
+    "to_out.0",
+    "add_q_proj",
+    "add_k_proj",
+    "add_v_proj",
+    "to_add_out",
+    "img_mlp.net.0.proj",
+    "img_mlp.net.2",
+    "txt_mlp.net.0.proj",
+    "txt_mlp.net.2",
+)
 MIXED_PRECISION = ("no", "bf16")
 # The frozen base's dtype: "auto" follows mixed_precision (bf16 under bf16, else fp32). Trainable weights are fp32.
 BASE_DTYPES = ("auto", "fp32", "bf16", "fp8")
@@ -124,8 +134,10 @@ def check_seed(value, where: str = "the config") -> None:
     """A run's ``seed``: a whole number from 0 to `MAX_SEED`."""
     _positive(value, where, "seed", minimum=0)
     if value > MAX_SEED:
-        raise ConfigError(f"{where}: seed is {value}: it must be at most {MAX_SEED} (numpy's generators, which the "
-                          "trainers seed, take 32 bits); give a smaller seed")  # fmt: skip
+        raise ConfigError(
+            f"{where}: seed is {value}: it must be at most {MAX_SEED} (numpy's generators, which the "
+            "trainers seed, take 32 bits); give a smaller seed"
+        )
 
 
 def check_output_dir(value, key: str = "output_dir") -> None:
@@ -165,14 +177,20 @@ def check_precision(cfg) -> None:
     if cfg.base_dtype not in BASE_DTYPES:
         raise ConfigError(f"base_dtype is {cfg.base_dtype!r}: use one of {', '.join(BASE_DTYPES)}")
     if base_dtype(cfg) != "fp32" and cfg.mixed_precision != "bf16":
-        raise ConfigError(f"base_dtype {cfg.base_dtype} runs the frozen model in bf16: set mixed_precision \"bf16\" "
-                          "as well, or base_dtype \"fp32\"")  # fmt: skip
+        raise ConfigError(
+            f'base_dtype {cfg.base_dtype} runs the frozen model in bf16: set mixed_precision "bf16" '
+            'as well, or base_dtype "fp32"'
+        )
     if cfg.base_dtype == "fp8" and cfg.lora is None:
-        raise ConfigError("base_dtype fp8 is for LoRA training (a full fine-tune trains every weight, in fp32): set "
-                          "lora, or base_dtype \"bf16\"")  # fmt: skip
+        raise ConfigError(
+            "base_dtype fp8 is for LoRA training (a full fine-tune trains every weight, in fp32): set "
+            'lora, or base_dtype "bf16"'
+        )
     if cfg.gradient_checkpointing not in (None, True, False):
-        raise ConfigError(f"gradient_checkpointing is {cfg.gradient_checkpointing!r}: true, false, or null for on "
-                          "above 1 B transformer parameters")  # fmt: skip
+        raise ConfigError(
+            f"gradient_checkpointing is {cfg.gradient_checkpointing!r}: true, false, or null for on "
+            "above 1 B transformer parameters"
+        )
 
 
 def _paths(value, key: str) -> list[str]:
@@ -207,16 +225,22 @@ def _read_with_base(path: Path, chain: tuple[Path, ...]) -> dict:
     data = dict(data)
     base = data.pop(BASE_KEY)
     if not isinstance(base, str) or not base:
-        raise ConfigError(f"config file {path}: {BASE_KEY} is {base!r}: give the path of the config it overrides, "
-                          f"relative to {path.parent}")  # fmt: skip
+        raise ConfigError(
+            f"config file {path}: {BASE_KEY} is {base!r}: give the path of the config it overrides, "
+            f"relative to {path.parent}"
+        )
     base_path = path.parent / base
     if base_path.resolve() in chain:
         names = " → ".join(str(p) for p in chain + (base_path.resolve(),))
-        raise ConfigError(f"config file {path}: its {BASE_KEY} {base!r} is circular ({names}): a base may not name a "
-                          "file that names it")  # fmt: skip
+        raise ConfigError(
+            f"config file {path}: its {BASE_KEY} {base!r} is circular ({names}): a base may not name a "
+            "file that names it"
+        )
     if not base_path.is_file():
-        raise ConfigError(f"config file {path}: its {BASE_KEY} {base!r} ({base_path}) does not exist: give a path "
-                          f"relative to {path.parent}")  # fmt: skip
+        raise ConfigError(
+            f"config file {path}: its {BASE_KEY} {base!r} ({base_path}) does not exist: give a path "
+            f"relative to {path.parent}"
+        )
     base_data = _read_with_base(base_path, chain)
     if not isinstance(base_data, dict):
         raise ConfigError(f"config file {base_path} (the {BASE_KEY} of {path}) must be an object of keys")
@@ -242,7 +266,9 @@ def _read_file(path: Path):
     try:
         return tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
     except (ValueError, tomllib.TOMLDecodeError) as e:
-        raise ConfigError(f"config file {path} is not valid {'TOML' if path.suffix == '.toml' else 'JSON'}: {e}") from None
+        raise ConfigError(
+            f"config file {path} is not valid {'TOML' if path.suffix == '.toml' else 'JSON'}: {e}"
+        ) from None
 
 
 def diff_configs(old: dict, new: dict, prefix: str = "") -> list[str]:

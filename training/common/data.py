@@ -19,9 +19,9 @@ from functools import lru_cache
 from pathlib import Path
 
 from uniref_core.budget import TOKEN_PX, Plan, output_size, plan_references
-from uniref_core.model import token_px_of
 from uniref_core.errors import UniRefError
 from uniref_core.images import load_image
+from uniref_core.model import token_px_of
 
 from .config import Stage
 
@@ -68,14 +68,21 @@ class DataReport:
         if len(self.skipped) > REPORT_LINES:
             lines.append(f"  … and {len(self.skipped) - REPORT_LINES} more skipped rows")
         if self.k_counts:
-            lines.append("  references per sample: " + ", ".join(f"K={k}: {n}" for k, n in sorted(self.k_counts.items())))
+            lines.append(
+                "  references per sample: " + ", ".join(f"K={k}: {n}" for k, n in sorted(self.k_counts.items()))
+            )
         lines += [f"  {b}" for b in self.buckets]
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "total": self.total, "usable": self.usable,
-                "skipped": [{"row": w, "reason": r} for w, r in self.skipped],
-                "k_counts": self.k_counts, "buckets": self.buckets}  # fmt: skip
+        return {
+            "name": self.name,
+            "total": self.total,
+            "usable": self.usable,
+            "skipped": [{"row": w, "reason": r} for w, r in self.skipped],
+            "k_counts": self.k_counts,
+            "buckets": self.buckets,
+        }
 
 
 @lru_cache(maxsize=16)
@@ -95,8 +102,16 @@ def plan_row(row: Row, stage: Stage, cfg) -> Plan:
     """The SELF plan of a row in a stage: the one planner, mode "budget", the stage's budget, the model's tokens."""
     token_px = model_token_px(str(cfg.model))
     width, height = target_dims(row.target_size, stage, token_px)
-    return plan_references(row.ref_sizes, "budget", stage.budget, upscale=cfg.upscale, vl_budget=cfg.vl_budget,
-                           width=width, height=height, token_px=token_px)  # fmt: skip
+    return plan_references(
+        row.ref_sizes,
+        "budget",
+        stage.budget,
+        upscale=cfg.upscale,
+        vl_budget=cfg.vl_budget,
+        width=width,
+        height=height,
+        token_px=token_px,
+    )
 
 
 def encode_row(pipe, row: Row, stage: Stage, cfg, guidance: float):
@@ -104,9 +119,17 @@ def encode_row(pipe, row: Row, stage: Stage, cfg, guidance: float):
     budget, the target's size in the stage, the config's VL budget and upscaling; ``guidance`` > 1 adds the
     negative prompt."""
     width, height = target_dims(row.target_size, stage, pipe.token_px)
-    return pipe.encode([str(p) for p in row.references], row.instruction, cfg=guidance, mode="budget",
-                       budget=stage.budget, upscale=cfg.upscale, vl_budget=cfg.vl_budget, width=width,
-                       height=height)  # fmt: skip
+    return pipe.encode(
+        [str(p) for p in row.references],
+        row.instruction,
+        cfg=guidance,
+        mode="budget",
+        budget=stage.budget,
+        upscale=cfg.upscale,
+        vl_budget=cfg.vl_budget,
+        width=width,
+        height=height,
+    )
 
 
 def layout_key(plan: Plan) -> tuple:
@@ -125,14 +148,18 @@ def _check_stage_fit(row: Row, stages: list[Stage], cfg) -> str | None:
         tw, th = row.target_size
         if stage.output_size is None:
             if tw % token_px or th % token_px:
-                return (f"target is {tw}×{th} px: with no output_size in stage {i} targets train at their own size, "
-                        f"which must be a multiple of the model's {token_px} px token on each side; set "
-                        "output_size or resize it")  # fmt: skip
+                return (
+                    f"target is {tw}×{th} px: with no output_size in stage {i} targets train at their own size, "
+                    f"which must be a multiple of the model's {token_px} px token on each side; set "
+                    "output_size or resize it"
+                )
         else:
             ow, oh = target_dims(row.target_size, stage, token_px)
             if not cfg.allow_target_upscale and (tw < ow or th < oh):
-                return (f"target is {tw}×{th} px, smaller than stage {i}'s output {ow}×{oh}: it would be upscaled; "
-                        "lower output_size or set allow_target_upscale")  # fmt: skip
+                return (
+                    f"target is {tw}×{th} px, smaller than stage {i}'s output {ow}×{oh}: it would be upscaled; "
+                    "lower output_size or set allow_target_upscale"
+                )
         try:
             plan_row(row, stage, cfg)
         except UniRefError as e:
@@ -176,7 +203,9 @@ def load_rows(manifests: list[str], cfg, name: str = "train", workers: int = 4) 
         try:
             lines = path.read_text(encoding="utf-8").splitlines()
         except OSError as e:
-            raise UniRefError(f"{name} manifest {path} could not be read ({e}): check train_manifest / val_manifest")
+            raise UniRefError(
+                f"{name} manifest {path} could not be read ({e}): check train_manifest / val_manifest"
+            ) from e
         for n, line in enumerate(lines, start=1):
             if not line.strip():
                 continue
@@ -193,7 +222,9 @@ def load_rows(manifests: list[str], cfg, name: str = "train", workers: int = 4) 
         refs = [base / r for r in row["references"]]
         target = base / row["target"]
         try:
-            ref_sizes = [_read_image_size(p, f"reference {k} ({row['references'][k - 1]})") for k, p in enumerate(refs, 1)]
+            ref_sizes = [
+                _read_image_size(p, f"reference {k} ({row['references'][k - 1]})") for k, p in enumerate(refs, 1)
+            ]
             target_size = _read_image_size(target, f"target ({row['target']})")
         except UniRefError as e:
             return None, (where, str(e))

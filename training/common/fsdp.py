@@ -87,16 +87,20 @@ def _fill_from_folder(folder: Path, params: dict[str, torch.Tensor]) -> None:
     for file in sorted(folder.glob("*.safetensors")):
         for key, tensor in read_safetensors(file):  # plain reads: no memory map keeps the file resident
             if key not in params:
-                raise UniRefError(f"{file} holds {key!r}, which the transformer of {folder / 'config.json'} does not "
-                                  "have: the weights and the config are of different models")  # fmt: skip
+                raise UniRefError(
+                    f"{file} holds {key!r}, which the transformer of {folder / 'config.json'} does not "
+                    "have: the weights and the config are of different models"
+                )
             p = params[key]
             whole = tensor.to(p.device_mesh.device_type, torch.float32)
             # src_data_rank None: every process read the same file, so each keeps its rows without sending any
             p.copy_(distribute_tensor(whole, p.device_mesh, p.placements, src_data_rank=None))
             left.discard(key)
     if left:
-        raise UniRefError(f"{folder} has no weights for {sorted(left)[:3]} ({len(left)} in all): the folder is "
-                          "incomplete; restore it from the original download")  # fmt: skip
+        raise UniRefError(
+            f"{folder} has no weights for {sorted(left)[:3]} ({len(left)} in all): the folder is "
+            "incomplete; restore it from the original download"
+        )
 
 
 def clip_grad_norm(params, max_norm: float) -> float:

@@ -65,7 +65,9 @@ class RunLogger:
             for key, value in record.items():
                 if key in ("step", "stage", "kind") or not isinstance(value, (int, float)):
                     continue
-                tag = f"{key}/stage{record['stage']}" if key == "loss" and "stage" in record else key  # RL has no stages
+                tag = (
+                    f"{key}/stage{record['stage']}" if key == "loss" and "stage" in record else key
+                )  # RL has no stages
                 self.tb.add_scalar(tag if record.get("kind") != "eval" else f"eval/{key}", value, step)
 
     def image(self, tag: str, image: Image.Image, step: int) -> None:
@@ -137,7 +139,9 @@ def _plot(series: dict, path: Path, label, ylabel: str, log_scale: bool = False,
         colour = STAGE_COLOURS[i % len(STAGE_COLOURS)]
         if smooth > 1:  # RL rewards swing with each step's prompts: raw faint, the trailing mean drawn over it
             ax.plot(xs, ys, color=colour, lw=0.6, alpha=0.3)
-            ax.plot(xs, moving_average(list(ys), smooth), color=colour, lw=1.5, label=f"{label(name)} (mean of {smooth})")
+            ax.plot(
+                xs, moving_average(list(ys), smooth), color=colour, lw=1.5, label=f"{label(name)} (mean of {smooth})"
+            )
         else:
             ax.plot(xs, ys, color=colour, lw=1, label=label(name))
     ax.set_xlabel("step")
@@ -185,11 +189,14 @@ def _plot_pil(by_stage, path: Path, label) -> Path:
 
 def _fit(image: Image.Image, cell: int) -> Image.Image:
     scale = cell / max(image.size)
-    return image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.Resampling.LANCZOS)
+    return image.resize(
+        (max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.Resampling.LANCZOS
+    )
 
 
-def make_grid(rows: list[tuple[list[Image.Image], Image.Image, Image.Image]], cell: int = 128,
-              captions: list[str] | None = None) -> Image.Image:  # fmt: skip
+def make_grid(
+    rows: list[tuple[list[Image.Image], Image.Image, Image.Image]], cell: int = 128, captions: list[str] | None = None
+) -> Image.Image:
     """One row per sample: references | target | prediction, each fitted into a ``cell`` square."""
     max_refs = max((len(r[0]) for r in rows), default=1)
     cols = max_refs + 2

@@ -60,8 +60,13 @@ def load_transformer(cfg, device) -> torch.nn.Module:
         return load_components(cfg.model, device=device, dtype="fp32", parts=("transformer",)).transformer
     if base == "fp8":
         check_fp8(device)
-    return load_components(cfg.model, device=device, dtype="bf16", parts=("transformer",),
-                           transformer_dtype="fp8" if base == "fp8" else torch.bfloat16).transformer  # fmt: skip
+    return load_components(
+        cfg.model,
+        device=device,
+        dtype="bf16",
+        parts=("transformer",),
+        transformer_dtype="fp8" if base == "fp8" else torch.bfloat16,
+    ).transformer
 
 
 def check_fp8(device) -> None:
@@ -70,8 +75,10 @@ def check_fp8(device) -> None:
     from uniref_core.errors import UniRefError
 
     if not hasattr(torch, "float8_e4m3fn"):
-        raise UniRefError(f"base_dtype fp8 needs torch ≥ 2.1 (float8 types); this is torch {torch.__version__}: "
-                          "upgrade torch or use base_dtype bf16")  # fmt: skip
+        raise UniRefError(
+            f"base_dtype fp8 needs torch ≥ 2.1 (float8 types); this is torch {torch.__version__}: "
+            "upgrade torch or use base_dtype bf16"
+        )
     try:
         torch.zeros(1, device=device).to(torch.float8_e4m3fn).to(torch.bfloat16)
     except (RuntimeError, TypeError) as e:

@@ -26,7 +26,11 @@ class TrainingRun:
 
     def __init__(self, cfg, accelerator, resume: str | None, kind: str):
         self.cfg, self.accelerator, self.kind = cfg, accelerator, kind
-        self.main, self.rank, self.world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
+        self.main, self.rank, self.world = (
+            accelerator.is_main_process,
+            accelerator.process_index,
+            accelerator.num_processes,
+        )
         self.out = Path(cfg.output_dir)
         check_model_folder(cfg.model)
         self.fingerprint = ckpt_mod.model_fingerprint(cfg.model)
@@ -82,24 +86,45 @@ class TrainingRun:
             ckpt_mod.set_rng_state(rng)
         self.log.truncate_after(self.global_step)
 
-    def save(self, global_step: int, *, trainable, ema=None, optimizer=None, scheduler=None, stage: int = 0,
-             stage_step: int | None = None, stage_end: bool = False, sharded: bool = False) -> Path:  # fmt: skip
+    def save(
+        self,
+        global_step: int,
+        *,
+        trainable,
+        ema=None,
+        optimizer=None,
+        scheduler=None,
+        stage: int = 0,
+        stage_step: int | None = None,
+        stage_end: bool = False,
+        sharded: bool = False,
+    ) -> Path:
         """An atomic checkpoint of step ``global_step`` (every process calls it), then the oldest pruned.
         ``sharded``: ``trainable`` holds DTensors and ``optimizer`` is `get_optimizer_state_dict`'s (FSDP)."""
         cfg = self.cfg
         state = {
-            "global_step": global_step, "stage": stage,
-            "stage_step": global_step if stage_step is None else stage_step, "stage_end": stage_end,
-            "kind": self.kind, "config_hash": cfg.hash(),
+            "global_step": global_step,
+            "stage": stage,
+            "stage_step": global_step if stage_step is None else stage_step,
+            "stage_end": stage_end,
+            "kind": self.kind,
+            "config_hash": cfg.hash(),
             "config": json.loads(json.dumps(cfg.hashed_dict(), default=str)),
             "model": {"path": str(cfg.model), "fingerprint": self.fingerprint},
             "lora": None if cfg.lora is None else {"rank": cfg.lora.rank, "alpha": cfg.lora.alpha},
-            "world_size": self.world, "sharded": sharded,
-        }  # fmt: skip
+            "world_size": self.world,
+            "sharded": sharded,
+        }
         path = ckpt_mod.save_checkpoint(
-            self.accelerator, ckpt_mod.checkpoint_path(self.out, global_step), trainable=trainable, ema=ema,
-            optimizer=optimizer, scheduler=scheduler, state=state, sharded=sharded,
-        )  # fmt: skip
+            self.accelerator,
+            ckpt_mod.checkpoint_path(self.out, global_step),
+            trainable=trainable,
+            ema=ema,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            state=state,
+            sharded=sharded,
+        )
         if self.main:
             ckpt_mod.prune_checkpoints(self.out, cfg.keep_checkpoints)
         self.accelerator.wait_for_everyone()

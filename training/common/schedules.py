@@ -1,4 +1,5 @@
-"""Learning-rate schedules: a multiplier of the base lr per optimizer step, for ``torch.optim.lr_scheduler.LambdaLR``."""
+"""Learning-rate schedules: a multiplier of the base lr per optimizer step, for
+``torch.optim.lr_scheduler.LambdaLR``."""
 
 from __future__ import annotations
 

@@ -38,8 +38,13 @@ def setup_transformer(transformer, lora: LoraSettings | None, gradient_checkpoin
         from peft import LoraConfig
 
         transformer.add_adapter(
-            LoraConfig(r=lora.rank, lora_alpha=lora.alpha, target_modules=list(lora.targets),
-                       lora_dropout=lora.dropout, init_lora_weights=True)  # fmt: skip
+            LoraConfig(
+                r=lora.rank,
+                lora_alpha=lora.alpha,
+                target_modules=list(lora.targets),
+                lora_dropout=lora.dropout,
+                init_lora_weights=True,
+            )
         )
         if not any(p.requires_grad for p in transformer.parameters()):
             raise ValueError(f"lora.targets {lora.targets} matched no layer of the transformer")
@@ -83,8 +88,9 @@ def load_trainable_state_dict(transformer, state: dict[str, torch.Tensor]) -> No
     params = named_trainable(transformer)
     missing, extra = sorted(set(params) - set(state)), sorted(set(state) - set(params))
     if missing or extra:
-        raise ValueError(f"checkpoint weights do not match the trainable weights: missing {missing[:3]}, "
-                         f"unexpected {extra[:3]}")  # fmt: skip
+        raise ValueError(
+            f"checkpoint weights do not match the trainable weights: missing {missing[:3]}, unexpected {extra[:3]}"
+        )
     for name, p in params.items():
         p.copy_(state[name].to(p.device, p.dtype))
 
@@ -157,7 +163,7 @@ def merge_comfy_lora(transformer, lora_state: dict[str, torch.Tensor], strength:
         if not key.endswith(".lora_A.weight"):
             continue
         base = key[: -len(".lora_A.weight")]
-        path = base[len(COMFY_PREFIX):] if base.startswith(COMFY_PREFIX) else base
+        path = base[len(COMFY_PREFIX) :] if base.startswith(COMFY_PREFIX) else base
         if path not in modules:
             raise ValueError(f"LoRA key {key} names no layer {path!r} of the transformer")
         down, up = lora_state[key].float(), lora_state[f"{base}.lora_B.weight"].float()

@@ -76,17 +76,23 @@ def resolve(path: str, trusted=()):
     else:
         module_name, _, attr = path.rpartition(".")
     if not module_name or not attr:
-        raise RewardError(f"reward source {path!r}: name a built-in one ({', '.join(BUILTIN)}) or a factory as "
-                          "'package.module:function'")  # fmt: skip
+        raise RewardError(
+            f"reward source {path!r}: name a built-in one ({', '.join(BUILTIN)}) or a factory as "
+            "'package.module:function'"
+        )
     if not is_trusted(module_name, trusted):
-        raise RewardError(f"reward source {path!r}: module {module_name!r} is not trusted: a config's reward source "
-                          "runs as code with your rights, and only training.* modules load unless you trust others; "
-                          f"if you trust it, run with --trust-module {module_name}")  # fmt: skip
+        raise RewardError(
+            f"reward source {path!r}: module {module_name!r} is not trusted: a config's reward source "
+            "runs as code with your rights, and only training.* modules load unless you trust others; "
+            f"if you trust it, run with --trust-module {module_name}"
+        )
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
-        raise RewardError(f"reward source {path!r}: module {module_name!r} cannot be imported ({e}); check the "
-                          "name and that it is on PYTHONPATH")  # fmt: skip
+        raise RewardError(
+            f"reward source {path!r}: module {module_name!r} cannot be imported ({e}); check the "
+            "name and that it is on PYTHONPATH"
+        ) from e
     obj = getattr(module, attr, None)
     if obj is None:
         raise RewardError(f"reward source {path!r}: module {module_name!r} has no {attr!r}")
@@ -104,8 +110,10 @@ def load_source(name: str, options: dict | None = None, trusted=()) -> Source:
     except TypeError as e:
         raise RewardError(f"reward source {name!r}: its factory does not take these options ({e})") from None
     if not callable(source):
-        raise RewardError(f"reward source {name!r}: the factory returned {type(source).__name__}, not a callable "
-                          "source(images, row) -> RewardBatch")  # fmt: skip
+        raise RewardError(
+            f"reward source {name!r}: the factory returned {type(source).__name__}, not a callable "
+            "source(images, row) -> RewardBatch"
+        )
     return source
 
 
@@ -122,17 +130,25 @@ def check_batch(batch, name: str, n: int) -> RewardBatch:
     for key, sig in batch.signals.items():
         values = np.asarray(sig.values, dtype=np.float64)
         if values.shape != (n,):
-            raise RewardError(f"reward source {name!r}: signal {key!r} has shape {values.shape}, expected ({n},) "
-                              f"(one value per image of the group)")  # fmt: skip
+            raise RewardError(
+                f"reward source {name!r}: signal {key!r} has shape {values.shape}, expected ({n},) "
+                f"(one value per image of the group)"
+            )
         bad = ~np.isfinite(values) & ~failed
         if bad.any():
-            raise RewardError(f"reward source {name!r}: signal {key!r} is {values[bad][0]} for image "
-                              f"{int(np.flatnonzero(bad)[0])}, which is not marked failed: return finite scores, "
-                              "or mark the image in RewardBatch.failed")  # fmt: skip
+            raise RewardError(
+                f"reward source {name!r}: signal {key!r} is {values[bad][0]} for image "
+                f"{int(np.flatnonzero(bad)[0])}, which is not marked failed: return finite scores, "
+                "or mark the image in RewardBatch.failed"
+            )
         if sig.role not in ROLES:
-            raise RewardError(f"reward source {name!r}: signal {key!r} has role {sig.role!r}; use one of {', '.join(ROLES)}")
+            raise RewardError(
+                f"reward source {name!r}: signal {key!r} has role {sig.role!r}; use one of {', '.join(ROLES)}"
+            )
         if sig.role == "reference" and not (isinstance(sig.reference, int) and sig.reference >= 1):
-            raise RewardError(f"reward source {name!r}: signal {key!r} has role 'reference' but no 1-based reference index")
+            raise RewardError(
+                f"reward source {name!r}: signal {key!r} has role 'reference' but no 1-based reference index"
+            )
         checked[f"{name}/{key}"] = Signal(values, sig.role, sig.reference)
     return RewardBatch(checked, failed, list(batch.notes))
 

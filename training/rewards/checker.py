@@ -14,12 +14,15 @@ def checker_source():
     def source(images, row) -> RewardBatch:
         spec = getattr(row, "spec", None)
         if not spec or "objects" not in spec:
-            raise RewardError(f"reward source 'checker': row {getattr(row, 'where', '?')} has no ShapeCompose spec; "
-                              "train on ShapeCompose manifests or use another source")  # fmt: skip
+            raise RewardError(
+                f"reward source 'checker': row {getattr(row, 'where', '?')} has no ShapeCompose spec; "
+                "train on ShapeCompose manifests or use another source"
+            )
         scored = [score(im, spec) for im in images]
         k = len(scored[0].per_reference)
-        signals = {f"ref{i + 1}": Signal(np.array([s.per_reference[i] for s in scored]), "reference", i + 1)
-                   for i in range(k)}  # fmt: skip
+        signals = {
+            f"ref{i + 1}": Signal(np.array([s.per_reference[i] for s in scored]), "reference", i + 1) for i in range(k)
+        }
         signals["instruction"] = Signal(np.array([s.instruction for s in scored]), "instruction")
         signals["quality"] = Signal(np.array([s.quality for s in scored]), "quality")
         return RewardBatch(signals)

@@ -25,12 +25,16 @@ def feature_source(path: str, device: str = "cpu", image_size: int | None = None
 
     folder = Path(path)
     if not (folder / "config.json").is_file():
-        raise RewardError(f"reward source 'features': {folder} is not a transformers model folder (no config.json); "
-                          "give options.path of a local image encoder such as DINOv2 or SigLIP")  # fmt: skip
+        raise RewardError(
+            f"reward source 'features': {folder} is not a transformers model folder (no config.json); "
+            "give options.path of a local image encoder such as DINOv2 or SigLIP"
+        )
     try:
         model = AutoModel.from_pretrained(folder, local_files_only=True, use_safetensors=True).to(device).eval()
     except (OSError, ValueError) as e:
-        raise RewardError(f"reward source 'features': {folder} could not be loaded ({e}); it needs safetensors weights")
+        raise RewardError(
+            f"reward source 'features': {folder} could not be loaded ({e}); it needs safetensors weights"
+        ) from e
     cfg = getattr(model.config, "vision_config", model.config)
     size = int(image_size or getattr(cfg, "image_size", 224))
     processor = _processor(folder)
@@ -40,7 +44,9 @@ def feature_source(path: str, device: str = "cpu", image_size: int | None = None
         if processor is not None:
             pixels = processor(images=images, return_tensors="pt")["pixel_values"]
         else:
-            arr = np.stack([np.asarray(im.convert("RGB").resize((size, size), Image.Resampling.BICUBIC)) for im in images])
+            arr = np.stack(
+                [np.asarray(im.convert("RGB").resize((size, size), Image.Resampling.BICUBIC)) for im in images]
+            )
             pixels = (torch.from_numpy(arr).float() / 255 - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)
             pixels = pixels.permute(0, 3, 1, 2)
         pixels = pixels.to(device)

@@ -34,16 +34,22 @@ SCALE = 10
 #: Hosts a key may go to over plain http: the traffic never leaves this machine.
 LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")
 QUESTIONS = {
-    "reference": ("The first image is Picture {k}, a reference. The second image is the result of the edit "
-                  "instruction: \"{instruction}\". How faithfully does the result keep what it should take from "
-                  "Picture {k} (its object's shape, colour and identity, or its background)? Answer with one number "
-                  f"from 0 to {SCALE}."),
-    "instruction": ("The last image is the result of the edit instruction: \"{instruction}\"; the images before it "
-                    f"are Pictures 1…K it refers to. How well does the result follow the instruction? Answer with "
-                    f"one number from 0 to {SCALE}."),
-    "quality": (f"How good is the visual quality of this image (sharp, clean, free of artefacts)? Answer with one "
-                f"number from 0 to {SCALE}."),
-}  # fmt: skip
+    "reference": (
+        "The first image is Picture {k}, a reference. The second image is the result of the edit "
+        'instruction: "{instruction}". How faithfully does the result keep what it should take from '
+        "Picture {k} (its object's shape, colour and identity, or its background)? Answer with one number "
+        f"from 0 to {SCALE}."
+    ),
+    "instruction": (
+        'The last image is the result of the edit instruction: "{instruction}"; the images before it '
+        f"are Pictures 1…K it refers to. How well does the result follow the instruction? Answer with "
+        f"one number from 0 to {SCALE}."
+    ),
+    "quality": (
+        f"How good is the visual quality of this image (sharp, clean, free of artefacts)? Answer with one "
+        f"number from 0 to {SCALE}."
+    ),
+}
 _NUMBER = re.compile(r"(?<![\w.])(\d+(?:\.\d+)?)\s*(?:/\s*(\d+(?:\.\d+)?))?")
 
 
@@ -72,22 +78,37 @@ def _check_endpoint_url(endpoint: str, key_from: str | None) -> None:
     """An http(s) endpoint; one that gets a key (from ``key_from``) is https, or plain http to this machine."""
     url = urllib.parse.urlsplit(endpoint)
     if url.scheme not in ("http", "https") or not url.hostname:
-        raise RewardError(f"reward source 'judge': endpoint {endpoint} is not an http(s) URL: give one such as "
-                          "https://judge.example/v1 or http://127.0.0.1:8000/v1")  # fmt: skip
+        raise RewardError(
+            f"reward source 'judge': endpoint {endpoint} is not an http(s) URL: give one such as "
+            "https://judge.example/v1 or http://127.0.0.1:8000/v1"
+        )
     if key_from and url.scheme == "http" and url.hostname not in LOCAL_HOSTS:
-        raise RewardError(f"reward source 'judge': endpoint {endpoint} is plain http, which would send the API key "
-                          f"({key_from}) unencrypted to {url.hostname}; use https, or a judge on this machine "
-                          f"({', '.join(LOCAL_HOSTS)}), or unset the key for a server that needs none")  # fmt: skip
+        raise RewardError(
+            f"reward source 'judge': endpoint {endpoint} is plain http, which would send the API key "
+            f"({key_from}) unencrypted to {url.hostname}; use https, or a judge on this machine "
+            f"({', '.join(LOCAL_HOSTS)}), or unset the key for a server that needs none"
+        )
 
 
-def judge_source(endpoint: str | None = None, model: str = "default", api_key: str | None = None,
-                 api_key_env: str = "OPENAI_API_KEY", timeout: float = 60.0, retries: int = 2, backoff: float = 1.0,
-                 concurrency: int = 8, max_tokens: int = 16, check_endpoint: bool = True):  # fmt: skip
+def judge_source(
+    endpoint: str | None = None,
+    model: str = "default",
+    api_key: str | None = None,
+    api_key_env: str = "OPENAI_API_KEY",
+    timeout: float = 60.0,
+    retries: int = 2,
+    backoff: float = 1.0,
+    concurrency: int = 8,
+    max_tokens: int = 16,
+    check_endpoint: bool = True,
+):
     """Factory: checks at start-up that the endpoint answers (an unreachable judge is an error before training)."""
     endpoint = (endpoint or os.environ.get("UNIREF_JUDGE_URL") or "").rstrip("/")
     if not endpoint:
-        raise RewardError("reward source 'judge': no endpoint: set options.endpoint (e.g. http://127.0.0.1:8000/v1) "
-                          "or UNIREF_JUDGE_URL")  # fmt: skip
+        raise RewardError(
+            "reward source 'judge': no endpoint: set options.endpoint (e.g. http://127.0.0.1:8000/v1) "
+            "or UNIREF_JUDGE_URL"
+        )
     key = api_key or os.environ.get(api_key_env)
     _check_endpoint_url(endpoint, "options.api_key" if api_key else f"${api_key_env}" if key else None)
     headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
@@ -97,14 +118,22 @@ def judge_source(endpoint: str | None = None, model: str = "default", api_key: s
         except urllib.error.HTTPError:
             pass  # it answered (some servers have no /models): reachable
         except (urllib.error.URLError, OSError) as e:
-            raise RewardError(f"reward source 'judge': endpoint {endpoint} is unreachable ({e}); start the server or "
-                              "fix options.endpoint / UNIREF_JUDGE_URL") from None  # fmt: skip
+            raise RewardError(
+                f"reward source 'judge': endpoint {endpoint} is unreachable ({e}); start the server or "
+                "fix options.endpoint / UNIREF_JUDGE_URL"
+            ) from None
 
     def ask(question: str, images) -> float:
         content = [{"type": "image_url", "image_url": {"url": _data_url(im)}} for im in images]
         content.append({"type": "text", "text": question})
-        body = json.dumps({"model": model, "messages": [{"role": "user", "content": content}],
-                           "max_tokens": max_tokens, "temperature": 0}).encode()  # fmt: skip
+        body = json.dumps(
+            {
+                "model": model,
+                "messages": [{"role": "user", "content": content}],
+                "max_tokens": max_tokens,
+                "temperature": 0,
+            }
+        ).encode()
         last = "no attempt"
         for attempt in range(retries + 1):
             if attempt:
@@ -151,7 +180,10 @@ def judge_source(endpoint: str | None = None, model: str = "default", api_key: s
         with ThreadPoolExecutor(max_workers=concurrency) as pool:
             answers = list(pool.map(run, jobs))
         g = len(images)
-        values = {name: np.full(g, np.nan) for name in [f"ref{k}" for k in range(1, len(refs) + 1)] + ["instruction", "quality"]}
+        values = {
+            name: np.full(g, np.nan)
+            for name in [f"ref{k}" for k in range(1, len(refs) + 1)] + ["instruction", "quality"]
+        }
         notes = []
         for (i, name, _, _), (score, note) in zip(jobs, answers):
             values[name][i] = score
@@ -160,8 +192,12 @@ def judge_source(endpoint: str | None = None, model: str = "default", api_key: s
         failed = np.zeros(g, bool)
         for v in values.values():
             failed |= ~np.isfinite(v)
-        signals = {name: Signal(v, "reference" if name.startswith("ref") else name,
-                                int(name[3:]) if name.startswith("ref") else None) for name, v in values.items()}  # fmt: skip
+        signals = {
+            name: Signal(
+                v, "reference" if name.startswith("ref") else name, int(name[3:]) if name.startswith("ref") else None
+            )
+            for name, v in values.items()
+        }
         return RewardBatch(signals, failed, notes)
 
     return source

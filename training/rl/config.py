@@ -24,9 +24,6 @@ from uniref_core.defaults import resolve_model_arg
 
 from ..common.config import (
     MIXED_PRECISION,
-    check_output_dir,
-    check_precision,
-    check_seed,
     ConfigError,
     HashedConfig,
     LoraSettings,
@@ -36,13 +33,27 @@ from ..common.config import (
     _lora,
     _paths,
     _positive,
+    check_output_dir,
+    check_precision,
+    check_seed,
     read_config_data,
 )
 from .advantages import AGGREGATIONS
 
 # Keys that change how a run is watched or stored, not the weights it produces: a resume may change them.
-NOT_HASHED = ("model", "output_dir", "save_every", "keep_checkpoints", "log_every", "grid_every", "tensorboard",
-              "decode_batch", "policy_micro_batch", "gradient_checkpointing", "cache_dir")  # fmt: skip
+NOT_HASHED = (
+    "model",
+    "output_dir",
+    "save_every",
+    "keep_checkpoints",
+    "log_every",
+    "grid_every",
+    "tensorboard",
+    "decode_batch",
+    "policy_micro_batch",
+    "gradient_checkpointing",
+    "cache_dir",
+)
 
 
 @dataclass
@@ -103,8 +114,15 @@ class RLConfig(HashedConfig):
     # What the shared data loader asks of a config (`training.common.data.load_rows`): one stage.
     @property
     def stages(self) -> list[Stage]:
-        return [Stage(budget=self.budget or 1, steps=self.steps, lr=self.lr,
-                      batch_size=self.group_size * self.groups_per_step, output_size=self.output_size)]  # fmt: skip
+        return [
+            Stage(
+                budget=self.budget or 1,
+                steps=self.steps,
+                lr=self.lr,
+                batch_size=self.group_size * self.groups_per_step,
+                output_size=self.output_size,
+            )
+        ]
 
     @property
     def total_steps(self) -> int:
@@ -115,13 +133,12 @@ class RLConfig(HashedConfig):
         return range(*self.sde_window) if self.sde_window is not None else range(self.rollout_steps)
 
 
-
 def _reward(data, i: int) -> RewardSpec:
     where = f"rewards[{i}]"
     if isinstance(data, str):
         data = {"source": data}
     if not isinstance(data, dict) or "source" not in data:
-        raise ConfigError(f"{where} must be an object with a 'source' (e.g. {{\"source\": \"checker\"}})")
+        raise ConfigError(f'{where} must be an object with a \'source\' (e.g. {{"source": "checker"}})')
     _check_keys(data, RewardSpec, where)
     spec = RewardSpec(**data)
     if not isinstance(spec.source, str) or not spec.source:
@@ -148,7 +165,7 @@ def config_from_dict(data: dict) -> RLConfig:
         raise ConfigError("train_manifest is empty: give the JSONL manifest(s) whose rows are the prompts")
     rewards = data.get("rewards", [{"source": "checker"}])
     if not isinstance(rewards, list) or not rewards:
-        raise ConfigError("rewards is empty: give at least one source, e.g. [{\"source\": \"checker\"}]")
+        raise ConfigError('rewards is empty: give at least one source, e.g. [{"source": "checker"}]')
     kw["rewards"] = [_reward(r, i) for i, r in enumerate(rewards)]
     kw["lora"] = _lora(data.get("lora"))
     if "betas" in data:
@@ -191,20 +208,24 @@ def _check(cfg: RLConfig) -> None:
         raise ConfigError(f"max_grad_norm is {cfg.max_grad_norm!r}: give a positive norm or null for no clipping")
     if cfg.sde_window is not None:
         w = cfg.sde_window
-        if (len(w) != 2 or not all(isinstance(v, int) for v in w) or not 0 <= w[0] < w[1] <= cfg.rollout_steps):
-            raise ConfigError(f"sde_window is {w!r}: give [first, stop) with 0 ≤ first < stop ≤ rollout_steps "
-                              f"({cfg.rollout_steps})")  # fmt: skip
+        if len(w) != 2 or not all(isinstance(v, int) for v in w) or not 0 <= w[0] < w[1] <= cfg.rollout_steps:
+            raise ConfigError(
+                f"sde_window is {w!r}: give [first, stop) with 0 ≤ first < stop ≤ rollout_steps ({cfg.rollout_steps})"
+            )
     # The last rollout step is deterministic (σ_next = 0): a window of only that step trains nothing.
     if not [n for n in cfg.window if n < cfg.rollout_steps - 1]:
-        raise ConfigError(f"sde_window {cfg.sde_window} holds only the last rollout step, which takes no noise: "
-                          "start it earlier")  # fmt: skip
+        raise ConfigError(
+            f"sde_window {cfg.sde_window} holds only the last rollout step, which takes no noise: start it earlier"
+        )
 
 
 def check_world(cfg: RLConfig, num_processes: int) -> None:
     """Whole groups per process: a group's statistics are never split across processes."""
     if cfg.groups_per_step % num_processes:
-        raise ConfigError(f"groups_per_step {cfg.groups_per_step} does not split into whole groups over "
-                          f"{num_processes} process(es): use a multiple of {num_processes}")  # fmt: skip
+        raise ConfigError(
+            f"groups_per_step {cfg.groups_per_step} does not split into whole groups over "
+            f"{num_processes} process(es): use a multiple of {num_processes}"
+        )
 
 
 def load_config(path) -> RLConfig:

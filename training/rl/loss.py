@@ -11,8 +11,9 @@ from __future__ import annotations
 import torch
 
 
-def clipped_policy_loss(new_log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor,
-                        clip_range: float) -> tuple[torch.Tensor, dict]:  # fmt: skip
+def clipped_policy_loss(
+    new_log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor, clip_range: float
+) -> tuple[torch.Tensor, dict]:
     """(mean loss, stats) over the batch; all tensors [B]."""
     adv = advantages.to(new_log_prob.dtype)
     ratio = torch.exp(new_log_prob - old_log_prob.detach())

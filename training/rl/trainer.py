@@ -107,8 +107,15 @@ class PromptCache:
 
     def __init__(self, root, cfg: RLConfig, rows: list[Row], encoders_fingerprint: str):
         self.cfg, self.rows = cfg, rows
-        key = {"encoders": encoders_fingerprint, "rows": rows_digest(rows), "cfg": cfg.cfg, "budget": cfg.budget,
-               "output_size": cfg.output_size, "vl_budget": cfg.vl_budget, "upscale": cfg.upscale}  # fmt: skip
+        key = {
+            "encoders": encoders_fingerprint,
+            "rows": rows_digest(rows),
+            "cfg": cfg.cfg,
+            "budget": cfg.budget,
+            "output_size": cfg.output_size,
+            "vl_budget": cfg.vl_budget,
+            "upscale": cfg.upscale,
+        }
         self.cache = ShardCache(root, "rl-prompts", key)
 
     def build(self, encoders, rank=0, world=1, barrier=lambda: None, progress=None) -> None:
@@ -135,15 +142,23 @@ class PromptCache:
             return PromptEmbeds(t[name], t.get(f"{name}_mask"), meta[name]) if name in meta else None
 
         refs = [t[f"ref{k}"] for k in range(self.rows[i].k)]
-        return SelfConditioning(plan_row(self.rows[i], self.cfg.stages[0], self.cfg), prompt("positive"),
-                                prompt("negative"), refs)  # fmt: skip
+        return SelfConditioning(
+            plan_row(self.rows[i], self.cfg.stages[0], self.cfg), prompt("positive"), prompt("negative"), refs
+        )
 
 
 def rollout(pipe: UniRefPipeline, cfg: RLConfig, row: Row, cond: SelfConditioning, group: int, seed: int) -> Rollout:
     """G images of ``row`` by the engine's denoising loop; the SDE steps are kept for the update."""
     cond = cond.to(pipe.device, pipe.dtype)
-    opts = SamplingOptions(seed=seed, steps=cfg.rollout_steps, cfg=cfg.cfg, sampler="sde", eta=cfg.eta,
-                           num_images=cfg.group_size, sde_window=tuple(cfg.sde_window) if cfg.sde_window else None)  # fmt: skip
+    opts = SamplingOptions(
+        seed=seed,
+        steps=cfg.rollout_steps,
+        cfg=cfg.cfg,
+        sampler="sde",
+        eta=cfg.eta,
+        num_images=cfg.group_size,
+        sde_window=tuple(cfg.sde_window) if cfg.sde_window else None,
+    )
     kept, last = [], None
     for s in pipe.denoise(cond, opts):
         if s.log_prob is not None:
@@ -151,8 +166,11 @@ def rollout(pipe: UniRefPipeline, cfg: RLConfig, row: Row, cond: SelfConditionin
         last = s
     x = last.x_next
     # Decoded in chunks: the VAE's activations grow with the batch (~4 GiB per image at 1024² in bf16).
-    images = [im for i in range(0, len(x), cfg.decode_batch)
-              for im in pipe.decode(x[i : i + cfg.decode_batch], cond.width, cond.height)]  # fmt: skip
+    images = [
+        im
+        for i in range(0, len(x), cfg.decode_batch)
+        for im in pipe.decode(x[i : i + cfg.decode_batch], cond.width, cond.height)
+    ]
     return Rollout(group, row, cond, kept, images)
 
 
@@ -171,8 +189,9 @@ def score_rollout(r: Rollout, sources, cfg: RLConfig) -> None:
     r.reward = reward
 
 
-def policy_loss(pipe: UniRefPipeline, r: Rollout, step: DenoiseStep, cfg: RLConfig, keep: torch.Tensor,
-                ref_velocity=None):  # fmt: skip
+def policy_loss(
+    pipe: UniRefPipeline, r: Rollout, step: DenoiseStep, cfg: RLConfig, keep: torch.Tensor, ref_velocity=None
+):
     """(mean loss over the images ``keep`` selects at one SDE step, stats): new log-probs from the live weights."""
     x, x_next = step.x[keep], step.x_next[keep]
     v = pipe.velocity(x, step.timestep, r.cond, cfg.cfg)
@@ -282,8 +301,11 @@ def run(cfg: RLConfig, resume: str | None = None, trusted_modules=()) -> RLResul
     if cfg.budget is None or cfg.vl_budget is None:  # as at inference: the model's defaults
         from uniref_core.pipeline import BUILTIN_DEFAULTS
 
-        cfg = replace(cfg, budget=cfg.budget or int(defaults.get("budget", BUILTIN_DEFAULTS["budget"])),
-                      vl_budget=cfg.vl_budget or defaults.get("vl_budget"))  # fmt: skip
+        cfg = replace(
+            cfg,
+            budget=cfg.budget or int(defaults.get("budget", BUILTIN_DEFAULTS["budget"])),
+            vl_budget=cfg.vl_budget or defaults.get("vl_budget"),
+        )
     sources = [(spec, load_source(spec.source, spec.options, trusted_modules)) for spec in cfg.rewards]
     tr = TrainingRun(cfg, accelerator, resume, kind="msgrpo")
     out, log, global_step = tr.out, tr.log, tr.global_step
@@ -293,10 +315,13 @@ def run(cfg: RLConfig, resume: str | None = None, trusted_modules=()) -> RLResul
     if main:
         print(report.summary())
     if not rows:
-        raise UniRefError(f"no usable rows in {', '.join(cfg.train_manifest)} (see the report above): fix the manifest")
+        raise UniRefError(
+            f"no usable rows in {', '.join(cfg.train_manifest)} (see the report above): fix the manifest"
+        )
     device = accelerator.device
-    prompts = PromptCache(Path(cfg.cache_dir or out / "cache"), cfg, rows,
-                          ckpt_mod.model_fingerprint(cfg.model, ("text_encoder", "vae")))  # fmt: skip
+    prompts = PromptCache(
+        Path(cfg.cache_dir or out / "cache"), cfg, rows, ckpt_mod.model_fingerprint(cfg.model, ("text_encoder", "vae"))
+    )
     encoders = load_encoders(cfg, device)
     if not prompts.cache.ready:
         with tqdm(total=len(rows), disable=not main, desc="encoding", dynamic_ncols=True) as ebar:
@@ -328,8 +353,9 @@ def run(cfg: RLConfig, resume: str | None = None, trusted_modules=()) -> RLResul
         picks = prompts_for_step(cfg.seed, global_step, len(rows), cfg.groups_per_step)
         mine = [(g, i) for g, i in enumerate(picks) if g % world == rank]
         with torch.no_grad(), accelerator.autocast():
-            rollouts = [rollout(pipe, cfg, rows[i], prompts.cond(i), g, sample_seed(cfg.seed, global_step, g))
-                        for g, i in mine]  # fmt: skip
+            rollouts = [
+                rollout(pipe, cfg, rows[i], prompts.cond(i), g, sample_seed(cfg.seed, global_step, g)) for g, i in mine
+            ]
         t_roll = time.perf_counter() - t0
         for r in rollouts:
             score_rollout(r, sources, cfg)
@@ -368,19 +394,42 @@ def run(cfg: RLConfig, resume: str | None = None, trusted_modules=()) -> RLResul
         global_step += 1
 
         notes = [n for r in rollouts for n in r.rewards.notes]
-        parts = _gather((_signal_stats(rollouts), {k: (sum(v), len(v)) for k, v in stats.items()},
-                         sum(int((~r.keep).sum()) for r in rollouts), notes[:5],
-                         sum(not r.informative for r in rollouts)), world)  # fmt: skip
-        record = {"kind": "train", "step": global_step, "lr": scheduler.get_last_lr()[0], **_merge_stats([p[0] for p in parts])}
+        parts = _gather(
+            (
+                _signal_stats(rollouts),
+                {k: (sum(v), len(v)) for k, v in stats.items()},
+                sum(int((~r.keep).sum()) for r in rollouts),
+                notes[:5],
+                sum(not r.informative for r in rollouts),
+            ),
+            world,
+        )
+        record = {
+            "kind": "train",
+            "step": global_step,
+            "lr": scheduler.get_last_lr()[0],
+            **_merge_stats([p[0] for p in parts]),
+        }
         for key in {k for p in parts for k in p[1]}:
             total, n = sum(p[1].get(key, (0, 0))[0] for p in parts), sum(p[1].get(key, (0, 0))[1] for p in parts)
             record[key] = total / n if n else None
-        record.update({"dropped": sum(p[2] for p in parts), "drop_notes": [n for p in parts for n in p[3]],
-                       "groups_without_signal": sum(p[4] for p in parts), "items": count, "processes": world, "grad_norm": grad_norm,
-                       "rollout_seconds": t_roll, "seconds": time.perf_counter() - t0})  # fmt: skip
+        record.update(
+            {
+                "dropped": sum(p[2] for p in parts),
+                "drop_notes": [n for p in parts for n in p[3]],
+                "groups_without_signal": sum(p[4] for p in parts),
+                "items": count,
+                "processes": world,
+                "grad_norm": grad_norm,
+                "rollout_seconds": t_roll,
+                "seconds": time.perf_counter() - t0,
+            }
+        )
         if record.get("loss") is not None and not math.isfinite(record["loss"]):
-            raise UniRefError(f"loss is {record['loss']} at step {global_step}: lower lr or keep max_grad_norm; "
-                              "the last checkpoint is intact")  # fmt: skip
+            raise UniRefError(
+                f"loss is {record['loss']} at step {global_step}: lower lr or keep max_grad_norm; "
+                "the last checkpoint is intact"
+            )
         result.records.append(record)
         if main and (global_step % cfg.log_every == 0 or global_step == cfg.steps):
             log.write(record)
@@ -390,13 +439,23 @@ def run(cfg: RLConfig, resume: str | None = None, trusted_modules=()) -> RLResul
         bar.set_postfix(reward=f"{record.get('reward/total', float('nan')):.3f}")
         end = global_step == cfg.steps
         if end or (cfg.save_every and global_step % cfg.save_every == 0):
-            result.checkpoint = tr.save(global_step, trainable=trainable_state_dict(transformer),
-                                        optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), stage_end=end)  # fmt: skip
+            result.checkpoint = tr.save(
+                global_step,
+                trainable=trainable_state_dict(transformer),
+                optimizer=optimizer.state_dict(),
+                scheduler=scheduler.state_dict(),
+                stage_end=end,
+            )
     bar.close()
     result.global_step = global_step
     if main:
-        plot_series(log.records(), out / REWARD_PLOT, prefix="reward/", ylabel="reward (mean over kept images)",
-                    smooth=REWARD_SMOOTH)
+        plot_series(
+            log.records(),
+            out / REWARD_PLOT,
+            prefix="reward/",
+            ylabel="reward (mean over kept images)",
+            smooth=REWARD_SMOOTH,
+        )
     log.close()
     accelerator.wait_for_everyone()
     accelerator.end_training()
@@ -407,8 +466,12 @@ def _save_grid(r: Rollout, out: Path, step: int, log) -> None:
     refs = [load_image(p) for p in r.row.references]
     target = load_image(r.row.target)
     rows = [(refs, target, im) for im in r.images]
-    captions = [f"step {step} image {i}: reward {r.reward[i]:.2f} adv {r.advantages[i]:+.2f}"
-                if r.keep[i] else f"step {step} image {i}: dropped" for i in range(len(r.images))]  # fmt: skip
+    captions = [
+        f"step {step} image {i}: reward {r.reward[i]:.2f} adv {r.advantages[i]:+.2f}"
+        if r.keep[i]
+        else f"step {step} image {i}: dropped"
+        for i in range(len(r.images))
+    ]
     folder = out / "rollouts"
     folder.mkdir(parents=True, exist_ok=True)
     grid = make_grid(rows, captions=captions)
@@ -418,6 +481,12 @@ def _save_grid(r: Rollout, out: Path, step: int, log) -> None:
 
 @exit_on_error
 def main(argv=None) -> int:
-    return trainer_main(argv, prog="python -m training.msgrpo", description=__doc__.split("\n")[0],
-                        config_help="JSON or TOML config (see training/rl/config.py)", load_config=load_config,
-                        run=run, reward_modules=True)  # fmt: skip
+    return trainer_main(
+        argv,
+        prog="python -m training.msgrpo",
+        description=__doc__.split("\n")[0],
+        config_help="JSON or TOML config (see training/rl/config.py)",
+        load_config=load_config,
+        run=run,
+        reward_modules=True,
+    )

@@ -31,9 +31,6 @@ from uniref_core.defaults import resolve_model_arg
 
 from ..common.config import (
     MIXED_PRECISION,
-    check_output_dir,
-    check_precision,
-    check_seed,
     ConfigError,
     HashedConfig,
     LoraSettings,
@@ -43,6 +40,9 @@ from ..common.config import (
     _lora,
     _paths,
     _positive,
+    check_output_dir,
+    check_precision,
+    check_seed,
     read_config_data,
 )
 from ..common.schedules import SCHEDULES
@@ -50,9 +50,21 @@ from ..common.schedules import SCHEDULES
 # Keys that change how a run is watched or stored, not the weights it produces: a resume may change them.
 # The model is checked by its fingerprint instead of its path, so a moved model folder still resumes.
 NOT_HASHED = (
-    "model", "output_dir", "cache_dir", "gradient_checkpointing", "save_every", "keep_checkpoints",
-    "eval_every", "eval_samples", "eval_steps", "eval_cfg", "log_every", "tensorboard", "val_manifest", "fsdp",
-)  # fmt: skip
+    "model",
+    "output_dir",
+    "cache_dir",
+    "gradient_checkpointing",
+    "save_every",
+    "keep_checkpoints",
+    "eval_every",
+    "eval_samples",
+    "eval_steps",
+    "eval_cfg",
+    "log_every",
+    "tensorboard",
+    "val_manifest",
+    "fsdp",
+)
 
 
 @dataclass
@@ -91,7 +103,9 @@ class SFTConfig(HashedConfig):
     # safetensors shards here, reused by resume and by later runs on the same model, data and sizes; None:
     # <output_dir>/cache. The text encoder and VAE are then freed before the transformer loads.
     cache_dir: str | None = None
-    vl_budget: int | None = None  # area of ALL VL copies together; None: the model's default (uniref.json), else 384² each, like inference
+    vl_budget: int | None = (
+        None  # area of ALL VL copies together; None: the model's default (uniref.json), else 384² each, like inference
+    )
     upscale: bool = True  # references smaller than their budget share are upscaled (inference default)
     allow_target_upscale: bool = False  # a target smaller than a stage's output size is a bad row unless set
     logit_normal: LogitNormal = field(default_factory=LogitNormal)
@@ -167,8 +181,10 @@ def config_from_dict(data: dict) -> SFTConfig:
             raise ConfigError(f"the config has no {key!r}: it is required")
     stages = data["stages"]
     if not isinstance(stages, list) or not stages:
-        raise ConfigError("stages is empty: give at least one stage such as {\"budget\": 1024, \"steps\": 1000, "
-                          "\"lr\": 1e-4, \"batch_size\": 8}")  # fmt: skip
+        raise ConfigError(
+            'stages is empty: give at least one stage such as {"budget": 1024, "steps": 1000, '
+            '"lr": 1e-4, "batch_size": 8}'
+        )
     kwargs = dict(data)
     kwargs["stages"] = [_stage(s, i) for i, s in enumerate(stages)]
     kwargs["train_manifest"] = _paths(data["train_manifest"], "train_manifest")
@@ -202,18 +218,23 @@ def _check_top(cfg: SFTConfig) -> None:
     if cfg.fsdp not in (True, False):
         raise ConfigError(f"fsdp is {cfg.fsdp!r}: true (a full fine-tune sharded over the processes) or false")
     if cfg.fsdp and cfg.lora is not None:
-        raise ConfigError("fsdp is for a full fine-tune (it shards every weight, gradient and AdamW state); a LoRA "
-                          "run trains few weights and runs under plain data parallel: set lora null, or fsdp false")
+        raise ConfigError(
+            "fsdp is for a full fine-tune (it shards every weight, gradient and AdamW state); a LoRA "
+            "run trains few weights and runs under plain data parallel: set lora null, or fsdp false"
+        )
     if cfg.fsdp and cfg.ema_decay is not None:
-        raise ConfigError("ema_decay is set with fsdp: the EMA would be a second unsharded copy of every weight; set "
-                          "ema_decay null with fsdp, or fsdp false")  # fmt: skip
+        raise ConfigError(
+            "ema_decay is set with fsdp: the EMA would be a second unsharded copy of every weight; set "
+            "ema_decay null with fsdp, or fsdp false"
+        )
     if cfg.ema_decay is not None and not 0.0 < cfg.ema_decay < 1.0:
         raise ConfigError(f"ema_decay is {cfg.ema_decay!r}: use a value in (0, 1) such as 0.999, or null for no EMA")
     if cfg.logit_normal.std <= 0:
         raise ConfigError(f"logit_normal.std is {cfg.logit_normal.std!r}: it must be positive")
     if not 0.0 <= cfg.logit_normal.pure_noise < 1.0:
-        raise ConfigError(f"logit_normal.pure_noise is {cfg.logit_normal.pure_noise!r}: give a share in [0, 1), "
-                          "e.g. 0.25")  # fmt: skip
+        raise ConfigError(
+            f"logit_normal.pure_noise is {cfg.logit_normal.pure_noise!r}: give a share in [0, 1), e.g. 0.25"
+        )
     if cfg.max_grad_norm is not None and cfg.max_grad_norm <= 0:
         raise ConfigError(f"max_grad_norm is {cfg.max_grad_norm!r}: give a positive norm or null for no clipping")
     for key in ("micro_batch_size", "eval_steps", "keep_checkpoints", "log_every"):

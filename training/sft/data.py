@@ -28,7 +28,6 @@ from ..common.config import Stage
 from ..common.data import Row, model_token_px, plan_row
 from .config import SFTConfig
 
-
 # --------------------------------------------------------------------------------------------------
 # 1. Encoding
 # --------------------------------------------------------------------------------------------------
@@ -74,13 +73,28 @@ class SampleCache:
     """Every row's prompt and, per stage, latents: encoded once into `common.cache` shards, read per batch."""
 
     def __init__(self, root, cfg: SFTConfig, rows: list[Row], encoders_fingerprint: str):
-        key = {"encoders": encoders_fingerprint, "rows": rows_digest(rows), "vl_budget": cfg.vl_budget,
-               "upscale": cfg.upscale, "token_px": model_token_px(str(cfg.model))}  # fmt: skip
+        key = {
+            "encoders": encoders_fingerprint,
+            "rows": rows_digest(rows),
+            "vl_budget": cfg.vl_budget,
+            "upscale": cfg.upscale,
+            "token_px": model_token_px(str(cfg.model)),
+        }
         self.cfg, self.rows = cfg, rows
         self.prompts = ShardCache(root, "prompts", key)
-        self.stages = [ShardCache(root, f"stage{i + 1}", {**key, "budget": st.budget, "output_size": st.output_size,
-                                                           "allow_target_upscale": cfg.allow_target_upscale})
-                       for i, st in enumerate(cfg.stages)]  # fmt: skip
+        self.stages = [
+            ShardCache(
+                root,
+                f"stage{i + 1}",
+                {
+                    **key,
+                    "budget": st.budget,
+                    "output_size": st.output_size,
+                    "allow_target_upscale": cfg.allow_target_upscale,
+                },
+            )
+            for i, st in enumerate(cfg.stages)
+        ]
 
     @property
     def ready(self) -> bool:

@@ -1,6 +1,7 @@
 """The flow-matching objective of SFT, on the target tokens only.
 
-σ ~ sigmoid(N(mean, std)) (logit-normal; a share ``pure_noise`` of draws at σ = 1), x_σ = σ·noise + (1−σ)·x0, the model predicts the velocity
+σ ~ sigmoid(N(mean, std)) (logit-normal; a share ``pure_noise`` of draws at σ = 1), x_σ = σ·noise + (1−σ)·x0, the
+model predicts the velocity
 v = noise − x0 from [x_σ ; ref 1 ; … ; ref K] through ``predict_velocity`` (the one transformer call that
 sampling uses too) at timestep σ·1000, and the loss is the MSE on the target tokens.
 """

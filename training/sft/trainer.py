@@ -82,8 +82,7 @@ def _make_accelerator(cfg: SFTConfig):
     # cpu=True where there is no GPU: accelerate then runs DDP over gloo under torchrun / accelerate launch.
     # No gradient_accumulation_steps: the number of micro-batches per process varies by stage and process
     # count, so the loop accumulates itself with accelerator.no_sync (what accumulate() does inside).
-    return Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available(),
-                       kwargs_handlers=[ddp])  # fmt: skip
+    return Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available(), kwargs_handlers=[ddp])
 
 
 def run(cfg: SFTConfig, resume: str | None = None) -> RunResult:
@@ -111,9 +110,11 @@ def _train(cfg: SFTConfig, accelerator, resume: str | None) -> RunResult:
         check_fit(cfg, "sft", world, torch.cuda.get_device_properties(accelerator.device).total_memory)
     fsdp = cfg.fsdp
     if accelerator.distributed_type == DistributedType.FSDP:
-        raise UniRefError("this run was launched with an accelerate FSDP config: the trainer shards with FSDP2 itself "
-                          "when the SFT config says \"fsdp\": true; launch with torchrun --nproc_per_node N (or "
-                          "accelerate launch --multi_gpu) instead")  # fmt: skip
+        raise UniRefError(
+            "this run was launched with an accelerate FSDP config: the trainer shards with FSDP2 itself "
+            'when the SFT config says "fsdp": true; launch with torchrun --nproc_per_node N (or '
+            "accelerate launch --multi_gpu) instead"
+        )
     if fsdp and main and cfg.eval_samples:
         print("FSDP: in-training evaluation is skipped (the sampler runs one process); evaluate exported checkpoints")
     tr = TrainingRun(cfg, accelerator, resume, kind="sft")
@@ -134,8 +135,9 @@ def _train(cfg: SFTConfig, accelerator, resume: str | None) -> RunResult:
 
     # 3. The encoding pass: every row once through the text encoder and VAE (common.cache), which then leave --
     device = accelerator.device
-    cache = SampleCache(Path(cfg.cache_dir or out / "cache"), cfg, rows,
-                        ckpt_mod.model_fingerprint(cfg.model, ("text_encoder", "vae")))  # fmt: skip
+    cache = SampleCache(
+        Path(cfg.cache_dir or out / "cache"), cfg, rows, ckpt_mod.model_fingerprint(cfg.model, ("text_encoder", "vae"))
+    )
     evaluating = bool(cfg.eval_samples) and not fsdp and bool(val_rows)
     encoders = None
     if not cache.ready or evaluating:
@@ -183,8 +185,9 @@ def _train(cfg: SFTConfig, accelerator, resume: str | None) -> RunResult:
         micro = micro_batch_size(stage, cfg)
         keys = [layout_key(plan_row(r, stage, cfg)) for r in rows]
         sampler = BucketSampler(keys, stage.batch_size, micro, cfg.seed, si)
-        inner = torch.optim.AdamW(params.values(), lr=stage.lr, betas=cfg.betas, eps=cfg.eps,
-                                  weight_decay=cfg.weight_decay)  # fmt: skip
+        inner = torch.optim.AdamW(
+            params.values(), lr=stage.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay
+        )
         # Not prepared by accelerate: its scheduler wrapper steps once per process, which would make the
         # LR curve depend on the process count.
         scheduler = torch.optim.lr_scheduler.LambdaLR(inner, stage_lr_multiplier(stage, cfg))
@@ -192,9 +195,11 @@ def _train(cfg: SFTConfig, accelerator, resume: str | None) -> RunResult:
             tr.restore_optimizer(inner, scheduler, transformer)
         optimizer = inner if fsdp else accelerator.prepare(inner)
         if main:
-            print(f"stage {si + 1}/{len(cfg.stages)}: budget {stage.label}, {stage.steps} steps, lr {stage.lr:g}, "
-                  f"global batch {stage.batch_size} = {world} process(es) × {sampler.per_batch // world} "
-                  f"micro-batch(es) of {micro}, {len(sampler.buckets)} layouts")  # fmt: skip
+            print(
+                f"stage {si + 1}/{len(cfg.stages)}: budget {stage.label}, {stage.steps} steps, lr {stage.lr:g}, "
+                f"global batch {stage.batch_size} = {world} process(es) × {sampler.per_batch // world} "
+                f"micro-batch(es) of {micro}, {len(sampler.buckets)} layouts"
+            )
         for step in range(first, stage.steps):
             t0 = time.perf_counter()
             lr = scheduler.get_last_lr()[0]
@@ -210,7 +215,9 @@ def _train(cfg: SFTConfig, accelerator, resume: str | None) -> RunResult:
                     slots = [s for s, _ in part]
                     encoded, prompts = zip(*(cache.sample(i, si) for _, i in part))
                     batch = collate(list(encoded), list(prompts), device, torch.float32)
-                    noise, sigma = draw_noise_and_sigma(cfg.seed, global_step, slots, batch.x0.shape[1:], cfg.logit_normal)
+                    noise, sigma = draw_noise_and_sigma(
+                        cfg.seed, global_step, slots, batch.x0.shape[1:], cfg.logit_normal
+                    )
                     loss, per_sample = flow_matching_loss(model, batch, noise, sigma)
                     # Weighted so the summed gradient is this process's mean; DDP then averages the processes.
                     accelerator.backward(loss * (len(part) / share))
@@ -232,20 +239,34 @@ def _train(cfg: SFTConfig, accelerator, resume: str | None) -> RunResult:
             loss_value = float(totals[0])
             result.losses.append(loss_value)
             if not math.isfinite(loss_value):
-                raise UniRefError(f"loss is {loss_value} at step {global_step} (stage {si + 1}): lower the lr or "
-                                  "enable max_grad_norm; the last checkpoint is intact")  # fmt: skip
+                raise UniRefError(
+                    f"loss is {loss_value} at step {global_step} (stage {si + 1}): lower the lr or "
+                    "enable max_grad_norm; the last checkpoint is intact"
+                )
             if global_step % cfg.log_every == 0 or step + 1 == stage.steps:
-                log.write({"kind": "train", "step": global_step, "stage": si + 1, "stage_step": step + 1,
-                           "budget": stage.label, "loss": loss_value, "lr": lr, "sigma_mean": float(totals[1]),
-                           "grad_norm": None if grad_norm is None else float(grad_norm), "seconds": seconds,
-                           "samples_per_s": stage.batch_size / seconds})  # fmt: skip
+                log.write(
+                    {
+                        "kind": "train",
+                        "step": global_step,
+                        "stage": si + 1,
+                        "stage_step": step + 1,
+                        "budget": stage.label,
+                        "loss": loss_value,
+                        "lr": lr,
+                        "sigma_mean": float(totals[1]),
+                        "grad_norm": None if grad_norm is None else float(grad_norm),
+                        "seconds": seconds,
+                        "samples_per_s": stage.batch_size / seconds,
+                    }
+                )
             bar.update(1)
             bar.set_postfix(stage=si + 1, loss=f"{loss_value:.4f}")
 
             stage_end = step + 1 == stage.steps
             if stage_end or (cfg.save_every and global_step % cfg.save_every == 0):
-                result.checkpoint = save(tr, transformer, ema, None if stage_end else inner, scheduler, si, step + 1,
-                                         global_step, stage_end)  # fmt: skip
+                result.checkpoint = save(
+                    tr, transformer, ema, None if stage_end else inner, scheduler, si, step + 1, global_step, stage_end
+                )
             if not fsdp and (stage_end or (cfg.eval_every and global_step % cfg.eval_every == 0)):
                 run_eval(accelerator, cfg, c, transformer, ema, params, val_rows, eval_conds, si, global_step, log)
         accelerator._optimizers = [o for o in accelerator._optimizers if o is not optimizer]  # free its state
@@ -271,9 +292,17 @@ def save(tr: TrainingRun, transformer, ema, optimizer, scheduler, si, stage_step
     else:
         trainable = trainable_state_dict(transformer)
         state = None if optimizer is None else optimizer.state_dict()
-    return tr.save(global_step, trainable=trainable, ema=None if ema is None else ema.state_dict(), optimizer=state,
-                   scheduler=None if optimizer is None else scheduler.state_dict(), stage=si, stage_step=stage_step,
-                   stage_end=stage_end, sharded=fsdp)  # fmt: skip
+    return tr.save(
+        global_step,
+        trainable=trainable,
+        ema=None if ema is None else ema.state_dict(),
+        optimizer=state,
+        scheduler=None if optimizer is None else scheduler.state_dict(),
+        stage=si,
+        stage_step=stage_step,
+        stage_end=stage_end,
+        sharded=fsdp,
+    )
 
 
 def encode_eval_rows(encoders, cfg: SFTConfig, rows) -> list[list]:
@@ -299,14 +328,28 @@ def run_eval(accelerator, cfg, components, transformer, ema, params, rows, conds
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"step_{global_step:08d}.png"
         grid.save(path)
-        log.write({"kind": "eval", "step": global_step, "stage": si + 1, **means, "grid": str(path),
-                   "samples": records, "seconds": time.perf_counter() - t0})  # fmt: skip
+        log.write(
+            {
+                "kind": "eval",
+                "step": global_step,
+                "stage": si + 1,
+                **means,
+                "grid": str(path),
+                "samples": records,
+                "seconds": time.perf_counter() - t0,
+            }
+        )
         log.image("eval/grid", grid, global_step)
     accelerator.wait_for_everyone()
 
 
 @exit_on_error
 def main(argv=None) -> int:
-    return trainer_main(argv, prog="python -m training.sft", description=__doc__.split("\n")[0],
-                        config_help="JSON or TOML config (see training/sft/config.py)", load_config=load_config,
-                        run=run)  # fmt: skip
+    return trainer_main(
+        argv,
+        prog="python -m training.sft",
+        description=__doc__.split("\n")[0],
+        config_help="JSON or TOML config (see training/sft/config.py)",
+        load_config=load_config,
+        run=run,
+    )

@@ -13,21 +13,35 @@ import dataclasses
 import comfy.model_detection
 from comfy.text_encoders import llama, qwen_vl
 
-TEXT = dict(vocab_size=151936, hidden_size=256, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=4)  # 4 x 128 k_proj bias: what ComfyUI's detect_te_model calls Qwen2.5-7B
+TEXT = dict(
+    vocab_size=151936,
+    hidden_size=256,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+)  # 4 x 128 k_proj bias: what ComfyUI's detect_te_model calls Qwen2.5-7B
 VISION = dict(hidden_size=64, intermediate_size=48, num_layers=2)
 
 if not getattr(llama.Qwen25_7BVLI_Config, "_uniref_tiny", False):
     llama.Qwen25_7BVLI_Config = dataclasses.make_dataclass(
-        "Qwen25_7BVLI_Config", [(k, int, dataclasses.field(default=v)) for k, v in TEXT.items()],
-        bases=(llama.Qwen25_7BVLI_Config,), namespace={"_uniref_tiny": True})  # fmt: skip
+        "Qwen25_7BVLI_Config",
+        [(k, int, dataclasses.field(default=v)) for k, v in TEXT.items()],
+        bases=(llama.Qwen25_7BVLI_Config,),
+        namespace={"_uniref_tiny": True},
+    )
 
     _Vision = qwen_vl.Qwen2VLVisionTransformer
 
     class TinyVision(_Vision):
         def __init__(self, hidden_size=1280, output_hidden_size=3584, intermediate_size=3420, num_layers=32, **kw):
-            super().__init__(hidden_size=VISION["hidden_size"], output_hidden_size=output_hidden_size,
-                             intermediate_size=VISION["intermediate_size"], num_layers=VISION["num_layers"], **kw)  # fmt: skip
+            super().__init__(
+                hidden_size=VISION["hidden_size"],
+                output_hidden_size=output_hidden_size,
+                intermediate_size=VISION["intermediate_size"],
+                num_layers=VISION["num_layers"],
+                **kw,
+            )
 
     qwen_vl.Qwen2VLVisionTransformer = TinyVision
 
@@ -38,8 +52,11 @@ if not getattr(llama.Qwen25_7BVLI_Config, "_uniref_tiny", False):
         if isinstance(config, dict) and config.get("image_model") == "qwen_image":
             head = state_dict[f"{key_prefix}transformer_blocks.0.attn.norm_q.weight"].shape[0]
             width = state_dict[f"{key_prefix}img_in.weight"].shape[0]
-            config.update(attention_head_dim=head, num_attention_heads=width // head,
-                          joint_attention_dim=state_dict[f"{key_prefix}txt_in.weight"].shape[1])  # fmt: skip
+            config.update(
+                attention_head_dim=head,
+                num_attention_heads=width // head,
+                joint_attention_dim=state_dict[f"{key_prefix}txt_in.weight"].shape[1],
+            )
         return config
 
     comfy.model_detection.detect_unet_config = detect_unet_config

@@ -226,8 +226,18 @@ def _score_object(o: dict, lab, bg, d, soft) -> dict:
     x0, y0, x1, y1 = (int(v) for v in o["box"])
     s = int(o["size"])
     _, tmpl_size, tmpl_area = _template(o["shape"], s)
-    out = {"shape": o["shape"], "colour": o["colour"], "slot": o.get("slot"), "present": 0.0, "colour_score": 0.0,
-           "shape_score": 0.0, "position": 0.0, "size_score": 0.0, "sharpness": 0.0, "score": 0.0}  # fmt: skip
+    out = {
+        "shape": o["shape"],
+        "colour": o["colour"],
+        "slot": o.get("slot"),
+        "present": 0.0,
+        "colour_score": 0.0,
+        "shape_score": 0.0,
+        "position": 0.0,
+        "size_score": 0.0,
+        "sharpness": 0.0,
+        "score": 0.0,
+    }
     sb = soft[y0:y1, x0:x1]
     binary = sb >= 0.5
     if not binary.any():
@@ -301,10 +311,18 @@ def _score_object(o: dict, lab, bg, d, soft) -> dict:
         out["solidity"] = 0.0
     # the object must sit on the expected background (not pasted with its reference's background)
     ring = ~around2
-    out["local_background"] = float(np.clip((BG_BAD - d[y0:y1, x0:x1][ring]) / (BG_BAD - BG_OK), 0, 1).mean()) if ring.any() else 1.0
+    out["local_background"] = (
+        float(np.clip((BG_BAD - d[y0:y1, x0:x1][ring]) / (BG_BAD - BG_OK), 0, 1).mean()) if ring.any() else 1.0
+    )
     out["on_background"] = _ramp(out["local_background"], LOCAL_BG_BAD, LOCAL_BG_OK)
-    out["score"] = (out["colour_score"] * out["shape_score"] * out["position"] * out["size_score"] * out["solidity"]
-                    * out["on_background"])  # fmt: skip
+    out["score"] = (
+        out["colour_score"]
+        * out["shape_score"]
+        * out["position"]
+        * out["size_score"]
+        * out["solidity"]
+        * out["on_background"]
+    )
     return out, junk
 
 
@@ -453,8 +471,15 @@ def score(image: Image.Image, sample_or_spec) -> Scores:
     quality = _quality(lab, bg, spec, objs)
     mean_ref = float(np.mean(per_ref)) if per_ref else 0.0
     overall = 0.5 * (mean_ref + instruction) * (0.75 + 0.25 * quality)
-    return Scores([float(v) for v in per_ref], float(instruction), float(quality), float(overall),
-                  background=bg_score, objects=objs, details=details)  # fmt: skip
+    return Scores(
+        [float(v) for v in per_ref],
+        float(instruction),
+        float(quality),
+        float(overall),
+        background=bg_score,
+        objects=objs,
+        details=details,
+    )
 
 
 def main(argv=None) -> int:
@@ -476,8 +501,18 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     s = score(image, spec.get("spec", spec))
-    print(json.dumps({"per_reference": s.per_reference, "per_reference_mean": s.per_reference_mean,
-                      "instruction": s.instruction, "quality": s.quality, "overall": s.overall}, indent=1))  # fmt: skip
+    print(
+        json.dumps(
+            {
+                "per_reference": s.per_reference,
+                "per_reference_mean": s.per_reference_mean,
+                "instruction": s.instruction,
+                "quality": s.quality,
+                "overall": s.overall,
+            },
+            indent=1,
+        )
+    )
     return 0
 
 

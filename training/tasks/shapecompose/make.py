@@ -16,8 +16,9 @@ from pathlib import Path
 from .scenes import COMPOSE_ORDERS, EDIT_KINDS, K_TRAIN, make_split, write_manifest
 
 
-def make_mixture(split: str, n: int, compose_fraction: float, ks, size: int, order: str = "reading",
-                 ref_side: int | None = None) -> list:  # fmt: skip
+def make_mixture(
+    split: str, n: int, compose_fraction: float, ks, size: int, order: str = "reading", ref_side: int | None = None
+) -> list:
     n_compose = round(n * compose_fraction)
     compose = make_split(split, n_compose, ks=ks, kinds=("compose",), size=size, order=order, ref_side=ref_side)
     edits = make_split(split, n - n_compose, kinds=EDIT_KINDS, size=size, start=n_compose)
@@ -30,13 +31,28 @@ def main(argv=None) -> int:
     p.add_argument("--train", type=int, default=4000, help="training samples")
     p.add_argument("--val", type=int, default=64, help="validation samples")
     p.add_argument("--size", type=int, default=128, help="target side in pixels")
-    p.add_argument("--ks", type=int, nargs="+", default=list(K_TRAIN), help="numbers of references in compositions, drawn uniformly from this list (repeat a K to weight it)")
+    p.add_argument(
+        "--ks",
+        type=int,
+        nargs="+",
+        default=list(K_TRAIN),
+        help="numbers of references in compositions, drawn uniformly from this list (repeat a K to weight it)",
+    )
     p.add_argument("--compose-fraction", type=float, default=0.5, help="share of multi-reference compositions")
-    p.add_argument("--order", choices=COMPOSE_ORDERS, default="reading",
-                   help="compositions: objects in picture order (reading), in slots at random (free), or "
-                   "reading with fixed references: objects centred, a background reference last (anchored)")
-    p.add_argument("--ref-side", type=int, default=None, help="compositions: square references of this side "
-                   "(one SELF layout per K, so training batches fill) instead of 64-160 px a side at random")
+    p.add_argument(
+        "--order",
+        choices=COMPOSE_ORDERS,
+        default="reading",
+        help="compositions: objects in picture order (reading), in slots at random (free), or "
+        "reading with fixed references: objects centred, a background reference last (anchored)",
+    )
+    p.add_argument(
+        "--ref-side",
+        type=int,
+        default=None,
+        help="compositions: square references of this side "
+        "(one SELF layout per K, so training batches fill) instead of 64-160 px a side at random",
+    )
     a = p.parse_args(argv)
     if a.ref_side is not None and not 32 <= a.ref_side <= 1024:
         p.error(f"--ref-side {a.ref_side}: give a side of 32..1024 px")

@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cache, lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -79,10 +79,16 @@ BACKGROUNDS: dict[str, Background] = {
 
 #: Compose slot layouts: n objects -> slot names, in instruction order. Grid cells are defined below.
 _GRID3 = {  # 3 x 3 grid: (column, row)
-    "top left": (0, 0), "top": (1, 0), "top right": (2, 0),
-    "left": (0, 1), "centre": (1, 1), "right": (2, 1),
-    "bottom left": (0, 2), "bottom": (1, 2), "bottom right": (2, 2),
-}  # fmt: skip
+    "top left": (0, 0),
+    "top": (1, 0),
+    "top right": (2, 0),
+    "left": (0, 1),
+    "centre": (1, 1),
+    "right": (2, 1),
+    "bottom left": (0, 2),
+    "bottom": (1, 2),
+    "bottom right": (2, 2),
+}
 SLOT_LAYOUTS: dict[int, tuple[str, ...]] = {
     1: ("centre",),
     2: ("left", "right"),
@@ -168,7 +174,7 @@ def _bg_colours(name: str, n: int = 16) -> np.ndarray:
     return np.concatenate([np.array([b.top], float), np.array([b.bottom], float), (1 - t) * b.top + t * b.bottom])
 
 
-@lru_cache(maxsize=None)
+@cache
 def compatible_colours(background: str) -> tuple[str, ...]:
     """Object colours that stay >= MIN_CONTRAST (CIE76) from every colour of this background."""
     bg = srgb_to_lab(_bg_colours(background))
@@ -386,7 +392,9 @@ def _ref_dims(rng, lo: int, hi: int, ref_side: int | None) -> tuple[int, int]:
     return (w, h) if ref_side is None else (int(ref_side), int(ref_side))
 
 
-def _make_compose(rng, k: int, size: int, order: str = "reading", ref_side: int | None = None) -> tuple[list, str, dict]:
+def _make_compose(
+    rng, k: int, size: int, order: str = "reading", ref_side: int | None = None
+) -> tuple[list, str, dict]:
     anchored = order == "anchored"
     has_bg_ref = k >= 2 and (rng.random() < 0.35 or anchored)
     n = k - int(has_bg_ref)
@@ -423,8 +431,15 @@ def _make_compose(rng, k: int, size: int, order: str = "reading", ref_side: int 
             cx, cy = w / 2, h / 2
         o = {"shape": shape, "colour": colour, "centre": [round(cx), round(cy)], "size": s}
         references[ri] = render_scene(rbg, [o], w, h)
-        ref_specs[ri] = {"role": "object", "shape": shape, "colour": colour, "background": rbg,
-                         "width": w, "height": h, "object": o}  # fmt: skip
+        ref_specs[ri] = {
+            "role": "object",
+            "shape": shape,
+            "colour": colour,
+            "background": rbg,
+            "width": w,
+            "height": h,
+            "object": o,
+        }
     if has_bg_ref:
         w, h = _ref_dims(rng, lo, hi, ref_side)
         references[bg_index] = render_background(target_bg, w, h)
@@ -434,8 +449,17 @@ def _make_compose(rng, k: int, size: int, order: str = "reading", ref_side: int 
     for j, ri in enumerate(obj_refs):
         slot = layout[slot_of_obj[j]]
         shape, colour = pairs[j]
-        objects.append({"shape": shape, "colour": colour, "slot": slot["slot"], "box": slot["box"],
-                        "centre": slot["centre"], "size": slot["size"], "ref": ri})  # fmt: skip
+        objects.append(
+            {
+                "shape": shape,
+                "colour": colour,
+                "slot": slot["slot"],
+                "box": slot["box"],
+                "centre": slot["centre"],
+                "size": slot["size"],
+                "ref": ri,
+            }
+        )
     objects.sort(key=lambda o: SLOT_LAYOUTS[n].index(o["slot"]))
     clauses = [f"the object from Picture {o['ref'] + 1} {_slot_phrase(o['slot'])}" for o in objects]
     if len(clauses) == 1:
@@ -446,8 +470,14 @@ def _make_compose(rng, k: int, size: int, order: str = "reading", ref_side: int 
         body = ", ".join(clauses[:-1]) + f" and {clauses[-1]}"
     where = f"on the background of Picture {bg_index + 1}" if has_bg_ref else f"on {_bg_phrase(target_bg)}"
     instruction = f"Put {body}, {where}."
-    spec = {"kind": "compose", "size": size, "background": target_bg, "objects": objects,
-            "references": ref_specs, "edit": None}  # fmt: skip
+    spec = {
+        "kind": "compose",
+        "size": size,
+        "background": target_bg,
+        "objects": objects,
+        "references": ref_specs,
+        "edit": None,
+    }
     return references, instruction, spec
 
 
@@ -517,13 +547,25 @@ def _make_edit(rng, kind: str, size: int) -> tuple[list, str, dict]:
     for o in target_objs:
         o["ref"] = 0
     ref_spec = {"role": "scene", "background": bg, "width": size, "height": size, "objects": scene}
-    spec = {"kind": kind, "size": size, "background": target_bg, "objects": target_objs,
-            "references": [ref_spec], "edit": edit}  # fmt: skip
+    spec = {
+        "kind": kind,
+        "size": size,
+        "background": target_bg,
+        "objects": target_objs,
+        "references": [ref_spec],
+        "edit": edit,
+    }
     return [reference], instruction, spec
 
 
-def make_sample(seed: int, k: int | None = None, kind: str | None = None, size: int = 128,
-                order: str = "reading", ref_side: int | None = None) -> Sample:  # fmt: skip
+def make_sample(
+    seed: int,
+    k: int | None = None,
+    kind: str | None = None,
+    size: int = 128,
+    order: str = "reading",
+    ref_side: int | None = None,
+) -> Sample:
     """One sample, deterministic from (seed, k, kind, size, order, ref_side).
 
     kind: "compose", an edit kind (see EDIT_KINDS), "edit" (any edit) or None (compose or edit,
@@ -619,8 +661,15 @@ def write_manifest(samples, out_dir, name: str = "manifest.jsonl") -> Path:
                 refs.append(rel)
             tgt = f"images/{tag}_target.png"
             s.target.save(out_dir / tgt)
-            row = {"references": refs, "instruction": s.instruction, "target": tgt, "task": s.kind,
-                   "k": s.k, "spec": s.spec, "seed": s.seed}  # fmt: skip
+            row = {
+                "references": refs,
+                "instruction": s.instruction,
+                "target": tgt,
+                "task": s.kind,
+                "k": s.k,
+                "spec": s.spec,
+                "seed": s.seed,
+            }
             f.write(json.dumps(row) + "\n")
     return path
 
@@ -638,6 +687,15 @@ def read_manifest(path) -> list[Sample]:
             with Image.open(path.parent / rel) as im:
                 return im.convert("RGB")
 
-        out.append(Sample([load(r) for r in row["references"]], row["instruction"], load(row["target"]),
-                          row["task"], int(row["k"]), row["spec"], row.get("seed")))  # fmt: skip
+        out.append(
+            Sample(
+                [load(r) for r in row["references"]],
+                row["instruction"],
+                load(row["target"]),
+                row["task"],
+                int(row["k"]),
+                row["spec"],
+                row.get("seed"),
+            )
+        )
     return out
