@@ -18,6 +18,7 @@ from training.common.data import layout_key, load_rows, plan_row
 from training.sft.config import config_from_dict, load_config
 from training.sft.data import BucketSampler, SampleEncoder, collate, shard
 from training.tasks.shapecompose import make_split, write_manifest
+from uniref_core.errors import UniRefError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -506,6 +507,25 @@ def test_a_run_killed_before_its_first_checkpoint_restarts_with_a_fresh_log(tiny
 # 5. -------------------------------------------------------------------------------------------------
 
 
+def test_an_instruction_longer_than_the_text_encoder_takes_stops_the_run_naming_its_row(tiny_model, data, tmp_path):
+    """The encoding pass refuses it with its row and token count (not an index error deep in the text encoder)
+    before any step trains."""
+    rows = [json.loads(x) for x in Path(data["train"]).read_text().splitlines()]
+    base = Path(data["train"]).parent
+    long = {
+        **rows[0],
+        "references": [str(base / r) for r in rows[0]["references"]],
+        "target": str(base / rows[0]["target"]),
+        "instruction": "Recolour the circle to blue. " * 800,  # ~5,600 tokens; the tiny encoder has 4,096 positions
+    }
+    manifest = tmp_path / "manifest.jsonl"
+    manifest.write_text(json.dumps(long) + "\n")
+    cfg = make_config(tiny_model, {"train": str(manifest), "val": str(manifest)}, tmp_path / "out")
+    with pytest.raises(UniRefError, match=r"manifest.jsonl:1: instruction is too long: .* 4096 positions"):
+        run(cfg)
+    assert not list((tmp_path / "out").glob("checkpoint*"))
+
+
 def test_bad_rows_are_reported_and_skipped(tiny_model, data, tmp_path):
     base = Path(data["train"]).parent
     rows = [json.loads(x) for x in Path(data["train"]).read_text().splitlines()]
@@ -524,19 +544,21 @@ def test_bad_rows_are_reported_and_skipped(tiny_model, data, tmp_path):
         json.dumps({**good, "instruction": "   "}),
         "{not json",
         json.dumps({**good, "references": []}),
+        json.dumps({**good, "instruction": "Recolour the circle \udc80 to blue"}),  # a byte that was not UTF-8
     ]
     manifest = tmp_path / "manifest.jsonl"
     manifest.write_text("\n".join(lines) + "\n")
     cfg = config_from_dict(make_config(tiny_model, {"train": str(manifest), "val": str(manifest)}, tmp_path / "o"))
     kept, report = load_rows([str(manifest)], cfg)
-    assert len(kept) == 1 and report.total == 6 and report.usable == 1
+    assert len(kept) == 1 and report.total == 7 and report.usable == 1
     reasons = dict(report.skipped)
+    assert "instruction is not valid UTF-8" in reasons["manifest.jsonl:7"]
     assert "file not found" in reasons["manifest.jsonl:2"] and "reference 1" in reasons["manifest.jsonl:2"]
     assert "could not be read as an image" in reasons["manifest.jsonl:3"]
     assert reasons["manifest.jsonl:4"] == "empty instruction"
     assert "not valid JSON" in reasons["manifest.jsonl:5"]
     assert "no references" in reasons["manifest.jsonl:6"]
-    assert "6 rows, 1 usable, 5 skipped" in report.summary()
+    assert "7 rows, 1 usable, 6 skipped" in report.summary()
 
     # A target smaller than a stage's output size would be upscaled: skipped, the stage named.
     big = config_from_dict(

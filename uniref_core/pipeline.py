@@ -33,7 +33,7 @@ from .latents import (
     vae_tiling,
 )
 from .model import Components, load_components
-from .prompt import DROP_IDX, PromptEmbeds, check_prompt_text, encode_prompt
+from .prompt import PromptEmbeds, check_prompt_text, encode_prompt, encoder_room
 from .sampling import DenoiseStep, Schedule, denoise_steps, flow_schedule, noise_latents, true_cfg
 
 DEFAULT_STEPS = 30
@@ -503,12 +503,9 @@ class UniRefPipeline:
         """The most conditioning tokens a prompt may make with ``plan`` (`encode_prompt`'s ``max_tokens``): the
         transformer's RoPE room after the largest image's half side, or the text encoder's positions less the
         dropped system turn if fewer."""
-        config = getattr(self.c.text_encoder, "config", None)
-        encoder = getattr(getattr(config, "text_config", None), "max_position_embeddings", None)
-        encoder = encoder or getattr(config, "max_position_embeddings", None)
-        if isinstance(encoder, int) and encoder - DROP_IDX < plan.text_room:
-            why = f"the text encoder's {encoder} positions (its {DROP_IDX}-token system turn among them) leave it"
-            return encoder - DROP_IDX, why
+        encoder = encoder_room(self.c.text_encoder)
+        if encoder is not None and encoder[0] < plan.text_room:
+            return encoder
         return plan.text_room, (
             f"at this size (the longest image side is {2 * plan.text_position} tokens) the "
             f"transformer's {budget_mod.ROPE_POSITIONS} RoPE positions leave it"

@@ -47,6 +47,20 @@ def check_prompt_text(text: str, name: str = "prompt") -> None:
         ) from None
 
 
+def encoder_room(text_encoder) -> tuple[int, str] | None:
+    """(the most conditioning tokens the text encoder's positions hold, why), or None when its config does not say:
+    its ``max_position_embeddings`` less the dropped system turn (`encode_prompt`'s ``max_tokens``)."""
+    config = getattr(text_encoder, "config", None)
+    positions = getattr(getattr(config, "text_config", None), "max_position_embeddings", None)
+    positions = positions or getattr(config, "max_position_embeddings", None)
+    if not isinstance(positions, int):
+        return None
+    return (
+        positions - DROP_IDX,
+        f"the text encoder's {positions} positions (its {DROP_IDX}-token system turn among them) leave it",
+    )
+
+
 @dataclass
 class PromptEmbeds:
     """Encoder output for one prompt: [1, L, D] embeddings, a mask or None when all valid."""

@@ -22,6 +22,7 @@ from uniref_core.budget import TOKEN_PX, Plan, output_size, plan_references
 from uniref_core.errors import UniRefError
 from uniref_core.images import load_image
 from uniref_core.model import token_px_of
+from uniref_core.prompt import check_prompt_text
 
 from .config import Stage
 
@@ -188,6 +189,10 @@ def _parse_row(line: str) -> tuple[dict | None, str | None]:
     instruction = row.get("instruction")
     if not isinstance(instruction, str) or not instruction.strip():
         return None, "empty instruction"
+    try:
+        check_prompt_text(instruction, "instruction")
+    except UniRefError as e:
+        return None, str(e)
     return row, None
 
 

@@ -21,7 +21,7 @@ from uniref_core.budget import Plan
 from uniref_core.errors import UniRefError
 from uniref_core.images import load_image
 from uniref_core.latents import pack_latents, to_pixels, vae_encode
-from uniref_core.prompt import PromptEmbeds, encode_prompt
+from uniref_core.prompt import PromptEmbeds, encode_prompt, encoder_room
 
 from ..common.cache import ShardCache, rows_digest
 from ..common.config import Stage
@@ -57,7 +57,16 @@ class SampleEncoder:
         images = [load_image(p, name=f"reference {k}") for k, p in enumerate(row.references, 1)]
         vl = [im.resize(r.vl, resample=Image.Resampling.LANCZOS) for im, r in zip(images, plan.references)]
         te = self.c.text_encoder
-        return encode_prompt(te, self.c.processor, row.instruction, vl, device=te.device).to("cpu")
+        room = encoder_room(te)
+        return encode_prompt(
+            te,
+            self.c.processor,
+            row.instruction,
+            vl,
+            device=te.device,
+            max_tokens=room,
+            name=f"{row.where}: instruction",
+        ).to("cpu")
 
     @torch.no_grad()
     def latents(self, row: Row, stage: Stage) -> Encoded:
