@@ -23,6 +23,7 @@ optionally ``UNIREF_COMFYUI_PYTHON`` to the interpreter that runs it) to use tha
 from __future__ import annotations
 
 import argparse
+import ast
 import contextlib
 import fcntl
 import hashlib
@@ -137,9 +138,10 @@ def _read_version(comfy_dir: Path) -> str | None:
     f = comfy_dir / "comfyui_version.py"
     if not f.is_file():
         return None
-    scope: dict = {}
-    exec(f.read_text(), scope)  # one assignment: __version__ = "x.y.z"
-    return scope.get("__version__")
+    for node in ast.parse(f.read_text()).body:  # read, not run, the downloaded file: __version__ = "x.y.z"
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "__version__" for t in node.targets):
+            return ast.literal_eval(node.value)
+    return None
 
 
 def _dev_site_packages() -> Path:

@@ -379,7 +379,7 @@ def load_single_files(diffusion_model, text_encoder, vae, tokenizer_dir, device=
             f"tokenizer folder {tokenizer_dir} has no vocab.json / merges.txt: give a Qwen2.5 tokenizer "
             "folder (ComfyUI's is comfy/text_encoders/qwen25_tokenizer in its source tree)"
         )
-    tokenizer = Qwen2Tokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
+    tokenizer = Qwen2Tokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)  # nosec B615  # a local folder, local_files_only=True: nothing is fetched from the Hub
     processor = Qwen2VLProcessor(
         image_processor=Qwen2VLImageProcessor(**IMAGE_PROCESSOR_CONFIG),
         tokenizer=tokenizer,

@@ -204,9 +204,9 @@ def load_components(path, device="cpu", dtype="auto", parts=PARTS, transformer_d
             elif name == "vae":
                 module = AutoencoderKLQwenImage.from_pretrained(root / "vae", torch_dtype=dt, **common)
             else:
-                module = Qwen2_5_VLForConditionalGeneration.from_pretrained(root / "text_encoder", dtype=dt, **common)
+                module = Qwen2_5_VLForConditionalGeneration.from_pretrained(root / "text_encoder", dtype=dt, **common)  # nosec B615  # a local folder, local_files_only=True in common: nothing is fetched from the Hub
             loaded[name] = module.to(device).eval().requires_grad_(False)
-        processor = Qwen2VLProcessor.from_pretrained(root / "processor", local_files_only=True)
+        processor = Qwen2VLProcessor.from_pretrained(root / "processor", local_files_only=True)  # nosec B615  # a local folder, local_files_only=True: nothing is fetched from the Hub
     except UniRefError:
         raise
     except (OSError, ValueError, RuntimeError, KeyError) as e:

@@ -30,7 +30,7 @@ def feature_source(path: str, device: str = "cpu", image_size: int | None = None
             "give options.path of a local image encoder such as DINOv2 or SigLIP"
         )
     try:
-        model = AutoModel.from_pretrained(folder, local_files_only=True, use_safetensors=True).to(device).eval()
+        model = AutoModel.from_pretrained(folder, local_files_only=True, use_safetensors=True).to(device).eval()  # nosec B615  # a local folder, local_files_only=True: nothing is fetched from the Hub
     except (OSError, ValueError) as e:
         raise RewardError(
             f"reward source 'features': {folder} could not be loaded ({e}); it needs safetensors weights"
@@ -75,4 +75,4 @@ def _processor(folder: Path):
         return None
     from transformers import AutoImageProcessor
 
-    return AutoImageProcessor.from_pretrained(folder, local_files_only=True)
+    return AutoImageProcessor.from_pretrained(folder, local_files_only=True)  # nosec B615  # a local folder, local_files_only=True: nothing is fetched from the Hub
