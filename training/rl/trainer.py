@@ -40,7 +40,7 @@ from ..common.cache import ShardCache, rows_digest
 from ..common.cli import exit_on_error, trainer_main
 from ..common.data import Row, encode_row, load_rows, plan_row
 from ..common.logging_utils import make_grid, plot_series
-from ..common.model import free, load_encoders, load_transformer, use_checkpointing
+from ..common.model import free, heap_kept, load_encoders, load_transformer, use_checkpointing
 from ..common.run import TrainingRun
 from ..common.schedules import lr_multiplier
 from ..common.seeds import sample_seed
@@ -324,7 +324,7 @@ def run(cfg: RLConfig, resume: str | None = None, trusted_modules=()) -> RLResul
     )
     encoders = load_encoders(cfg, device)
     if not prompts.cache.ready:
-        with tqdm(total=len(rows), disable=not main, desc="encoding", dynamic_ncols=True) as ebar:
+        with heap_kept(device), tqdm(total=len(rows), disable=not main, desc="encoding", dynamic_ncols=True) as ebar:
             prompts.build(encoders, rank, world, accelerator.wait_for_everyone, ebar.update)
     encoders = replace(encoders, text_encoder=None)
     free(device)

@@ -38,7 +38,7 @@ from ..common.config import Stage
 from ..common.data import encode_row, layout_key, load_rows, plan_row
 from ..common.fsdp import clip_grad_norm, local_fraction, process_group, sharded_transformer
 from ..common.logging_utils import PLOT_FILE, plot_loss
-from ..common.model import free, load_encoders, load_transformer, use_checkpointing
+from ..common.model import free, heap_kept, load_encoders, load_transformer, use_checkpointing
 from ..common.run import TrainingRun
 from ..common.schedules import lr_multiplier
 from ..common.trainable import EMA, load_trainable_state_dict, named_trainable, setup_transformer, trainable_state_dict
@@ -144,7 +144,7 @@ def _train(cfg: SFTConfig, accelerator, resume: str | None) -> RunResult:
         encoders = load_encoders(cfg, device)
     if not cache.ready:
         todo = len(rows) * (1 + len(cfg.stages))
-        with tqdm(total=todo, disable=not main, desc="encoding", dynamic_ncols=True) as ebar:
+        with heap_kept(device), tqdm(total=todo, disable=not main, desc="encoding", dynamic_ncols=True) as ebar:
             cache.build(SampleEncoder(encoders, cfg), rank, world, accelerator.wait_for_everyone, ebar.update)
     eval_conds = encode_eval_rows(encoders, cfg, val_rows) if evaluating and main else None
     c = dataclasses.replace(encoders, text_encoder=None) if evaluating else None  # the VAE stays to decode
