@@ -167,9 +167,17 @@ def save_checkpoint(
             state=state,
             sharded=sharded,
         )
+    except _PeerFailed as e:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp_path(final), ignore_errors=True)
+        raise CheckpointError(
+            f"checkpoint {final.name} could not be written: {e} (see its error); the earlier checkpoints are "
+            "whole, continue with --resume auto once it is fixed"
+        ) from None
     except OSError as e:
         if accelerator.is_main_process:
             shutil.rmtree(tmp_path(final), ignore_errors=True)
+        _agree(accelerator, failed=True)  # the other processes wait for this one at the same point
         error = write_error(
             e,
             f"checkpoint {final.name}",
@@ -181,6 +189,22 @@ def save_checkpoint(
         raise CheckpointError(str(error)) from None
 
 
+class _PeerFailed(Exception):
+    """Another process's part of a checkpoint could not be written."""
+
+
+def _agree(accelerator, failed: bool = False) -> None:
+    """A barrier at which every process says whether its writes since the last one succeeded. A process whose
+    write failed arrives here from its error handler, so no process waits forever for one that stopped; the others
+    then raise too."""
+    if accelerator.num_processes == 1:
+        return
+    flag = torch.tensor([1.0 if failed else 0.0], device=accelerator.device)
+    failures = int(accelerator.reduce(flag, reduction="sum").item())
+    if failures and not failed:
+        raise _PeerFailed(f"{failures} other process(es) could not write their part")
+
+
 def _save_checkpoint(
     accelerator, final: Path, *, trainable, ema, optimizer, scheduler, state: dict, sharded: bool
 ) -> Path:
@@ -189,13 +213,13 @@ def _save_checkpoint(
         if tmp.exists():
             shutil.rmtree(tmp)  # left by a crash during an earlier save
         tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
+    _agree(accelerator)
     _write_json(tmp / f"rng_{accelerator.process_index}.json", rng_state())
     if sharded:
         save_sharded(tmp / TRAINABLE_SHARDS, trainable)
         if optimizer is not None:
             save_sharded(tmp / OPTIMIZER_SHARDS, optimizer_tensors(optimizer))
-    accelerator.wait_for_everyone()
+    _agree(accelerator)
     if accelerator.is_main_process:
         if sharded:
             fsync(tmp / TRAINABLE_SHARDS)  # the folder's entries (the files are fsynced by the writer)
@@ -212,7 +236,7 @@ def _save_checkpoint(
         _write_json(tmp / STATE_FILE, {**state, "saved_at": time.time()})
         fsync(tmp)
         commit(tmp, final, durable=True)
-    accelerator.wait_for_everyone()
+    _agree(accelerator)
     return final
 
 
