@@ -1,6 +1,7 @@
 """Shared fixtures: tiny random models of the Qwen-Image-Edit architecture, built once per session."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -9,6 +10,20 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from uniref_core.tiny import make_tiny_model
+
+# Tests that need what a machine may lack, and the variable that skips them there.
+SKIP_MARKERS = {"comfy": "UNIREF_SKIP_COMFY", "browser": "UNIREF_SKIP_BROWSER"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """UNIREF_SKIP_COMFY=1 skips the tests marked `comfy` (real ComfyUI hosts), UNIREF_SKIP_BROWSER=1 those marked
+    `browser` (headless Chromium)."""
+    for marker, variable in SKIP_MARKERS.items():
+        if os.environ.get(variable) == "1":
+            skip = pytest.mark.skip(reason=f"{variable}=1: {marker} tests skipped")
+            for item in items:
+                if item.get_closest_marker(marker):
+                    item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,6 @@ loads into diffusers' class and predicts what ComfyUI's model predicts on the sa
 text; bad files are clear errors."""
 
 import json
-import os
 import subprocess
 from pathlib import Path
 
@@ -98,11 +97,7 @@ def our_prediction(model, io, sigma=0.7):
     return tokens, want
 
 
-needs_host = pytest.mark.skipif(os.environ.get("UNIREF_SKIP_COMFY") == "1", reason="UNIREF_SKIP_COMFY=1")
-
-
 @pytest.mark.comfy
-@needs_host
 @pytest.mark.parametrize("version", ["0.30.0", "0.3.75"])
 @pytest.mark.parametrize("layout", ["plain", "all_in_one", "2511"])
 def test_comfy_single_file_predicts_what_comfyui_predicts(tmp_path, version, layout):
@@ -119,7 +114,6 @@ def test_comfy_single_file_predicts_what_comfyui_predicts(tmp_path, version, lay
 
 
 @pytest.mark.comfy
-@needs_host
 def test_a_bf16_file_loads_in_bf16_without_an_fp32_copy(tmp_path):
     file, io = comfy_model_file(tmp_path, "0.30.0", dtype="bfloat16")
     model = load_comfy_transformer(file)

@@ -4,7 +4,6 @@ with their linear layers kept in 8 bits and predict what ComfyUI predicts when i
 own quantised-ops path (``comfy.utils.convert_old_quants`` + ``comfy.ops.mixed_precision_ops``, emulated on CPU)."""
 
 import json
-import os
 import subprocess
 
 import pytest
@@ -99,11 +98,7 @@ def comfy_fp8_file(tmp_path, layout, version="0.30.0", seed=0):
     return file, load_file(str(io_file)), json.loads(proc.stdout.strip().splitlines()[-1])["quantised"]
 
 
-needs_host = pytest.mark.skipif(os.environ.get("UNIREF_SKIP_COMFY") == "1", reason="UNIREF_SKIP_COMFY=1")
-
-
 @pytest.mark.comfy
-@needs_host
 @pytest.mark.parametrize("layout", ["old", "new", "plain"])
 def test_fp8_file_stays_8_bit_and_predicts_what_comfyui_predicts(tmp_path, layout):
     """0.30.0 only: 0.3.75 has neither convert_old_quants nor the comfy_quant layer format."""

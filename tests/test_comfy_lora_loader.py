@@ -4,7 +4,6 @@ model: every layer of the file is matched by ComfyUI's key map, and the weights 
 ones the engine merges for the same file and strength."""
 
 import json
-import os
 import subprocess
 
 import pytest
@@ -44,11 +43,8 @@ save_file(out, args["out"])
 print(json.dumps({"matched": len(matched)}))
 """
 
-needs_host = pytest.mark.skipif(os.environ.get("UNIREF_SKIP_COMFY") == "1", reason="UNIREF_SKIP_COMFY=1")
-
 
 @pytest.mark.comfy
-@needs_host
 @pytest.mark.parametrize("version", ["0.30.0", "0.3.75"])
 def test_trainer_lora_export_loads_in_comfyuis_lora_loader(tmp_path, tiny_model, version):
     from comfyhost import comfy_hosts

@@ -5,7 +5,6 @@ saved as ComfyUI saves it, loads into transformers' ``Qwen2_5_VLForConditionalGe
 hidden states for text and ComfyUI's vision-tower output for image patches."""
 
 import json
-import os
 import subprocess
 
 import pytest
@@ -112,9 +111,6 @@ def comfy_te_file(tmp_path, version, *, dtype="float32", seed=0, layout=None):
     return file, io
 
 
-needs_host = pytest.mark.skipif(os.environ.get("UNIREF_SKIP_COMFY") == "1", reason="UNIREF_SKIP_COMFY=1")
-
-
 def our_outputs(model, io):
     with torch.no_grad():
         hidden = model(input_ids=io["tokens"], output_hidden_states=True).hidden_states[-1]
@@ -124,7 +120,6 @@ def our_outputs(model, io):
 
 
 @pytest.mark.comfy
-@needs_host
 @pytest.mark.parametrize("version", ["0.30.0", "0.3.75"])
 def test_comfy_text_encoder_file_gives_comfyuis_hidden_states(tmp_path, version):
     file, io = comfy_te_file(tmp_path, version)
@@ -138,7 +133,6 @@ def test_comfy_text_encoder_file_gives_comfyuis_hidden_states(tmp_path, version)
 
 
 @pytest.mark.comfy
-@needs_host
 def test_a_bf16_text_encoder_file_stays_bf16(tmp_path):
     file, io = comfy_te_file(tmp_path, "0.30.0", dtype="bfloat16")
     model = load_comfy_text_encoder(file)
@@ -148,7 +142,6 @@ def test_a_bf16_text_encoder_file_stays_bf16(tmp_path):
 
 
 @pytest.mark.comfy
-@needs_host
 @pytest.mark.parametrize("layout", ["old", "new"])
 def test_fp8_scaled_text_encoder_stays_8_bit_and_gives_comfyuis_hidden_states(tmp_path, layout):
     """qwen_2.5_vl_7b_fp8_scaled.safetensors, the text encoder most ComfyUI installs have, in both fp8 layouts:

@@ -4,7 +4,6 @@ engine without ComfyUI: a tiny VAE built with ComfyUI's OWN class (``comfy/ldm/w
 diffusers' ``AutoencoderKLQwenImage`` and encodes and decodes as ComfyUI's does; bad files are clear errors."""
 
 import json
-import os
 import subprocess
 
 import pytest
@@ -71,11 +70,7 @@ def comfy_vae_file(tmp_path, version, *, prefix="", dtype="float32", dim=8, seed
     return file, load_file(str(io_file))
 
 
-needs_host = pytest.mark.skipif(os.environ.get("UNIREF_SKIP_COMFY") == "1", reason="UNIREF_SKIP_COMFY=1")
-
-
 @pytest.mark.comfy
-@needs_host
 @pytest.mark.parametrize("version", ["0.30.0", "0.3.75"])
 @pytest.mark.parametrize("prefix", ["", "first_stage_model."])
 def test_comfy_vae_file_encodes_and_decodes_as_comfyui_does(tmp_path, version, prefix):
@@ -95,7 +90,6 @@ def test_comfy_vae_file_encodes_and_decodes_as_comfyui_does(tmp_path, version, p
 
 
 @pytest.mark.comfy
-@needs_host
 def test_a_bf16_vae_file_stays_bf16(tmp_path):
     file, io = comfy_vae_file(tmp_path, "0.30.0", dtype="bfloat16")
     vae = load_comfy_vae(file)

@@ -9,7 +9,6 @@ tiny files in ComfyUI's layout:
 - the empty latent has the target size and the negative carries the same references."""
 
 import json
-import os
 import subprocess
 from pathlib import Path
 
@@ -104,11 +103,8 @@ report["budget_6"] = {"sources": [[r.shape[2], r.shape[1]] for r in refs],
 print(json.dumps(report))
 """
 
-needs_host = pytest.mark.skipif(os.environ.get("UNIREF_SKIP_COMFY") == "1", reason="UNIREF_SKIP_COMFY=1")
-
 
 @pytest.mark.comfy
-@needs_host
 @pytest.mark.parametrize("version", ["0.30.0", "0.3.75"])
 def test_native_self_encode_matches_core_node_and_holds_the_budget(tmp_path, version):
     from comfyhost import comfy_hosts

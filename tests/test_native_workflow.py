@@ -12,7 +12,6 @@ custom node folder) lets them build the tiny ones, and nothing else of ComfyUI's
 
 import io
 import json
-import os
 import subprocess
 from pathlib import Path
 
@@ -23,8 +22,6 @@ from PIL import Image
 from workflow_api import ui_to_api
 
 pytestmark = pytest.mark.comfy
-if os.environ.get("UNIREF_SKIP_COMFY") == "1":
-    pytest.skip("UNIREF_SKIP_COMFY=1: ComfyUI host tests skipped", allow_module_level=True)
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIM = ROOT / "tests" / "host_shims" / "uniref_test_tiny_qwen"
