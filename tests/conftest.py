@@ -179,9 +179,9 @@ def comfy_layout(text_encoder):
 def comfy_single_files(tmp_path_factory):
     """A tiny Qwen-Image-Edit as ComfyUI's three single files (the VAE built by ComfyUI's own class in the 0.30.0
     host) + ComfyUI's tokenizer folder: (files, tokenizer dir, the transformer, the text encoder)."""
+    from comfy_child import comfy_vae_file
     from comfyhost import comfy_hosts
     from diffusers import QwenImageTransformer2DModel
-    from test_comfy_vae import comfy_vae_file
 
     tmp = tmp_path_factory.mktemp("bundle")
     torch.manual_seed(1)

@@ -204,14 +204,10 @@ def test_lora_export_in_comfyui_key_format_merges_to_the_trained_model(tiny_mode
 
 
 COMFY_LORA_CHECK = """
-import json, sys
-import comfy.options
-comfy.options.enable_args_parsing()
-sys.argv = [sys.argv[0], "--cpu"]
 import comfy.lora
 from safetensors.torch import load_file
 
-lora, base, merged = (load_file(p) for p in sys.argv_paths)
+lora, base, merged = (load_file(p) for p in args)
 # comfy/lora.py model_lora_keys_unet, for a QwenImage model: the generic 'diffusion_model.<path>' key
 # plus '<path>' and 'transformer.<path>' for every '<path>.weight' of the diffusion model.
 to_load = {}
@@ -234,26 +230,15 @@ print(json.dumps({"layers": len(patches), "max_diff": worst}))
 @pytest.mark.parametrize("version", ["0.30.0", "0.3.75"])
 def test_comfyui_applies_the_exported_lora_like_the_merged_export(tiny_model, lora_run, version):
     """ComfyUI's own LoRA loader (inside a real host's tree and interpreter) reads the file."""
-    from comfyhost import comfy_hosts
+    from comfy_child import last_json, run_in_host
 
-    host = comfy_hosts.ensure_host(version)
     _, _, lora_file, merged_dir = lora_run
     paths = [
         str(lora_file),
         str(Path(tiny_model) / "transformer" / "diffusion_pytorch_model.safetensors"),
         str(Path(merged_dir) / "transformer" / "diffusion_pytorch_model.safetensors"),
     ]
-    script = COMFY_LORA_CHECK.replace("sys.argv_paths", repr(paths))
-    proc = subprocess.run(
-        [str(host.python), "-c", script],
-        cwd=host.comfy_dir,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=comfy_hosts.host_env(),
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result = last_json(run_in_host(version, COMFY_LORA_CHECK, paths))
     assert result["layers"] == 2 * 12  # every adapted layer of both blocks
     assert result["max_diff"] < 1e-6
 
