@@ -10,15 +10,13 @@ custom node folder) lets them build the tiny ones, and nothing else of ComfyUI's
   (prompt and negative) and EmptySD3LatentImage in place of our node;
 - with policy budget (the shipped setting) the image differs from per_image: the budget reached the model."""
 
-import io
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 from comfy_child import comfy_vae_file, run_in_host
-from comfyhost import output_images, uniref_host
-from PIL import Image
+from comfyhost import uniref_host
 from workflow_api import ui_to_api
 
 pytestmark = pytest.mark.comfy
@@ -86,8 +84,7 @@ def node_id(prompt, class_type):
 
 
 def run_image(host, prompt) -> np.ndarray:
-    meta = output_images(host.run(prompt, timeout=600))[0]
-    return np.asarray(Image.open(io.BytesIO(host.view(meta["filename"], meta["subfolder"], meta["type"])))).astype(int)
+    return np.asarray(host.output_image(host.run(prompt, timeout=600))).astype(int)
 
 
 def test_native_workflow_runs_on_comfyuis_own_loaders_and_sampler(host):
