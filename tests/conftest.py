@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny random models of the Qwen-Image-Edit architecture, built once per session."""
+"""Shared fixtures: tiny random models of the Qwen-Image-Edit architecture, built once per session; the trainer
+tests' fixtures come from tests/training_runs.py."""
 
 import json
 import os
@@ -10,6 +11,8 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from uniref_core.tiny import make_tiny_model
+
+pytest_plugins = ["tests.training_runs"]
 
 # Tests that need what a machine may lack, and the variable that skips them there.
 SKIP_MARKERS = {"comfy": "UNIREF_SKIP_COMFY", "browser": "UNIREF_SKIP_BROWSER"}
