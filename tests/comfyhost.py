@@ -8,7 +8,7 @@
             ws.wait_for("execution_success")
 
 The hosts come from scripts/comfy_hosts.py (built once, cached). Only the standard library is used
-here, so the dev venv needs nothing extra.
+here (and PIL, already in the dev venv, to open a saved image), so the dev venv needs nothing extra.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import base64
 import contextlib
 import hashlib
 import importlib.util
+import io
 import json
 import os
 import re
@@ -267,6 +268,13 @@ class ComfyHost:
     def view(self, filename: str, subfolder: str = "", type: str = "output") -> bytes:
         query = urllib.parse.urlencode({"filename": filename, "subfolder": subfolder, "type": type})
         return self._request("GET", "/view?" + query)
+
+    def output_image(self, entry: dict, index: int = 0):
+        """The ``index``-th image a finished prompt's history entry saved, as a PIL image."""
+        from PIL import Image
+
+        meta = output_images(entry)[index]
+        return Image.open(io.BytesIO(self.view(meta["filename"], meta["subfolder"], meta["type"])))
 
     def templates(self) -> dict:
         """GET /api/workflow_templates: {pack name: [workflow file stems]}."""

@@ -1,6 +1,8 @@
-"""Shared fixtures: tiny random models of the Qwen-Image-Edit architecture, built once per session."""
+"""Shared fixtures: tiny random models of the Qwen-Image-Edit architecture, built once per session; the trainer
+tests' fixtures come from tests/training_runs.py."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -9,6 +11,22 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from uniref_core.tiny import make_tiny_model
+
+pytest_plugins = ["tests.training_runs"]
+
+# Tests that need what a machine may lack, and the variable that skips them there.
+SKIP_MARKERS = {"comfy": "UNIREF_SKIP_COMFY", "browser": "UNIREF_SKIP_BROWSER"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """UNIREF_SKIP_COMFY=1 skips the tests marked `comfy` (real ComfyUI hosts), UNIREF_SKIP_BROWSER=1 those marked
+    `browser` (headless Chromium)."""
+    for marker, variable in SKIP_MARKERS.items():
+        if os.environ.get(variable) == "1":
+            skip = pytest.mark.skip(reason=f"{variable}=1: {marker} tests skipped")
+            for item in items:
+                if item.get_closest_marker(marker):
+                    item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")
@@ -164,9 +182,9 @@ def comfy_layout(text_encoder):
 def comfy_single_files(tmp_path_factory):
     """A tiny Qwen-Image-Edit as ComfyUI's three single files (the VAE built by ComfyUI's own class in the 0.30.0
     host) + ComfyUI's tokenizer folder: (files, tokenizer dir, the transformer, the text encoder)."""
+    from comfy_child import comfy_vae_file
     from comfyhost import comfy_hosts
     from diffusers import QwenImageTransformer2DModel
-    from test_comfy_vae import comfy_vae_file
 
     tmp = tmp_path_factory.mktemp("bundle")
     torch.manual_seed(1)

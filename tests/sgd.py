@@ -34,6 +34,13 @@ def sgd_script(folder, momentum: float = 0.0, then: str = RUN_MODULE) -> str:
     return str(path)
 
 
+def start_weights(model) -> dict:
+    """The transformer's weights before training (fp32), the ``start`` of ``assert_same_updates``."""
+    from uniref_core.model import load_components
+
+    return {n: p.detach() for n, p in load_components(model, dtype="fp32").transformer.named_parameters()}
+
+
 def assert_same_updates(start: dict, one: dict, two: dict) -> None:
     """The weight changes of two runs agree to 1e-4 of the largest change (float32 rounding of gradients summed in
     another order, measured ≤ 4e-5; a wrong shard or scaling changes updates by tens of percent), and some weight

@@ -33,10 +33,6 @@ from PIL import Image
 from workflow_api import NATIVE_LOADERS, split_workflows
 
 pytestmark = [pytest.mark.comfy, pytest.mark.browser]
-if os.environ.get("UNIREF_SKIP_BROWSER") == "1":
-    pytest.skip("UNIREF_SKIP_BROWSER=1: browser tests skipped", allow_module_level=True)
-if os.environ.get("UNIREF_SKIP_COMFY") == "1":
-    pytest.skip("UNIREF_SKIP_COMFY=1: ComfyUI host tests skipped", allow_module_level=True)
 
 ROOT = Path(__file__).resolve().parent.parent
 # The workflows on the pack's own loader run here; the native one names the artist's model files, so here it is

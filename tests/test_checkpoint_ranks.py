@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.test_sft import data, make_config  # noqa: F401  (the fixture is used by name)
+from tests.training_runs import make_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,7 +33,7 @@ sys.exit(main(["--config", sys.argv[1]]))
 """
 
 
-def test_a_full_disk_on_one_process_stops_every_process(tiny_model, data, tmp_path):  # noqa: F811
+def test_a_full_disk_on_one_process_stops_every_process(tiny_model, data, tmp_path):
     out = tmp_path / "run"
     cfg = make_config(tiny_model, data, out, save_every=1)
     cfg["stages"] = [{**cfg["stages"][0], "steps": 3}]

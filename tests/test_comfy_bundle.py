@@ -2,8 +2,6 @@
 tokenizer folder: `load_single_files` assembles a pipeline whose per_image edit is the image diffusers'
 QwenImageEditPlusPipeline makes from the same networks, and mismatched parts are clear errors."""
 
-import os
-
 import diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus as dq
 import numpy as np
 import pytest
@@ -17,11 +15,9 @@ from uniref_core.errors import UniRefError
 
 PROMPT = "put the red object from Picture 1 on the left of the background of Picture 2"
 AREA = 64 * 64
-needs_host = pytest.mark.skipif(os.environ.get("UNIREF_SKIP_COMFY") == "1", reason="UNIREF_SKIP_COMFY=1")
 
 
 @pytest.mark.comfy
-@needs_host
 def test_single_files_edit_like_diffusers_pipeline_on_the_same_networks(comfy_single_files, monkeypatch):
     from diffusers import FlowMatchEulerDiscreteScheduler, QwenImageEditPlusPipeline
 
@@ -61,7 +57,6 @@ def test_single_files_edit_like_diffusers_pipeline_on_the_same_networks(comfy_si
 
 
 @pytest.mark.comfy
-@needs_host
 def test_parts_that_do_not_belong_together_are_clear_errors(comfy_single_files, tmp_path):
     from diffusers import QwenImageTransformer2DModel
 
@@ -85,7 +80,6 @@ def test_parts_that_do_not_belong_together_are_clear_errors(comfy_single_files, 
 
 
 @pytest.mark.comfy
-@needs_host
 def test_cli_edits_from_single_files_like_the_pipeline(comfy_single_files, tmp_path):
     import subprocess
     import sys

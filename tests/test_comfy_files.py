@@ -4,63 +4,40 @@ saved as ComfyUI's files are laid out (no prefix, or all-in-one ``model.diffusio
 loads into diffusers' class and predicts what ComfyUI's model predicts on the same latents, references and
 text; bad files are clear errors."""
 
-import json
-import os
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
+from comfy_child import our_prediction, run_in_host
 from safetensors.torch import load_file, save_file
 
 from uniref_core.comfy_files import load_comfy_transformer
 from uniref_core.errors import UniRefError
-from uniref_core.latents import pack_latents
 from uniref_core.pipeline import predict_velocity
 
 COMFY_BUILD_AND_RUN = """
-import json, sys
-import comfy.options
-comfy.options.enable_args_parsing()
-sys.argv = [sys.argv[0], "--cpu"]
-import torch
 import comfy.ops
 from comfy.ldm.qwen_image.model import QwenImageTransformer2DModel
+from comfy_child import comfy_prediction, init_transformer_weights
 from safetensors.torch import save_file
 
-args = json.loads(ARGS)
 torch.manual_seed(args["seed"])
 model = QwenImageTransformer2DModel(num_layers=2, attention_head_dim=128, num_attention_heads=2,
                                     joint_attention_dim=64, in_channels=64, out_channels=16,
                                     dtype=torch.float32, operations=comfy.ops.disable_weight_init,
                                     **({"default_ref_method": args["ref_method"]} if args["marker"] else {}))
 g = torch.Generator().manual_seed(args["seed"])
-with torch.no_grad():
-    for name, p in model.named_parameters():  # disable_weight_init leaves them empty
-        if name.endswith("norm_q.weight") or name.endswith("norm_k.weight") or "norm" in name and p.ndim == 1:
-            p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
-        else:
-            p.copy_(0.05 * torch.randn(p.shape, generator=g))
-sd = {args["prefix"] + k: v.to(getattr(torch, args["dtype"])).contiguous() for k, v in model.state_dict().items()}
+dtype = getattr(torch, args["dtype"])
+sd = {args["prefix"] + k: v.to(dtype) for k, v in init_transformer_weights(model, g).items()}
 if args["marker"]:
     sd[args["prefix"] + "__index_timestep_zero__"] = torch.tensor([])
 save_file(sd, args["file"])
-inputs = {k: torch.randn(s, generator=g) for k, s in
-          (("x", (1, 16, 1, 8, 8)), ("ref1", (1, 16, 1, 4, 8)), ("ref2", (1, 16, 1, 8, 4)), ("context", (1, 7, 64)))}
-with torch.no_grad():
-    model = model.to(getattr(torch, args["dtype"])).float()
-    out = model(inputs["x"], torch.tensor([args["sigma"]]), inputs["context"],
-                ref_latents=[inputs["ref1"], inputs["ref2"]])
-save_file({**inputs, "out": out.contiguous()}, args["io"])
-print(json.dumps({"shape": list(out.shape)}))
+comfy_prediction(model.to(dtype).float(), args["sigma"], g, args["io"])
 """
 
 
 def comfy_model_file(tmp_path, version, *, prefix="", marker=False, dtype="float32", seed=0, sigma=0.7):
     """Build, save and run a tiny model with ComfyUI's class in the host; returns (file, inputs and output)."""
-    from comfyhost import comfy_hosts
-
-    host = comfy_hosts.ensure_host(version)
     file, io_file = tmp_path / f"qwen_image_tiny_{dtype}.safetensors", tmp_path / "io.safetensors"
     args = {
         "seed": seed,
@@ -72,37 +49,11 @@ def comfy_model_file(tmp_path, version, *, prefix="", marker=False, dtype="float
         "io": str(io_file),
         "ref_method": "index_timestep_zero" if marker else "index",
     }
-    script = COMFY_BUILD_AND_RUN.replace("ARGS", repr(json.dumps(args)))
-    proc = subprocess.run(
-        [str(host.python), "-c", script],
-        cwd=host.comfy_dir,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=comfy_hosts.host_env(),
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_in_host(version, COMFY_BUILD_AND_RUN, args)
     return file, load_file(str(io_file))
 
 
-def our_prediction(model, io, sigma=0.7):
-    x, refs = pack_latents(io["x"]), [pack_latents(io["ref1"]), pack_latents(io["ref2"])]
-    # Where ComfyUI and diffusers (the two reference implementations) disagree with each other, the test stays
-    # out: an odd token grid (3 rows: ComfyUI centres the rotary positions at -1, 0, 1, diffusers at -2, -1, 0)
-    # and a reference wider or taller than the target (ComfyUI starts the text positions after the target's
-    # half-size, diffusers after the largest image's).
-    shapes = [[(1, 4, 4), (1, 2, 4), (1, 4, 2)]]
-    with torch.no_grad():
-        tokens = predict_velocity(model.float(), x, sigma * 1000, refs, io["context"], None, shapes)
-    want = pack_latents(io["out"])
-    return tokens, want
-
-
-needs_host = pytest.mark.skipif(os.environ.get("UNIREF_SKIP_COMFY") == "1", reason="UNIREF_SKIP_COMFY=1")
-
-
 @pytest.mark.comfy
-@needs_host
 @pytest.mark.parametrize("version", ["0.30.0", "0.3.75"])
 @pytest.mark.parametrize("layout", ["plain", "all_in_one", "2511"])
 def test_comfy_single_file_predicts_what_comfyui_predicts(tmp_path, version, layout):
@@ -119,7 +70,6 @@ def test_comfy_single_file_predicts_what_comfyui_predicts(tmp_path, version, lay
 
 
 @pytest.mark.comfy
-@needs_host
 def test_a_bf16_file_loads_in_bf16_without_an_fp32_copy(tmp_path):
     file, io = comfy_model_file(tmp_path, "0.30.0", dtype="bfloat16")
     model = load_comfy_transformer(file)

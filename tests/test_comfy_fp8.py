@@ -3,107 +3,53 @@ with ``.scale_weight``, the newer ``.weight_scale`` + ``.comfy_quant``, and plai
 with their linear layers kept in 8 bits and predict what ComfyUI predicts when it loads the same file with its
 own quantised-ops path (``comfy.utils.convert_old_quants`` + ``comfy.ops.mixed_precision_ops``, emulated on CPU)."""
 
-import json
-import os
-import subprocess
-
 import pytest
 import torch
+from comfy_child import last_json, our_prediction, quantise_fp8, run_in_host
 from safetensors.torch import load_file, save_file
-from test_comfy_files import our_prediction
 
 from uniref_core.comfy_files import load_comfy_transformer
 from uniref_core.errors import UniRefError
 from uniref_core.fp8 import FP8Linear
 
 COMFY_FP8 = """
-import json, sys
-import comfy.options
-comfy.options.enable_args_parsing()
-sys.argv = [sys.argv[0], "--cpu"]
-import torch
-import comfy.ops, comfy.utils
+import comfy.ops
 from comfy.ldm.qwen_image.model import QwenImageTransformer2DModel
+from comfy_child import QUANT, comfy_fp8_load, comfy_prediction, init_transformer_weights, quantise_fp8
 from safetensors.torch import save_file
 
-args = json.loads(ARGS)
-QUANT = torch.tensor(list(json.dumps({"format": "float8_e4m3fn"}).encode()), dtype=torch.uint8)
 kw = dict(num_layers=2, attention_head_dim=128, num_attention_heads=2, joint_attention_dim=64, in_channels=64,
           out_channels=16, dtype=torch.float32)
 torch.manual_seed(0)
 model = QwenImageTransformer2DModel(**kw, operations=comfy.ops.disable_weight_init)
 g = torch.Generator().manual_seed(args["seed"])
-with torch.no_grad():
-    for name, p in model.named_parameters():
-        if "norm" in name and p.ndim == 1:
-            p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
-        else:
-            p.copy_(0.05 * torch.randn(p.shape, generator=g))
-sd = {k: v.contiguous() for k, v in model.state_dict().items()}
-quantised = 0
-for k in list(sd):
-    w = sd[k]
-    if not (k.startswith("transformer_blocks.") and k.endswith(".weight") and w.ndim == 2):
-        continue
-    layer = k[: -len(".weight")]
-    scale = torch.tensor(1.0) if args["layout"] == "plain" else w.abs().max().float() / 448
-    sd[k] = (w / scale).to(torch.float8_e4m3fn)
-    quantised += 1
-    if args["layout"] == "old":
-        sd[layer + ".scale_weight"] = scale.reshape(())
-        sd[layer + ".scale_input"] = torch.tensor(1.0)
-    elif args["layout"] == "new":
-        sd[layer + ".weight_scale"] = scale.reshape(())
-        sd[layer + ".comfy_quant"] = QUANT
-if args["layout"] == "old":
-    sd["scaled_fp8"] = torch.empty(0, dtype=torch.float8_e4m3fn)
+sd = init_transformer_weights(model, g)
+blocks = [k for k, w in sd.items() if k.startswith("transformer_blocks.") and k.endswith(".weight") and w.ndim == 2]
+quantised = quantise_fp8(sd, blocks, args["layout"], scale_input=True)
 save_file(sd, args["file"])
 
 # ComfyUI's own load of that file: old quants converted, quantised layers through its mixed-precision ops.
-from safetensors.torch import load_file
-loaded = load_file(args["file"])
-loaded, _ = comfy.utils.convert_old_quants(loaded, "", {})
+loaded, ops = comfy_fp8_load(args["file"])
 if args["layout"] == "plain":  # ComfyUI casts plain fp8 weights at compute; as a quantised layer with scale 1
     for k in [k for k, v in loaded.items() if v.dtype == torch.float8_e4m3fn]:
         loaded[k[: -len(".weight")] + ".comfy_quant"] = QUANT
         loaded[k[: -len(".weight")] + ".weight_scale"] = torch.tensor(1.0)
-FP8 = {"float8_e4m3fn", "float8_e5m2"}
-ops = comfy.ops.mixed_precision_ops({}, torch.float32, full_precision_mm=True, disabled=FP8)
 ref = QwenImageTransformer2DModel(**kw, operations=ops)
 missing, unexpected = ref.load_state_dict(loaded, strict=False)
 assert not [m for m in missing if "pe_embedder" not in m], missing
-inputs = {k: torch.randn(s, generator=g) for k, s in
-          (("x", (1, 16, 1, 8, 8)), ("ref1", (1, 16, 1, 4, 8)), ("ref2", (1, 16, 1, 8, 4)), ("context", (1, 7, 64)))}
-with torch.no_grad():
-    out = ref(inputs["x"], torch.tensor([0.7]), inputs["context"], ref_latents=[inputs["ref1"], inputs["ref2"]])
-save_file({**inputs, "out": out.contiguous()}, args["io"])
+comfy_prediction(ref, 0.7, g, args["io"])
 print(json.dumps({"quantised": quantised}))
 """
 
 
 def comfy_fp8_file(tmp_path, layout, version="0.30.0", seed=0):
-    from comfyhost import comfy_hosts
-
-    host = comfy_hosts.ensure_host(version)
     file, io_file = tmp_path / f"qwen_image_tiny_fp8_{layout}.safetensors", tmp_path / "io.safetensors"
     args = {"seed": seed, "layout": layout, "file": str(file), "io": str(io_file)}
-    proc = subprocess.run(
-        [str(host.python), "-c", COMFY_FP8.replace("ARGS", repr(json.dumps(args)))],
-        cwd=host.comfy_dir,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=comfy_hosts.host_env(),
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return file, load_file(str(io_file)), json.loads(proc.stdout.strip().splitlines()[-1])["quantised"]
-
-
-needs_host = pytest.mark.skipif(os.environ.get("UNIREF_SKIP_COMFY") == "1", reason="UNIREF_SKIP_COMFY=1")
+    proc = run_in_host(version, COMFY_FP8, args)
+    return file, load_file(str(io_file)), last_json(proc)["quantised"]
 
 
 @pytest.mark.comfy
-@needs_host
 @pytest.mark.parametrize("layout", ["old", "new", "plain"])
 def test_fp8_file_stays_8_bit_and_predicts_what_comfyui_predicts(tmp_path, layout):
     """0.30.0 only: 0.3.75 has neither convert_old_quants nor the comfy_quant layer format."""
@@ -142,12 +88,8 @@ def _fp8_and_dense(tiny_model, tmp_path):
 
     dense = QwenImageTransformer2DModel.from_pretrained(f"{tiny_model}/transformer")
     sd = {k: v.contiguous() for k, v in dense.state_dict().items()}
-    for k in [k for k in sd if k.startswith("transformer_blocks.") and k.endswith(".weight") and sd[k].ndim == 2]:
-        scale = sd[k].abs().max() / 448
-        sd[k], sd[k[: -len(".weight")] + ".weight_scale"] = (sd[k] / scale).to(torch.float8_e4m3fn), scale.reshape(())
-        sd[k[: -len(".weight")] + ".comfy_quant"] = torch.tensor(
-            list(b'{"format": "float8_e4m3fn"}'), dtype=torch.uint8
-        )
+    blocks = [k for k in sd if k.startswith("transformer_blocks.") and k.endswith(".weight") and sd[k].ndim == 2]
+    quantise_fp8(sd, blocks, "new")
     file = tmp_path / "tiny_fp8.safetensors"
     save_file(sd, str(file))
     model = load_comfy_transformer(file, axes_dims_rope=dense.config.axes_dims_rope)

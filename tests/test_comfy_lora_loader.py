@@ -3,12 +3,9 @@ path (``comfy.sd.load_lora_for_models``, what the core LoraLoader node calls) on
 model: every layer of the file is matched by ComfyUI's key map, and the weights ComfyUI patches equal the
 ones the engine merges for the same file and strength."""
 
-import json
-import os
-import subprocess
-
 import pytest
 import torch
+from comfy_child import last_json, run_in_host
 from conftest import random_lora
 from safetensors.torch import load_file, save_file
 
@@ -16,15 +13,9 @@ from uniref_core import UniRefPipeline
 from uniref_core.tiny import TRANSFORMER_CONFIG
 
 COMFY_LORA = """
-import json, sys
-import comfy.options
-comfy.options.enable_args_parsing()
-sys.argv = [sys.argv[0], "--cpu"]
-import torch
 import comfy.lora, comfy.model_patcher, comfy.sd, comfy.supported_models
 from safetensors.torch import load_file, save_file
 
-args = json.loads(ARGS)
 sd = load_file(args["model"])
 # The tiny model's sizes; a real file's are ComfyUI's class defaults (model_detection reads only depth/channels).
 unet_config = {"image_model": "qwen_image", **args["config"]}
@@ -44,15 +35,10 @@ save_file(out, args["out"])
 print(json.dumps({"matched": len(matched)}))
 """
 
-needs_host = pytest.mark.skipif(os.environ.get("UNIREF_SKIP_COMFY") == "1", reason="UNIREF_SKIP_COMFY=1")
-
 
 @pytest.mark.comfy
-@needs_host
 @pytest.mark.parametrize("version", ["0.30.0", "0.3.75"])
 def test_trainer_lora_export_loads_in_comfyuis_lora_loader(tmp_path, tiny_model, version):
-    from comfyhost import comfy_hosts
-
     from training.common.trainable import comfy_lora_state_dict
 
     pipe = UniRefPipeline.from_pretrained(tiny_model)
@@ -71,18 +57,9 @@ def test_trainer_lora_export_loads_in_comfyuis_lora_loader(tmp_path, tiny_model,
     save_file({k: v.contiguous() for k, v in transformer.state_dict().items()}, str(model_file))
     config = {k: list(v) if isinstance(v, tuple) else v for k, v in TRANSFORMER_CONFIG.items()}
     args = {"model": str(model_file), "lora": str(lora_file), "out": str(out), "strength": 0.7, "config": config}
-    host = comfy_hosts.ensure_host(version)
-    proc = subprocess.run(
-        [str(host.python), "-c", COMFY_LORA.replace("ARGS", repr(json.dumps(args)))],
-        cwd=host.comfy_dir,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=comfy_hosts.host_env(),
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_in_host(version, COMFY_LORA, args)
     assert "lora key not loaded" not in proc.stderr + proc.stdout
-    assert json.loads(proc.stdout.strip().splitlines()[-1])["matched"] == len(layers)
+    assert last_json(proc)["matched"] == len(layers)
     theirs = load_file(str(out))
     pipe.set_loras([(lora_file, 0.7)])
     mine = transformer.state_dict()

@@ -6,9 +6,7 @@ input comes back as a node error carrying our message while the server keeps ser
 """
 
 import copy
-import io
 import json
-import os
 import time
 from pathlib import Path
 
@@ -19,8 +17,6 @@ from PIL import Image
 from workflow_api import split_workflows, ui_to_api
 
 pytestmark = pytest.mark.comfy
-if os.environ.get("UNIREF_SKIP_COMFY") == "1":
-    pytest.skip("UNIREF_SKIP_COMFY=1: ComfyUI host tests skipped", allow_module_level=True)
 
 ROOT = Path(__file__).resolve().parent.parent
 # The pack-loader workflows; the native one (ComfyUI's own loaders) runs in tests/test_native_workflow.py.
@@ -35,6 +31,8 @@ NODE_IDS = [
 ]
 # Small settings so a CPU host runs each prompt in seconds; the graph is the shipped one.
 FAST = {"UniRefSampler": {"steps": 3, "cfg": 2.0}, "UniRefSelfEncode": {"budget": "custom", "custom_budget": 256}}
+# The references the shipped composition workflow loads.
+REFS = [ROOT / "assets" / n for n in ("ref_red_circle.png", "ref_blue_triangle.png", "ref_background.png")]
 
 
 @pytest.fixture(scope="module", params=["0.30.0", "0.3.75"])
@@ -67,6 +65,45 @@ def workflow_prompt(host, path, overrides=FAST, width=None, height=None):
 
 def node_of(prompt, class_type):
     return next(n for n in prompt.values() if n["class_type"] == class_type)
+
+
+def node_image(host, prompt, timeout=240) -> np.ndarray:
+    return np.asarray(host.output_image(host.run(prompt, timeout=timeout))).astype(int)
+
+
+def cli_image(prompt, out, *options) -> np.ndarray:
+    """The CLI's image from the graph's references, prompts and settings; ``options`` name the model (and more)."""
+    from uniref_core.__main__ import main
+
+    enc, smp = node_of(prompt, "UniRefSelfEncode")["inputs"], node_of(prompt, "UniRefSampler")["inputs"]
+    code = main(
+        [
+            "edit",
+            *options,
+            *sum((["--ref", str(r)] for r in REFS), []),
+            "--prompt",
+            enc["prompt"],
+            "--negative-prompt",
+            enc["negative_prompt"],
+            "--budget",
+            "256",
+            "--width",
+            str(enc["width"]),
+            "--height",
+            str(enc["height"]),
+            "--steps",
+            str(smp["steps"]),
+            "--cfg",
+            str(smp["cfg"]),
+            "--seed",
+            str(smp["seed"]),
+            "--quiet",
+            "-o",
+            str(out),
+        ]
+    )
+    assert code == 0
+    return np.asarray(Image.open(out)).astype(int)
 
 
 def test_pack_imports_and_lists_the_four_nodes(host):
@@ -111,10 +148,8 @@ def test_example_workflow_runs_to_a_saved_image(host, workflow):
         ws.wait_for("execution_success", prompt_id=prompt_id, timeout=30)
         progress = [m for m in ws.of_type("progress") if m["data"].get("max") == 3]
     assert [m["data"]["value"] for m in progress][-1] == 3
-    images = output_images(entry)
-    assert len(images) == 1
-    img = Image.open(io.BytesIO(host.view(images[0]["filename"], images[0]["subfolder"], images[0]["type"])))
-    assert img.size == (96, 64)
+    assert len(output_images(entry)) == 1
+    assert host.output_image(entry).size == (96, 64)
 
 
 def test_shipped_workflow_composes_the_references_with_the_trained_model(host):
@@ -125,9 +160,7 @@ def test_shipped_workflow_composes_the_references_with_the_trained_model(host):
 
     prompt = workflow_prompt(host, ROOT / "workflows" / "uniref_multi_compose.json", overrides={})
     node_of(prompt, "UniRefLoadModel")["inputs"]["model"] = "shipped"
-    entry = host.run(prompt, timeout=300)
-    meta = output_images(entry)[0]
-    image = Image.open(io.BytesIO(host.view(meta["filename"], meta["subfolder"], meta["type"]))).convert("RGB")
+    image = host.output_image(host.run(prompt, timeout=300)).convert("RGB")
     assert image.size == (128, 128)
     s = score(image, json.loads((ROOT / "assets" / "example_spec.json").read_text()))
     assert min(s.per_reference) >= 0.7 and s.instruction >= 0.7, s
@@ -137,47 +170,11 @@ def test_shipped_workflow_composes_the_references_with_the_trained_model(host):
 def test_nodes_give_the_same_image_as_the_cli(host, tiny_model, tmp_path, offload):
     """Also with the Load node's block offload (the CLI without it): on a CPU host both devices are the CPU, so
     this proves the offloaded model's plumbing through ComfyUI's memory management, not the GPU saving."""
-    from uniref_core.__main__ import main
-
     prompt = workflow_prompt(host, ROOT / "workflows" / "uniref_multi_compose.json", width=64, height=96)
-    enc = node_of(prompt, "UniRefSelfEncode")["inputs"]
-    smp = node_of(prompt, "UniRefSampler")["inputs"]
     node_of(prompt, "UniRefLoadModel")["inputs"].update(model="tiny", offload=offload)
-    entry = host.run(prompt, timeout=240)
-    meta = output_images(entry)[0]
-    node_img = np.asarray(Image.open(io.BytesIO(host.view(meta["filename"], meta["subfolder"], meta["type"]))))
-    refs = [ROOT / "assets" / n for n in ("ref_red_circle.png", "ref_blue_triangle.png", "ref_background.png")]
-    out = tmp_path / "cli.png"
-    code = main(
-        [
-            "edit",
-            "--model",
-            str(tiny_model),
-            *sum((["--ref", str(r)] for r in refs), []),
-            "--prompt",
-            enc["prompt"],
-            "--negative-prompt",
-            enc["negative_prompt"],
-            "--budget",
-            "256",
-            "--width",
-            "64",
-            "--height",
-            "96",
-            "--steps",
-            str(smp["steps"]),
-            "--cfg",
-            str(smp["cfg"]),
-            "--seed",
-            str(smp["seed"]),
-            "--quiet",
-            "-o",
-            str(out),
-        ]
-    )
-    assert code == 0
-    cli_img = np.asarray(Image.open(out))
-    assert np.abs(node_img.astype(int) - cli_img.astype(int)).max() <= 1
+    node_img = node_image(host, prompt)
+    cli_img = cli_image(prompt, tmp_path / "cli.png", "--model", str(tiny_model))
+    assert np.abs(node_img - cli_img).max() <= 1
 
 
 def test_cancel_stops_sampling_and_the_next_prompt_runs(host):
@@ -272,8 +269,6 @@ def test_lora_node_gives_the_clis_image_and_leaves_no_trace_when_removed(host, t
     """UniRef LoRA between the loader and the rest of the shipped graph: the image is the CLI's with
     --lora FILE:0.7; the same graph without the node then gives the plain CLI image again (the LoRA is
     taken out of the cached model, not left merged in)."""
-    from uniref_core.__main__ import main
-
     spec = host.object_info("UniRefLora")["input"]["required"]["lora_name"]
     assert tiny_lora.name in json.dumps(spec)
     plain_prompt = workflow_prompt(host, ROOT / "workflows" / "uniref_multi_compose.json", width=64, height=64)
@@ -289,52 +284,12 @@ def test_lora_node_gives_the_clis_image_and_leaves_no_trace_when_removed(host, t
         "inputs": {"model": [load_id, 0], "lora_name": tiny_lora.name, "strength": 0.7},
     }
 
-    def node_image(p):
-        meta = output_images(host.run(p, timeout=240))[0]
-        return np.asarray(Image.open(io.BytesIO(host.view(meta["filename"], meta["subfolder"], meta["type"])))).astype(
-            int
-        )
-
-    enc, smp = node_of(prompt, "UniRefSelfEncode")["inputs"], node_of(prompt, "UniRefSampler")["inputs"]
-    refs = [ROOT / "assets" / n for n in ("ref_red_circle.png", "ref_blue_triangle.png", "ref_background.png")]
-
-    def cli_image(*extra):
-        out = tmp_path / "cli.png"
-        code = main(
-            [
-                "edit",
-                "--model",
-                str(tiny_model),
-                *sum((["--ref", str(r)] for r in refs), []),
-                "--prompt",
-                enc["prompt"],
-                "--negative-prompt",
-                enc["negative_prompt"],
-                "--budget",
-                "256",
-                "--width",
-                "64",
-                "--height",
-                "64",
-                "--steps",
-                str(smp["steps"]),
-                "--cfg",
-                str(smp["cfg"]),
-                "--seed",
-                str(smp["seed"]),
-                "--quiet",
-                "-o",
-                str(out),
-                *extra,
-            ]
-        )
-        assert code == 0
-        return np.asarray(Image.open(out)).astype(int)
-
-    with_lora = node_image(prompt)
-    assert np.abs(with_lora - cli_image("--lora", f"{tiny_lora}:0.7")).max() <= 1
-    without = node_image(plain_prompt)
-    plain_cli = cli_image()
+    model = ("--model", str(tiny_model))
+    with_lora = node_image(host, prompt)
+    lora_cli = cli_image(prompt, tmp_path / "cli.png", *model, "--lora", f"{tiny_lora}:0.7")
+    assert np.abs(with_lora - lora_cli).max() <= 1
+    without = node_image(host, plain_prompt)
+    plain_cli = cli_image(plain_prompt, tmp_path / "cli.png", *model)
     assert np.abs(without - plain_cli).max() <= 1
     assert np.abs(with_lora - plain_cli).mean() > 1  # the LoRA changed the picture
 
@@ -342,8 +297,6 @@ def test_lora_node_gives_the_clis_image_and_leaves_no_trace_when_removed(host, t
 def test_single_files_loader_node_gives_the_clis_image(host, comfy_single_files, tmp_path):
     """The shipped composition graph with Load UniRef Model (ComfyUI files) in place of the folder loader: the
     files are listed from ComfyUI's own folders, the tokenizer is ComfyUI's, and the image is the CLI's."""
-    from uniref_core.__main__ import main
-
     files, tokenizer, _, _ = comfy_single_files
     spec = host.object_info("UniRefLoadModelFiles")["input"]["required"]
     for name, part in (("diffusion_model", "diffusion_model"), ("text_encoder", "text_encoder"), ("vae", "vae")):
@@ -359,47 +312,9 @@ def test_single_files_loader_node_gives_the_clis_image(host, comfy_single_files,
             "dtype": "fp32",
         },
     }
-    meta = output_images(host.run(prompt, timeout=300))[0]
-    node = np.asarray(Image.open(io.BytesIO(host.view(meta["filename"], meta["subfolder"], meta["type"])))).astype(int)
-    enc, smp = node_of(prompt, "UniRefSelfEncode")["inputs"], node_of(prompt, "UniRefSampler")["inputs"]
-    refs = [ROOT / "assets" / n for n in ("ref_red_circle.png", "ref_blue_triangle.png", "ref_background.png")]
-    out = tmp_path / "cli.png"
-    code = main(
-        [
-            "edit",
-            "--diffusion-model",
-            str(files["diffusion_model"]),
-            "--text-encoder",
-            str(files["text_encoder"]),
-            "--vae",
-            str(files["vae"]),
-            "--tokenizer",
-            str(tokenizer),
-            *sum((["--ref", str(r)] for r in refs), []),
-            "--prompt",
-            enc["prompt"],
-            "--negative-prompt",
-            enc["negative_prompt"],
-            "--budget",
-            "256",
-            "--width",
-            "64",
-            "--height",
-            "64",
-            "--steps",
-            str(smp["steps"]),
-            "--cfg",
-            str(smp["cfg"]),
-            "--seed",
-            str(smp["seed"]),
-            "--dtype",
-            "fp32",
-            "--quiet",
-            "-o",
-            str(out),
-        ]
-    )
-    assert code == 0
-    cli = np.asarray(Image.open(out)).astype(int)
+    node = node_image(host, prompt, timeout=300)
+    model = ("--diffusion-model", str(files["diffusion_model"]), "--text-encoder", str(files["text_encoder"]))
+    model += ("--vae", str(files["vae"]), "--tokenizer", str(tokenizer), "--dtype", "fp32")
+    cli = cli_image(prompt, tmp_path / "cli.png", *model)
     assert node.shape == cli.shape and cli.std() > 5
     assert np.abs(node - cli).max() <= 1

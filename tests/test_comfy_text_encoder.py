@@ -4,77 +4,35 @@ OWN classes (``comfy/text_encoders/llama.py`` ``Qwen25_7BVLI`` and its ``qwen_vl
 saved as ComfyUI saves it, loads into transformers' ``Qwen2_5_VLForConditionalGeneration`` and gives ComfyUI's
 hidden states for text and ComfyUI's vision-tower output for image patches."""
 
-import json
-import os
-import subprocess
-
 import pytest
 import torch
+from comfy_child import last_json, run_in_host
 from safetensors.torch import load_file, save_file
 
 from uniref_core.comfy_files import load_comfy_text_encoder
 from uniref_core.errors import UniRefError
 
 COMFY_TE = """
-import json, sys
-import comfy.options
-comfy.options.enable_args_parsing()
-sys.argv = [sys.argv[0], "--cpu"]
-import torch
 import comfy.ops
-from comfy.text_encoders import llama, qwen_vl
+import host_shims.uniref_test_tiny_qwen  # ComfyUI's 7B vision tower at a tiny width and depth; text sizes below
+from comfy.text_encoders import llama
+from comfy_child import comfy_fp8_load, init_weights, quantise_fp8
 from safetensors.torch import save_file
 
-args = json.loads(ARGS)
-QUANT = torch.tensor(list(json.dumps({"format": "float8_e4m3fn"}).encode()), dtype=torch.uint8)
-Vision = qwen_vl.Qwen2VLVisionTransformer
-
-
-class TinyVision(Vision):  # ComfyUI hard-codes the 7B tower's width and depth; everything else is its own
-    def __init__(self, hidden_size=1280, output_hidden_size=3584, **kw):
-        super().__init__(
-            hidden_size=64, output_hidden_size=output_hidden_size, intermediate_size=48, num_layers=2, **kw
-        )
-
-
-qwen_vl.Qwen2VLVisionTransformer = TinyVision
 config = {"vocab_size": 1024, "hidden_size": 256, "intermediate_size": 96, "num_hidden_layers": 2,
           "num_attention_heads": 2, "num_key_value_heads": 1}
 model = llama.Qwen25_7BVLI(config, dtype=torch.float32, device="cpu", operations=comfy.ops.disable_weight_init)
 g = torch.Generator().manual_seed(args["seed"])
-with torch.no_grad():
-    for name, p in model.named_parameters():  # disable_weight_init leaves them uninitialised
-        if p.ndim == 1 and ("norm" in name or "ln_q" in name):
-            p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
-        elif p.ndim == 1:
-            p.copy_(0.02 * torch.randn(p.shape, generator=g))
-        else:
-            p.copy_(torch.randn(p.shape, generator=g) / p[0].numel() ** 0.5)
-sd = {k: v.to(getattr(torch, args["dtype"])).contiguous() for k, v in model.state_dict().items()}
-model = model.to(getattr(torch, args["dtype"])).float()
+dtype = getattr(torch, args["dtype"])
+sd = {k: v.to(dtype) for k, v in init_weights(model, g).items()}
+model = model.to(dtype).float()
 layout = args.get("layout")
 if layout:  # an fp8 file as ComfyUI's *_fp8_scaled text encoders are laid out: every linear weight in 8 bits
-    quantised = 0
-    for k in [k for k, v in sd.items() if k.endswith(".weight") and v.ndim == 2 and "embed_tokens" not in k]:
-        layer = k[: -len(".weight")]
-        scale = sd[k].abs().max().float() / 448
-        sd[k] = (sd[k] / scale).to(torch.float8_e4m3fn)
-        quantised += 1
-        if layout == "old":
-            sd[layer + ".scale_weight"] = scale.reshape(())
-        else:
-            sd[layer + ".weight_scale"] = scale.reshape(())
-            sd[layer + ".comfy_quant"] = QUANT
-    if layout == "old":
-        sd["scaled_fp8"] = torch.empty(0, dtype=torch.float8_e4m3fn)
-    print(json.dumps({"quantised": quantised}))
+    linears = [k for k, v in sd.items() if k.endswith(".weight") and v.ndim == 2 and "embed_tokens" not in k]
+    print(json.dumps({"quantised": quantise_fp8(sd, linears, layout)}))
 save_file(sd, args["file"])
-if layout:  # ComfyUI's own load of that file: old quants converted, quantised layers through its mixed-precision ops
-    import comfy.utils
-    from safetensors.torch import load_file
-    loaded, _ = comfy.utils.convert_old_quants(load_file(args["file"]), "", {})
-    fp8 = {"float8_e4m3fn", "float8_e5m2"}
-    ops = comfy.ops.mixed_precision_ops({}, torch.float32, full_precision_mm=True, disabled=fp8)
+if layout:  # ComfyUI's own load of that file, its quantised layers through its mixed-precision ops
+    loaded, ops = comfy_fp8_load(args["file"])
     model = llama.Qwen25_7BVLI(config, dtype=torch.float32, device="cpu", operations=ops)
     missing, unexpected = model.load_state_dict(loaded, strict=False)
     assert not missing and not unexpected, (missing, unexpected)
@@ -90,29 +48,14 @@ save_file({"tokens": tokens, "hidden": hidden.contiguous(), "patches": patches, 
 
 
 def comfy_te_file(tmp_path, version, *, dtype="float32", seed=0, layout=None):
-    from comfyhost import comfy_hosts
-
-    host = comfy_hosts.ensure_host(version)
     name = f"qwen_2.5_vl_tiny_fp8_scaled_{layout}" if layout else f"qwen_2.5_vl_tiny_{dtype}"
     file, io_file = tmp_path / f"{name}.safetensors", tmp_path / "io.safetensors"
     args = {"seed": seed, "dtype": dtype, "file": str(file), "io": str(io_file), "layout": layout}
-    script = COMFY_TE.replace("ARGS", repr(json.dumps(args)))
-    proc = subprocess.run(
-        [str(host.python), "-c", script],
-        cwd=host.comfy_dir,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=comfy_hosts.host_env(),
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_in_host(version, COMFY_TE, args)
     io = load_file(str(io_file))
     if layout:
-        io["quantised"] = json.loads(proc.stdout.strip().splitlines()[-1])["quantised"]
+        io["quantised"] = last_json(proc)["quantised"]
     return file, io
-
-
-needs_host = pytest.mark.skipif(os.environ.get("UNIREF_SKIP_COMFY") == "1", reason="UNIREF_SKIP_COMFY=1")
 
 
 def our_outputs(model, io):
@@ -124,7 +67,6 @@ def our_outputs(model, io):
 
 
 @pytest.mark.comfy
-@needs_host
 @pytest.mark.parametrize("version", ["0.30.0", "0.3.75"])
 def test_comfy_text_encoder_file_gives_comfyuis_hidden_states(tmp_path, version):
     file, io = comfy_te_file(tmp_path, version)
@@ -138,7 +80,6 @@ def test_comfy_text_encoder_file_gives_comfyuis_hidden_states(tmp_path, version)
 
 
 @pytest.mark.comfy
-@needs_host
 def test_a_bf16_text_encoder_file_stays_bf16(tmp_path):
     file, io = comfy_te_file(tmp_path, "0.30.0", dtype="bfloat16")
     model = load_comfy_text_encoder(file)
@@ -148,7 +89,6 @@ def test_a_bf16_text_encoder_file_stays_bf16(tmp_path):
 
 
 @pytest.mark.comfy
-@needs_host
 @pytest.mark.parametrize("layout", ["old", "new"])
 def test_fp8_scaled_text_encoder_stays_8_bit_and_gives_comfyuis_hidden_states(tmp_path, layout):
     """qwen_2.5_vl_7b_fp8_scaled.safetensors, the text encoder most ComfyUI installs have, in both fp8 layouts:

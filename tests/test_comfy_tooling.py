@@ -7,7 +7,6 @@ UNIREF_SKIP_COMFY=1; otherwise the hosts are set up on first use (scripts/comfy_
 
 import io
 import json
-import os
 import textwrap
 import time
 
@@ -17,15 +16,6 @@ from PIL import Image
 
 from tests.comfyhost import VERSIONS, ComfyHost, output_images, running
 from tests.workflow_api import ui_to_api
-
-SKIP_HOSTS = os.environ.get("UNIREF_SKIP_COMFY") == "1"
-
-
-def needs_host(test):
-    """Mark a test `comfy`; skip it only when UNIREF_SKIP_COMFY=1."""
-    skip = pytest.mark.skipif(SKIP_HOSTS, reason="UNIREF_SKIP_COMFY=1: real ComfyUI hosts not wanted")
-    return pytest.mark.comfy(skip(test))
-
 
 PACK = "ToolingInvertPack"
 BROKEN_PACK = "ToolingBrokenPack"
@@ -184,7 +174,7 @@ def host(request, hosts):
 # ------------------------------------------------------------------ real hosts
 
 
-@needs_host
+@pytest.mark.comfy
 def test_host_loads_the_pack(host):
     assert not host.import_failed(PACK), host.log_tail()
     assert host.import_failed(BROKEN_PACK), "a pack that cannot import must be reported"
@@ -198,7 +188,7 @@ def test_host_loads_the_pack(host):
     assert ("ToolingStackImages" in host.object_info()) == has_autogrow
 
 
-@needs_host
+@pytest.mark.comfy
 def test_ui_workflow_runs_and_reports_over_websocket(host):
     rgb = put_image(host, "tooling.png", 48, 32)
     assert host.templates() == {PACK: ["invert"]}
@@ -222,7 +212,7 @@ def test_ui_workflow_runs_and_reports_over_websocket(host):
     assert np.abs(out - (255 - rgb.astype(int))).max() <= 1
 
 
-@needs_host
+@pytest.mark.comfy
 def test_rejected_prompt_returns_node_errors(host):
     put_image(host, "tooling.png", 48, 32)
     prompt = ui_to_api(invert_workflow("tooling.png"), host.object_info())
@@ -232,7 +222,7 @@ def test_rejected_prompt_returns_node_errors(host):
     assert answer["node_errors"]["2"]["errors"][0]["type"] == "value_bigger_than_max"
 
 
-@needs_host
+@pytest.mark.comfy
 def test_autogrow_inputs_keep_their_dotted_names(hosts):
     host = hosts["0.30.0"]
     put_image(host, "a.png", 16, 24, seed=1)

@@ -8,33 +8,33 @@ import math
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors import safe_open
-from test_sft import (  # noqa: F401
+
+from tests.sgd import assert_same_updates, sgd_script, start_weights, use_sgd
+from tests.training_runs import (
     KILL_CHILD,
-    ROOT,
-    _fresh_accelerate_state,
-    data,
     final_weights,
+    finish,
+    launch,
     make_config,
-    run,
+    run_sft,
+    torchrun,
     train_records,
     write_config,
 )
-
-from tests.sgd import assert_same_updates, sgd_script, use_sgd
 from training.common import checkpoint as ckpt_mod
 from training.common.config import ConfigError
 from training.sft.config import config_from_dict
 
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
+
 MOMENTUM = 0.9
-PORT = "29531"
+TORCHRUN = torchrun("29531")
 # Stage 1 has 3 steps so that checkpoint 2 falls mid-stage, with the optimizer's state in it; max_grad_norm below
 # the measured gradient norms (~0.9), so clipping over the shards is part of what is compared.
 STAGES = [
@@ -56,29 +56,6 @@ def fsdp_config(model, data, out, **over) -> dict:
     return make_config(model, data, out, **over)
 
 
-def torchrun(script, *args, **popen):
-    """``torchrun --nproc_per_node 2 SCRIPT ARGS…`` on the CPU, one thread per process."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        PORT,
-        script,
-        *args,
-    ]
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
-
-
-def finish(proc, timeout=300) -> str:
-    out, err = proc.communicate(timeout=timeout)
-    assert proc.returncode == 0, err[-3000:]
-    return out
-
-
 def kill_with_workers(launcher) -> None:
     """SIGKILL a torchrun launcher and its workers (each in a session of its own, so not its process group)."""
     tasks = Path(f"/proc/{launcher.pid}/task").glob("*/children")
@@ -86,12 +63,6 @@ def kill_with_workers(launcher) -> None:
     launcher.kill()
     for pid in workers:
         os.kill(pid, signal.SIGKILL)
-
-
-def start_weights(model) -> dict:
-    from uniref_core.model import load_components
-
-    return {n: p.detach() for n, p in load_components(model, dtype="fp32").transformer.named_parameters()}
 
 
 def sharded_weights(checkpoint, like: dict) -> dict:
@@ -106,10 +77,12 @@ def runs(tiny_model, data, tmp_path_factory):
     """The same config trained by one process without FSDP and by two processes with it."""
     root = tmp_path_factory.mktemp("fsdp")
     two, one = fsdp_config(tiny_model, data, root / "two"), fsdp_config(tiny_model, data, root / "one", fsdp=False)
-    proc = torchrun(sgd_script(root, MOMENTUM), "training.sft", "--config", str(write_config(root / "two.json", two)))
+    proc = launch(
+        TORCHRUN, sgd_script(root, MOMENTUM), "training.sft", "--config", str(write_config(root / "two.json", two))
+    )
     with pytest.MonkeyPatch.context() as mp:
         use_sgd(mp, MOMENTUM)
-        run(one)  # meanwhile
+        run_sft(one)  # meanwhile
     stdout = finish(proc)
     return {
         "one": root / "one",
@@ -162,7 +135,7 @@ def killed(tiny_model, data, runs, tmp_path_factory):
     cfg = fsdp_config(tiny_model, data, root / "run")
     config = write_config(root / "run.json", cfg)
     marker = root / "saved"
-    child = torchrun(sgd_script(root, MOMENTUM, then=KILL_CHILD), str(config), str(marker), "2")
+    child = launch(TORCHRUN, sgd_script(root, MOMENTUM, then=KILL_CHILD), str(config), str(marker), "2")
     try:
         deadline = time.time() + 180
         while not marker.exists():
@@ -189,8 +162,14 @@ def resumable_copy(killed, out: Path) -> dict:
 def test_sigkill_then_resume_at_two_processes_ends_with_the_same_weights(killed, runs, tmp_path):
     out = tmp_path / "two"
     resumable_copy(killed, out)
-    proc = torchrun(
-        sgd_script(tmp_path, MOMENTUM), "training.sft", "--config", str(out.with_suffix(".json")), "--resume", "auto"
+    proc = launch(
+        TORCHRUN,
+        sgd_script(tmp_path, MOMENTUM),
+        "training.sft",
+        "--config",
+        str(out.with_suffix(".json")),
+        "--resume",
+        "auto",
     )
     assert "resumed from" in finish(proc)
     assert [r["loss"] for r in train_records(out)] == [r["loss"] for r in train_records(runs["two"])]
@@ -205,7 +184,7 @@ def test_a_two_process_checkpoint_resumes_in_one_process(killed, runs, tmp_path,
     out = tmp_path / "one"
     cfg = resumable_copy(killed, out)
     use_sgd(monkeypatch, MOMENTUM)
-    result = run(cfg, resume="auto")
+    result = run_sft(cfg, resume="auto")
     assert result.global_step == 5 and len(result.losses) == 3
     records = train_records(out)
     assert ckpt_mod.read_state(ckpt_mod.complete_checkpoints(out)[-1])["world_size"] == 1
@@ -222,11 +201,11 @@ def test_fsdp_refuses_lora_ema_and_checkpoints_of_the_other_kind(tiny_model, dat
         config_from_dict(fsdp_config(tiny_model, data, tmp_path, ema_decay=0.9))
     one, two = runs["configs"]["one"], runs["configs"]["two"]
     with pytest.raises(ckpt_mod.CheckpointError, match="sharded full fine-tune .* a LoRA run cannot continue"):
-        run({**two, "fsdp": False, "lora": {"rank": 4, "alpha": 4}}, resume="auto")
+        run_sft({**two, "fsdp": False, "lora": {"rank": 4, "alpha": 4}}, resume="auto")
     with pytest.raises(ckpt_mod.CheckpointError, match='holds sharded weights .* resume it with "fsdp": true'):
-        run({**two, "fsdp": False}, resume="auto")
+        run_sft({**two, "fsdp": False}, resume="auto")
     with pytest.raises(ckpt_mod.CheckpointError, match='holds whole weights .* resume it with "fsdp": false'):
-        run({**one, "fsdp": True}, resume="auto")
+        run_sft({**one, "fsdp": True}, resume="auto")
 
 
 def test_bf16_gathers_bf16_blocks_and_keeps_the_loss_of_autocast(tiny_model, data, tmp_path, monkeypatch):
@@ -236,9 +215,9 @@ def test_bf16_gathers_bf16_blocks_and_keeps_the_loss_of_autocast(tiny_model, dat
     stages = [{**STAGES[0], "steps": 2}]
     two = fsdp_config(tiny_model, data, tmp_path / "two", stages=stages, mixed_precision="bf16", save_every=0)
     config = write_config(tmp_path / "two.json", two)
-    proc = torchrun(sgd_script(tmp_path, MOMENTUM), "training.sft", "--config", str(config))
+    proc = launch(TORCHRUN, sgd_script(tmp_path, MOMENTUM), "training.sft", "--config", str(config))
     use_sgd(monkeypatch, MOMENTUM)
-    run({**two, "output_dir": str(tmp_path / "one"), "fsdp": False})
+    run_sft({**two, "output_dir": str(tmp_path / "one"), "fsdp": False})
     finish(proc)
     one, two = train_records(tmp_path / "one"), train_records(tmp_path / "two")
     torch.testing.assert_close(

@@ -9,57 +9,17 @@ import numpy as np
 import pytest
 import torch
 
+from tests.training_runs import TRUSTED, finish, launch, reset_accelerate_state, rl_config, torchrun
 from training.common.config import ConfigError
 from training.rewards import RewardBatch, RewardError, Signal, check_batch, load_source
 from training.rl.advantages import group_advantages, normalise
 from training.rl.config import config_from_dict
 from training.rl.loss import clipped_policy_loss
-from training.tasks.shapecompose import make_split, write_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    yield
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-
-
-@pytest.fixture(scope="module")
-def prompts(tmp_path_factory):
-    root = tmp_path_factory.mktemp("rl_prompts")
-    return str(write_manifest(make_split("train", 4, size=64, ks=(2,), kinds=("compose",)), root / "train"))
-
-
-# The module of this file's reward sources, trusted as a user trusts their own plug-in (--trust-module).
-TRUSTED = ("tests.test_msgrpo",)
-
-
-def rl_config(model, manifest, out, **over) -> dict:
-    cfg = {
-        "model": str(model),
-        "train_manifest": manifest,
-        "output_dir": str(out),
-        "steps": 2,
-        "lr": 1e-3,
-        "group_size": 3,
-        "groups_per_step": 2,
-        "rollout_steps": 4,
-        "sde_window": [0, 2],
-        "budget": 64,
-        "output_size": 64,
-        "vl_budget": 56,
-        "tensorboard": False,
-        "grid_every": 1,
-        "seed": 1,
-        # A random tiny model often scores 0 on every checker signal; brightness always varies, so groups teach.
-        "rewards": [{"source": "checker"}, {"source": "tests.test_msgrpo:custom_source", "weight": 0.5}],
-    }
-    cfg.update(over)
-    return cfg
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 # -- the objective ----------------------------------------------------------------------------------
@@ -133,24 +93,8 @@ def test_normalised_sum_does_not_let_a_wide_signal_drown_a_narrow_one():
 # -- reward plug-ins -----------------------------------------------------------------------------------
 
 
-def custom_source(offset=0.0):
-    """A plug-in named by dotted path in the tests below: one 'other' signal."""
-
-    def source(images, row):
-        return RewardBatch({"brightness": Signal(np.array([np.asarray(im).mean() / 255 + offset for im in images]))})
-
-    return source
-
-
-def constant_source():
-    def source(images, row):
-        return RewardBatch({"same": Signal(np.ones(len(images)))})
-
-    return source
-
-
 def test_reward_plugin_named_by_dotted_path_loads_and_bad_paths_say_what_is_wrong():
-    src = load_source("tests.test_msgrpo:custom_source", {"offset": 1.0}, TRUSTED)
+    src = load_source("tests.training_runs:custom_source", {"offset": 1.0}, TRUSTED)
     from PIL import Image
 
     out = check_batch(src([Image.new("RGB", (4, 4), "white")] * 2, None), "mine", 2)
@@ -158,13 +102,13 @@ def test_reward_plugin_named_by_dotted_path_loads_and_bad_paths_say_what_is_wron
     with pytest.raises(RewardError, match="module 'no_such_pkg.rewards' cannot be imported"):
         load_source("no_such_pkg.rewards:make", trusted=("no_such_pkg",))
     with pytest.raises(RewardError, match="has no 'nope'"):
-        load_source("tests.test_msgrpo:nope", trusted=TRUSTED)
+        load_source("tests.training_runs:nope", trusted=TRUSTED)
     with pytest.raises(RewardError, match="does not take these options"):
-        load_source("tests.test_msgrpo:custom_source", {"colour": 1}, TRUSTED)
+        load_source("tests.training_runs:custom_source", {"colour": 1}, TRUSTED)
 
 
 def test_a_config_cannot_run_a_module_the_user_did_not_trust(tmp_path, capsys):
-    for source, module in (("os:system", "os"), ("tests.test_msgrpo:custom_source", "tests.test_msgrpo")):
+    for source, module in (("os:system", "os"), ("tests.training_runs:custom_source", "tests.training_runs")):
         with pytest.raises(RewardError) as err:
             load_source(source, {"command": "touch " + str(tmp_path / "ran")})
         assert (
@@ -173,7 +117,8 @@ def test_a_config_cannot_run_a_module_the_user_did_not_trust(tmp_path, capsys):
             f"with --trust-module {module}" in str(err.value)
         )
     assert not (tmp_path / "ran").exists()
-    assert callable(load_source("tests.test_msgrpo:custom_source", {}, trusted=("tests",)))  # a package trusts its own
+    # A package trusts its own modules.
+    assert callable(load_source("tests.training_runs:custom_source", {}, trusted=("tests",)))
     # The command line refuses it before any model work, in one line.
     from training.rl.trainer import main
 
@@ -264,7 +209,7 @@ def test_msgrpo_run_logs_every_source_and_resumes_exactly(tiny_model, prompts, t
     ):
         assert key in rec and math.isfinite(rec[key]), key
     assert rec["items"] == 2 * 3 * 2  # groups × G × SDE steps in the window (no image dropped)
-    assert rec["groups_without_signal"] == 0 and "reward/tests.test_msgrpo:custom_source/brightness" in rec
+    assert rec["groups_without_signal"] == 0 and "reward/tests.training_runs:custom_source/brightness" in rec
     out = tmp_path / "a"
     assert (out / "rewards.png").stat().st_size > 0 and sorted(p.name for p in (out / "rollouts").iterdir())
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
@@ -282,10 +227,7 @@ def test_msgrpo_run_logs_every_source_and_resumes_exactly(tiny_model, prompts, t
     b = tmp_path / "b"
     (b / ckpt_mod.CHECKPOINTS).mkdir(parents=True)
     shutil.copytree(ckpts[0], b / ckpt_mod.CHECKPOINTS / ckpts[0].name)
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    reset_accelerate_state()
     res_b = run(
         rl_from_dict(rl_config(tiny_model, prompts, b, save_every=1, keep_checkpoints=5)),
         resume="auto",
@@ -298,7 +240,7 @@ def test_msgrpo_run_logs_every_source_and_resumes_exactly(tiny_model, prompts, t
 
 
 LAUNCHERS = {
-    "torchrun": ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29519"],
+    "torchrun": torchrun("29519"),
     # accelerate's own launcher, as a multi-GPU user runs it; on a CPU-only machine --multi_gpu still starts two
     # gloo processes (--cpu would start one).
     "accelerate": [
@@ -325,34 +267,18 @@ def test_two_processes_take_whole_groups_and_train_like_one(tiny_model, prompts,
     ``accelerate launch``). Rewards, advantages (per group) and the summed-then-divided gradients agree: the
     logged rewards and losses match, and with plain SGD (tests/sgd.py: the update is -lr · gradient) so do the
     weight updates."""
-    import os
-    import subprocess
-    import sys
-
-    from tests.sgd import assert_same_updates, sgd_script, use_sgd
+    from tests.sgd import assert_same_updates, sgd_script, start_weights, use_sgd
     from training.common import checkpoint as ckpt_mod
     from training.rl.config import config_from_dict as rl_from_dict
     from training.rl.trainer import run
-    from uniref_core.model import load_components
 
     use_sgd(monkeypatch)
     # SGD moves a weight by lr · gradient; the policy gradient here is ~1e-3, so lr 1 lifts updates far above rounding.
     run(rl_from_dict(rl_config(tiny_model, prompts, tmp_path / "one", grid_every=0, lr=1.0)), trusted_modules=TRUSTED)
     config = tmp_path / "two.json"
     config.write_text(json.dumps(rl_config(tiny_model, prompts, tmp_path / "two", grid_every=0, lr=1.0)))
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable,
-        *LAUNCHERS[launcher],
-        sgd_script(tmp_path),
-        "training.msgrpo",
-        "--config",
-        str(config),
-        "--trust-module",
-        TRUSTED[0],
-    ]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    args = (sgd_script(tmp_path), "training.msgrpo", "--config", str(config), "--trust-module", TRUSTED[0])
+    finish(launch(LAUNCHERS[launcher], *args))
 
     def records(out):
         return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines() if '"train"' in line]
@@ -365,8 +291,7 @@ def test_two_processes_take_whole_groups_and_train_like_one(tiny_model, prompts,
             assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), key
     w1 = ckpt_mod.load_tensors(ckpt_mod.complete_checkpoints(tmp_path / "one")[-1], ckpt_mod.TRAINABLE_FILE)
     w2 = ckpt_mod.load_tensors(ckpt_mod.complete_checkpoints(tmp_path / "two")[-1], ckpt_mod.TRAINABLE_FILE)
-    start = {n: p.detach() for n, p in load_components(tiny_model, dtype="fp32").transformer.named_parameters()}
-    assert_same_updates(start, w1, w2)
+    assert_same_updates(start_weights(tiny_model), w1, w2)
 
 
 def test_shipped_rl_configs_load():
@@ -394,7 +319,7 @@ def test_groups_whose_images_all_score_alike_take_no_step(tiny_model, prompts, t
         tmp_path / "c",
         steps=1,
         grid_every=0,
-        rewards=[{"source": "tests.test_msgrpo:constant_source"}],
+        rewards=[{"source": "tests.training_runs:constant_source"}],
     )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

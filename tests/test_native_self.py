@@ -8,65 +8,32 @@ tiny files in ComfyUI's layout:
   SELF sizes, within the budget (a sixth of the pixels the core node's per-image sizes give);
 - the empty latent has the target size and the negative carries the same references."""
 
-import json
-import os
-import subprocess
 from pathlib import Path
 
 import pytest
+from comfy_child import last_json, run_in_host
 
 from uniref_core.budget import BUDGETS, allocate_per_image, plan_references, rounding_slack
 
 ROOT = Path(__file__).resolve().parent.parent
 
 SCRIPT = r"""
-import dataclasses, importlib.util, json, sys
-import comfy.options
-comfy.options.enable_args_parsing()
-sys.argv = [sys.argv[0], "--cpu"]
-import torch
+import importlib.util
 import comfy.ops, comfy.sd
-from comfy.text_encoders import llama, qwen_vl
+import host_shims.uniref_test_tiny_qwen  # ComfyUI's 7B Qwen2.5-VL classes at a tiny size (load_clip passes no config)
+from comfy.ldm.wan.vae import WanVAE
+from comfy.text_encoders import llama
+from comfy_child import init_weights
 from safetensors.torch import save_file
 
-args = json.loads(ARGS)
-# ComfyUI builds every Qwen2.5-VL text encoder at 7B size (load_clip passes no config); shrink its own classes.
-Tiny = dataclasses.make_dataclass(
-    "Qwen25_7BVLI_Config",
-    [(name, int, dataclasses.field(default=value)) for name, value in dict(
-        vocab_size=151936, hidden_size=256, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=4).items()],  # 4 x 128 k_proj bias: what detect_te_model calls Qwen2.5-7B
-    bases=(llama.Qwen25_7BVLI_Config,))
-llama.Qwen25_7BVLI_Config = Tiny
-Vision = qwen_vl.Qwen2VLVisionTransformer
-class TinyVision(Vision):
-    def __init__(self, hidden_size=1280, output_hidden_size=3584, **kw):
-        super().__init__(
-            hidden_size=64, output_hidden_size=output_hidden_size, intermediate_size=48, num_layers=2, **kw
-        )
-qwen_vl.Qwen2VLVisionTransformer = TinyVision
-
 g = torch.Generator().manual_seed(0)
-def init(module):
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if "gamma" in name or (p.ndim == 1 and ("norm" in name or "ln_q" in name)):
-                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
-            elif p.ndim == 1:
-                p.copy_(0.02 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(torch.randn(p.shape, generator=g) / p[0].numel() ** 0.5)
-
 te = llama.Qwen25_7BVLI({}, dtype=torch.float32, device="cpu", operations=comfy.ops.disable_weight_init)
-init(te)
-save_file({k: v.contiguous() for k, v in te.state_dict().items()}, args["te"])
-from comfy.ldm.wan.vae import WanVAE
+save_file(init_weights(te, g), args["te"])
 wan = WanVAE(
     dim=8, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[], temperal_downsample=[False, True, True]
 )
-init(wan)
 clip = comfy.sd.load_clip(ckpt_paths=[args["te"]], clip_type=comfy.sd.CLIPType.QWEN_IMAGE)
-vae = comfy.sd.VAE(sd={k: v.contiguous() for k, v in wan.state_dict().items()})
+vae = comfy.sd.VAE(sd=init_weights(wan, g))
 
 spec = importlib.util.spec_from_file_location("uniref_pack", args["pack"] + "/__init__.py",
                                               submodule_search_locations=[args["pack"]])
@@ -104,27 +71,12 @@ report["budget_6"] = {"sources": [[r.shape[2], r.shape[1]] for r in refs],
 print(json.dumps(report))
 """
 
-needs_host = pytest.mark.skipif(os.environ.get("UNIREF_SKIP_COMFY") == "1", reason="UNIREF_SKIP_COMFY=1")
-
 
 @pytest.mark.comfy
-@needs_host
 @pytest.mark.parametrize("version", ["0.30.0", "0.3.75"])
 def test_native_self_encode_matches_core_node_and_holds_the_budget(tmp_path, version):
-    from comfyhost import comfy_hosts
-
-    host = comfy_hosts.ensure_host(version)
     args = {"te": str(tmp_path / "qwen_2.5_vl_tiny.safetensors"), "pack": str(ROOT)}
-    proc = subprocess.run(
-        [str(host.python), "-c", SCRIPT.replace("ARGS", repr(json.dumps(args)))],
-        cwd=host.comfy_dir,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=comfy_hosts.host_env(),
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    report = last_json(run_in_host(version, SCRIPT, args, timeout=600))
     for k in (1, 3):
         r = report[f"per_image_{k}"]
         assert r["equal"], (k, r)  # text states and every reference latent equal the core node's

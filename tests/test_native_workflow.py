@@ -10,21 +10,16 @@ custom node folder) lets them build the tiny ones, and nothing else of ComfyUI's
   (prompt and negative) and EmptySD3LatentImage in place of our node;
 - with policy budget (the shipped setting) the image differs from per_image: the budget reached the model."""
 
-import io
 import json
-import os
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
-from comfyhost import output_images, uniref_host
-from PIL import Image
+from comfy_child import comfy_vae_file, run_in_host
+from comfyhost import uniref_host
 from workflow_api import ui_to_api
 
 pytestmark = pytest.mark.comfy
-if os.environ.get("UNIREF_SKIP_COMFY") == "1":
-    pytest.skip("UNIREF_SKIP_COMFY=1: ComfyUI host tests skipped", allow_module_level=True)
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIM = ROOT / "tests" / "host_shims" / "uniref_test_tiny_qwen"
@@ -32,60 +27,29 @@ WORKFLOW = ROOT / "workflows" / "uniref_native_compose.json"
 SIZE, STEPS, CFG = 64, 2, 2.0
 
 BUILD = r"""
-import importlib.util, json, sys
-import comfy.options
-comfy.options.enable_args_parsing()
-sys.argv = [sys.argv[0], "--cpu"]
-import torch
 import comfy.ops
-args = json.loads(ARGS)
-spec = importlib.util.spec_from_file_location("uniref_test_tiny_qwen", args["shim"])
-shim = importlib.util.module_from_spec(spec); spec.loader.exec_module(shim)  # the sizes the host will use
-from comfy.text_encoders import llama
 from comfy.ldm.qwen_image.model import QwenImageTransformer2DModel
+from comfy.text_encoders import llama
+from comfy_child import init_weights
+from host_shims.uniref_test_tiny_qwen import TEXT  # the sizes the host will use
 from safetensors.torch import save_file
 
 g = torch.Generator().manual_seed(0)
-def init(module):
-    with torch.no_grad():
-        for name, p in module.named_parameters():  # disable_weight_init leaves them empty
-            if p.ndim == 1 and ("norm" in name or "ln_q" in name):
-                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
-            elif p.ndim == 1:
-                p.copy_(0.02 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(torch.randn(p.shape, generator=g) / p[0].numel() ** 0.5)
-    return {k: v.contiguous() for k, v in module.state_dict().items()}
-
 te = llama.Qwen25_7BVLI({}, dtype=torch.float32, device="cpu", operations=comfy.ops.disable_weight_init)
-save_file(init(te), args["te"])
+save_file(init_weights(te, g), args["te"])
 dit = QwenImageTransformer2DModel(num_layers=2, attention_head_dim=128, num_attention_heads=2,
-                                  joint_attention_dim=shim.TEXT["hidden_size"], in_channels=64, out_channels=16,
+                                  joint_attention_dim=TEXT["hidden_size"], in_channels=64, out_channels=16,
                                   dtype=torch.float32, operations=comfy.ops.disable_weight_init)
-save_file(init(dit), args["dit"])
-print("ok")
+save_file(init_weights(dit, g), args["dit"])
 """
 
 
 @pytest.fixture(scope="module", params=["0.30.0", "0.3.75"])
 def host(request, tiny_model, tmp_path_factory):
-    from comfyhost import comfy_hosts
-    from test_comfy_vae import comfy_vae_file
-
     version = request.param
     tmp = tmp_path_factory.mktemp(f"native-{version}")
     files = {"dit": tmp / "qwen_image_edit_tiny.safetensors", "te": tmp / "qwen_2.5_vl_tiny.safetensors"}
-    comfy = comfy_hosts.ensure_host(version)
-    args = json.dumps({"shim": str(SHIM / "__init__.py"), **{k: str(v) for k, v in files.items()}})
-    proc = subprocess.run(
-        [str(comfy.python), "-c", BUILD.replace("ARGS", repr(args))],
-        cwd=comfy.comfy_dir,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=comfy_hosts.host_env(),
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_in_host(version, BUILD, {k: str(v) for k, v in files.items()})
     files["vae"], _ = comfy_vae_file(tmp, version)  # ComfyUI's own Wan VAE class, in its file layout
     models = {
         f"diffusion_models/{files['dit'].name}": files["dit"],
@@ -120,8 +84,7 @@ def node_id(prompt, class_type):
 
 
 def run_image(host, prompt) -> np.ndarray:
-    meta = output_images(host.run(prompt, timeout=600))[0]
-    return np.asarray(Image.open(io.BytesIO(host.view(meta["filename"], meta["subfolder"], meta["type"])))).astype(int)
+    return np.asarray(host.output_image(host.run(prompt, timeout=600))).astype(int)
 
 
 def test_native_workflow_runs_on_comfyuis_own_loaders_and_sampler(host):

@@ -8,32 +8,10 @@ same small value so the suite stays fast; one case runs at the real 1024² const
 import diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus as dq
 import numpy as np
 import pytest
-import torch
 from conftest import make_refs
-from diffusers import QwenImageEditPlusPipeline
+from parity import AREA, PROMPT, SIZES, diffusers_edit
 
 from uniref_core import UniRefPipeline
-
-SIZES = [(96, 64), (80, 120), (200, 100)]
-PROMPT = "put the red object from Picture 1 on the left of the background of Picture 2"
-AREA = 128 * 128
-
-
-def diffusers_edit(folder, refs, cfg, seed, steps, width, height, negative=" "):
-    pipe = QwenImageEditPlusPipeline.from_pretrained(folder)
-    pipe.set_progress_bar_config(disable=True)
-    kwargs = {"negative_prompt": negative} if cfg > 1 else {}
-    out = pipe(
-        image=refs,
-        prompt=PROMPT,
-        true_cfg_scale=cfg,
-        height=height,
-        width=width,
-        num_inference_steps=steps,
-        generator=torch.Generator("cpu").manual_seed(seed),
-        **kwargs,
-    )
-    return np.asarray(out.images[0]).astype(int)
 
 
 @pytest.fixture(scope="module")

@@ -12,77 +12,29 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.training_runs import (
+    KILL_CHILD,
+    final_weights,
+    finish,
+    launch,
+    make_config,
+    reset_accelerate_state,
+    run_sft,
+    torchrun,
+    train_records,
+    write_config,
+)
 from training.common import checkpoint as ckpt_mod
 from training.common.config import ConfigError
 from training.common.data import layout_key, load_rows, plan_row
 from training.sft.config import config_from_dict, load_config
 from training.sft.data import BucketSampler, SampleEncoder, collate, shard
-from training.tasks.shapecompose import make_split, write_manifest
 from uniref_core.errors import UniRefError
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    """Each in-process run creates its own Accelerator; accelerate keeps process-wide singletons."""
-    yield
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    """Train (K = 1 and 2, edits and compositions) and val manifests of 64 px ShapeCompose samples."""
-    root = tmp_path_factory.mktemp("shapecompose")
-    edits = make_split("train", 6, size=64, kinds=("recolour", "move", "remove"))
-    compositions = make_split("train", 2, size=64, ks=(2,), kinds=("compose",), start=6)
-    train = write_manifest(edits + compositions, root / "train")
-    val = write_manifest(make_split("val", 2, size=64, ks=(1, 2)), root / "val")
-    return {"train": str(train), "val": str(val)}
-
-
-def make_config(model, data, out, **over) -> dict:
-    """A small two-stage config: budgets 64² → 96², 64² outputs, tiny VL copies, 2 steps each."""
-    cfg = {
-        "model": str(model),
-        "train_manifest": data["train"],
-        "val_manifest": data["val"],
-        "output_dir": str(out),
-        "stages": [
-            {"budget": 64, "steps": 2, "lr": 1e-3, "batch_size": 2, "output_size": 64},
-            {"budget": 96, "steps": 2, "lr": 5e-4, "batch_size": 2, "output_size": 64},
-        ],
-        "vl_budget": 56,
-        "eval_samples": 0,
-        "tensorboard": False,
-        "seed": 3,
-    }
-    cfg.update(over)
-    return cfg
-
-
-def write_config(path, cfg) -> Path:
-    path = Path(path)
-    path.write_text(json.dumps(cfg))
-    return path
-
-
-def train_records(out) -> list[dict]:
-    rows = [json.loads(x) for x in (Path(out) / "log.jsonl").read_text().splitlines()]
-    return [r for r in rows if r["kind"] == "train"]
-
-
-def final_weights(out) -> dict:
-    return ckpt_mod.load_tensors(ckpt_mod.complete_checkpoints(out)[-1], ckpt_mod.TRAINABLE_FILE)
-
-
-def run(cfg, resume=None):
-    from training.sft import run as sft_run
-
-    return sft_run(config_from_dict(cfg), resume=resume)
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 @pytest.fixture(scope="module")
@@ -102,11 +54,8 @@ def smoke_run(tiny_model, data, tmp_path_factory):
         tensorboard=True,
         micro_batch_size=2,
     )
-    result = run(cfg)
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    result = run_sft(cfg)
+    reset_accelerate_state()
     return cfg, result
 
 
@@ -161,11 +110,8 @@ def lora_run(tiny_model, data, tmp_path_factory):
     root = tmp_path_factory.mktemp("lora")
     cfg = make_config(tiny_model, data, root / "run", lora={"rank": 4, "alpha": 8})
     cfg["stages"] = cfg["stages"][:1]
-    run(cfg)
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    run_sft(cfg)
+    reset_accelerate_state()
     last = ckpt_mod.complete_checkpoints(root / "run")[-1]
     return cfg, last, export(last, root / "lora.safetensors", lora_only=True), export(last, root / "merged")
 
@@ -205,14 +151,10 @@ def test_lora_export_in_comfyui_key_format_merges_to_the_trained_model(tiny_mode
 
 
 COMFY_LORA_CHECK = """
-import json, sys
-import comfy.options
-comfy.options.enable_args_parsing()
-sys.argv = [sys.argv[0], "--cpu"]
 import comfy.lora
 from safetensors.torch import load_file
 
-lora, base, merged = (load_file(p) for p in sys.argv_paths)
+lora, base, merged = (load_file(p) for p in args)
 # comfy/lora.py model_lora_keys_unet, for a QwenImage model: the generic 'diffusion_model.<path>' key
 # plus '<path>' and 'transformer.<path>' for every '<path>.weight' of the diffusion model.
 to_load = {}
@@ -235,28 +177,15 @@ print(json.dumps({"layers": len(patches), "max_diff": worst}))
 @pytest.mark.parametrize("version", ["0.30.0", "0.3.75"])
 def test_comfyui_applies_the_exported_lora_like_the_merged_export(tiny_model, lora_run, version):
     """ComfyUI's own LoRA loader (inside a real host's tree and interpreter) reads the file."""
-    if os.environ.get("UNIREF_SKIP_COMFY") == "1":
-        pytest.skip("UNIREF_SKIP_COMFY=1: ComfyUI host tests skipped")
-    from comfyhost import comfy_hosts
+    from comfy_child import last_json, run_in_host
 
-    host = comfy_hosts.ensure_host(version)
     _, _, lora_file, merged_dir = lora_run
     paths = [
         str(lora_file),
         str(Path(tiny_model) / "transformer" / "diffusion_pytorch_model.safetensors"),
         str(Path(merged_dir) / "transformer" / "diffusion_pytorch_model.safetensors"),
     ]
-    script = COMFY_LORA_CHECK.replace("sys.argv_paths", repr(paths))
-    proc = subprocess.run(
-        [str(host.python), "-c", script],
-        cwd=host.comfy_dir,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=comfy_hosts.host_env(),
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result = last_json(run_in_host(version, COMFY_LORA_CHECK, paths))
     assert result["layers"] == 2 * 12  # every adapted layer of both blocks
     assert result["max_diff"] < 1e-6
 
@@ -274,60 +203,24 @@ def test_two_processes_give_the_loss_curve_of_one(tiny_model, data, tmp_path, mo
     change (~1e-2): a wrong shard, noise draw or loss scaling would fail it. The weights are compared
     after plain SGD steps (tests/sgd.py), whose updates are the summed gradients themselves.
     """
-    from tests.sgd import assert_same_updates, sgd_script, use_sgd
-    from uniref_core.model import load_components
+    from tests.sgd import assert_same_updates, sgd_script, start_weights, use_sgd
 
     use_sgd(monkeypatch)
     cfg1 = make_config(tiny_model, data, tmp_path / "one")
-    run(cfg1)
+    run_sft(cfg1)
     cfg2 = make_config(tiny_model, data, tmp_path / "two")
     config = write_config(tmp_path / "two.json", cfg2)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        "29517",
-        sgd_script(tmp_path),
-        "training.sft",
-        "--config",
-        str(config),
-    ]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "2 process(es)" in proc.stdout
+    stdout = finish(launch(torchrun("29517"), sgd_script(tmp_path), "training.sft", "--config", str(config)))
+    assert "2 process(es)" in stdout
     one, two = train_records(tmp_path / "one"), train_records(tmp_path / "two")
     assert [r["step"] for r in one] == [r["step"] for r in two] == [1, 2, 3, 4]
     torch.testing.assert_close(
         torch.tensor([r["loss"] for r in two]), torch.tensor([r["loss"] for r in one]), rtol=1e-5, atol=0
     )
-    start = {n: p.detach() for n, p in load_components(tiny_model, dtype="fp32").transformer.named_parameters()}
-    assert_same_updates(start, final_weights(tmp_path / "one"), final_weights(tmp_path / "two"))
+    assert_same_updates(start_weights(tiny_model), final_weights(tmp_path / "one"), final_weights(tmp_path / "two"))
 
 
 # 3. -------------------------------------------------------------------------------------------------
-
-KILL_CHILD = """
-import sys, time
-from pathlib import Path
-from training.common import checkpoint
-from training.sft import trainer
-
-save, marker, stop_at = checkpoint.save_checkpoint, Path(sys.argv[2]), int(sys.argv[3])
-
-def save_then_hang(accelerator, final, **kw):
-    path = save(accelerator, final, **kw)
-    if final.name == f"step_{stop_at:08d}":
-        marker.write_text("saved")
-        time.sleep(600)  # killed here, between steps, with the checkpoint on disk
-    return path
-
-checkpoint.save_checkpoint = save_then_hang
-sys.exit(trainer.main(["--config", sys.argv[1]]))
-"""
 
 
 def test_sigkill_after_a_checkpoint_then_resume_ends_with_the_same_weights(tiny_model, data, tmp_path):
@@ -361,10 +254,10 @@ def test_sigkill_after_a_checkpoint_then_resume_ends_with_the_same_weights(tiny_
     assert [p.name for p in ckpt_mod.complete_checkpoints(tmp_path / "killed")][-1] == "step_00000002"
 
     # Resume mid-stage (optimizer, schedule, EMA, data position) and run on through the next stage.
-    result = run(killed, resume="auto")
+    result = run_sft(killed, resume="auto")
     assert result.global_step == 5 and len(result.losses) == 3
     straight = make_config(tiny_model, data, tmp_path / "straight", stages=stages, ema_decay=0.9)
-    run(straight)
+    run_sft(straight)
     a, b = final_weights(tmp_path / "killed"), final_weights(tmp_path / "straight")
     assert a.keys() == b.keys()
     for name in a:
@@ -393,7 +286,7 @@ def test_crash_during_save_leaves_the_previous_checkpoint_loadable(tiny_model, d
 
     monkeypatch.setattr(ckpt_mod, "commit", crash)
     with pytest.raises(RuntimeError, match="simulated"):
-        run(cfg)
+        run_sft(cfg)
     root = out / ckpt_mod.CHECKPOINTS
     assert (root / "step_00000002.tmp" / "trainable.safetensors").is_file()  # half a save, never renamed
     assert not (root / "step_00000002").exists()
@@ -405,11 +298,8 @@ def test_crash_during_save_leaves_the_previous_checkpoint_loadable(tiny_model, d
     )
 
     monkeypatch.setattr(ckpt_mod, "commit", commit)
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    assert run(cfg, resume="auto").global_step == 2  # the leftover .tmp is replaced
+    reset_accelerate_state()
+    assert run_sft(cfg, resume="auto").global_step == 2  # the leftover .tmp is replaced
     assert sorted(p.name for p in root.iterdir()) == ["step_00000001", "step_00000002"]
 
 
@@ -453,10 +343,7 @@ def test_a_full_disk_during_a_save_is_one_line_and_leaves_no_half_checkpoint(
         raise OSError(28, "No space left on device", str(out / "log.jsonl"))
 
     monkeypatch.setattr(ckpt_mod, "save_checkpoint", log_disk_full)
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    reset_accelerate_state()
     assert main(["--config", str(path), "--resume", "auto"]) == 2
     err = capsys.readouterr().err
     assert (
@@ -492,15 +379,12 @@ def test_a_run_killed_before_its_first_checkpoint_restarts_with_a_fresh_log(tiny
 
     monkeypatch.setattr(ckpt_mod, "save_checkpoint", killed)
     with pytest.raises(KeyboardInterrupt):
-        run(cfg)
+        run_sft(cfg)
     assert [r["step"] for r in train_records(out)] == [1, 2]
     assert ckpt_mod.find_checkpoint("auto", out) is None
     monkeypatch.undo()
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    assert run(cfg, resume="auto").global_step == 2  # no checkpoint: a fresh start
+    reset_accelerate_state()
+    assert run_sft(cfg, resume="auto").global_step == 2  # no checkpoint: a fresh start
     assert [r["step"] for r in train_records(out)] == [1, 2]  # each step logged once
 
 
@@ -522,7 +406,7 @@ def test_an_instruction_longer_than_the_text_encoder_takes_stops_the_run_naming_
     manifest.write_text(json.dumps(long) + "\n")
     cfg = make_config(tiny_model, {"train": str(manifest), "val": str(manifest)}, tmp_path / "out")
     with pytest.raises(UniRefError, match=r"manifest.jsonl:1: instruction is too long: .* 4096 positions"):
-        run(cfg)
+        run_sft(cfg)
     assert not list((tmp_path / "out").glob("checkpoint*"))
 
 
@@ -664,12 +548,12 @@ def test_resume_refuses_another_config_or_model(smoke_run, tmp_path):
     changed = json.loads(json.dumps(cfg))
     changed["stages"][0]["lr"] = 2e-3
     with pytest.raises(ckpt_mod.CheckpointError, match=r"its config differs in stages\[0\]\.lr: 0\.001 → 0\.002"):
-        run(changed, resume="auto")
+        run_sft(changed, resume="auto")
     other = make_tiny_model(tmp_path / "other", seed=1)
     with pytest.raises(ckpt_mod.CheckpointError, match="trained from another model"):
-        run({**cfg, "model": str(other)}, resume="auto")
+        run_sft({**cfg, "model": str(other)}, resume="auto")
     with pytest.raises(ckpt_mod.CheckpointError, match="no checkpoint there"):
-        run(cfg, resume=str(tmp_path / "nowhere"))
+        run_sft(cfg, resume=str(tmp_path / "nowhere"))
 
 
 # 6. -------------------------------------------------------------------------------------------------

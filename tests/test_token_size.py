@@ -14,7 +14,7 @@ import diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus as dq
 import numpy as np
 import pytest
 from conftest import make_refs
-from test_parity import AREA, PROMPT, SIZES, diffusers_edit
+from parity import AREA, PROMPT, SIZES, diffusers_edit
 
 from uniref_core import UniRefPipeline
 from uniref_core.budget import plan_references

@@ -9,23 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.sgd import assert_same_updates, use_sgd
-from tests.test_msgrpo import TRUSTED, prompts, rl_config  # noqa: F401  (the fixture is used by name)
-from tests.test_sft import data, make_config, train_records  # noqa: F401
+from tests.sgd import assert_same_updates, start_weights, use_sgd
+from tests.training_runs import TRUSTED, make_config, reset_accelerate_state, rl_config, run_sft
 from training.common.config import ConfigError
 from training.sft.config import config_from_dict
 from uniref_core.fp8 import FP8Linear
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    yield
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 def lora_config(model, data, out, **over) -> dict:
@@ -39,12 +30,6 @@ def lora_config(model, data, out, **over) -> dict:
     )
     cfg.update(over)
     return cfg
-
-
-def sft(cfg: dict):
-    from training.sft.trainer import run
-
-    return run(config_from_dict(cfg))
 
 
 # -- the frozen base ------------------------------------------------------------------------------------
@@ -93,11 +78,8 @@ def test_fp8_base_lora_run_exports_a_comfyui_lora_like_a_bf16_base(tiny_model, d
     runs = {}
     for base in ("bf16", "fp8"):
         out = tmp_path / base
-        runs[base] = sft(lora_config(tiny_model, data, out, base_dtype=base))
-        from accelerate.state import AcceleratorState, GradientState
-
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()
+        runs[base] = run_sft(lora_config(tiny_model, data, out, base_dtype=base))
+        reset_accelerate_state()
     assert runs["fp8"].losses[0] == pytest.approx(runs["bf16"].losses[0], rel=0.05)
     files = {
         b: export(ckpt_mod.complete_checkpoints(tmp_path / b)[-1], tmp_path / f"{b}.safetensors", lora_only=True)
@@ -178,7 +160,7 @@ def test_text_encoder_is_gone_before_the_transformer_loads(tiny_model, data, tmp
     monkeypatch.setattr(trainer, "load_transformer", spy)
     gc.collect()
     before = _alive(Qwen2_5_VLForConditionalGeneration)
-    sft(lora_config(tiny_model, data, tmp_path / "run"))
+    run_sft(lora_config(tiny_model, data, tmp_path / "run"))
     assert seen == [before]
 
 
@@ -191,7 +173,7 @@ def test_cache_is_reused_by_a_later_run_and_never_across_models(
     import training.sft.trainer as trainer
 
     cache = tmp_path / "cache"
-    first = sft(lora_config(tiny_model, data, tmp_path / "a", cache_dir=str(cache), eval_samples=0))
+    first = run_sft(lora_config(tiny_model, data, tmp_path / "a", cache_dir=str(cache), eval_samples=0))
     folders = sorted(p.name for p in cache.iterdir())
     assert [f.split("-")[0] for f in folders] == ["prompts", "stage1"]
     assert all((cache / f / "cache.json").is_file() for f in folders)
@@ -200,22 +182,22 @@ def test_cache_is_reused_by_a_later_run_and_never_across_models(
         raise AssertionError("the encoders were loaded although every row is in the cache")
 
     monkeypatch.setattr(trainer, "load_encoders", no_encoders)
-    again = sft(lora_config(tiny_model, data, tmp_path / "b", cache_dir=str(cache), eval_samples=0))
+    again = run_sft(lora_config(tiny_model, data, tmp_path / "b", cache_dir=str(cache), eval_samples=0))
     assert again.losses == first.losses
     monkeypatch.undo()
 
     stages = [{"budget": 96, "steps": 1, "lr": 1e-3, "batch_size": 2, "output_size": 64}]
-    sft(lora_config(tiny_model, data, tmp_path / "c", cache_dir=str(cache), eval_samples=0, stages=stages))
+    run_sft(lora_config(tiny_model, data, tmp_path / "c", cache_dir=str(cache), eval_samples=0, stages=stages))
     after = sorted(p.name for p in cache.iterdir())
     assert set(folders) <= set(after) and len(after) == 3  # one new stage folder, the prompts reused
 
     # 2511 differs from 2509 in its transformer only: the same encoders, so the same encodings are reused.
-    sft(lora_config(tiny_model_2511, data, tmp_path / "d", cache_dir=str(cache), eval_samples=0))
+    run_sft(lora_config(tiny_model_2511, data, tmp_path / "d", cache_dir=str(cache), eval_samples=0))
     assert len(list(cache.iterdir())) == 3
     from uniref_core.tiny import make_tiny_model
 
     other = make_tiny_model(tmp_path / "other", seed=1)  # other text encoder and VAE weights
-    sft(lora_config(other, data, tmp_path / "e", cache_dir=str(cache), eval_samples=0))
+    run_sft(lora_config(other, data, tmp_path / "e", cache_dir=str(cache), eval_samples=0))
     assert len(list(cache.iterdir())) == 5  # its own prompts and stage folders
 
 
@@ -238,7 +220,7 @@ def test_an_interrupted_encoding_pass_keeps_whole_shards_and_the_next_run_encode
     monkeypatch.setattr(data_mod.SampleEncoder, "prompt", crash_on_the_fifth)
     cfg = lora_config(tiny_model, data, tmp_path / "run", eval_samples=0)
     with pytest.raises(RuntimeError, match="power cut"):
-        sft(cfg)
+        run_sft(cfg)
     folder = next((tmp_path / "run" / "cache").glob("prompts-*"))
     assert [p.name for p in folder.iterdir()] == ["shard_00000.safetensors"]  # whole shards only, not complete
     calls.clear()
@@ -247,7 +229,7 @@ def test_an_interrupted_encoding_pass_keeps_whole_shards_and_the_next_run_encode
     monkeypatch.setattr(
         data_mod.SampleEncoder, "prompt", lambda self, row, plan: encoded.append(1) or real(self, row, plan)
     )
-    sft(cfg)
+    run_sft(cfg)
     rows = sum(1 for _ in open(data["train"]))
     assert len(encoded) == rows - 3  # the first shard's 3 rows were not encoded again
     assert (folder / "cache.json").is_file()
@@ -262,7 +244,6 @@ def test_policy_micro_batches_give_the_update_of_one_batch(tiny_model, prompts, 
     from training.common import checkpoint as ckpt_mod
     from training.rl.config import config_from_dict as rl_from_dict
     from training.rl.trainer import run
-    from uniref_core.model import load_components
 
     use_sgd(monkeypatch)
     weights = {}
@@ -273,12 +254,8 @@ def test_policy_micro_batches_give_the_update_of_one_batch(tiny_model, prompts, 
         weights[name] = ckpt_mod.load_tensors(
             ckpt_mod.complete_checkpoints(tmp_path / name)[-1], ckpt_mod.TRAINABLE_FILE
         )
-        from accelerate.state import AcceleratorState, GradientState
-
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()
-    start = {n: p.detach() for n, p in load_components(tiny_model, dtype="fp32").transformer.named_parameters()}
-    assert_same_updates(start, weights["whole"], weights["one"])
+        reset_accelerate_state()
+    assert_same_updates(start_weights(tiny_model), weights["whole"], weights["one"])
 
 
 def test_rl_prompts_are_encoded_once_into_the_cache(tiny_model, prompts, tmp_path):
