@@ -97,7 +97,7 @@ def token_px_of(path) -> int:
 def _read_json(path: Path, what: str) -> dict:
     try:
         return json.loads(path.read_text())
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:  # RecursionError: JSON nested thousands deep
         raise UniRefError(
             f"{what} ({path}) could not be read as JSON ({e}); re-download or re-export the model"
         ) from None
@@ -383,7 +383,8 @@ def read_defaults(root) -> dict:
     if unknown:
         raise UniRefError(f"{path}: unknown default(s) {', '.join(unknown)}; known: {', '.join(DEFAULT_KEYS)}")
     for key, value in defaults.items():
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+        # NaN, Infinity and a 400-digit number are numbers to JSON but no setting: int() or float() of them raises
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < 2**53:
             raise UniRefError(
                 f"{path}: default '{key}' ({DEFAULT_KEYS[key]}) must be a positive number, got {value!r}"
             )
