@@ -22,6 +22,7 @@ from uniref_core.budget import TOKEN_PX, Plan, output_size, plan_references
 from uniref_core.errors import UniRefError
 from uniref_core.images import load_image
 from uniref_core.model import token_px_of
+from uniref_core.prompt import check_prompt_text
 
 from .config import Stage
 
@@ -174,7 +175,7 @@ def _read_image_size(path: Path, name: str) -> tuple[int, int]:
 def _parse_row(line: str) -> tuple[dict | None, str | None]:
     try:
         row = json.loads(line)
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:  # RecursionError: nested thousands deep
         return None, f"not valid JSON ({e})"
     if not isinstance(row, dict):
         return None, "not a JSON object"
@@ -188,6 +189,10 @@ def _parse_row(line: str) -> tuple[dict | None, str | None]:
     instruction = row.get("instruction")
     if not isinstance(instruction, str) or not instruction.strip():
         return None, "empty instruction"
+    try:
+        check_prompt_text(instruction, "the instruction")  # refused here, it would stop the encoding pass
+    except UniRefError as e:
+        return None, str(e)
     return row, None
 
 
@@ -202,9 +207,9 @@ def load_rows(manifests: list[str], cfg, name: str = "train", workers: int = 4) 
         path = Path(manifest)
         try:
             lines = path.read_text(encoding="utf-8").splitlines()
-        except OSError as e:
+        except (OSError, UnicodeDecodeError) as e:
             raise UniRefError(
-                f"{name} manifest {path} could not be read ({e}): check train_manifest / val_manifest"
+                f"{name} manifest {path} could not be read as UTF-8 text ({e}): check train_manifest / val_manifest"
             ) from e
         for n, line in enumerate(lines, start=1):
             if not line.strip():
