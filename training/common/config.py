@@ -230,13 +230,21 @@ def _read_with_base(path: Path, chain: tuple[Path, ...]) -> dict:
             f"relative to {path.parent}"
         )
     base_path = path.parent / base
-    if base_path.resolve() in chain:
+    try:
+        found = base_path.is_file()
+        resolved = base_path.resolve()
+    except (OSError, ValueError) as e:  # a NUL byte, a name too long for the file system, a loop of links
+        raise ConfigError(
+            f"config file {path}: its {BASE_KEY} {base!r} is not a usable path ({e}): give the path of the config "
+            f"it overrides, relative to {path.parent}"
+        ) from None
+    if resolved in chain:
         names = " → ".join(str(p) for p in chain + (base_path.resolve(),))
         raise ConfigError(
             f"config file {path}: its {BASE_KEY} {base!r} is circular ({names}): a base may not name a "
             "file that names it"
         )
-    if not base_path.is_file():
+    if not found:
         raise ConfigError(
             f"config file {path}: its {BASE_KEY} {base!r} ({base_path}) does not exist: give a path "
             f"relative to {path.parent}"
@@ -263,9 +271,11 @@ def _read_file(path: Path):
         text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise ConfigError(f"config file {path} could not be read: {e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {path} is not UTF-8 text ({e}): save it as UTF-8") from None
     try:
         return tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
-    except (ValueError, tomllib.TOMLDecodeError) as e:
+    except (ValueError, tomllib.TOMLDecodeError, RecursionError) as e:  # RecursionError: nested thousands deep
         raise ConfigError(
             f"config file {path} is not valid {'TOML' if path.suffix == '.toml' else 'JSON'}: {e}"
         ) from None
