@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import struct
 import sys
 from pathlib import Path
 
@@ -26,7 +25,7 @@ import torch
 from safetensors.torch import save_file
 
 from uniref_core.errors import UniRefError
-from uniref_core.model import check_model_folder
+from uniref_core.model import check_model_folder, read_safetensors_header
 
 from .common import checkpoint as ckpt_mod
 from .common.atomic import atomic_dir
@@ -49,11 +48,9 @@ def _base_dtype(transformer_dir: Path) -> torch.dtype:
     """The dtype the base model's transformer weights are stored in (bf16 for the published ones)."""
     for f in sorted(transformer_dir.glob("*.safetensors")):
         with f.open("rb") as fh:
-            (n,) = struct.unpack("<Q", fh.read(8))
-            header = json.loads(fh.read(n))
-        for key, meta in header.items():
-            if key != "__metadata__":
-                return DTYPES.get(meta["dtype"], torch.float32)
+            header, _ = read_safetensors_header(fh, f)
+        for meta in header.values():
+            return DTYPES.get(meta["dtype"], torch.float32)
     return torch.float32
 
 

@@ -50,6 +50,9 @@ MAX_SEQUENCE_TOKENS = 2 * (4096 // TOKEN_PX) ** 2
 ROPE_POSITIONS = 4096
 # The fewest text tokens a prompt takes after the dropped system turn: labels, the closing template and a word.
 MIN_TEXT_TOKENS = 16
+# No image has more pixels than this (2**53, the last integer a float holds exactly); a longer number is a typo, and
+# the planner's float arithmetic would overflow on it.
+MAX_AREA = 2**53
 
 
 def calculate_dimensions(target_area: float, ratio: float) -> tuple[int, int]:
@@ -82,6 +85,11 @@ def vl_tokens_of(width: int, height: int) -> int:
     return (h // VL_PATCH_PX) * (w // VL_PATCH_PX)
 
 
+def _is_area(value) -> bool:
+    """A pixel area the planner can work with: a positive number up to `MAX_AREA` (not NaN, not a bool)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value <= MAX_AREA
+
+
 def _round_side(x: float, token_px: int = TOKEN_PX) -> int:
     multiple = 2 * token_px
     return max(multiple, round(x / multiple) * multiple)
@@ -110,7 +118,7 @@ def allocate_budget(
     """
     if not sizes:
         raise UniRefError("no reference images: connect at least one reference")
-    if budget <= 0:
+    if not _is_area(budget):
         raise UniRefError(f"budget is {budget} px: give a positive pixel budget such as 1024*1024")
     _check_aspect(sizes)
     total = sum(w * h for w, h in sizes)
@@ -136,6 +144,8 @@ def allocate_per_image(sizes: list[tuple[int, int]], area: int = PER_IMAGE_AREA)
     """Each reference independently at ~``area`` pixels, as diffusers' QwenImageEditPlusPipeline does."""
     if not sizes:
         raise UniRefError("no reference images: connect at least one reference")
+    if not _is_area(area):
+        raise UniRefError(f"per-image area is {area} px: give a positive area such as 1024*1024")
     _check_aspect(sizes)
     out = []
     for k, (w, h) in enumerate(sizes, start=1):
@@ -159,7 +169,7 @@ def allocate_vl(sizes: list[tuple[int, int]], vl_budget: int | None) -> list[tup
     """Sizes of the small copies the VL encoder sees: 384² each, or all within ``vl_budget``."""
     if vl_budget is None:
         return [calculate_dimensions(VL_IMAGE_AREA, w / h) for w, h in sizes]
-    if vl_budget <= 0:
+    if not _is_area(vl_budget):
         raise UniRefError(f"vl_budget is {vl_budget} px: give a positive area such as 384*384, or leave it unset")
     total = sum(w * h for w, h in sizes)
     scale = math.sqrt(vl_budget / total)
@@ -288,7 +298,7 @@ def output_size(
         raise UniRefError("no reference to take the output size from: give width and height")
     if not 1 <= match_ref <= len(sizes):
         raise UniRefError(f"match_ref is {match_ref} but there are {len(sizes)} references: pick 1…{len(sizes)}")
-    if area <= 0:
+    if not _is_area(area):
         raise UniRefError(f"output area is {area} px: give a positive area such as 1024*1024")
     w, h = sizes[match_ref - 1]
     cw, ch = calculate_dimensions(area, w / h)
@@ -375,22 +385,24 @@ def check_token_px(token_px: int) -> None:
 
 
 def parse_area(text: str | int) -> int:
-    """'1024' → 1024², '1536x1024' → 1536·1024, '1048576' (≥ 65536) → as is."""
-    if isinstance(text, int):
-        return text * text if text < 65536 else text
+    """'1024' → 1024², '1536x1024' → 1536·1024, '1048576' (≥ 65536) → as is. A negative side is refused: squared
+    it would pass for a size."""
     s = str(text).strip().lower().replace("²", "").replace("×", "x").replace("*", "x")
     try:
-        if "x" in s:
-            a, b = s.split("x", 1)
-            return int(a) * int(b)
-        v = int(s)
+        if isinstance(text, bool):  # JSON's true is no size, though Python counts it as 1
+            raise ValueError(text)
+        sides = [text] if isinstance(text, int) else [int(v) for v in s.split("x", 1)]
+        if any(v < 0 for v in sides):
+            raise ValueError(text)
     except ValueError:
         raise UniRefError(
             f"budget {text!r} is not a size: write 1024 (for 1024²), 1536x1024 or a pixel count"
         ) from None
-    return v * v if v < 65536 else v
+    if len(sides) == 2:
+        return sides[0] * sides[1]
+    return sides[0] * sides[0] if sides[0] < 65536 else sides[0]
 
 
 def _fmt_area(area: int) -> str:
-    side = math.isqrt(area)
+    side = math.isqrt(int(area))
     return f"{side}²" if side * side == area else f"{area} px"

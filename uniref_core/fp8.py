@@ -117,14 +117,18 @@ def quantized_layers(
 ) -> dict[str, torch.Tensor | None]:
     """``{layer name: scale or None}`` for every layer whose weight in ``state`` is fp8, after taking the scale
     and quantisation entries out of ``state`` (it is changed in place). Unknown formats are errors."""
-    formats: dict[str, str] = {}
+    formats: dict[str, object] = {}
     header = (metadata or {}).get("_quantization_metadata")
     if header:
-        formats.update({k: v.get("format") for k, v in json.loads(header).get("layers", {}).items()})
+        layers = _json_object(header, file_name, "its _quantization_metadata").get("layers", {})
+        if not isinstance(layers, dict) or not all(isinstance(v, dict) for v in layers.values()):
+            raise UniRefError(f"{file_name}: its _quantization_metadata 'layers' is not an object of layer settings")
+        formats.update({k: v.get("format") for k, v in layers.items()})
     for key in [k for k in state if k.endswith(".comfy_quant")]:
-        conf = json.loads(bytes(state.pop(key).tolist()).decode("utf-8"))
-        formats[key[: -len(".comfy_quant")]] = conf.get("format")
-    bad = sorted({f for f in formats.values() if f not in FP8_DTYPES})
+        conf = state.pop(key)
+        text = conf.numpy().tobytes() if conf.dtype == torch.uint8 else b""  # JSON stored as bytes
+        formats[key[: -len(".comfy_quant")]] = _json_object(text, file_name, f"'{key}'").get("format")
+    bad = sorted({str(f) for f in formats.values() if not isinstance(f, str) or f not in FP8_DTYPES})
     if bad:
         raise UniRefError(
             f"{file_name} is quantised as {', '.join(map(str, bad))}, which is not supported: use a bf16 "
@@ -142,8 +146,27 @@ def quantized_layers(
     for layer, scale in scales.items():
         if layer not in layers:
             raise UniRefError(f"{file_name}: '{layer}' has an fp8 scale but its weight is not fp8")
+        if scale.numel() != 1:  # FP8Linear holds one scale per layer, as ComfyUI's TensorCoreFP8Layout
+            raise UniRefError(
+                f"{file_name}: '{layer}' has an fp8 scale of shape {tuple(scale.shape)}; UniRef reads one scale "
+                "per layer (per-tensor fp8): use such a file, or a bf16 one"
+            )
         layers[layer] = scale
     return layers
+
+
+def _json_object(text, file_name: str, what: str) -> dict:
+    """The JSON object a quantised file stores as text, or a clear error naming the file."""
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError):
+        value = None
+    if not isinstance(value, dict):
+        raise UniRefError(
+            f"{file_name}: {what} is not a JSON object of quantisation settings (the file is damaged, or of a "
+            "layout UniRef does not know): use a bf16 or fp8 (float8_e4m3fn) file"
+        )
+    return value
 
 
 def swap_in_fp8_linears(

@@ -153,11 +153,17 @@ def _open_file(source, name: str) -> Image.Image:
     if isinstance(source, str) and not source.strip():
         raise UniRefError(f"{name}: no file path given — pick an image file")
     path = Path(source).expanduser()
-    if not path.exists():
+    try:
+        found = path.exists()
+        folder = found and path.is_dir()
+        size = path.stat().st_size if found and not folder else None
+    except OSError as e:  # a name longer than the file system allows, a loop of links, …
+        raise UniRefError(f"{name}: {path} cannot be opened ({e.strerror or e}) — check the path") from None
+    if not found:
         raise UniRefError(f"{name}: file not found: {path} — check the path")
-    if path.is_dir():
+    if folder:
         raise UniRefError(f"{name}: {path} is a folder, not an image file — check the path and pick a file inside it")
-    if path.stat().st_size == 0:
+    if size == 0:
         raise UniRefError(f"{name}: {path} is an empty file (0 bytes) — {READ_HINT} or copy it again")
     try:
         # Image.open reads in "rb" mode; exif_transpose returns a decoded copy, so the file

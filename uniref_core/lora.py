@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,8 @@ log = logging.getLogger(__name__)
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
 _A, _B = ".lora_A.weight", ".lora_B.weight"
+# The low-rank factors of every layout: peft/diffusers/ComfyUI (A/B, peft's adapter name maybe kept) and kohya.
+FACTOR = re.compile(r"\.lora_(A|B|down|up)\.(default\.)?weight$")
 
 
 @dataclass(frozen=True, eq=False)
@@ -96,14 +99,47 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     return tensors, {k.removeprefix("transformer."): v for k, v in meta.items()} if isinstance(meta, dict) else {}
 
 
-def _metadata_scale(module: str, rank: int, meta: dict) -> float:
+def _metadata_scale(module: str, rank: int, meta: dict, path: Path) -> float:
     """peft's ``lora_alpha / r`` for one layer, from diffusers' saved adapter config (patterns match a module name's
     end, as peft matches them); 1 when the file carries none (diffusers' and ComfyUI's default)."""
-    alpha = meta.get("lora_alpha")
-    for pattern, value in (meta.get("alpha_pattern") or {}).items():
+    alpha, patterns = meta.get("lora_alpha"), meta.get("alpha_pattern") or {}
+    if not isinstance(patterns, dict):
+        raise UniRefError(
+            f"LoRA file {path}: the alpha_pattern of its lora_adapter_metadata is {patterns!r}, not an object of "
+            "module name → alpha: the file is damaged, re-export it"
+        )
+    for pattern, value in patterns.items():
         if module == pattern or module.endswith("." + pattern):
             alpha = value
-    return float(alpha) / rank if alpha else 1.0
+    if not alpha:
+        return 1.0
+    number = isinstance(alpha, (int, float)) and not isinstance(alpha, bool)
+    if not number or not 0 < alpha < 2**53:  # NaN, Infinity and 400-digit numbers are JSON numbers too
+        raise UniRefError(
+            f"LoRA file {path}: its lora_adapter_metadata gives {module} the alpha {alpha!r}; an alpha is a positive "
+            "number (the layer's scale is alpha / rank): the file is damaged, re-export it"
+        )
+    return float(alpha) / rank
+
+
+def _check_entries(raw: dict[str, torch.Tensor], path: Path) -> None:
+    """Refuse, naming the entry, what would break the conversion or the merge: a factor that is not a matrix of rank
+    at least 1, or an alpha that is not one finite number of at least 0 (diffusers' rescaling loops forever on a
+    negative one)."""
+    for key, tensor in raw.items():
+        if key.endswith(".alpha"):
+            alpha = tensor.float().item() if tensor.numel() == 1 else math.nan
+            if not 0 <= alpha < math.inf:
+                what = alpha if tensor.numel() == 1 else f"of shape {tuple(tensor.shape)}"
+                raise UniRefError(
+                    f"LoRA file {path}: {key} is {what}; a layer's alpha is one number, 0 or more (the layer's scale "
+                    "is alpha / rank): the file is damaged, re-download or re-export it"
+                )
+        elif FACTOR.search(key) and (tensor.ndim != 2 or 0 in tensor.shape):
+            raise UniRefError(
+                f"LoRA file {path}: {key} has shape {tuple(tensor.shape)}; a LoRA factor is a matrix, [rank, in] or "
+                "[out, rank] with rank at least 1: the file is damaged or not a LoRA of linear layers"
+            )
 
 
 def read_lora(path) -> LoraWeights:
@@ -121,6 +157,7 @@ def read_lora(path) -> LoraWeights:
             "'…lora_A.weight'/'…lora_B.weight' (peft, diffusers, ComfyUI) or '…lora_down.weight'/'…lora_up.weight' "
             "(kohya). A full checkpoint belongs in Load UniRef Model, not here"
         )
+    _check_entries(raw, path)
     try:
         converted = QwenImageLoraLoaderMixin.lora_state_dict(dict(raw))
     except (ValueError, KeyError) as e:
@@ -134,7 +171,7 @@ def read_lora(path) -> LoraWeights:
             raise UniRefError(f"LoRA file {path}: {key} has no matching lora_B/lora_up weight")
         module = key[: -len(_A)].removeprefix("transformer.")
         if use_meta:
-            up = up * _metadata_scale(module, down.shape[0], meta)
+            up = up * _metadata_scale(module, down.shape[0], meta, path)
         layers[module] = (down, up)
     if not layers:
         raise UniRefError(f"LoRA file {path}: no down/up weight pairs found among {', '.join(lora_keys[:3])}, …")

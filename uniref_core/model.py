@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,7 +97,7 @@ def token_px_of(path) -> int:
 def _read_json(path: Path, what: str) -> dict:
     try:
         return json.loads(path.read_text())
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:  # RecursionError: JSON nested thousands deep
         raise UniRefError(
             f"{what} ({path}) could not be read as JSON ({e}); re-download or re-export the model"
         ) from None
@@ -290,22 +292,65 @@ SAFETENSORS_DTYPES = {
 }
 
 
+def read_safetensors_header(fh, path) -> tuple[dict, int]:
+    """The tensor entries of an open safetensors file (``__metadata__`` left out) and the offset its data starts at.
+
+    The header is checked against the format before any tensor is read: a little-endian u64 length that fits the
+    file, then a JSON object of ``{"dtype", "shape", "data_offsets"}`` entries whose bytes lie in the file and, for
+    a dtype UniRef reads, match the shape. A file that is not one is refused naming it."""
+    size = os.fstat(fh.fileno()).st_size
+    head = fh.read(8)
+    length = int.from_bytes(head, "little") if len(head) == 8 else None
+    if length is None or length > size - 8:
+        raise UniRefError(f"{path} is not a safetensors file (it ends inside its header): {SAFETENSORS_FIX}")
+    try:
+        header = json.loads(fh.read(length))
+    except (ValueError, RecursionError):
+        header = None
+    if not isinstance(header, dict):
+        raise UniRefError(f"{path} is not a safetensors file (its header is not a JSON object): {SAFETENSORS_FIX}")
+    header.pop("__metadata__", None)
+    for name, info in header.items():
+        if not _valid_entry(info, size - 8 - length):
+            raise UniRefError(
+                f"{path}: the header entry of tensor {name!r} is damaged ({info!r:.100}): {SAFETENSORS_FIX}"
+            )
+    return header, 8 + length
+
+
+SAFETENSORS_FIX = "re-download or re-export the file"
+
+
+def _valid_entry(info, data_size: int) -> bool:
+    """A header entry whose shape is a list of sizes and whose data lies in the file, as many bytes as the shape."""
+
+    def whole(v) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+    if not isinstance(info, dict) or not isinstance(info.get("dtype"), str):
+        return False
+    shape, offsets = info.get("shape"), info.get("data_offsets")
+    if not isinstance(shape, list) or not all(map(whole, shape)):
+        return False
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(map(whole, offsets)):
+        return False
+    start, end = offsets
+    dtype = SAFETENSORS_DTYPES.get(info["dtype"])
+    return start <= end <= data_size and (dtype is None or end - start == math.prod(shape) * dtype.itemsize)
+
+
 def read_safetensors(path):
     """(name, CPU tensor) of a safetensors file, one at a time, read with plain reads. ``safe_open`` maps the file
     and its tensors keep the mapping alive, so every page read stays resident: quantising a bf16 file that way holds
     the whole file in memory beside the 8-bit result."""
-    import struct
-
     with open(path, "rb") as fh:
-        (size,) = struct.unpack("<Q", fh.read(8))
-        header = json.loads(fh.read(size))
-        header.pop("__metadata__", None)
+        header, data_start = read_safetensors_header(fh, path)
         for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
             start, end = info["data_offsets"]
             if info["dtype"] not in SAFETENSORS_DTYPES:
                 raise UniRefError(f"{path}: tensor {name} has dtype {info['dtype']}, which UniRef cannot read")
             data = torch.empty(end - start, dtype=torch.uint8)
-            fh.seek(8 + size + start)
+            fh.seek(data_start + start)
             if end > start:
                 fh.readinto(memoryview(data.numpy()))
             yield name, data.view(SAFETENSORS_DTYPES[info["dtype"]]).reshape(info["shape"])
@@ -338,7 +383,8 @@ def read_defaults(root) -> dict:
     if unknown:
         raise UniRefError(f"{path}: unknown default(s) {', '.join(unknown)}; known: {', '.join(DEFAULT_KEYS)}")
     for key, value in defaults.items():
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+        # NaN, Infinity and a 400-digit number are numbers to JSON but no setting: int() or float() of them raises
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < 2**53:
             raise UniRefError(
                 f"{path}: default '{key}' ({DEFAULT_KEYS[key]}) must be a positive number, got {value!r}"
             )

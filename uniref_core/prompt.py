@@ -33,9 +33,28 @@ def build_prompt_text(prompt: str, num_images: int) -> str:
     return PROMPT_TEMPLATE.format(labels + prompt)
 
 
+# Qwen2.5-VL's control tokens that the template places: typed in a prompt, the processor counts an image or
+# video placeholder that has no picture (and fails), and the others end the user's turn or open a picture early.
+TEMPLATE_TOKENS = (
+    "<|image_pad|>",
+    "<|video_pad|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|im_start|>",
+    "<|im_end|>",
+)
+
+
 def check_prompt_text(text: str, name: str = "prompt") -> None:
     """Refuse text the tokenizer cannot take: a lone surrogate, such as a byte that is not UTF-8 read from a command
-    line or file (Python keeps it as U+DC80…U+DCFF) or a ``\\ud800`` escape in a JSON workflow."""
+    line or file (Python keeps it as U+DC80…U+DCFF) or a ``\\ud800`` escape in a JSON workflow; or one of the
+    template's control tokens (`TEMPLATE_TOKENS`)."""
+    token = next((t for t in TEMPLATE_TOKENS if t in text), None)
+    if token:
+        raise UniRefError(
+            f"{name} contains {token}, a control token of the Qwen2.5-VL template that UniRef places itself (one "
+            "<|image_pad|> per reference); remove it, and refer to a reference as 'Picture k'"
+        )
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:

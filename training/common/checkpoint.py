@@ -28,7 +28,6 @@ import os
 import random
 import re
 import shutil
-import struct
 import time
 import warnings
 from pathlib import Path
@@ -79,7 +78,10 @@ def model_fingerprint(model_path, parts=("transformer",)) -> str:
         size = f.stat().st_size
         h.update(f"{f.name}:{size}".encode())
         with f.open("rb") as fh:
-            (header_len,) = struct.unpack("<Q", fh.read(8))
+            # A damaged file is hashed as it is (loading it reports the damage): its header length is capped at
+            # the file's size, which a real file's never exceeds, rather than asking read() for up to 2**64 bytes.
+            head = fh.read(8)
+            header_len = min(int.from_bytes(head, "little"), size - 8) if len(head) == 8 else 0
             h.update(fh.read(header_len))
             start = 8 + header_len
             span = max(size - start - FINGERPRINT_CHUNK, 0)

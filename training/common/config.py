@@ -13,12 +13,15 @@ import difflib
 import hashlib
 import json
 import math
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import tomllib
 
 from uniref_core.budget import parse_area
+from uniref_core.defaults import resolve_model_arg
 from uniref_core.errors import UniRefError
 
 # Linear layers of QwenImageTransformer2DModel's blocks (diffusers transformer_qwenimage.py): joint
@@ -120,10 +123,75 @@ def _area(value, where: str, key: str, allow_none: bool = False) -> int | None:
 
 
 def _positive(value, where: str, key: str, kind=int, minimum=1) -> None:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or (kind is int and int(value) != value):
+    # is_integer() and isfinite(), not int(): int() of Infinity or NaN (both JSON and TOML numbers) raises
+    odd = isinstance(value, float) and not (value.is_integer() if kind is int else math.isfinite(value))
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or odd:
         raise ConfigError(f"{where}: {key} is {value!r}: it must be a {'whole number' if kind is int else 'number'}")
     if value < minimum:
         raise ConfigError(f"{where}: {key} is {value!r}: it must be at least {minimum}")
+
+
+def check_types(cfg, where: str = "") -> None:
+    """Every field of a config dataclass, nested ones included, of the type it declares, so that no check after this
+    one and no trainer meets a string where a number belongs, NaN or Infinity (numbers to JSON and TOML), or a list
+    where a flag belongs; a whole number written 2.0 becomes 2. The error names the key and the type."""
+    hints = typing.get_type_hints(type(cfg))
+    for f in dataclasses.fields(cfg):
+        key, value, hint = f"{where}{f.name}", getattr(cfg, f.name), hints[f.name]
+        if dataclasses.is_dataclass(value):
+            check_types(value, f"{key}.")
+        elif typing.get_origin(hint) is list and dataclasses.is_dataclass(typing.get_args(hint)[0]):
+            for i, item in enumerate(value):
+                check_types(item, f"{key}[{i}].")
+        elif not _conforms(value, hint):
+            raise ConfigError(f"{key} is {value!r}: it must be {_describe(hint)}")
+        elif isinstance(value, float) and int in (hint, *typing.get_args(hint)):
+            setattr(cfg, f.name, int(value))
+
+
+def _conforms(value, hint) -> bool:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_conforms(value, a) for a in args)
+    if hint in (type(None), bool, str):
+        return type(value) is hint
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return number and (isinstance(value, int) or value.is_integer())
+    if hint is float:
+        return number and (isinstance(value, int) or math.isfinite(value))
+    if origin is list:
+        return isinstance(value, list) and all(_conforms(v, args[0]) for v in value)
+    if origin is tuple:
+        return isinstance(value, tuple) and len(value) == len(args) and all(map(_conforms, value, args))
+    if hint is dict or origin is dict:
+        return isinstance(value, dict)
+    return True  # a nested dataclass: check_types goes through its fields
+
+
+def _describe(hint) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args)
+    if origin is list:
+        return f"a list of {_describe(args[0]).removeprefix('a ')}s"
+    if origin is tuple:
+        return f"a list of {len(args)} numbers"
+    names = {
+        int: "a whole number",
+        float: "a finite number",
+        bool: "true or false",
+        str: "a string",
+        dict: "an object",
+    }
+    return names.get(hint, "null" if hint is type(None) else getattr(hint, "__name__", str(hint)))
+
+
+def model_arg(value) -> str:
+    """A config's ``model``: a model folder or a built-in model's name (None: the default model)."""
+    if value is not None and (not isinstance(value, str) or not value.strip()):
+        raise ConfigError(f"model is {value!r}: give a model folder or a built-in model's name such as uniref-default")
+    return str(resolve_model_arg(value))
 
 
 # accelerate's set_seed seeds numpy's global generator, which takes 32-bit seeds only.
@@ -142,11 +210,15 @@ def check_seed(value, where: str = "the config") -> None:
 
 def check_output_dir(value, key: str = "output_dir") -> None:
     """``output_dir`` must be a folder or a path one can be made at: not an existing file, nor under one."""
-    if not isinstance(value, (str, Path)) or not str(value):
+    if not isinstance(value, (str, Path)) or not str(value) or "\x00" in str(value):
         raise ConfigError(f"{key} is {value!r}: give the path of a folder for the run's checkpoints and logs")
     path = Path(value).expanduser()
     for part in (path, *path.parents):
-        if part.exists() or part.is_symlink():
+        try:
+            found = part.exists() or part.is_symlink()
+        except OSError as e:  # a name longer than the file system allows, a loop of links, …
+            raise ConfigError(f"{key} {value!r} is not a usable path ({e.strerror}): give a folder path") from None
+        if found:
             if not part.is_dir():
                 what = "is a file" if part == path else f"is under {part}, which is a file"
                 raise ConfigError(f"{key} {value} {what}, not a folder: give a folder path (a new one is created)")
@@ -230,13 +302,21 @@ def _read_with_base(path: Path, chain: tuple[Path, ...]) -> dict:
             f"relative to {path.parent}"
         )
     base_path = path.parent / base
-    if base_path.resolve() in chain:
+    try:
+        found = base_path.is_file()
+        resolved = base_path.resolve()
+    except (OSError, ValueError) as e:  # a NUL byte, a name too long for the file system, a loop of links
+        raise ConfigError(
+            f"config file {path}: its {BASE_KEY} {base!r} is not a usable path ({e}): give the path of the config "
+            f"it overrides, relative to {path.parent}"
+        ) from None
+    if resolved in chain:
         names = " → ".join(str(p) for p in chain + (base_path.resolve(),))
         raise ConfigError(
             f"config file {path}: its {BASE_KEY} {base!r} is circular ({names}): a base may not name a "
             "file that names it"
         )
-    if not base_path.is_file():
+    if not found:
         raise ConfigError(
             f"config file {path}: its {BASE_KEY} {base!r} ({base_path}) does not exist: give a path "
             f"relative to {path.parent}"
@@ -263,9 +343,11 @@ def _read_file(path: Path):
         text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise ConfigError(f"config file {path} could not be read: {e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {path} is not UTF-8 text ({e}): save it as UTF-8") from None
     try:
         return tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
-    except (ValueError, tomllib.TOMLDecodeError) as e:
+    except (ValueError, tomllib.TOMLDecodeError, RecursionError) as e:  # RecursionError: nested thousands deep
         raise ConfigError(
             f"config file {path} is not valid {'TOML' if path.suffix == '.toml' else 'JSON'}: {e}"
         ) from None

@@ -175,7 +175,7 @@ def _read_image_size(path: Path, name: str) -> tuple[int, int]:
 def _parse_row(line: str) -> tuple[dict | None, str | None]:
     try:
         row = json.loads(line)
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:  # RecursionError: nested thousands deep
         return None, f"not valid JSON ({e})"
     if not isinstance(row, dict):
         return None, "not a JSON object"
@@ -190,7 +190,7 @@ def _parse_row(line: str) -> tuple[dict | None, str | None]:
     if not isinstance(instruction, str) or not instruction.strip():
         return None, "empty instruction"
     try:
-        check_prompt_text(instruction, "instruction")
+        check_prompt_text(instruction, "the instruction")  # refused here, it would stop the encoding pass
     except UniRefError as e:
         return None, str(e)
     return row, None
@@ -207,9 +207,9 @@ def load_rows(manifests: list[str], cfg, name: str = "train", workers: int = 4) 
         path = Path(manifest)
         try:
             lines = path.read_text(encoding="utf-8").splitlines()
-        except OSError as e:
+        except (OSError, UnicodeDecodeError) as e:
             raise UniRefError(
-                f"{name} manifest {path} could not be read ({e}): check train_manifest / val_manifest"
+                f"{name} manifest {path} could not be read as UTF-8 text ({e}): check train_manifest / val_manifest"
             ) from e
         for n, line in enumerate(lines, start=1):
             if not line.strip():

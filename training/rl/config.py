@@ -20,8 +20,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from uniref_core.defaults import resolve_model_arg
-
 from ..common.config import (
     MIXED_PRECISION,
     ConfigError,
@@ -36,6 +34,8 @@ from ..common.config import (
     check_output_dir,
     check_precision,
     check_seed,
+    check_types,
+    model_arg,
     read_config_data,
 )
 from .advantages import AGGREGATIONS
@@ -160,7 +160,7 @@ def config_from_dict(data: dict) -> RLConfig:
             raise ConfigError(f"the config has no {key!r}: it is required")
     kw = dict(data)
     kw["train_manifest"] = _paths(data["train_manifest"], "train_manifest")
-    kw["model"] = str(resolve_model_arg(data["model"]))  # a folder, or a built-in name
+    kw["model"] = model_arg(data["model"])  # a folder, or a built-in name
     if not kw["train_manifest"]:
         raise ConfigError("train_manifest is empty: give the JSONL manifest(s) whose rows are the prompts")
     rewards = data.get("rewards", [{"source": "checker"}])
@@ -168,13 +168,12 @@ def config_from_dict(data: dict) -> RLConfig:
         raise ConfigError('rewards is empty: give at least one source, e.g. [{"source": "checker"}]')
     kw["rewards"] = [_reward(r, i) for i, r in enumerate(rewards)]
     kw["lora"] = _lora(data.get("lora"))
-    if "betas" in data:
+    if isinstance(data.get("betas"), list):  # JSON and TOML have no tuples; anything else fails check_types
         kw["betas"] = tuple(data["betas"])
     for key in ("budget", "output_size", "vl_budget"):
         kw[key] = _area(data.get(key), "the config", key, allow_none=True)
-    if data.get("sde_window") is not None:
-        kw["sde_window"] = list(data["sde_window"])
     cfg = RLConfig(**kw)
+    check_types(cfg)
     _check(cfg)
     return cfg
 

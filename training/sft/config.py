@@ -27,8 +27,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from uniref_core.defaults import resolve_model_arg
-
 from ..common.config import (
     MIXED_PRECISION,
     ConfigError,
@@ -43,6 +41,8 @@ from ..common.config import (
     check_output_dir,
     check_precision,
     check_seed,
+    check_types,
+    model_arg,
     read_config_data,
 )
 from ..common.schedules import SCHEDULES
@@ -188,7 +188,7 @@ def config_from_dict(data: dict) -> SFTConfig:
     kwargs = dict(data)
     kwargs["stages"] = [_stage(s, i) for i, s in enumerate(stages)]
     kwargs["train_manifest"] = _paths(data["train_manifest"], "train_manifest")
-    kwargs["model"] = str(resolve_model_arg(data["model"]))  # a folder, or a built-in name
+    kwargs["model"] = model_arg(data["model"])  # a folder, or a built-in name
     kwargs["val_manifest"] = _paths(data.get("val_manifest"), "val_manifest")
     if not kwargs["train_manifest"]:
         raise ConfigError("train_manifest is empty: give the JSONL manifest(s) to train on")
@@ -200,10 +200,11 @@ def config_from_dict(data: dict) -> SFTConfig:
         raise ConfigError("logit_normal must be an object {mean, std}")
     _check_keys(ln, LogitNormal, "logit_normal")
     kwargs["logit_normal"] = LogitNormal(**ln)
-    if "betas" in data:
+    if isinstance(data.get("betas"), list):  # JSON and TOML have no tuples; anything else fails check_types
         kwargs["betas"] = tuple(data["betas"])
     kwargs["vl_budget"] = _area(data.get("vl_budget"), "the config", "vl_budget", allow_none=True)
     cfg = SFTConfig(**kwargs)
+    check_types(cfg)
     _check_top(cfg)
     return cfg
 
