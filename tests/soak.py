@@ -162,7 +162,9 @@ class Outcome:
     label: str
     result: str
     seconds: float
-    rss_mib: float = 0.0
+    rss_mib: float = 0.0  # the host's VmRSS after the prompt
+    anon_mib: float = 0.0  # its RssAnon: the heap, which a leak grows (VmRSS also counts file pages)
+    available_mib: float = 0.0  # the machine's MemAvailable then
     problem: str = ""
     act_s: float | None = None  # interrupts: from POST /interrupt to the host's "interrupted" (its own timestamp)
     seen_s: float | None = None  # interrupts: from POST /interrupt to that message's arrival on the websocket
@@ -172,18 +174,33 @@ class Outcome:
 
 @dataclass
 class SoakReport:
+    """The outcomes of a run. Memory: the host's after ``early_index`` prompts against its memory at the end. VmRSS
+    also counts file pages (libraries, model files), which the kernel takes back when another process needs the
+    memory and ComfyUI's RAM-pressure cache lets go of outputs then too, so a drop means little; a leak grows
+    both VmRSS and RssAnon."""
+
     outcomes: list[Outcome]
-    rss_early_mib: float
-    rss_end_mib: float
-    early_index: int  # RSS is compared with the RSS after this many prompts
+    early_index: int
     wall_s: float
     model_loads: int
     log_problems: list[str] = field(default_factory=list)
 
     @property
+    def early(self) -> Outcome:
+        return self.outcomes[min(self.early_index, len(self.outcomes)) - 1]
+
+    @property
     def drift(self) -> float:
-        """The end's RSS over the early one, less 1 (nan when the run ended before the early point)."""
-        return self.rss_end_mib / self.rss_early_mib - 1 if self.rss_early_mib else float("nan")
+        """VmRSS at the end over VmRSS after ``early_index`` prompts, less 1."""
+        return self.outcomes[-1].rss_mib / self.early.rss_mib - 1
+
+    @property
+    def anon_drift(self) -> float:
+        return self.outcomes[-1].anon_mib / self.early.anon_mib - 1
+
+    @property
+    def min_available_mib(self) -> float:
+        return min(o.available_mib for o in self.outcomes)
 
     @property
     def failures(self) -> list[str]:
@@ -214,9 +231,11 @@ class SoakReport:
                     + f" (on the websocket by {max(o.seen_s for o in acted):.2f} s)"
                 )
         lines.append(f"  model loads: {self.model_loads}")
+        early, end = self.early, self.outcomes[-1]
         lines.append(
-            f"  RSS after {self.early_index} prompts {self.rss_early_mib:.0f} MiB, at the end "
-            f"{self.rss_end_mib:.0f} MiB ({self.drift:+.1%})"
+            f"  VmRSS after {early.index} prompts {early.rss_mib:.0f} MiB, at the end {end.rss_mib:.0f} MiB "
+            f"({self.drift:+.1%}); RssAnon {early.anon_mib:.0f} -> {end.anon_mib:.0f} MiB ({self.anon_drift:+.1%}); "
+            f"the machine's MemAvailable down to {self.min_available_mib:.0f} MiB"
         )
         failures = self.failures
         lines.append(f"  problems: {len(failures)}")
@@ -274,11 +293,10 @@ def soak_host(threads: int | None = 1):
                 os.environ[k] = v
 
 
-def rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no VmRSS for process {pid}")
+def proc_mib(path: str, *keys: str) -> list[float]:
+    """Fields of a /proc file in kB (``VmRSS:  123 kB``), in MiB."""
+    fields = dict(line.split(":", 1) for line in Path(path).read_text().splitlines() if ":" in line)
+    return [int(fields[k].split()[0]) / 1024 for k in keys]
 
 
 # ---------------------------------------------------------------- the soak
@@ -556,7 +574,6 @@ class Soak:
         loads_before = self.host.log_text().count("UniRef: loading model")
         t0 = time.monotonic()
         outcomes: list[Outcome] = []
-        rss_early = 0.0
         for index, kind in enumerate(self.plan(n), start=1):
             try:
                 outcome = self.step(index, kind)
@@ -565,19 +582,17 @@ class Soak:
             serving = self.check_serving()
             if serving:
                 outcome.problem = "; ".join(filter(None, (outcome.problem, serving)))
-            outcome.rss_mib = rss_mib(self.host.proc.pid) if self.host.proc else 0.0
+            if self.host.proc is not None:
+                outcome.rss_mib, outcome.anon_mib = proc_mib(f"/proc/{self.host.proc.pid}/status", "VmRSS", "RssAnon")
+            (outcome.available_mib,) = proc_mib("/proc/meminfo", "MemAvailable")
             outcomes.append(outcome)
             if on_outcome is not None:
                 on_outcome(outcome)
-            if index == early_index:
-                rss_early = outcome.rss_mib
             if serving:
                 break  # the host is gone or stuck: nothing after this would mean anything
         log = self.host.log_text()
         return SoakReport(
             outcomes=outcomes,
-            rss_early_mib=rss_early,
-            rss_end_mib=outcomes[-1].rss_mib,
             early_index=early_index,
             wall_s=time.monotonic() - t0,
             model_loads=log.count("UniRef: loading model") - loads_before,

@@ -28,4 +28,5 @@ def test_a_mixed_run_keeps_serving_with_our_messages_the_same_images_and_flat_me
     assert {o.label for o in report.outcomes if o.kind == "bad"} == {b.name for b in BAD_INPUTS}
     assert report.count("interrupt", "interrupted") >= 3, report.summary()
     assert report.model_loads >= 2, report.summary()  # /free unloaded the model and the next prompt loaded it
-    assert abs(report.drift) <= 0.10, report.summary()
+    # A leak grows the host's memory; a drop is the kernel or ComfyUI's RAM-pressure cache giving memory back.
+    assert report.drift <= 0.10 and report.anon_drift <= 0.10, report.summary()
