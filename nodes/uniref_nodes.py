@@ -5,12 +5,14 @@ Each node is a schema plus a short ``execute`` that calls ``uniref_core``; no mo
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import comfy.model_management as mm
 import comfy.utils
 from comfy_api.latest import io
 
 from ..uniref_core.budget import BUDGETS, MODES
-from ..uniref_core.errors import UniRefError
+from ..uniref_core.errors import UniRefCancelled, UniRefError
 from ..uniref_core.images import pil_to_comfy, split_image_batch
 from ..uniref_core.pipeline import DEFAULT_CFG, DEFAULT_ETA, DEFAULT_STEPS, SAMPLERS, SamplingOptions
 from . import comfy_model
@@ -299,18 +301,20 @@ class SelfEncode(io.ComfyNode):
     ) -> io.NodeOutput:
         area = _budget_area(budget, custom_budget)  # None: the model's
         pipe = model.load("text_encoder", "vae")
-        cond = pipe.encode(
-            references,
-            prompt,
-            negative_prompt,
-            cfg=2.0,  # always encode the negative: the sampler's cfg is not known here
-            mode=mode,
-            budget=area,
-            upscale=upscale_small,
-            width=width or None,
-            height=height or None,
-            match_ref=match_reference,
-        )
+        with comfy_interrupt():
+            cond = pipe.encode(
+                references,
+                prompt,
+                negative_prompt,
+                cfg=2.0,  # always encode the negative: the sampler's cfg is not known here
+                mode=mode,
+                budget=area,
+                upscale=upscale_small,
+                width=width or None,
+                height=height or None,
+                match_ref=match_reference,
+                is_cancelled=mm.processing_interrupted,
+            )
         return io.NodeOutput(cond)
 
 
@@ -403,15 +407,23 @@ class UniRefSampler(io.ComfyNode):
                 preview = ("JPEG", pipe.preview(info.x0, info.width, info.height), _preview_size())
             bar.update_absolute(info.step, info.total, preview)
 
-        latents = pipe.sample(cond, options, init_image=init, on_step=on_step, is_cancelled=_interrupted)
-        images = pipe.decode(latents, cond.width, cond.height)
+        with comfy_interrupt():
+            latents = pipe.sample(
+                cond, options, init_image=init, on_step=on_step, is_cancelled=mm.processing_interrupted
+            )
+            images = pipe.decode(latents, cond.width, cond.height, is_cancelled=mm.processing_interrupted)
         return io.NodeOutput(pil_to_comfy(images), {"samples": pipe.raw_latents(latents, cond.width, cond.height)})
 
 
-def _interrupted() -> bool:
-    # Raises ComfyUI's own InterruptProcessingException, so the prompt ends as "interrupted".
-    mm.throw_exception_if_processing_interrupted()
-    return False
+@contextmanager
+def comfy_interrupt():
+    """The engine's cancel (it asks ComfyUI's interrupt flag before every network block) as ComfyUI's own
+    InterruptProcessingException, so the prompt ends as "interrupted", not as an error."""
+    try:
+        yield
+    except UniRefCancelled as e:
+        mm.throw_exception_if_processing_interrupted()  # clears the flag as ComfyUI's own checks do, and raises
+        raise mm.InterruptProcessingException() from e
 
 
 def _previews_enabled() -> bool:

@@ -206,3 +206,13 @@ def comfy_single_files(tmp_path_factory):
     files["vae"], _ = comfy_vae_file(tmp, "0.30.0")  # built by ComfyUI's own Wan VAE class, in its file layout
     tokenizer = comfy_hosts.ensure_host("0.30.0").comfy_dir / "comfy" / "text_encoders" / "qwen25_tokenizer"
     return files, tokenizer, transformer, te
+
+
+#: Blocks of `slow_model`: a step is many blocks, so a cancel inside it can be told from one between steps.
+SLOW_LAYERS = 16
+
+
+@pytest.fixture(scope="session")
+def slow_model(tmp_path_factory):
+    """The tiny model with SLOW_LAYERS transformer blocks: at 768² one step takes seconds on a CPU."""
+    return make_tiny_model(tmp_path_factory.mktemp("slow") / "model", transformer={"num_layers": SLOW_LAYERS})

@@ -27,6 +27,24 @@ class _StubModule(types.ModuleType):
         return value
 
 
+def _interrupt_flag(mm) -> None:
+    """ComfyUI's interrupt flag and its three functions (comfy.model_management), as the host has them."""
+    mm.InterruptProcessingException = type("InterruptProcessingException", (Exception,), {})
+    mm.flag = False
+
+    def interrupt_current_processing(value=True):
+        mm.flag = value
+
+    def throw_exception_if_processing_interrupted():
+        if mm.flag:
+            mm.flag = False
+            raise mm.InterruptProcessingException()
+
+    mm.interrupt_current_processing = interrupt_current_processing
+    mm.processing_interrupted = lambda: mm.flag
+    mm.throw_exception_if_processing_interrupted = throw_exception_if_processing_interrupted
+
+
 @pytest.fixture
 def nodes(monkeypatch):
     """nodes/uniref_nodes.py imported as ComfyUI imports the pack (a package), over stand-in host modules."""
@@ -46,6 +64,7 @@ def nodes(monkeypatch):
     for sub in ("model_management", "utils", "model_patcher", "cli_args"):
         stubs[f"comfy.{sub}"] = _StubModule(f"comfy.{sub}")
         setattr(comfy, sub, stubs[f"comfy.{sub}"])
+    _interrupt_flag(stubs["comfy.model_management"])
     for name, module in stubs.items():
         monkeypatch.setitem(sys.modules, name, module)
     spec = importlib.util.spec_from_file_location(PACK, ROOT / "__init__.py", submodule_search_locations=[str(ROOT)])
@@ -121,3 +140,44 @@ def test_a_sampler_whose_lora_makes_nan_is_a_node_error_naming_the_lora(nodes, t
         nodes.UniRefError, match="non-finite values .* LoRA broken.safetensors at strength 1 is loaded"
     ):
         nodes.UniRefSampler.execute(model, cond, seed=0, steps=2, cfg=1.0, sampler="ode", denoise=1.0)
+
+
+def pack_pipe(model_dir):
+    return importlib.import_module(f"{PACK}.uniref_core.pipeline").UniRefPipeline.from_pretrained(model_dir)
+
+
+def test_an_interrupt_inside_a_step_ends_the_sampler_as_comfyuis_interrupt(nodes, tiny_model):
+    from conftest import make_refs
+
+    mm = sys.modules["comfy.model_management"]
+    pipe = pack_pipe(tiny_model)
+    model = mock.MagicMock()
+    model.load.return_value = pipe
+    cond = pipe.encode(make_refs([(64, 64)]), "x", cfg=1.0, budget=64 * 64, width=64, height=64)
+    blocks = pipe.c.transformer.transformer_blocks
+    ran = []
+
+    def user_presses_cancel(module, args, out):
+        ran.append(1)
+        if len(ran) == 1:
+            mm.interrupt_current_processing()  # during step 1, after its first block
+
+    handle = blocks[0].register_forward_hook(user_presses_cancel)
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            nodes.UniRefSampler.execute(model, cond, seed=0, steps=3, cfg=1.0, sampler="ode", denoise=1.0)
+    finally:
+        handle.remove()
+    assert len(ran) == 1 and not mm.processing_interrupted()  # stopped inside step 1; the flag is cleared for the next
+    assert all(not m._forward_pre_hooks for m in pipe.c.transformer.modules())
+
+
+def test_an_interrupt_while_encoding_ends_self_encode_as_comfyuis_interrupt(nodes, tiny_model):
+    from conftest import make_refs
+
+    mm = sys.modules["comfy.model_management"]
+    model = mock.MagicMock()
+    model.load.return_value = pack_pipe(tiny_model)
+    mm.interrupt_current_processing()
+    with pytest.raises(mm.InterruptProcessingException):
+        nodes.SelfEncode.execute(model, make_refs([(64, 64)]), "a prompt", width=64, height=64)

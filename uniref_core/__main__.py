@@ -8,7 +8,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from .budget import MODES, PER_IMAGE_AREA, TOKEN_PX, parse_area
@@ -248,6 +252,7 @@ def cmd_plan(a) -> int:
 def cmd_edit(a) -> int:
     import torch
 
+    from .cancel import check_cancel
     from .defaults import resolve_model_arg
     from .images import load_image, save_image
     from .model import resolve_dtype
@@ -334,18 +339,50 @@ def cmd_edit(a) -> int:
             bar.total = info.total
             bar.update(1)
 
-    try:
-        result = pipe.edit(
-            refs, a.prompt, a.negative_prompt, options, init_image=init, on_step=on_step, **_size_kwargs(a)
-        )
-    finally:
-        if bar is not None:
-            bar.close()
+    with ctrl_c_cancels() as is_cancelled:
+        try:
+            result = pipe.edit(
+                refs,
+                a.prompt,
+                a.negative_prompt,
+                options,
+                init_image=init,
+                on_step=on_step,
+                is_cancelled=is_cancelled,
+                **_size_kwargs(a),
+            )
+        finally:
+            if bar is not None:
+                bar.close()
+        check_cancel(is_cancelled, "before saving")
     for img, p in zip(result.images, paths):
         save_image(img, p)
     with_loras = "".join(f" + LoRA {lw.name} at {s:g}" for lw, s in loras)
     print(f"{', '.join(str(p) for p in paths)}: {result.summary()}; model {model}{with_loras}")
     return 0
+
+
+@contextmanager
+def ctrl_c_cancels() -> Iterator[Callable[[], bool]]:
+    """Inside, the first Ctrl-C asks the engine to stop before its next network block (`uniref_core.cancel`: within a
+    fraction of a step, the run then ends as cancelled) and a second one stops at once; yields ``is_cancelled``."""
+    asked = threading.Event()
+
+    def on_ctrl_c(signum, frame) -> None:
+        if asked.is_set():
+            raise KeyboardInterrupt
+        asked.set()
+        print("\ncancelling (Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
+
+    try:
+        previous = signal.signal(signal.SIGINT, on_ctrl_c)
+    except ValueError:  # not the main thread: Ctrl-C stays Python's KeyboardInterrupt
+        yield asked.is_set
+        return
+    try:
+        yield asked.is_set
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def cmd_make_tiny(a) -> int:

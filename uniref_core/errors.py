@@ -6,4 +6,4 @@ class UniRefError(ValueError):
 
 
 class UniRefCancelled(RuntimeError):
-    """Raised between denoising steps when the caller asked to stop."""
+    """Raised when the caller asked to stop: before the next network block runs (`uniref_core.cancel`)."""

@@ -19,7 +19,8 @@ from PIL import Image
 
 from . import budget as budget_mod
 from .budget import Plan, plan_references
-from .errors import UniRefCancelled, UniRefError
+from .cancel import ShouldCancel, cancel_points
+from .errors import UniRefError
 from .images import load_image
 from .latents import (
     build_sequence,
@@ -430,12 +431,14 @@ class UniRefPipeline:
         height: int | None = None,
         match_ref: int = 1,
         output_area: int | None = None,
+        is_cancelled: ShouldCancel | None = None,
     ) -> SelfConditioning:
         """References (paths, PIL, numpy, ComfyUI tensors) + prompt → SELF conditioning.
 
         The negative prompt is encoded only when ``cfg`` > 1 (it is unused otherwise). ``cfg``,
         ``budget``, ``vl_budget`` and ``output_area`` left as None take the model folder's defaults
         (``uniref.json``), else the built-in ones (1024² budget and output, 384² per VL copy).
+        ``is_cancelled``: asked before every text-encoder layer and VAE stage (`uniref_core.cancel`).
         """
         cfg = self.setting("cfg", cfg)
         budget = self.setting("budget", budget)
@@ -480,16 +483,26 @@ class UniRefPipeline:
         te = self.c.text_encoder
         te_device = self._execution_device or te.device
         room = self.prompt_room(plan)
-        positive = encode_prompt(te, self.c.processor, prompt, vl_images, device=te_device, max_tokens=room)
-        negative = None
-        if cfg > 1:
-            neg_text = DEFAULT_NEGATIVE if negative_prompt is None else negative_prompt
-            negative = encode_prompt(
-                te, self.c.processor, neg_text, vl_images, device=te_device, max_tokens=room, name="negative prompt"
-            )
+        with cancel_points(is_cancelled, [te], "while encoding the prompt"):
+            positive = encode_prompt(te, self.c.processor, prompt, vl_images, device=te_device, max_tokens=room)
+            negative = None
+            if cfg > 1:
+                neg_text = DEFAULT_NEGATIVE if negative_prompt is None else negative_prompt
+                negative = encode_prompt(
+                    te,
+                    self.c.processor,
+                    neg_text,
+                    vl_images,
+                    device=te_device,
+                    max_tokens=room,
+                    name="negative prompt",
+                )
         ref_tokens = []
         for im, r in zip(images, plan.references):
-            with self._vae_pass(*r.vae):
+            with (
+                self._vae_pass(*r.vae),
+                cancel_points(is_cancelled, [self.c.vae], f"while encoding reference {r.index}"),
+            ):
                 latents = vae_encode(self.c.vae, to_pixels(im, *r.vae))
             ref_tokens.append(pack_latents(latents).to(self.device, self.dtype))
         return SelfConditioning(
@@ -551,11 +564,12 @@ class UniRefPipeline:
         options: SamplingOptions | None = None,
         *,
         init_image=None,
-        is_cancelled: Callable[[], bool] | None = None,
+        is_cancelled: ShouldCancel | None = None,
         **overrides,
     ) -> Iterator[DenoiseStep]:
         """The denoising steps one by one (`sampling.denoise_steps` on this model): ``sample`` takes the
-        last one's ``x_next``, RL rollouts keep every step's latents and log-probabilities."""
+        last one's ``x_next``, RL rollouts keep every step's latents and log-probabilities. ``is_cancelled`` is
+        asked before every transformer block (`uniref_core.cancel`); no check stays installed between steps."""
         opts = _sampling_overrides(options, overrides, "denoise")
         opts = self.sampling_options(opts, init_image=init_image)
         if cond.positive.embeds.device != self.device or cond.positive.embeds.dtype != self.dtype:
@@ -568,7 +582,7 @@ class UniRefPipeline:
         x = torch.cat(noises).to(self.device, self.dtype)
         if opts.denoise < 1:
             init = load_image(init_image, name="init image")
-            with self._vae_pass(w, h):
+            with self._vae_pass(w, h), cancel_points(is_cancelled, [self.c.vae], "while encoding the init image"):
                 x0 = pack_latents(vae_encode(self.c.vae, to_pixels(init, w, h))).to(self.device, self.dtype)
             x = noise_latents(x0.expand_as(x), x, schedule.sigmas[opts.start])
 
@@ -580,9 +594,9 @@ class UniRefPipeline:
         )
         total = opts.steps - opts.start
         for n in range(total):
-            if is_cancelled is not None and is_cancelled():
-                raise UniRefCancelled(f"cancelled before step {n + 1} of {total}")
-            yield next(steps)
+            with cancel_points(is_cancelled, [self.c.transformer], f"in step {n + 1} of {total}"):
+                step = next(steps)
+            yield step
 
     def sample(
         self,
@@ -591,7 +605,7 @@ class UniRefPipeline:
         *,
         init_image=None,
         on_step: Callable[[StepInfo], None] | None = None,
-        is_cancelled: Callable[[], bool] | None = None,
+        is_cancelled: ShouldCancel | None = None,
         **overrides,
     ) -> torch.Tensor:
         """Denoise; returns packed target latents [num_images, L, 64]. Image i uses seed ``seed + i``
@@ -618,11 +632,14 @@ class UniRefPipeline:
     # 3. Decoding ------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def decode(self, latents: torch.Tensor, width: int, height: int) -> list[Image.Image]:
+    def decode(
+        self, latents: torch.Tensor, width: int, height: int, is_cancelled: ShouldCancel | None = None
+    ) -> list[Image.Image]:
         """Packed latents → images. Model offload sends the transformer off the device first (where the next edit's
-        prompt encode would send it anyway), so the decode's peak is the VAE and its activations."""
+        prompt encode would send it anyway), so the decode's peak is the VAE and its activations. ``is_cancelled`` is
+        asked before every VAE stage (per tile when tiled)."""
         self._onload(None)
-        with self._vae_pass(width, height):
+        with self._vae_pass(width, height), cancel_points(is_cancelled, [self.c.vae], "while decoding the image"):
             pixels = vae_decode(self.c.vae, unpack_latents(latents, width, height, self.vae_scale))
         return to_images(pixels)
 
@@ -677,7 +694,9 @@ class UniRefPipeline:
         overrides = {k: v for k, v in kwargs.items() if k in names}
         encode_options = {k: v for k, v in kwargs.items() if k not in names}
         opts = self.sampling_options(options, init_image=init_image, **overrides)
-        cond = self.encode(references, prompt, negative_prompt, cfg=opts.cfg, **encode_options)
+        cond = self.encode(
+            references, prompt, negative_prompt, cfg=opts.cfg, is_cancelled=is_cancelled, **encode_options
+        )
         latents = self.sample(cond, opts, init_image=init_image, on_step=on_step, is_cancelled=is_cancelled)
-        images = self.decode(latents, cond.width, cond.height)
+        images = self.decode(latents, cond.width, cond.height, is_cancelled=is_cancelled)
         return EditResult(images, cond.plan, time.perf_counter() - t0, latents)
