@@ -120,3 +120,12 @@ def test_files_that_are_not_a_qwen_image_model_are_clear_errors(tmp_path):
         load_comfy_transformer(pickle)
     with pytest.raises(UniRefError, match="does not exist"):
         load_comfy_transformer(tmp_path / "missing.safetensors")
+    # Only the embedders of a Qwen-Image file, no blocks: a partial save, refused by name before any model is built.
+    part = tmp_path / "qwen_image_part.safetensors"
+    save_file({"img_in.weight": torch.zeros(8, 64), "txt_norm.weight": torch.zeros(16)}, str(part))
+    with pytest.raises(
+        UniRefError,
+        match=r"qwen_image_part.safetensors has no txt_in.weight, proj_out.weight, .*"
+        r"not a whole Qwen-Image diffusion model",
+    ):
+        load_comfy_transformer(part)

@@ -58,11 +58,21 @@ def transformer_prefix(keys) -> str | None:
     return None
 
 
-def transformer_config(shapes: dict[str, tuple], zero_cond_t: bool, axes_dims_rope=None) -> dict:
+def transformer_config(
+    shapes: dict[str, tuple], zero_cond_t: bool, axes_dims_rope=None, name: str = "the file"
+) -> dict:
     """diffusers ``QwenImageTransformer2DModel`` config from the (unprefixed) weights' shapes. The rotary split of
     a head is not in the weights: Qwen-Image's (16, 56, 56) for its 128-wide heads, as ComfyUI assumes; a model
     with other heads must say its own (``axes_dims_rope``)."""
     blocks = {int(m.group(1)) for k in shapes if (m := re.match(r"transformer_blocks\.(\d+)\.", k))}
+    needed = ("img_in.weight", "txt_in.weight", "proj_out.weight", "transformer_blocks.0.attn.norm_q.weight")
+    missing = [k for k in needed if k not in shapes]
+    if missing or not blocks:
+        raise UniRefError(
+            f"{name} has no {', '.join(missing) or 'transformer_blocks.*'}: it is not a whole Qwen-Image diffusion "
+            "model (a LoRA, a partial or a truncated save?); pick a complete file such as "
+            "qwen_image_edit_2511_bf16.safetensors"
+        )
     inner, in_channels = shapes["img_in.weight"]
     head_dim = shapes["transformer_blocks.0.attn.norm_q.weight"][0]
     if inner % head_dim:
@@ -124,7 +134,10 @@ def load_comfy_transformer(
             state[name] = tensor.to(dtype) if cast else tensor
     fp8_layers = quantized_layers(state, metadata, path.name)
     config = transformer_config(
-        {k: tuple(v.shape) for k, v in state.items()}, marker if zero_cond_t is None else zero_cond_t, axes_dims_rope
+        {k: tuple(v.shape) for k, v in state.items()},
+        marker if zero_cond_t is None else zero_cond_t,
+        axes_dims_rope,
+        path.name,
     )
     with torch.device("meta"):  # no weights allocated or initialised: the file's are assigned below
         model = QwenImageTransformer2DModel(**config)
