@@ -88,6 +88,10 @@ def main(argv=None) -> int:
                             crashes[key] = f"{type(crash).__name__}: {str(crash)[:300]}\n{notes[:1500]}"
                             print(f"[{name}] new crash {key[1]} at {key[2]}", flush=True)
             rounds += 1
+            done = sum(test_fuzz.EXECUTIONS.values())
+            minutes = (time.monotonic() - start) / 60
+            line = f"round {rounds}: {done} executions, {len(crashes)} distinct crash(es), {minutes:.1f} min"
+            print(line, flush=True)
     except KeyboardInterrupt:
         print("interrupted", flush=True)
     minutes = (time.monotonic() - start) / 60
