@@ -19,6 +19,7 @@ from comfy_api.latest import io
 
 from ..uniref_core.budget import BUDGETS, plan_references
 from ..uniref_core.errors import UniRefError
+from ..uniref_core.prompt import check_prompt_text
 from .uniref_nodes import AUTOGROW_PREFIX, CATEGORY, CUSTOM, FIXED_IMAGE_INPUTS, MAX_AUTOGROW_IMAGES, _image_slot_names
 
 #: Core TextEncodeQwenImageEditPlus's system template (comfy_extras/nodes_qwen.py), the one the checkpoints use.
@@ -143,6 +144,9 @@ class SelfEncodeNative(io.ComfyNode):
             raise UniRefError(
                 "UniRef SELF Encode (native) has no image connected: connect at least one reference to image_1"
             )
+        # ComfyUI's tokenizer would fail on text that is not UTF-8 with a bare UnicodeEncodeError, after the VAE ran.
+        check_prompt_text(prompt, "prompt")
+        check_prompt_text(negative_prompt, "negative prompt")
         frames = [im[i : i + 1] for im in images for i in range(im.shape[0])]  # a batch input is several references
         sizes = [(int(f.shape[2]), int(f.shape[1])) for f in frames]
         if policy == "per_image":

@@ -73,7 +73,7 @@ def shipped_prompt(host, **encode):
         elif kind == "VAELoader":
             inputs["vae_name"] = host.files["vae"].name
         elif kind == "UniRefSelfEncodeNative":
-            inputs.update(width=SIZE, height=SIZE, negative_prompt="blurry", **encode)
+            inputs.update({"width": SIZE, "height": SIZE, "negative_prompt": "blurry", **encode})
         elif kind == "KSampler":
             inputs.update(steps=STEPS, cfg=CFG)
     return prompt
@@ -122,3 +122,15 @@ def test_per_image_equals_the_core_qwen_edit_node_and_budget_changes_the_image(h
     assert np.array_equal(per_image, run_image(host, core))  # exactly TextEncodeQwenImageEditPlus's image
     budget = run_image(host, shipped_prompt(host, policy="budget", budget="custom", custom_budget=128))
     assert np.abs(budget - per_image).mean() > 1  # the references' sizes reached ComfyUI's model
+
+
+@pytest.mark.parametrize("field", ["prompt", "negative_prompt"])
+def test_text_that_is_not_utf8_is_a_node_error_naming_it(host, field):
+    """A lone surrogate, as a workflow JSON can hold ("\\udce9"), is refused by name before any encoding; ComfyUI's
+    tokenizer would otherwise fail on it with a bare UnicodeEncodeError."""
+    prompt = shipped_prompt(host, **{field: "caf\udce9"})
+    with host.listen() as ws:
+        err = ws.wait_for("execution_error", prompt_id=host.queue(prompt, ws.client_id), timeout=120)
+    message = err["data"]["exception_message"]
+    assert f"{field.replace('_', ' ')} is not valid UTF-8 text: character 4 is the byte 0xe9" in message, message
+    assert run_image(host, shipped_prompt(host)).shape == (SIZE, SIZE, 3)  # the host still serves
