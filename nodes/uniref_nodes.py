@@ -34,6 +34,27 @@ MIN_CUSTOM_BUDGET = 64
 MAX_CUSTOM_BUDGET = 4096  # a 4096² budget is the most the engine runs (uniref_core.budget.MAX_SEQUENCE_TOKENS)
 
 
+def _precision_inputs(what: str) -> list:
+    """The dtype and offload inputs both loaders share; ``what`` is how the dtype's tooltip names it."""
+    return [
+        io.Combo.Input(
+            "dtype",
+            options=["auto", "bf16", "fp16", "fp32"],
+            default="auto",
+            tooltip=f"{what}. auto: bf16 on a GPU that supports it, fp32 on CPU.",
+        ),
+        io.Combo.Input(
+            "offload",
+            options=list(comfy_model.OFFLOAD_MODES),
+            default="none",
+            optional=True,
+            tooltip="blocks: for GPUs smaller than the model. The transformer and text encoder stay in "
+            "CPU memory and each block visits the GPU only while it runs (slower; the VAE stays "
+            "on the GPU). none: ComfyUI moves whole networks in and out as usual.",
+        ),
+    ]
+
+
 def _image_slot_names(kwargs: dict) -> list:
     """Connected IMAGE tensors in slot order (image_1, image_2, …) from Autogrow's dict or fixed inputs."""
     images = kwargs.get("images")
@@ -62,21 +83,7 @@ class LoadUniRefModel(io.ComfyNode):
                     "model_index.json), or a built-in model: uniref-default (tuned with MSGRPO) or "
                     "uniref-default-sft (the same before it).",
                 ),
-                io.Combo.Input(
-                    "dtype",
-                    options=["auto", "bf16", "fp16", "fp32"],
-                    default="auto",
-                    tooltip="Weight precision. auto: bf16 on a GPU that supports it, fp32 on CPU.",
-                ),
-                io.Combo.Input(
-                    "offload",
-                    options=list(comfy_model.OFFLOAD_MODES),
-                    default="none",
-                    optional=True,
-                    tooltip="blocks: for GPUs smaller than the model. The transformer and text encoder stay in "
-                    "CPU memory and each block visits the GPU only while it runs (slower; the VAE stays "
-                    "on the GPU). none: ComfyUI moves whole networks in and out as usual.",
-                ),
+                *_precision_inputs("Weight precision"),
             ],
             outputs=[ModelType.Output(display_name="model")],
         )
@@ -114,21 +121,7 @@ class LoadUniRefModelFiles(io.ComfyNode):
                     options=folder_paths.get_filename_list("vae"),
                     tooltip="From models/vae/, e.g. qwen_image_vae.safetensors.",
                 ),
-                io.Combo.Input(
-                    "dtype",
-                    options=["auto", "bf16", "fp16", "fp32"],
-                    default="auto",
-                    tooltip="Compute precision. auto: bf16 on a GPU that supports it, fp32 on CPU.",
-                ),
-                io.Combo.Input(
-                    "offload",
-                    options=list(comfy_model.OFFLOAD_MODES),
-                    default="none",
-                    optional=True,
-                    tooltip="blocks: for GPUs smaller than the model. The transformer and text encoder stay in "
-                    "CPU memory and each block visits the GPU only while it runs (slower; the VAE stays "
-                    "on the GPU). none: ComfyUI moves whole networks in and out as usual.",
-                ),
+                *_precision_inputs("Compute precision"),
             ],
             outputs=[ModelType.Output(display_name="model")],
         )
