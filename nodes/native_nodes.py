@@ -19,16 +19,9 @@ from comfy_api.latest import io
 
 from ..uniref_core.budget import BUDGETS, plan_references
 from ..uniref_core.errors import UniRefError
-from ..uniref_core.prompt import check_prompt_text
-from .uniref_nodes import AUTOGROW_PREFIX, CATEGORY, CUSTOM, FIXED_IMAGE_INPUTS, MAX_AUTOGROW_IMAGES, _image_slot_names
+from ..uniref_core.prompt import PICTURE_LABEL, PROMPT_TEMPLATE, check_prompt_text
+from .uniref_nodes import CATEGORY, CUSTOM, _image_slot_names, image_inputs
 
-#: Core TextEncodeQwenImageEditPlus's system template (comfy_extras/nodes_qwen.py), the one the checkpoints use.
-LLAMA_TEMPLATE = (
-    "<|im_start|>system\nDescribe the key features of the input image (color, shape, size, texture, objects, "
-    "background), then explain how the user's text instruction should alter or modify the image. Generate a new "
-    "image that meets the user's requirements while maintaining consistency with the original input where "
-    "appropriate.<|im_end|>\n<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
-)
 #: The core node's sizes: each reference's VL copy at ~384², its VAE copy at ~1024² in multiples of 8.
 CORE_VL_AREA, CORE_VAE_AREA, CORE_MULTIPLE = 384 * 384, 1024 * 1024, 8
 POLICIES = ("budget", "per_image")
@@ -43,27 +36,6 @@ def core_sizes(width: int, height: int) -> tuple[tuple[int, int], tuple[int, int
     s = math.sqrt(CORE_VAE_AREA / (width * height))
     vae = (round(width * s / CORE_MULTIPLE) * CORE_MULTIPLE, round(height * s / CORE_MULTIPLE) * CORE_MULTIPLE)
     return vl, vae
-
-
-def _images_input() -> list:
-    tip = "A reference image; its order is its 'Picture k' number in the prompt. Any size."
-    if hasattr(io, "Autogrow"):
-        return [
-            io.Autogrow.Input(
-                "images",
-                template=io.Autogrow.TemplateNames(
-                    io.Image.Input("image", tooltip=tip),
-                    names=[f"image_{i}" for i in range(1, MAX_AUTOGROW_IMAGES + 1)],
-                    min=0,
-                ),
-                optional=True,
-                tooltip="Reference images; a new input appears as you connect one.",
-            )
-        ]
-    return [
-        io.Image.Input(f"{AUTOGROW_PREFIX}image_{i}", display_name=f"image_{i}", optional=True, tooltip=tip)
-        for i in range(1, FIXED_IMAGE_INPUTS + 1)
-    ]
 
 
 class SelfEncodeNative(io.ComfyNode):
@@ -91,7 +63,7 @@ class SelfEncodeNative(io.ComfyNode):
                     default="",
                     tooltip="What to avoid (KSampler's negative; used when cfg is above 1).",
                 ),
-                *_images_input(),
+                *image_inputs(),
                 io.Combo.Input(
                     "policy",
                     options=list(POLICIES),
@@ -163,10 +135,12 @@ class SelfEncodeNative(io.ComfyNode):
             vl_images.append(comfy.utils.common_upscale(samples, vl[0], vl[1], "area", "disabled").movedim(1, -1))
             s = comfy.utils.common_upscale(samples, vae_size[0], vae_size[1], "area", "disabled")
             ref_latents.append(vae.encode(s.movedim(1, -1)[:, :, :, :3]))
-            image_prompt += f"Picture {k}: <|vision_start|><|image_pad|><|vision_end|>"
+            image_prompt += PICTURE_LABEL.format(k)
 
+        # The engine's template and picture labels are core TextEncodeQwenImageEditPlus's text (comfy_extras/
+        # nodes_qwen.py): tests/test_native_self.py proves the conditioning equal.
         def encode(text):
-            tokens = clip.tokenize(image_prompt + text, images=vl_images, llama_template=LLAMA_TEMPLATE)
+            tokens = clip.tokenize(image_prompt + text, images=vl_images, llama_template=PROMPT_TEMPLATE)
             conditioning = clip.encode_from_tokens_scheduled(tokens)
             return node_helpers.conditioning_set_values(conditioning, {"reference_latents": ref_latents}, append=True)
 

@@ -131,14 +131,17 @@ class LoadUniRefModelFiles(io.ComfyNode):
         return io.NodeOutput(comfy_model.load_model_files(diffusion_model, text_encoder, vae, dtype, offload))
 
 
-def _reference_inputs() -> list:
-    image_tip = "A reference image; its order is its 'Picture k' number in the prompt. Any size."
+def image_inputs() -> list:
+    """Any number of reference images: one Autogrow input (a new slot appears as one is connected) where the host
+    has it, else FIXED_IMAGE_INPUTS optional ones named like Autogrow's slots ("images.image_1"), so one workflow
+    file links on both kinds of host. Read back in order with `_image_slot_names`."""
+    tip = "A reference image; its order is its 'Picture k' number in the prompt. Any size."
     if hasattr(io, "Autogrow"):
-        images = [
+        return [
             io.Autogrow.Input(
                 "images",
                 template=io.Autogrow.TemplateNames(
-                    io.Image.Input("image", tooltip=image_tip),
+                    io.Image.Input("image", tooltip=tip),
                     names=[f"image_{i}" for i in range(1, MAX_AUTOGROW_IMAGES + 1)],
                     # 0: no slot is "required", so an empty batch reaches our own error message.
                     min=0,
@@ -147,18 +150,19 @@ def _reference_inputs() -> list:
                 tooltip="Reference images; a new input appears as you connect one.",
             )
         ]
-    else:
-        # Named like Autogrow's slots ("images.image_1"), so one workflow file links on both kinds of host.
-        images = [
-            io.Image.Input(f"{AUTOGROW_PREFIX}image_{i}", display_name=f"image_{i}", optional=True, tooltip=image_tip)
-            for i in range(1, FIXED_IMAGE_INPUTS + 1)
-        ]
+    return [
+        io.Image.Input(f"{AUTOGROW_PREFIX}image_{i}", display_name=f"image_{i}", optional=True, tooltip=tip)
+        for i in range(1, FIXED_IMAGE_INPUTS + 1)
+    ]
+
+
+def _reference_inputs() -> list:
     previous = RefsType.Input(
         "previous",
         optional=True,
         tooltip="References from another Reference Batch; they come first, so chain batches for any number.",
     )
-    return [previous, *images]
+    return [previous, *image_inputs()]
 
 
 class ReferenceBatch(io.ComfyNode):

@@ -41,7 +41,7 @@ def run_in_host(version: str, script: str, args: dict | list, timeout: float = 3
         timeout=timeout,
         env=comfy_hosts.host_env(),
     )
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.returncode == 0, f"exit code {proc.returncode}; stderr:\n{proc.stderr[-4000:]}"
     return proc
 
 
