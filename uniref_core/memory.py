@@ -64,6 +64,11 @@ VAE_TILE_PX = 256
 TILED_VALUES = 3 * ((256 / 192) ** 2 + 2)
 # The decoded images made 8-bit: float copies of the pixels (scaled, clamped, rounded) beside the VAE's output.
 IMAGE_VALUES = 3 * 3
+# The check's margin on the CPU: glibc keeps freed chunks below its mmap threshold (up to 32 MiB) in its arenas, so a
+# process with a history (a server after other work, a test session) grows by more than the run's working set: the
+# same 512² decode (working set 290 MiB, estimate 345) grew a fresh process by 325 MiB and a pytest process by up to
+# 512.
+CPU_HEAP_SLACK = 1.5
 # Prompt tokens beside the VL tokens, counted before the tokenizer runs: the template's end, "Picture k: " per
 # reference, and at most one token per byte of the instruction.
 TEMPLATE_TOKENS = 8
@@ -94,7 +99,7 @@ class RunShape:
         return cls(
             width=getattr(t, "num_attention_heads", 0) * getattr(t, "attention_head_dim", 0),
             heads=getattr(t, "num_attention_heads", 0),
-            vae_base=getattr(components.vae.config, "base_dim", 96),
+            vae_base=getattr(getattr(components.vae, "config", None), "base_dim", 96),
             dtype_bytes=_element_size(dtype),
             device=str(device).split(":")[0],
             text_hidden=getattr(text, "hidden_size", 0),
@@ -334,13 +339,19 @@ def _element_size(dtype) -> int:
 # --------------------------------------------------------------------------------------------------
 
 
-def refusal(plan, estimate: RunEstimate, peak: Callable, num_images: int, available: int, device: str) -> str:
-    """The error for a run of ``plan`` that does not fit ``available`` bytes: what it needs, and the largest output
-    (same aspect ratio), reference budget and image count that fit with everything else held; when no one change
-    does, a budget and output together. ``peak(plan, num_images)``: the estimate's peak for another plan or count."""
+def required(estimate: RunEstimate, device: str) -> int:
+    """The bytes the check asks the device to have free for a run of this estimate (`CPU_HEAP_SLACK` on the CPU)."""
+    return int(estimate.peak * (CPU_HEAP_SLACK if device == "cpu" else 1))
+
+
+def refusal(plan, needed: int, phase: str, need: Callable, num_images: int, available: int, device: str) -> str:
+    """The error for a run of ``plan`` that needs ``needed`` bytes (`required`, most of them in ``phase``) and does
+    not fit ``available``: the largest output (same aspect ratio), reference budget and image count that fit with
+    everything else held; when no one change does, a budget and output together. ``need(plan, num_images)``:
+    `required` for another plan or count."""
 
     def fits(p, n=num_images) -> bool:
-        return peak(p, n) <= available
+        return need(p, n) <= available
 
     fixes = []
     out = largest_output(plan, fits)
@@ -370,7 +381,7 @@ def refusal(plan, estimate: RunEstimate, peak: Callable, num_images: int, availa
     refs = f" with {len(plan.references)} reference(s) of {plan.reference_tokens} tokens" if plan.references else ""
     images = f" × {num_images} images" if num_images > 1 else ""
     return (
-        f"output {w}×{h}{images}{refs} needs ~{gib(estimate.peak)} {PHASE_WORDS[estimate.peak_phase]} but "
+        f"output {w}×{h}{images}{refs} needs ~{gib(needed)} {PHASE_WORDS[phase]} but "
         f"{gib(available)} is free on {device}: {'; '.join(fixes)} (to run anyway, as the estimate may be off, set "
         f"{CHECK_ENV}=0)"
     )

@@ -561,16 +561,17 @@ class UniRefPipeline:
         available = memory.available_bytes(self.device)
         if available is None:
             return
-        estimate = self._estimator()
-        needed = estimate(plan, **options)
-        if needed.peak <= available:
+        estimate, device = self._estimator(), self.device.type
+        run = estimate(plan, **options)
+        needed = memory.required(run, device)
+        if needed <= available:
             return
 
-        def peak(p: Plan, num_images: int) -> int:
-            return estimate(p, **{**options, "num_images": num_images}).peak
+        def need(p: Plan, num_images: int) -> int:
+            return memory.required(estimate(p, **{**options, "num_images": num_images}), device)
 
         num_images = options.get("num_images", 1)
-        raise UniRefError(memory.refusal(plan, needed, peak, num_images, available, self.device.type))
+        raise UniRefError(memory.refusal(plan, needed, run.peak_phase, need, num_images, available, device))
 
     def _offload_terms(self) -> tuple[memory.Term, ...]:
         """Weights that offload moves onto the device while sampling (they are not there yet)."""
