@@ -139,6 +139,24 @@ def test_self_encode_raises_it_as_a_node_error(nodes, pipe, available):
         )
 
 
+def test_the_sampler_node_asks_comfyui_to_free_what_the_run_needs(nodes, pipe):
+    import importlib
+
+    engine = importlib.import_module(nodes.__name__.rsplit(".", 2)[0] + ".uniref_core.pipeline")
+    ours = engine.UniRefPipeline(pipe.c)
+    cond = ours.encode(make_refs([(64, 64)]), PROMPT, cfg=2.0, budget=64 * 64, width=256, height=128)
+    model = mock.MagicMock(pipe=ours)
+    model.load.side_effect = RuntimeError("stop before sampling")
+    device = nodes.mm.get_torch_device.return_value = torch.device("cpu")
+    with pytest.raises(RuntimeError, match="stop before sampling"):
+        nodes.UniRefSampler.execute(model, cond, seed=0, steps=2, cfg=2.0, sampler="ode", denoise=1.0)
+    options = engine.SamplingOptions(steps=2, cfg=2.0)
+    expected = ours.memory_required(
+        cond.plan, device, phases=("sampling", "decoding"), text_tokens=cond.positive.embeds.shape[1], cfg=2.0
+    )
+    assert model.load.call_args.kwargs["memory_required"] == expected == ours.sample_memory_required(cond, options)
+
+
 def _status(key: str) -> int:
     return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(key + ":")) * 1024
 

@@ -49,10 +49,11 @@ TRANSFORMER_VALUES = 18
 TOKEN_VALUES = 64 * 8
 # The math path of attention (devices other than CUDA and CPU): the scores and their softmax, per head.
 ATTENTION_SCORES = 2
-# VAE activations per pixel and per channel of its base width in an untiled pass, at its full-resolution stage: a
-# decode (7.4 GiB per megapixel at the real base width 96 in fp32) and an encode.
-VAE_DECODE_VALUES = 21
-VAE_ENCODE_VALUES = 14
+# VAE activations per pixel and per channel of its base width in an untiled pass: a decode and an encode. Measured:
+# 17.5 and 11.9 on the tiny VAE (one residual block per stage); the real VAE (two) grew a CPU process by 2.23 / 4.55
+# GiB decoding 512² / 768² in fp32 (README, "Large outputs"), 22 and 20 per pixel and channel.
+VAE_DECODE_VALUES = 24
+VAE_ENCODE_VALUES = 16
 # torch's CPU convolution takes its slow path (it unfolds each 3×3×3 window into a column buffer) for an fp32 input of
 # one image whose channels × frames × rows are at most this; at the full-resolution stage (base channels, 3 frames of
 # causal padding) that is a short image or tile with a narrow VAE (tiny models; Qwen-Image's only below 72 px) ...

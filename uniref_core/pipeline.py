@@ -268,6 +268,14 @@ def _sampling_overrides(options: SamplingOptions | None, overrides: dict, where:
     return replace(options or SamplingOptions(), **overrides)
 
 
+def _sampling_memory(cond: SelfConditioning, opts: SamplingOptions, phases: tuple[str, ...]) -> dict:
+    """`memory.estimate_run`'s options for sampling ``cond`` with ``opts``."""
+    text_tokens = max(p.embeds.shape[1] for p in (cond.positive, cond.negative) if p is not None)
+    return dict(
+        phases=phases, text_tokens=text_tokens, num_images=opts.num_images, cfg=opts.cfg, init_image=opts.denoise < 1
+    )
+
+
 def _bytes_of(module) -> int:
     return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
 
@@ -489,7 +497,9 @@ class UniRefPipeline:
         prompt_bytes = max(len(prompt.encode()), len((negative_prompt or "").encode()) if cfg > 1 else 0)
         # The whole run; a model without a transformer (training's encoding pass) only encodes.
         whole_run = memory.PHASES if self.c.transformer is not None else ("prompt", "references")
-        self.check_memory(plan, phases=whole_run, prompt_bytes=prompt_bytes, num_images=num_images, cfg=cfg)
+        self.check_memory(
+            plan, self._vae_device, phases=whole_run, prompt_bytes=prompt_bytes, num_images=num_images, cfg=cfg
+        )
         vl_images = [im.resize(r.vl, resample=Image.Resampling.LANCZOS) for im, r in zip(images, plan.references)]
         self._onload("text_encoder")
         te = self.c.text_encoder
@@ -538,13 +548,18 @@ class UniRefPipeline:
 
     # Memory -----------------------------------------------------------------------------------
 
-    def memory_estimate(self, plan: Plan, **options) -> memory.RunEstimate:
-        """The peak memory a run of ``plan`` takes on this model's device beyond its loaded weights
-        (`memory.estimate_run`; ``options``: its keyword arguments)."""
-        return self._estimator()(plan, **options)
+    def memory_estimate(self, plan: Plan, device=None, **options) -> memory.RunEstimate:
+        """The peak memory a run of ``plan`` takes on ``device`` (default: where sampling runs) beyond the weights
+        loaded there (`memory.estimate_run`; ``options``: its keyword arguments)."""
+        return self._estimator(device)(plan, **options)
 
-    def _estimator(self) -> Callable[..., memory.RunEstimate]:
-        shape = memory.RunShape.of(self.c, self.dtype, self.device)
+    def memory_required(self, plan: Plan, device=None, **options) -> int:
+        """The bytes `check_memory` asks ``device`` to have free for a run of ``plan`` (what a host frees first)."""
+        device = torch.device(device) if device is not None else self.device
+        return memory.required(self.memory_estimate(plan, device, **options), device.type)
+
+    def _estimator(self, device=None) -> Callable[..., memory.RunEstimate]:
+        shape = memory.RunShape.of(self.c, self.dtype, device if device is not None else self.device)
         extra, setting = self._offload_terms(), self.vae_tiling
 
         def estimate(plan: Plan, **options) -> memory.RunEstimate:
@@ -553,25 +568,39 @@ class UniRefPipeline:
 
         return estimate
 
-    def check_memory(self, plan: Plan, **options) -> None:
-        """Refuse a run of ``plan`` whose estimate exceeds what the device has free (`memory.available_bytes`),
-        naming the largest output, budget and image count that would fit. ``UNIREF_MEMORY_CHECK=0`` skips it."""
+    def sample_memory_required(self, cond: SelfConditioning, options: SamplingOptions, device=None) -> int:
+        """`memory_required` for sampling ``cond`` with ``options`` and decoding all its images at once (what the
+        sampler node asks ComfyUI to free before it loads the transformer)."""
+        opts = self.sampling_options(options)
+        return self.memory_required(cond.plan, device, **_sampling_memory(cond, opts, ("sampling", "decoding")))
+
+    def check_memory(self, plan: Plan, device=None, **options) -> None:
+        """Refuse a run of ``plan`` whose estimate exceeds what ``device`` (default: where sampling runs) has free
+        (`memory.available_bytes`), naming the largest output, budget and image count that would fit.
+        ``UNIREF_MEMORY_CHECK=0`` skips it."""
         if not memory.check_enabled():
             return
-        available = memory.available_bytes(self.device)
+        device = torch.device(device) if device is not None else self.device
+        available = memory.available_bytes(device)
         if available is None:
             return
-        estimate, device = self._estimator(), self.device.type
+        estimate = self._estimator(device)
         run = estimate(plan, **options)
-        needed = memory.required(run, device)
+        needed = memory.required(run, device.type)
         if needed <= available:
             return
 
         def need(p: Plan, num_images: int) -> int:
-            return memory.required(estimate(p, **{**options, "num_images": num_images}), device)
+            return memory.required(estimate(p, **{**options, "num_images": num_images}), device.type)
 
         num_images = options.get("num_images", 1)
-        raise UniRefError(memory.refusal(plan, needed, run.peak_phase, need, num_images, available, device))
+        raise UniRefError(memory.refusal(plan, needed, run.peak_phase, need, num_images, available, device.type))
+
+    @property
+    def _vae_device(self) -> torch.device:
+        """Where encoding and decoding run: the execution device with offload, else the VAE's (ComfyUI moves the
+        transformer there only for the sampler)."""
+        return self._execution_device or self.c.vae.device
 
     def _offload_terms(self) -> tuple[memory.Term, ...]:
         """Weights that offload moves onto the device while sampling (they are not there yet)."""
@@ -634,16 +663,8 @@ class UniRefPipeline:
         opts = self.sampling_options(opts, init_image=init_image)
         if cond.positive.embeds.device != self.device or cond.positive.embeds.dtype != self.dtype:
             cond = cond.to(self.device, self.dtype)
-        text_tokens = max(p.embeds.shape[1] for p in (cond.positive, cond.negative) if p is not None)
         # Decoding is checked by ``decode``, which callers may run in smaller batches (RL rollouts).
-        self.check_memory(
-            cond.plan,
-            phases=("sampling",),
-            text_tokens=text_tokens,
-            num_images=opts.num_images,
-            cfg=opts.cfg,
-            init_image=opts.denoise < 1,
-        )
+        self.check_memory(cond.plan, **_sampling_memory(cond, opts, ("sampling",)))
         w, h = cond.width, cond.height
         schedule = self.schedule(opts.steps, cond.output_tokens)
         noises, gens = zip(
@@ -709,7 +730,7 @@ class UniRefPipeline:
         prompt encode would send it anyway), so the decode's peak is the VAE and its activations. ``is_cancelled`` is
         asked before every VAE stage (per tile when tiled)."""
         output = Plan(mode="budget", budget=None, output=(width, height), token_px=self.token_px)
-        self.check_memory(output, phases=("decoding",), num_images=latents.shape[0])
+        self.check_memory(output, self._vae_device, phases=("decoding",), num_images=latents.shape[0])
         self._onload(None)
         with self._vae_pass(width, height), cancel_points(is_cancelled, [self.c.vae], "while decoding the image"):
             pixels = vae_decode(self.c.vae, unpack_latents(latents, width, height, self.vae_scale))
