@@ -51,7 +51,7 @@ TOKEN_VALUES = 64 * 8
 ATTENTION_SCORES = 2
 # VAE activations per pixel and per channel of its base width in an untiled pass: a decode and an encode. Measured:
 # 17.5 and 11.9 on the tiny VAE (one residual block per stage); the real VAE (two) grew a CPU process by 2.23 / 4.55
-# GiB decoding 512² / 768² in fp32 (README, "Large outputs"), 22 and 20 per pixel and channel.
+# GiB decoding 512² / 768² in fp32 (README, "Large outputs"): 23.8 and 21.6 per pixel and channel.
 VAE_DECODE_VALUES = 24
 VAE_ENCODE_VALUES = 16
 # torch's CPU convolution takes its slow path (it unfolds each 3×3×3 window into a column buffer) for an fp32 input of
@@ -67,7 +67,7 @@ TILED_VALUES = 3 * ((256 / 192) ** 2 + 2)
 IMAGE_VALUES = 3 * 3
 # The check's margin on the CPU: glibc keeps freed chunks below its mmap threshold (up to 32 MiB) in its arenas, so a
 # process with a history (a server after other work, a test session) grows by more than the run's working set: the
-# same 512² decode (working set 290 MiB, estimate 345) grew a fresh process by 325 MiB and a pytest process by up to
+# same 512² decode (working set 290 MiB, estimate 393) grew a fresh process by 325 MiB and a pytest process by up to
 # 512.
 CPU_HEAP_SLACK = 1.5
 # Prompt tokens beside the VL tokens, counted before the tokenizer runs: the template's end, "Picture k: " per
@@ -194,9 +194,8 @@ def estimate_run(
         if shape.device not in ("cuda", "cpu"):
             scores = n * shape.heads * tokens * tokens * b * ATTENTION_SCORES
             add(Term("attention scores", scores, "sampling", f"the math path on {shape.device}"))
-        cfg_note = "CFG's passes run one after the other" if cfg > 1 else ""
-        if cfg_note:
-            add(Term("the positive pass's velocity", n * plan.output_tokens * 64 * 4, "sampling", cfg_note))
+        if cfg > 1:  # the passes run one after the other: only the first one's result waits beside the second
+            add(Term("the positive pass's velocity", n * plan.output_tokens * 64 * 4, "sampling"))
     if "decoding" in phases:
         w, h = plan.output
         vae = num_images * _vae_pass(shape, w, h, "decode", tiled(w, h))
