@@ -7,6 +7,7 @@ and ratios of a fuller calibration: bench/bench_run_memory.py). The free memory 
 (``UNIREF_MEMORY_AVAILABLE``), so nothing large runs.
 """
 
+import copy
 import ctypes
 import os
 import re
@@ -137,6 +138,21 @@ def test_self_encode_raises_it_as_a_node_error(nodes, pipe, available):
         nodes.SelfEncode.execute(
             model, make_refs([(64, 64)]), PROMPT, budget="custom", custom_budget=64, width=2048, height=2048
         )
+
+
+def test_a_host_that_loads_the_transformer_later_checks_only_the_encoding_at_encode(pipe, available):
+    # ComfyUI: SELF Encode runs with the transformer still off the device; the sampler node checks the rest.
+    import dataclasses
+
+    elsewhere = UniRefPipeline(dataclasses.replace(pipe.c, transformer=copy.deepcopy(pipe.c.transformer).to("meta")))
+    refs = make_refs([(64, 64)])
+    plan = pipe.plan(refs, budget=64 * 64, width=2048, height=1024)
+    encoding = pipe.memory_estimate(plan, phases=("prompt", "references"), prompt_bytes=len(PROMPT.encode()), cfg=2.0)
+    available(memory.required(encoding, "cpu") + 16 * MiB)  # too little for the decode, enough to encode
+    with pytest.raises(UniRefError, match="to decode the image"):
+        pipe.encode(refs, PROMPT, cfg=2.0, budget=64 * 64, width=2048, height=1024)
+    cond = elsewhere.encode(refs, PROMPT, cfg=2.0, budget=64 * 64, width=2048, height=1024)
+    assert cond.plan.output == (2048, 1024)
 
 
 def test_the_sampler_node_asks_comfyui_to_free_what_the_run_needs(nodes, pipe):

@@ -495,10 +495,13 @@ class UniRefPipeline:
         )
         budget_mod.check_sequence(plan)
         prompt_bytes = max(len(prompt.encode()), len((negative_prompt or "").encode()) if cfg > 1 else 0)
-        # The whole run; a model without a transformer (training's encoding pass) only encodes.
-        whole_run = memory.PHASES if self.c.transformer is not None else ("prompt", "references")
         self.check_memory(
-            plan, self._vae_device, phases=whole_run, prompt_bytes=prompt_bytes, num_images=num_images, cfg=cfg
+            plan,
+            self._vae_device,
+            phases=self._encode_checks(),
+            prompt_bytes=prompt_bytes,
+            num_images=num_images,
+            cfg=cfg,
         )
         vl_images = [im.resize(r.vl, resample=Image.Resampling.LANCZOS) for im, r in zip(images, plan.references)]
         self._onload("text_encoder")
@@ -595,6 +598,16 @@ class UniRefPipeline:
 
         num_images = options.get("num_images", 1)
         raise UniRefError(memory.refusal(plan, needed, run.peak_phase, need, num_images, available, device.type))
+
+    def _encode_checks(self) -> tuple[str, ...]:
+        """The phases ``encode`` checks: the whole run where the transformer will sample on the device encoding runs
+        on (or offload brings it there); only the encoding where it has no transformer (training's encoding pass) or
+        a host has left it elsewhere for now (ComfyUI: its sampler node loads it, evicting the text encoder, and checks
+        then)."""
+        transformer = self.c.transformer
+        if transformer is not None and (self._execution_device is not None or transformer.device == self._vae_device):
+            return memory.PHASES
+        return ("prompt", "references")
 
     @property
     def _vae_device(self) -> torch.device:
