@@ -47,6 +47,9 @@ TRANSFORMER_VALUES = 18
 # Values per token held beside the blocks whatever the width: RoPE tables (complex, per head channel pair) and the
 # 64-channel latents, the velocity of each CFG pass and the sampler's state (fp32).
 TOKEN_VALUES = 64 * 8
+# On the CPU, a block in bf16 or fp16 holds its weights again in fp32 while it runs (measured at width 1024: 120 MiB
+# whatever the tokens, one block's 29 M parameters in fp32).
+CPU_HALF_NOTE = "the CPU's half-precision matmuls"
 # The math path of attention (devices other than CUDA and CPU): the scores and their softmax, per head.
 ATTENTION_SCORES = 2
 # VAE activations per pixel and per channel of its base width in an untiled pass: a decode and an encode. Measured:
@@ -85,6 +88,7 @@ class RunShape:
     vae_base: int  # the VAE's base channels (96 in Qwen-Image's)
     dtype_bytes: int  # of the activations: the pipeline's dtype
     device: str  # "cuda", "cpu", "mps", …
+    block_parameters: int = 0  # of one transformer block
     text_hidden: int = 0  # the text encoder's: 0 leaves the prompt phase out
     text_layers: int = 0
     text_intermediate: int = 0
@@ -97,12 +101,14 @@ class RunShape:
         cfg = getattr(components.text_encoder, "config", None)
         text = getattr(cfg, "text_config", cfg)
         vision = getattr(cfg, "vision_config", None)
+        blocks = getattr(components.transformer, "transformer_blocks", None)
         return cls(
             width=getattr(t, "num_attention_heads", 0) * getattr(t, "attention_head_dim", 0),
             heads=getattr(t, "num_attention_heads", 0),
             vae_base=getattr(getattr(components.vae, "config", None), "base_dim", 96),
             dtype_bytes=_element_size(dtype),
             device=str(device).split(":")[0],
+            block_parameters=sum(p.numel() for p in blocks[0].parameters()) if blocks else 0,
             text_hidden=getattr(text, "hidden_size", 0),
             text_layers=getattr(text, "num_hidden_layers", 0),
             text_intermediate=getattr(text, "intermediate_size", 0),
@@ -191,6 +197,8 @@ def estimate_run(
         acts = n * tokens * shape.width * TRANSFORMER_VALUES * b
         add(Term("transformer activations", acts, "sampling", f"{n} × {tokens} tokens × width {shape.width}"))
         add(Term("RoPE, latents, sampler state", n * tokens * TOKEN_VALUES, "sampling"))
+        if shape.device == "cpu" and shape.dtype_bytes == 2:
+            add(Term("a block's weights in fp32", 4 * shape.block_parameters, "sampling", CPU_HALF_NOTE))
         if shape.device not in ("cuda", "cpu"):
             scores = n * shape.heads * tokens * tokens * b * ATTENTION_SCORES
             add(Term("attention scores", scores, "sampling", f"the math path on {shape.device}"))
