@@ -104,13 +104,13 @@ class UniRefModel:
     #: bytes kept free on the GPU for block offload: the largest transformer block twice, plus activations
     offload_reserve: int = 0
 
-    def load(self, *parts: str) -> UniRefPipeline:
-        """Ask ComfyUI to put these parts on its device (it offloads other models if needed); the transformer then
-        carries exactly this model's LoRAs."""
+    def load(self, *parts: str, memory_required: int = 0) -> UniRefPipeline:
+        """Ask ComfyUI to put these parts on its device with ``memory_required`` bytes free beside them for the run
+        (it offloads other models if needed); the transformer then carries exactly this model's LoRAs."""
         managed = [p for p in parts if not (self.pipe.offload == "blocks" and p in BLOCK_OFFLOADED)]
         if len(managed) < len(parts):  # room for one block at a time: other models leave the GPU if needed
-            mm.free_memory(self.offload_reserve, mm.get_torch_device())
-        mm.load_models_gpu([self.patchers[p] for p in managed])
+            mm.free_memory(self.offload_reserve + memory_required, mm.get_torch_device())
+        mm.load_models_gpu([self.patchers[p] for p in managed], memory_required=memory_required)
         if "transformer" in parts:
             self.pipe.set_loras(self.loras)
         return self.pipe

@@ -393,7 +393,9 @@ class UniRefSampler(io.ComfyNode):
         init = split_image_batch(init_image, name="init_image")[0] if init_image is not None else None
         options = SamplingOptions(seed=seed, steps=steps, cfg=cfg, sampler=sampler, eta=eta, denoise=denoise)
         options.check(init)
-        pipe = model.load("transformer", "vae")
+        # ComfyUI evicts other models to leave what the run needs; the engine refuses it if still too little.
+        needed = model.pipe.sample_memory_required(conditioning, options, mm.get_torch_device())
+        pipe = model.load("transformer", "vae", memory_required=needed)
         cond = conditioning
         bar = comfy.utils.ProgressBar(steps)
         show_preview = _previews_enabled()

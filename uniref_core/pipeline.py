@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 from . import budget as budget_mod
+from . import memory
 from .budget import Plan, plan_references
 from .cancel import ShouldCancel, cancel_points
 from .errors import UniRefError
@@ -267,6 +268,18 @@ def _sampling_overrides(options: SamplingOptions | None, overrides: dict, where:
     return replace(options or SamplingOptions(), **overrides)
 
 
+def _sampling_memory(cond: SelfConditioning, opts: SamplingOptions, phases: tuple[str, ...]) -> dict:
+    """`memory.estimate_run`'s options for sampling ``cond`` with ``opts``."""
+    text_tokens = max(p.embeds.shape[1] for p in (cond.positive, cond.negative) if p is not None)
+    return dict(
+        phases=phases, text_tokens=text_tokens, num_images=opts.num_images, cfg=opts.cfg, init_image=opts.denoise < 1
+    )
+
+
+def _bytes_of(module) -> int:
+    return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
+
+
 def draw_noise(
     seed: int, channels: int, width: int, height: int, vae_scale: int
 ) -> tuple[torch.Tensor, torch.Generator]:
@@ -432,6 +445,7 @@ class UniRefPipeline:
         match_ref: int = 1,
         output_area: int | None = None,
         is_cancelled: ShouldCancel | None = None,
+        num_images: int = 1,
     ) -> SelfConditioning:
         """References (paths, PIL, numpy, ComfyUI tensors) + prompt → SELF conditioning.
 
@@ -439,6 +453,8 @@ class UniRefPipeline:
         ``budget``, ``vl_budget`` and ``output_area`` left as None take the model folder's defaults
         (``uniref.json``), else the built-in ones (1024² budget and output, 384² per VL copy).
         ``is_cancelled``: asked before every text-encoder layer and VAE stage (`uniref_core.cancel`).
+        A plan whose run (encoding, sampling ``num_images`` and decoding) needs more memory than the device has is
+        refused before any network runs (`check_memory`).
         """
         cfg = self.setting("cfg", cfg)
         budget = self.setting("budget", budget)
@@ -478,6 +494,15 @@ class UniRefPipeline:
             else Plan(mode=mode, budget=None, output=budget_mod.output_size([], width, height, token_px=t), token_px=t)
         )
         budget_mod.check_sequence(plan)
+        prompt_bytes = max(len(prompt.encode()), len((negative_prompt or "").encode()) if cfg > 1 else 0)
+        self.check_memory(
+            plan,
+            self._vae_device,
+            phases=self._encode_checks(),
+            prompt_bytes=prompt_bytes,
+            num_images=num_images,
+            cfg=cfg,
+        )
         vl_images = [im.resize(r.vl, resample=Image.Resampling.LANCZOS) for im, r in zip(images, plan.references)]
         self._onload("text_encoder")
         te = self.c.text_encoder
@@ -523,6 +548,83 @@ class UniRefPipeline:
             f"at this size (the longest image side is {2 * plan.text_position} tokens) the "
             f"transformer's {budget_mod.ROPE_POSITIONS} RoPE positions leave it"
         )
+
+    # Memory -----------------------------------------------------------------------------------
+
+    def memory_estimate(self, plan: Plan, device=None, **options) -> memory.RunEstimate:
+        """The peak memory a run of ``plan`` takes on ``device`` (default: where sampling runs) beyond the weights
+        loaded there (`memory.estimate_run`; ``options``: its keyword arguments)."""
+        return self._estimator(device)(plan, **options)
+
+    def memory_required(self, plan: Plan, device=None, **options) -> int:
+        """The bytes `check_memory` asks ``device`` to have free for a run of ``plan`` (what a host frees first)."""
+        device = torch.device(device) if device is not None else self.device
+        return memory.required(self.memory_estimate(plan, device, **options), device.type)
+
+    def _estimator(self, device=None) -> Callable[..., memory.RunEstimate]:
+        shape = memory.RunShape.of(self.c, self.dtype, device if device is not None else self.device)
+        extra, setting = self._offload_terms(), self.vae_tiling
+
+        def estimate(plan: Plan, **options) -> memory.RunEstimate:
+            tiled = lambda w, h: use_vae_tiling(setting, w, h)  # noqa: E731
+            return memory.estimate_run(plan, shape, tiled=tiled, extra=extra, **options)
+
+        return estimate
+
+    def sample_memory_required(self, cond: SelfConditioning, options: SamplingOptions, device=None) -> int:
+        """`memory_required` for sampling ``cond`` with ``options`` and decoding all its images at once (what the
+        sampler node asks ComfyUI to free before it loads the transformer)."""
+        opts = self.sampling_options(options)
+        return self.memory_required(cond.plan, device, **_sampling_memory(cond, opts, ("sampling", "decoding")))
+
+    def check_memory(self, plan: Plan, device=None, **options) -> None:
+        """Refuse a run of ``plan`` whose estimate exceeds what ``device`` (default: where sampling runs) has free
+        (`memory.available_bytes`), naming the largest output, budget and image count that would fit.
+        ``UNIREF_MEMORY_CHECK=0`` skips it."""
+        if not memory.check_enabled():
+            return
+        device = torch.device(device) if device is not None else self.device
+        available = memory.available_bytes(device)
+        if available is None:
+            return
+        estimate = self._estimator(device)
+        run = estimate(plan, **options)
+        needed = memory.required(run, device.type)
+        if needed <= available:
+            return
+
+        def need(p: Plan, num_images: int) -> int:
+            return memory.required(estimate(p, **{**options, "num_images": num_images}), device.type)
+
+        num_images = options.get("num_images", 1)
+        raise UniRefError(memory.refusal(plan, needed, run.peak_phase, need, num_images, available, device.type))
+
+    def _encode_checks(self) -> tuple[str, ...]:
+        """The phases ``encode`` checks: the whole run where the transformer will sample on the device encoding runs
+        on (or offload brings it there); only the encoding where it has no transformer (training's encoding pass) or
+        a host has left it elsewhere for now (ComfyUI: its sampler node loads it, evicting the text encoder, and checks
+        then)."""
+        transformer = self.c.transformer
+        if transformer is not None and (self._execution_device is not None or transformer.device == self._vae_device):
+            return memory.PHASES
+        return ("prompt", "references")
+
+    @property
+    def _vae_device(self) -> torch.device:
+        """Where encoding and decoding run: the execution device with offload, else the VAE's (ComfyUI moves the
+        transformer there only for the sampler)."""
+        return self._execution_device or self.c.vae.device
+
+    def _offload_terms(self) -> tuple[memory.Term, ...]:
+        """Weights that offload moves onto the device while sampling (they are not there yet)."""
+        if self.offload == "model" and self._resident != "transformer":
+            leaving = _bytes_of(self.c.text_encoder) if self._resident == "text_encoder" else 0
+            moving = max(0, _bytes_of(self.c.transformer) - leaving)
+            return (memory.Term("transformer weights", moving, "sampling", "model offload moves them in"),)
+        if self.offload == "blocks":
+            block = max(_bytes_of(b) for b in self.c.transformer.transformer_blocks)
+            return (memory.Term("transformer blocks in flight", 2 * block, "sampling", "block offload"),)
+        return ()
 
     # 2. Sampling ------------------------------------------------------------------------------
 
@@ -574,6 +676,8 @@ class UniRefPipeline:
         opts = self.sampling_options(opts, init_image=init_image)
         if cond.positive.embeds.device != self.device or cond.positive.embeds.dtype != self.dtype:
             cond = cond.to(self.device, self.dtype)
+        # Decoding is checked by ``decode``, which callers may run in smaller batches (RL rollouts).
+        self.check_memory(cond.plan, **_sampling_memory(cond, opts, ("sampling",)))
         w, h = cond.width, cond.height
         schedule = self.schedule(opts.steps, cond.output_tokens)
         noises, gens = zip(
@@ -638,6 +742,8 @@ class UniRefPipeline:
         """Packed latents → images. Model offload sends the transformer off the device first (where the next edit's
         prompt encode would send it anyway), so the decode's peak is the VAE and its activations. ``is_cancelled`` is
         asked before every VAE stage (per tile when tiled)."""
+        output = Plan(mode="budget", budget=None, output=(width, height), token_px=self.token_px)
+        self.check_memory(output, self._vae_device, phases=("decoding",), num_images=latents.shape[0])
         self._onload(None)
         with self._vae_pass(width, height), cancel_points(is_cancelled, [self.c.vae], "while decoding the image"):
             pixels = vae_decode(self.c.vae, unpack_latents(latents, width, height, self.vae_scale))
@@ -695,7 +801,13 @@ class UniRefPipeline:
         encode_options = {k: v for k, v in kwargs.items() if k not in names}
         opts = self.sampling_options(options, init_image=init_image, **overrides)
         cond = self.encode(
-            references, prompt, negative_prompt, cfg=opts.cfg, is_cancelled=is_cancelled, **encode_options
+            references,
+            prompt,
+            negative_prompt,
+            cfg=opts.cfg,
+            is_cancelled=is_cancelled,
+            num_images=opts.num_images,
+            **encode_options,
         )
         latents = self.sample(cond, opts, init_image=init_image, on_step=on_step, is_cancelled=is_cancelled)
         images = self.decode(latents, cond.width, cond.height, is_cancelled=is_cancelled)
