@@ -3,7 +3,8 @@
 GET /uniref_soak/memory (call it between prompts) answers with the live torch tensors on the CPU (count and bytes
 of their storages), the Python objects the garbage collector tracks, the objects of the pack's own types (a leak of
 ours grows these), and glibc's malloc statistics: ``in_use`` (what is allocated now), ``free_held`` (freed but kept
-by malloc: fragmentation or caching, not a leak) and ``mmapped``. Registers no nodes.
+by malloc: fragmentation or caching, not a leak) and ``mmapped``. GET /uniref_soak/holders: the CPU tensors that are
+no module's weights, by shape, and what holds them. Registers no nodes.
 """
 
 import ctypes
@@ -55,6 +56,39 @@ def memory() -> dict:
     }
 
 
+def _name(obj) -> str:
+    return (repr(obj) if isinstance(obj, tuple) else type(obj).__name__)[:120]
+
+
+def holders(limit: int = 12) -> dict:
+    """The CPU tensors that are no module's parameter or buffer, by shape, and what holds the first of each shape
+    (its referrers and theirs; a cache shows as its key tuple and ``_lru_cache_wrapper``): where tensors that
+    outlive a prompt are kept."""
+    gc.collect()
+    objects = gc.get_objects()
+    owned = set()
+    for o in objects:
+        if isinstance(o, torch.nn.Module):
+            owned.update(id(t) for t in (*o.parameters(recurse=False), *o.buffers(recurse=False)))
+    loose = [o for o in objects if isinstance(o, torch.Tensor) and o.device.type == "cpu" and id(o) not in owned]
+    del objects
+
+    def referrers(obj) -> list:  # not this function's own lists, nor frames
+        return [r for r in gc.get_referrers(obj) if not (isinstance(r, list) and len(r) > 1000) and r is not loose]
+
+    shapes = Counter(str(tuple(t.shape)) for t in loose)
+    held_by = {}
+    for shape, _ in shapes.most_common(limit):
+        tensor = next(t for t in loose if str(tuple(t.shape)) == shape)
+        held_by[shape] = [[_name(r), [_name(rr) for rr in referrers(r)[:3]]] for r in referrers(tensor)[:3]]
+    return {"shapes": dict(shapes.most_common(limit)), "held_by": held_by}
+
+
 @PromptServer.instance.routes.get("/uniref_soak/memory")
 async def _memory(request):
     return web.json_response(memory())
+
+
+@PromptServer.instance.routes.get("/uniref_soak/holders")
+async def _holders(request):
+    return web.json_response(holders())
