@@ -14,6 +14,7 @@ from comfy_api.latest import io
 from ..uniref_core.budget import BUDGETS, MODES
 from ..uniref_core.errors import UniRefCancelled, UniRefError
 from ..uniref_core.images import pil_to_comfy, split_image_batch
+from ..uniref_core.memory import trim_host_heap
 from ..uniref_core.pipeline import DEFAULT_CFG, DEFAULT_ETA, DEFAULT_STEPS, SAMPLERS, SamplingOptions
 from . import comfy_model
 
@@ -417,12 +418,15 @@ class UniRefSampler(io.ComfyNode):
 @contextmanager
 def comfy_interrupt():
     """The engine's cancel (it asks ComfyUI's interrupt flag before every network block) as ComfyUI's own
-    InterruptProcessingException, so the prompt ends as "interrupted", not as an error."""
+    InterruptProcessingException, so the prompt ends as "interrupted", not as an error. However the work ends, the
+    host memory its activations took goes back to the system (a server runs for days: `trim_host_heap`)."""
     try:
         yield
     except UniRefCancelled as e:
         mm.throw_exception_if_processing_interrupted()  # clears the flag as ComfyUI's own checks do, and raises
         raise mm.InterruptProcessingException() from e
+    finally:
+        trim_host_heap()
 
 
 def _previews_enabled() -> bool:

@@ -8,7 +8,9 @@ and /free, on one 0.30.0 host with this pack and the built-in default model.
 After every prompt: the server answers and its queue is empty; a bad input's error carries the expected message
 (ours, or the host's where the host itself checks the input) at the expected stage; a good graph's image is
 pixel-equal to that graph's first run, which is made right after /free on a freshly loaded model (interrupted
-prompts are not compared); the host's resident memory is read from /proc. tests/test_soak.py runs a reduced count,
+prompts are not compared); an interrupt, sent once the sampler has reported a random step of the first half of a
+longer run, ended the prompt as interrupted, and how soon is measured; the host's resident memory is read from /proc.
+A host process that exits ends the soak at once, with its log tail. tests/test_soak.py runs a reduced count,
 bench/bench_soak.py the full one.
 """
 
@@ -42,11 +44,17 @@ PROMPTS = {
     "uniref_single_edit": (None, "Make the background of Picture 1 darker."),
     "uniref_multi_compose": (None, "Put the object from Picture 2 on the left and Picture 1 on the right."),
 }
+PROBE = ROOT / "tests" / "host_shims" / "uniref_soak_probe"
 NAN_LORA = "soak_nan.safetensors"
 FAKE_IMAGE = "soak_not_an_image.png"
 TRUNCATED_IMAGE = "soak_truncated.png"
+# The memory after this many prompts (each kind of prompt among them) is what the end of a run is held to.
+WARM_UP = 20
 # Each kind's share of a run (Soak.plan).
 KINDS = {"good": 0.45, "bad": 0.30, "interrupt": 0.15, "free": 0.10}
+# Interrupted prompts: output side (the good graphs' is the model's default, 128²) and steps, so that the half of the
+# run left after the interrupt is many times what /interrupt takes to reach the host.
+INTERRUPT_SIDE = 256
 TERMINAL = ("execution_success", "execution_error", "execution_interrupted")
 POLL_S = 0.01
 
@@ -168,8 +176,9 @@ class Outcome:
     problem: str = ""
     act_s: float | None = None  # interrupts: from POST /interrupt to the host's "interrupted" (its own timestamp)
     seen_s: float | None = None  # interrupts: from POST /interrupt to that message's arrival on the websocket
-    phase: str = ""  # interrupts: "encoding" (before the first step), "sampling" or "decoding" (after the last)
+    steps_after: int | None = None  # interrupts: the sampler's progress messages that came after POST /interrupt
     step_s: float | None = None  # the median time between the prompt's progress messages
+    probe: dict = field(default_factory=dict)  # what the host's memory is made of (soak_host(probe=True))
 
 
 @dataclass
@@ -190,22 +199,32 @@ class SoakReport:
         return self.outcomes[min(self.early_index, len(self.outcomes)) - 1]
 
     @property
+    def end(self) -> Outcome:
+        """The last prompt after which the host's memory was read (none is after the host died)."""
+        return next((o for o in reversed(self.outcomes) if o.rss_mib), self.outcomes[-1])
+
+    @property
     def drift(self) -> float:
         """VmRSS at the end over VmRSS after ``early_index`` prompts, less 1."""
-        return self.outcomes[-1].rss_mib / self.early.rss_mib - 1
+        return self.end.rss_mib / self.early.rss_mib - 1
 
     @property
     def anon_drift(self) -> float:
-        return self.outcomes[-1].anon_mib / self.early.anon_mib - 1
+        return self.end.anon_mib / self.early.anon_mib - 1
 
     @property
     def min_available_mib(self) -> float:
-        return min(o.available_mib for o in self.outcomes)
+        return min(o.available_mib for o in self.outcomes if o.rss_mib)
 
     @property
     def failures(self) -> list[str]:
         found = [f"#{o.index} {o.kind} {o.label}: {o.problem}" for o in self.outcomes if o.problem]
         return found + self.log_problems
+
+    @property
+    def interrupts(self) -> list[Outcome]:
+        """The interrupts that ended the prompt as interrupted."""
+        return [o for o in self.outcomes if o.kind == "interrupt" and o.result == "interrupted"]
 
     def count(self, kind: str, result: str | None = None) -> int:
         return sum(o.kind == kind and (result is None or o.result == result) for o in self.outcomes)
@@ -217,26 +236,25 @@ class SoakReport:
             f"{len(self.outcomes)} prompts in {self.wall_s:.0f} s: " + ", ".join(f"{kinds[k]} {k}" for k in KINDS)
         ]
         lines += [f"  {kind:9s} {result}: {n}" for (kind, result), n in sorted(results.items())]
-        for phase in ("encoding", "sampling", "decoding"):
-            acted = [
-                o for o in self.outcomes if o.kind == "interrupt" and o.result == "interrupted" and o.phase == phase
-            ]
-            if acted:
-                ratios = [o.act_s / o.step_s for o in acted if o.step_s]
-                act = [o.act_s for o in acted]
-                lines.append(
-                    f"  {len(acted)} interrupts during {phase} acted in median {statistics.median(act):.2f} s, "
-                    f"max {max(act):.2f} s"
-                    + (f"; {statistics.median(ratios):.2f} steps median, {max(ratios):.2f} max" if ratios else "")
-                    + f" (on the websocket by {max(o.seen_s for o in acted):.2f} s)"
-                )
+        acted = self.interrupts
+        if acted:
+            act = [o.act_s for o in acted]
+            ratios = [o.act_s / o.step_s for o in acted]
+            lines.append(
+                f"  {len(acted)} interrupts acted {statistics.median(act):.3f} s after /interrupt in median, "
+                f"{max(act):.3f} s max: {statistics.median(ratios):.2f} of a sampling step median, "
+                f"{max(ratios):.2f} max (a step {statistics.median(o.step_s for o in acted):.2f} s); "
+                f"at most {max(o.steps_after for o in acted)} step reported after /interrupt; "
+                f"on the websocket within {max(o.seen_s for o in acted):.2f} s"
+            )
         lines.append(f"  model loads: {self.model_loads}")
-        early, end = self.early, self.outcomes[-1]
-        lines.append(
-            f"  VmRSS after {early.index} prompts {early.rss_mib:.0f} MiB, at the end {end.rss_mib:.0f} MiB "
-            f"({self.drift:+.1%}); RssAnon {early.anon_mib:.0f} -> {end.anon_mib:.0f} MiB ({self.anon_drift:+.1%}); "
-            f"the machine's MemAvailable down to {self.min_available_mib:.0f} MiB"
-        )
+        early, end = self.early, self.end
+        if early.rss_mib:  # 0: the host died before its memory was read
+            lines.append(
+                f"  VmRSS after {early.index} prompts {early.rss_mib:.0f} MiB, at the end {end.rss_mib:.0f} MiB "
+                f"({self.drift:+.1%}); RssAnon {early.anon_mib:.0f} -> {end.anon_mib:.0f} MiB "
+                f"({self.anon_drift:+.1%}); the machine's MemAvailable down to {self.min_available_mib:.0f} MiB"
+            )
         failures = self.failures
         lines.append(f"  problems: {len(failures)}")
         lines += [f"    {f}" for f in failures]
@@ -268,10 +286,11 @@ def _write_nan_lora(path: Path) -> Path:
 
 
 @contextlib.contextmanager
-def soak_host(threads: int | None = 1):
+def soak_host(threads: int | None = 1, probe: bool = False):
     """One 0.30.0 host with this pack, its built-in default model (not a test model), a NaN LoRA in
     models/loras/ and two broken image files in input/. ``threads``: OMP_NUM_THREADS for the host (None: torch's
-    default), 1 by default so the soak shares a small machine without oversubscribing it."""
+    default), 1 by default so the soak shares a small machine without oversubscribing it. ``probe``: with the
+    test-only route /uniref_soak/memory (tests/host_shims/uniref_soak_probe)."""
     saved = {k: os.environ.get(k) for k in ("UNIREF_DEFAULT_MODEL", "OMP_NUM_THREADS")}
     os.environ.pop("UNIREF_DEFAULT_MODEL", None)
     if threads is not None:
@@ -279,7 +298,8 @@ def soak_host(threads: int | None = 1):
     try:
         with tempfile.TemporaryDirectory(prefix="uniref-soak-") as tmp:
             lora = _write_nan_lora(Path(tmp) / NAN_LORA)
-            host = ComfyHost(VERSION, ROOT, models={f"loras/{NAN_LORA}": lora}, start_timeout=300)
+            packs = {PROBE.name: PROBE} if probe else {}
+            host = ComfyHost(VERSION, ROOT, models={f"loras/{NAN_LORA}": lora}, start_timeout=300, extra_packs=packs)
             with host:
                 (host.input_dir / FAKE_IMAGE).write_text("this is a text file with an image's name\n")
                 png = (ROOT / "assets" / "edit_scene.png").read_bytes()
@@ -332,8 +352,10 @@ class Soak:
         seeds: tuple[int, ...] = (0, 1, 2),
         kinds: dict[str, float] = KINDS,
         timeout: float = 600,
+        probe: bool = False,
     ):
         self.host = host
+        self.probe = probe  # read /uniref_soak/memory after each prompt (a host from soak_host(probe=True))
         self.rng = random.Random(seed)
         self.good_steps = good_steps
         self.interrupt_steps = interrupt_steps
@@ -395,6 +417,8 @@ class Soak:
             seen = len(messages)
             if on_tick is not None and not run.end:
                 on_tick(run, now)
+            if self.host.proc is None or self.host.proc.poll() is not None:
+                raise HostGone(self.host)
             if now > deadline:
                 raise TimeoutError(f"prompt {prompt_id} did not end within {self.timeout:.0f} s (queue hung?)")
             time.sleep(POLL_S)
@@ -482,15 +506,17 @@ class Soak:
         return Outcome(index, "bad", bad.name, result, seconds, problem=problem)
 
     def interrupt(self, index: int) -> Outcome:
-        """A good graph at the full step count with a seed of its own, interrupted at a random delay after it
-        started (the delay spans the whole expected run, so some end during encoding, some finish first)."""
+        """A good graph at a larger size and more steps, with a seed of its own, interrupted once the host reported
+        a random step of the first half of its sampling: the rest of the run is far longer than the way of
+        /interrupt to the host, so the interrupt always lands mid-run and must end the prompt there."""
         good = GoodGraph(self.rng.choice(WORKFLOWS), 0, self.rng.randrange(10_000, 2**32))
         prompt = self._vary(self.graph(good, steps=self.interrupt_steps))
-        delay = self.rng.uniform(0, self._estimate(self.interrupt_steps))
+        node_of(prompt, "UniRefSelfEncode")["inputs"].update(width=INTERRUPT_SIDE, height=INTERRUPT_SIDE)
+        at_step = self.rng.randint(2, self.interrupt_steps // 2)  # 2: a step's time is known by then
         posted: list[tuple[float, float, int]] = []  # wall clock, monotonic clock, steps reported by then
 
         def tick(run: _Run, now: float) -> None:
-            if not posted and run.start_t is not None and now - run.start_t >= delay:
+            if not posted and len(run.progress_t) >= at_step:
                 wall, mono = time.time(), time.monotonic()
                 self.host._request("POST", "/interrupt", {"prompt_id": run.prompt_id})
                 posted.append((wall, mono, len(run.progress_t)))
@@ -502,27 +528,27 @@ class Soak:
                 return Outcome(index, "interrupt", good.label, "refused", 0, problem=json.dumps(prompt_id)[:500])
             run = self.follow(prompt_id, ws, tick)
         seconds = time.monotonic() - t0
-        label = f"{good.workflow.removeprefix('uniref_')} after {delay:.1f} s"
-        step_s = run.step_s or (statistics.median(self.step_s) if self.step_s else None)
-        if run.end == "execution_interrupted":
-            wall, mono, steps_done = posted[0]
-            phase = "encoding" if steps_done == 0 else "sampling" if steps_done < self.interrupt_steps else "decoding"
-            # The host stamps its messages (ms); the websocket can bring them later: ComfyUI's worker runs
-            # gc.collect() after a prompt (every 10 s at most), which holds the GIL for ~1 s on a busy 2-core machine.
-            return Outcome(
-                index,
-                "interrupt",
-                label,
-                "interrupted",
-                seconds,
-                act_s=max(0.0, run.end_data["timestamp"] / 1000 - wall),
-                seen_s=run.end_t - mono,
-                phase=phase,
-                step_s=step_s,
-            )
-        if run.end == "execution_success":
-            return Outcome(index, "interrupt", label, "finished first", seconds, step_s=step_s)
-        return Outcome(index, "interrupt", label, run.end, seconds, problem=_message(run))
+        label = f"{good.workflow.removeprefix('uniref_')} at step {at_step}/{self.interrupt_steps}"
+        if run.end != "execution_interrupted" or not posted:
+            result = "finished first" if run.end == "execution_success" else run.end
+            return Outcome(index, "interrupt", label, result, seconds, problem=f"not interrupted: {_message(run)}")
+        messages = [m[0] for m in run.entry.get("status", {}).get("messages", [])]
+        if "execution_interrupted" not in messages or output_images(run.entry):
+            problem = f"the history says {messages} with {len(output_images(run.entry))} images"
+            return Outcome(index, "interrupt", label, "interrupted", seconds, problem=problem)
+        wall, mono, steps_done = posted[0]
+        # The host stamps its messages (ms): the time to act, without the websocket's way back to the driver.
+        return Outcome(
+            index,
+            "interrupt",
+            label,
+            "interrupted",
+            seconds,
+            act_s=max(0.0, run.end_data["timestamp"] / 1000 - wall),
+            seen_s=run.end_t - mono,
+            steps_after=len(run.progress_t) - steps_done,
+            step_s=run.step_s,
+        )
 
     def free_idle(self, index: int) -> Outcome:
         t0 = time.monotonic()
@@ -534,8 +560,9 @@ class Soak:
         step = statistics.median(self.step_s) if self.step_s else 1.0
         return 2.0 + steps * step
 
-    def plan(self, n: int) -> list[str]:
-        """n kinds in their shares of ``self.kinds`` (largest remainders round up), in a shuffled order."""
+    def plan(self, n: int, early: int = 0) -> list[str]:
+        """n kinds in their shares of ``self.kinds`` (largest remainders round up), in a shuffled order in which the
+        first ``early`` prompts hold every kind (the memory after them is the baseline of the rest)."""
         total = sum(self.kinds.values())
         exact = {k: n * w / total for k, w in self.kinds.items()}
         counts = {k: int(x) for k, x in exact.items()}
@@ -543,6 +570,12 @@ class Soak:
             counts[k] += 1
         kinds = [k for k, c in counts.items() for _ in range(c)]
         self.rng.shuffle(kinds)
+        for kind in counts:
+            window = Counter(kinds[:early])
+            if counts[kind] and not window[kind] and early:
+                spare = next(i for i in range(early) if window[kinds[i]] > 1)  # a kind the window holds twice
+                later = kinds.index(kind, early)
+                kinds[spare], kinds[later] = kinds[later], kinds[spare]
         return kinds
 
     def step(self, index: int, kind: str) -> Outcome:
@@ -557,7 +590,7 @@ class Soak:
     def check_serving(self) -> str:
         """'' when the host answers and its queue is empty, else what is wrong."""
         if self.host.proc is None or self.host.proc.poll() is not None:
-            return "the host process is gone"
+            return str(HostGone(self.host))
         try:
             self.host.get_json("/system_stats", timeout=10)
             queue = self.host.get_json("/queue", timeout=10)
@@ -570,26 +603,28 @@ class Soak:
     # -- the whole run
 
     def run(self, n: int, on_outcome: Callable[[Outcome], None] | None = None) -> SoakReport:
-        early_index = min(20, max(1, n // 3))
+        early_index = min(WARM_UP, max(1, n // 2))
         loads_before = self.host.log_text().count("UniRef: loading model")
         t0 = time.monotonic()
         outcomes: list[Outcome] = []
-        for index, kind in enumerate(self.plan(n), start=1):
+        for index, kind in enumerate(self.plan(n, early_index), start=1):
             try:
                 outcome = self.step(index, kind)
             except (RuntimeError, AssertionError, OSError) as e:
                 outcome = Outcome(index, "error", "", "driver error", 0, problem=f"{type(e).__name__}: {e}")
             serving = self.check_serving()
             if serving:
-                outcome.problem = "; ".join(filter(None, (outcome.problem, serving)))
-            if self.host.proc is not None:
-                outcome.rss_mib, outcome.anon_mib = proc_mib(f"/proc/{self.host.proc.pid}/status", "VmRSS", "RssAnon")
+                if serving not in outcome.problem:
+                    outcome.problem = "; ".join(filter(None, (outcome.problem, serving)))
+                outcomes.append(outcome)
+                break  # the host is gone or stuck: nothing after this would mean anything
+            outcome.rss_mib, outcome.anon_mib = proc_mib(f"/proc/{self.host.proc.pid}/status", "VmRSS", "RssAnon")
             (outcome.available_mib,) = proc_mib("/proc/meminfo", "MemAvailable")
+            if self.probe:
+                outcome.probe = self.host.get_json("/uniref_soak/memory", timeout=60)
             outcomes.append(outcome)
             if on_outcome is not None:
                 on_outcome(outcome)
-            if serving:
-                break  # the host is gone or stuck: nothing after this would mean anything
         log = self.host.log_text()
         return SoakReport(
             outcomes=outcomes,
@@ -598,6 +633,14 @@ class Soak:
             model_loads=log.count("UniRef: loading model") - loads_before,
             log_problems=_log_problems(log, outcomes),
         )
+
+
+class HostGone(RuntimeError):
+    """The host process exited: the soak stops at once, with its exit code and log tail."""
+
+    def __init__(self, host: ComfyHost):
+        code = host.proc.returncode if host.proc is not None else None
+        super().__init__(f"the host process is gone (exit code {code})\n--- log tail ---\n{host.log_tail(30)}")
 
 
 def _message(run: _Run) -> str:

@@ -1,7 +1,9 @@
 """Model folders as users have them: published layout, sharded transformers, and broken downloads."""
 
+import gc
 import json
 import shutil
+import weakref
 
 import numpy as np
 import pytest
@@ -95,3 +97,18 @@ def test_corrupt_weights_are_a_clear_error(broken):
     (broken / "transformer" / "diffusion_pytorch_model.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(UniRefError, match="could not be loaded"):
         UniRefPipeline.from_pretrained(broken)
+
+
+def test_a_model_that_is_dropped_leaves_nothing_behind_and_a_reload_gives_the_same_image(tiny_model):
+    """ComfyUI loads the model again after each "Free model and node cache": the old one must go entirely (diffusers
+    keeps its rotary caches on the class, keyed by the module, which held every model ever loaded)."""
+    refs = make_refs([(96, 64), (64, 96)])
+    opts = dict(cfg=1.0, steps=1, budget=64 * 64, width=64, height=48)
+    first = UniRefPipeline.from_pretrained(tiny_model)
+    image = np.asarray(first.edit(refs, "make it red", **opts).images[0])
+    gone = weakref.ref(first.c.transformer.pos_embed)
+    del first
+    gc.collect()
+    assert gone() is None, "the rotary embedding of a dropped model is still referenced"
+    again = np.asarray(UniRefPipeline.from_pretrained(tiny_model).edit(refs, "make it red", **opts).images[0])
+    assert np.array_equal(image, again)

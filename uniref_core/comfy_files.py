@@ -23,6 +23,7 @@ import torch
 
 from .errors import UniRefError
 from .fp8 import is_fp8, quantized_layers, swap_in_fp8_linears
+from .model import build_rotary_tables
 
 PREFIXES = ("model.diffusion_model.", "diffusion_model.")
 ZERO_COND_MARKER = "__index_timestep_zero__"
@@ -143,9 +144,7 @@ def load_comfy_transformer(
         model = QwenImageTransformer2DModel(**config)
     if fp8_layers:
         swap_in_fp8_linears(model, fp8_layers, state, path.name)
-    # The rotary tables are plain tensors computed in __init__ (not weights): build them on a real device.
-    with torch.device(device):
-        model.pos_embed = type(model.pos_embed)(theta=10000, axes_dim=list(config["axes_dims_rope"]), scale_rope=True)
+    build_rotary_tables(model, config["axes_dims_rope"], device)
     expected = set(model.state_dict())
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
     if missing or unexpected:

@@ -14,10 +14,16 @@ which does (`ATTENTION_SCORES`).
 
 `available_bytes(device)` is what the device has free for it: CUDA's free memory plus what torch's caching allocator
 holds unused; on the CPU the lower of /proc/meminfo's MemAvailable and the cgroup's limit less its usage.
+
+`trim_host_heap` gives freed host memory back to the system. glibc's malloc keeps what a process frees for its next
+allocations, and can return only the free pages at the top of each heap: one block still in use above a large freed
+one pins it. A run makes and drops activations of many sizes, so a long-lived process (a ComfyUI server) holds more
+and more freed memory in steps of tens of MiB; ``malloc_trim(0)`` returns every whole free page, wherever it lies.
 """
 
 from __future__ import annotations
 
+import ctypes
 import math
 import os
 from collections.abc import Callable
@@ -449,3 +455,11 @@ def output_at(width: int, height: int, long_tokens: int, token_px: int) -> tuple
     short_tokens = max(1, round(long_tokens * short_side / long_side))
     long_px, short_px = long_tokens * token_px, short_tokens * token_px
     return (long_px, short_px) if width >= height else (short_px, long_px)
+
+
+def trim_host_heap() -> None:
+    """Return glibc's free heap pages to the system; nothing where the C library is not glibc."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (macOS, Windows, musl): nothing to trim
+        pass

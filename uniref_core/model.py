@@ -9,6 +9,8 @@ remote code.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
 import json
 import math
 import os
@@ -236,8 +238,10 @@ def load_transformer(root, device, dtype) -> torch.nn.Module:
 
     folder = Path(root) / "transformer"
     if dtype != "fp8":
-        return QwenImageTransformer2DModel.from_pretrained(
-            folder, torch_dtype=dtype, use_safetensors=True, local_files_only=True
+        return own_rotary_caches(
+            QwenImageTransformer2DModel.from_pretrained(
+                folder, torch_dtype=dtype, use_safetensors=True, local_files_only=True
+            )
         )
     from .fp8 import quantize_fp8, swap_in_fp8_linears
 
@@ -271,8 +275,34 @@ def empty_transformer(folder, device) -> torch.nn.Module:
     }
     with torch.device("meta"):
         model = QwenImageTransformer2DModel(**config)
+    build_rotary_tables(model, config["axes_dims_rope"], device)
+    return model
+
+
+# The rotary embedding's methods that diffusers caches in lru_caches on the class, keyed by the module itself.
+ROPE_CACHED = ("_get_device_freqs", "_compute_video_freqs", "_compute_condition_freqs")
+ROPE_CACHE_SIZE = 128
+
+
+def build_rotary_tables(model: torch.nn.Module, axes_dim, device) -> None:
+    """The transformer's rotary embedding built for real on ``device`` (a model built on the meta device has none:
+    its tables are computed in ``__init__``, no file holds them), its caches on the module (`own_rotary_caches`)."""
     with torch.device(device):
-        model.pos_embed = type(model.pos_embed)(theta=10000, axes_dim=list(config["axes_dims_rope"]), scale_rope=True)
+        model.pos_embed = type(model.pos_embed)(theta=10000, axes_dim=list(axes_dim), scale_rope=True)
+    own_rotary_caches(model)
+
+
+def own_rotary_caches(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformer with its rotary embedding's frequency caches held by the embedding, not by its class.
+
+    diffusers keeps those caches on the class, keyed by the module: every transformer a process ever loaded would
+    stay referenced there with its tables, on the CPU and on the GPU (ComfyUI loads the model again after each
+    "Free model and node cache"). Held by the module, the caches go when the model goes."""
+    rope = model.pos_embed
+    for name in ROPE_CACHED:
+        if hasattr(type(rope), name):
+            compute = inspect.unwrap(getattr(type(rope), name))  # the method without the class's cache
+            object.__setattr__(rope, name, functools.lru_cache(ROPE_CACHE_SIZE)(compute.__get__(rope)))
     return model
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from uniref_core.memory import trim_host_heap
 from uniref_core.model import Components, empty_transformer, load_components
 
 from .config import CHECKPOINTING_ABOVE, base_dtype
@@ -82,10 +83,7 @@ def free(device) -> None:
     gc.collect()
     if torch.device(device).type == "cuda":
         torch.cuda.empty_cache()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc (macOS, Windows, musl): nothing to trim
-        pass
+    trim_host_heap()
 
 
 def load_transformer(cfg, device) -> torch.nn.Module:
