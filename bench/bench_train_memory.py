@@ -9,9 +9,10 @@ head width and text width 1024, a Qwen2.5-VL text stack 0.45 of its size, weight
 in a fresh process on ShapeCompose compositions of 3 references and reports the growth of its peak resident memory
 (``VmHWM``, reset after importing torch, diffusers, transformers, peft and accelerate; glibc told to return freed
 memory: ``MALLOC_MMAP_THRESHOLD_=65536``) over its size then, less the shared-library code it faulted in meanwhile
-(which kernels run, so how many code pages, depends on the CPU: 45 MiB on one machine type, ~150 on another): what the
-run itself holds at its worst moment. On a GPU it reports ``torch.cuda.max_memory_allocated`` instead. The memory
-planner's prediction for the same config
+(which kernels run, so how many code pages, depends on the CPU: 45 MiB on one machine type, ~150 on another), with
+oneDNN's primitive cache off (``ONEDNN_PRIMITIVE_CACHE_CAPACITY=0``: its compiled kernels held ~60 MiB more on an AMD
+EPYC than on the CPU type the planner was fitted on): what the run's own tensors hold at their worst moment. On a
+GPU it reports ``torch.cuda.max_memory_allocated`` instead. The memory planner's prediction for the same config
 (`training.memory`) is printed beside each figure.
 
 Modes: LoRA SFT on a bf16 base and on an fp8 base (checkpointing on), full SFT (bf16 mixed precision, fp32
@@ -86,6 +87,11 @@ def brightness_source():
 
     return source
 
+
+#: The child's environment beside PYTHONPATH: glibc returns freed memory at once, and oneDNN's primitive cache (up to
+#: 1,024 compiled kernels with their buffers) is off. That cache is runtime state like the code pages: for the same
+#: run it held ~60 MiB on an AMD EPYC and nothing measurable on the CPU type the planner was fitted on.
+CHILD_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "0"}
 
 CHILD = r"""
 import json, resource, sys
@@ -179,7 +185,7 @@ def main() -> None:
     unit = 2 * params  # the transformer's bf16 bytes
     print(f"model: transformer {params / 1e6:.0f} M parameters ({unit / 2**20:.0f} MiB in bf16); device {args.device}")
     print(f"{'mode':<12} {'peak MiB':>9} {'ratio':>6} {'planner':>8}  note")
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "MALLOC_MMAP_THRESHOLD_": "65536"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **CHILD_ENV}
     for mode in args.modes:
         kind, over = MODES[mode]
         config = {

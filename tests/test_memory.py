@@ -199,11 +199,11 @@ def test_prediction_within_15_percent_of_a_measured_lora_run(tmp_path):
     }
     path = tmp_path / "lora.json"
     path.write_text(json.dumps(config))
-    from bench.bench_train_memory import CHILD  # measured exactly as the bench measures
+    from bench.bench_train_memory import CHILD, CHILD_ENV  # measured exactly as the bench measures
 
     child = tmp_path / "child.py"
     child.write_text(CHILD)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **CHILD_ENV, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [sys.executable, str(child), "sft", str(path), "cpu"], cwd=ROOT, env=env, capture_output=True, text=True
     )
