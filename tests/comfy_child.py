@@ -2,9 +2,10 @@
 save them in ComfyUI's file layouts and compute what the tests compare the engine with.
 
 The test side calls ``run_in_host(version, script, args)``. Every script runs after ``PREAMBLE``: ComfyUI's own
-argument parsing on the CPU, ``torch`` imported, ``args`` (a JSON object) parsed, and this folder importable, so a
-script imports the child-side helpers below (``from comfy_child import init_weights``) and the tiny-size shim
-(``host_shims.uniref_test_tiny_qwen``). The helpers import ``comfy`` inside, so this module loads on both sides.
+argument parsing on the CPU, ``torch`` imported with gradients off, ``args`` (a JSON object) parsed, and this folder
+importable, so a script imports the child-side helpers below (``from comfy_child import init_weights``) and the
+tiny-size shim (``host_shims.uniref_test_tiny_qwen``). The helpers import ``comfy`` inside, so this module loads on
+both sides.
 """
 
 import json
@@ -24,6 +25,10 @@ import comfy.options
 comfy.options.enable_args_parsing()
 sys.argv = [sys.argv[0], "--cpu"]
 import torch
+# As ComfyUI's executor runs every node (inference mode): no autograd graph. With one, the reference latents kept
+# each encode's graph alive, the Wan VAE's 16k x 16k mid-block attention scores among them (2 GiB a 1 MP encode):
+# test_native_self's 0.3.75 child grew to 19.5 GB and was killed by the OOM killer.
+torch.set_grad_enabled(False)
 """
 
 
