@@ -21,30 +21,23 @@ import sys
 import tempfile
 from pathlib import Path
 
+from bench.bench_train_memory import PROC_MEMORY
+
 ROOT = Path(__file__).resolve().parents[1]
 # (output side, reference budget side, vae_tiling): 3 references, as in the default workflow.
 SIZES = [(512, 512, "auto"), (768, 512, "auto"), (1024, 768, "auto"), (512, 512, "on")]
 REFERENCES = 3
 
-CHILD = r"""
+CHILD = (
+    r"""
 import json, sys
 import torch, diffusers, transformers  # the interpreter's own memory: the baseline
 from PIL import Image
 from uniref_core.pipeline import UniRefPipeline
 
-def status(key):
-    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(key + ":"))
-
-def code_kib():  # resident KiB of shared-library mappings: code, faulted in by the kernels this CPU takes
-    total, lib = 0, False
-    for line in open("/proc/self/smaps"):
-        head = line.split(maxsplit=6)
-        if "-" in head[0] and not head[0].endswith(":"):
-            lib = len(head) > 5 and ".so" in head[-1].rsplit("/", 1)[-1]
-        elif lib and head[0] == "Rss:":
-            total += int(head[1])
-    return total
-
+"""
+    + PROC_MEMORY
+    + r"""
 model, side, budget, k, tiling = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
 pipe = UniRefPipeline.from_pretrained(model)
 pipe.vae_tiling = tiling
@@ -73,6 +66,7 @@ estimate = {
 }
 print("RESULT", json.dumps({"measured": measured, "estimate": estimate, "tokens": cond.plan.sequence_length + text}))
 """
+)
 
 
 def real_size_figure() -> str:

@@ -93,11 +93,9 @@ def brightness_source():
 #: run it held ~60 MiB on an AMD EPYC and nothing measurable on the CPU type the planner was fitted on.
 CHILD_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "0"}
 
-CHILD = r"""
-import json, resource, sys
-import accelerate, diffusers, peft, torch, transformers  # the interpreter's own memory: the baseline
-kind, config, device = sys.argv[1], sys.argv[2], sys.argv[3]
-
+#: Child-script source shared by the memory benches: ``status(key)`` reads /proc/self/status, ``code_kib()`` the
+#: resident shared-library code.
+PROC_MEMORY = r"""
 def status(key):
     return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(key + ":"))
 
@@ -113,7 +111,17 @@ def code_kib():  # resident KiB of shared-library mappings: code, faulted in by 
     except OSError:
         return 0
     return total
+"""
 
+CHILD = (
+    r"""
+import json, resource, sys
+import accelerate, diffusers, peft, torch, transformers  # the interpreter's own memory: the baseline
+kind, config, device = sys.argv[1], sys.argv[2], sys.argv[3]
+
+"""
+    + PROC_MEMORY
+    + r"""
 try:  # Linux: reset the peak to the current size, so a spike while importing does not hide the run's own peak
     open("/proc/self/clear_refs", "w").write("5")
     base, peak_kib = status("VmRSS"), lambda: status("VmHWM")
@@ -141,6 +149,7 @@ if device == "cuda":
 rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
 print("PEAK_KIB", rank, peak, code, flush=True)
 """
+)
 
 
 def unknown_keys(kind: str, config: dict) -> list[str]:
