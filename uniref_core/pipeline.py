@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields, replace
 
 import numpy as np
@@ -21,6 +22,7 @@ from . import budget as budget_mod
 from . import memory
 from .budget import Plan, plan_references
 from .cancel import ShouldCancel, cancel_points
+from .encoding import encode_image, encode_references, prompt_room, vl_copies
 from .errors import UniRefError
 from .images import load_image
 from .latents import (
@@ -35,7 +37,7 @@ from .latents import (
     vae_tiling,
 )
 from .model import Components, load_components
-from .prompt import PromptEmbeds, check_prompt_text, encode_prompt, encoder_room
+from .prompt import PromptEmbeds, check_prompt_text, encode_prompt
 from .sampling import DenoiseStep, Schedule, denoise_steps, flow_schedule, noise_latents, true_cfg
 
 DEFAULT_STEPS = 30
@@ -503,11 +505,11 @@ class UniRefPipeline:
             num_images=num_images,
             cfg=cfg,
         )
-        vl_images = [im.resize(r.vl, resample=Image.Resampling.LANCZOS) for im, r in zip(images, plan.references)]
+        vl_images = vl_copies(images, plan)
         self._onload("text_encoder")
         te = self.c.text_encoder
         te_device = self._execution_device or te.device
-        room = self.prompt_room(plan)
+        room = prompt_room(te, plan)
         with cancel_points(is_cancelled, [te], "while encoding the prompt"):
             positive = encode_prompt(te, self.c.processor, prompt, vl_images, device=te_device, max_tokens=room)
             negative = None
@@ -522,31 +524,21 @@ class UniRefPipeline:
                     max_tokens=room,
                     name="negative prompt",
                 )
-        ref_tokens = []
-        for im, r in zip(images, plan.references):
+
+        @contextmanager
+        def around(r):
             with (
                 self._vae_pass(*r.vae),
                 cancel_points(is_cancelled, [self.c.vae], f"while encoding reference {r.index}"),
             ):
-                latents = vae_encode(self.c.vae, to_pixels(im, *r.vae))
-            ref_tokens.append(pack_latents(latents).to(self.device, self.dtype))
+                yield
+
+        ref_tokens = encode_references(self.c.vae, images, plan, around)
         return SelfConditioning(
             plan=plan,
             positive=positive.to(self.device, self.dtype),
             negative=None if negative is None else negative.to(self.device, self.dtype),
-            ref_tokens=ref_tokens,
-        )
-
-    def prompt_room(self, plan: Plan) -> tuple[int, str]:
-        """The most conditioning tokens a prompt may make with ``plan`` (`encode_prompt`'s ``max_tokens``): the
-        transformer's RoPE room after the largest image's half side, or the text encoder's positions less the
-        dropped system turn if fewer."""
-        encoder = encoder_room(self.c.text_encoder)
-        if encoder is not None and encoder[0] < plan.text_room:
-            return encoder
-        return plan.text_room, (
-            f"at this size (the longest image side is {2 * plan.text_position} tokens) the "
-            f"transformer's {budget_mod.ROPE_POSITIONS} RoPE positions leave it"
+            ref_tokens=[t.to(self.device, self.dtype) for t in ref_tokens],
         )
 
     # Memory -----------------------------------------------------------------------------------
@@ -687,7 +679,7 @@ class UniRefPipeline:
         if opts.denoise < 1:
             init = load_image(init_image, name="init image")
             with self._vae_pass(w, h), cancel_points(is_cancelled, [self.c.vae], "while encoding the init image"):
-                x0 = pack_latents(vae_encode(self.c.vae, to_pixels(init, w, h))).to(self.device, self.dtype)
+                x0 = encode_image(self.c.vae, init, w, h).to(self.device, self.dtype)
             x = noise_latents(x0.expand_as(x), x, schedule.sigmas[opts.start])
 
         def velocity(x: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:

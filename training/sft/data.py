@@ -1,9 +1,9 @@
 """SFT data: rows (`common.data.load_rows`) encoded with the inference code, batched by layout.
 
 1. ``SampleEncoder``: a sample becomes model inputs through the SAME functions ``UniRefPipeline.encode``
-   uses (``plan_references`` in mode "budget", ``encode_prompt`` on the VL copies, ``vae_encode`` +
-   ``pack_latents``), so training and inference cannot drift apart; ``SampleCache`` runs it once over every
-   row before training (`common.cache`) and reads the result back per batch.
+   calls (``plan_references`` in mode "budget", then `uniref_core.encoding`: ``encode_prompt`` on the VL copies
+   within the same room, ``encode_references``), so training and inference cannot drift apart;
+   ``SampleCache`` runs it once over every row before training (`common.cache`) and reads the result back per batch.
 2. ``BucketSampler`` + ``collate``: every batch shares one layout (see ``common.data.layout_key``).
 """
 
@@ -18,10 +18,10 @@ import torch
 from PIL import Image
 
 from uniref_core.budget import Plan
+from uniref_core.encoding import encode_image, encode_references, prompt_room, vl_copies
 from uniref_core.errors import UniRefError
 from uniref_core.images import load_image
-from uniref_core.latents import pack_latents, to_pixels, vae_encode
-from uniref_core.prompt import PromptEmbeds, encode_prompt, encoder_room
+from uniref_core.prompt import PromptEmbeds, encode_prompt
 
 from ..common.cache import ShardCache, rows_digest
 from ..common.config import Stage
@@ -54,28 +54,27 @@ class SampleEncoder:
     def prompt(self, row: Row, plan: Plan) -> PromptEmbeds:
         """The instruction encoded with the references' VL copies, on the CPU. The VL sizes in ``plan`` depend on
         ``vl_budget`` only, not on the stage, so one encoding serves every stage."""
-        images = [load_image(p, name=f"reference {k}") for k, p in enumerate(row.references, 1)]
-        vl = [im.resize(r.vl, resample=Image.Resampling.LANCZOS) for im, r in zip(images, plan.references)]
         te = self.c.text_encoder
-        room = encoder_room(te)
         return encode_prompt(
             te,
             self.c.processor,
             row.instruction,
-            vl,
+            vl_copies(_references(row), plan),
             device=te.device,
-            max_tokens=room,
+            max_tokens=prompt_room(te, plan),
             name=f"{row.where}: instruction",
         ).to("cpu")
 
     @torch.no_grad()
     def latents(self, row: Row, stage: Stage) -> Encoded:
         plan = plan_row(row, stage, self.cfg)
-        vae = self.c.vae
-        images = [load_image(p, name=f"reference {k}") for k, p in enumerate(row.references, 1)]
-        refs = [pack_latents(vae_encode(vae, to_pixels(im, *r.vae))).cpu() for im, r in zip(images, plan.references)]
-        x0 = pack_latents(vae_encode(vae, to_pixels(load_image(row.target, name="target"), *plan.output))).cpu()
+        refs = [t.cpu() for t in encode_references(self.c.vae, _references(row), plan)]
+        x0 = encode_image(self.c.vae, load_image(row.target, name="target"), *plan.output).cpu()
         return Encoded(x0, refs, plan.img_shapes, plan)
+
+
+def _references(row: Row) -> list[Image.Image]:
+    return [load_image(p, name=f"reference {k}") for k, p in enumerate(row.references, 1)]
 
 
 class SampleCache:
