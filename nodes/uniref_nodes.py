@@ -15,7 +15,16 @@ from ..uniref_core.budget import BUDGETS, MODES
 from ..uniref_core.errors import UniRefCancelled, UniRefError
 from ..uniref_core.images import pil_to_comfy, split_image_batch
 from ..uniref_core.memory import trim_host_heap
-from ..uniref_core.pipeline import DEFAULT_CFG, DEFAULT_ETA, DEFAULT_STEPS, SAMPLERS, SamplingOptions
+from ..uniref_core.pipeline import (
+    DEFAULT_CFG,
+    DEFAULT_ETA,
+    DEFAULT_STEPS,
+    MAX_CFG,
+    MAX_SEED,
+    MAX_STEPS,
+    SAMPLERS,
+    SamplingOptions,
+)
 from . import comfy_model
 
 ModelType = io.Custom("UNIREF_MODEL")
@@ -29,7 +38,6 @@ MAX_AUTOGROW_IMAGES = 16
 AUTOGROW_PREFIX = "images."
 CUSTOM = "custom"
 MODEL_DEFAULT = "model default"
-MAX_SEED = 0xFFFFFFFFFFFFFFFF
 MAX_SIDE = 8192  # output width / height; the engine refuses areas beyond its longest sequence with a clear error
 MIN_CUSTOM_BUDGET = 64
 MAX_CUSTOM_BUDGET = 4096  # a 4096² budget is the most the engine runs (uniref_core.budget.MAX_SEQUENCE_TOKENS)
@@ -352,7 +360,7 @@ class UniRefSampler(io.ComfyNode):
                     "steps",
                     default=DEFAULT_STEPS,
                     min=1,
-                    max=1000,
+                    max=MAX_STEPS,
                     tooltip="Denoising steps; 30–50 is typical, 8 for distilled checkpoints, 20 for the built-in "
                     "model.",
                 ),
@@ -360,7 +368,7 @@ class UniRefSampler(io.ComfyNode):
                     "cfg",
                     default=DEFAULT_CFG,
                     min=1.0,
-                    max=30.0,
+                    max=MAX_CFG,
                     step=0.1,
                     tooltip="True CFG scale with the negative prompt; 1 turns it off and runs twice as fast (use 1 "
                     "with the built-in model, which is trained without it).",
