@@ -37,7 +37,7 @@ def test_shipped_model_is_small_safetensors_with_its_defaults():
     weights = [p for p in files if p.suffix in (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".pkl")]
     assert weights and all(p.suffix == ".safetensors" for p in weights)
     defaults = read_defaults(folder)
-    assert set(defaults) == set(DEFAULT_KEYS)
+    assert set(defaults) | {"by_references"} == set(DEFAULT_KEYS)  # every setting; sizes per K optional
     assert defaults["output_area"] == 128 * 128 and defaults["cfg"] == 1.0
 
 
@@ -285,6 +285,12 @@ def test_evaluation_samples_the_task_the_model_was_trained_on(tiny_model_4x, tmp
         ({"defaults": {"budjet": 65536}}, "unknown default(s) budjet"),
         ({"defaults": {"steps": -3}}, "'steps' (denoising steps) must be a positive number"),
         ({"defaults": [1, 2]}, "'defaults' must be an object"),
+        ({"defaults": {"by_references": {"four": {"budget": 1}}}}, "maps a number of references (1, 2, …) to sizes"),
+        ({"defaults": {"by_references": {"4": {"steps": 8}}}}, "'by_references' 4 sets steps; it may set budget"),
+        (
+            {"defaults": {"by_references": {"4": {"output_area": 0}}}},
+            "by_references 4: default 'output_area' (output area when",
+        ),
     ],
 )
 def test_bad_model_defaults_file_names_the_key(tiny_model, tmp_path, content, message):
@@ -335,3 +341,34 @@ def test_model_defaults_fill_what_the_caller_leaves_unset(tiny_model, tmp_path):
     seen = []
     pipe.sample(cond, on_step=lambda info: seen.append(info.total))
     assert seen == [2, 2]
+
+
+def test_model_defaults_by_number_of_references(tiny_model, tmp_path):
+    """uniref.json "by_references": a model trained on a larger canvas from K references on gets that output size
+    (and budget) by default from K on, in the engine and in the CLI's plan; below K and given sizes are unchanged."""
+    import shutil
+
+    from uniref_core import UniRefPipeline
+    from uniref_core.model import DEFAULTS_FILE
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model, folder)
+    by_refs = {"2": {"output_area": 96 * 96}, "3": {"output_area": 128 * 128, "budget": 192 * 192}}
+    defaults = {"budget": 64 * 64, "output_area": 64 * 64, "steps": 1, "by_references": by_refs}
+    (folder / DEFAULTS_FILE).write_text(json.dumps({"defaults": defaults}))
+    pipe = UniRefPipeline.from_pretrained(folder)
+    refs = [Image.new("RGB", (96, 96), c) for c in ("red", "green", "blue")]
+    sizes = {k: pipe.encode(refs[:k], "x", cfg=1.0) for k in (1, 2, 3)}
+    assert [(c.width, c.height) for c in sizes.values()] == [(64, 64), (96, 96), (128, 128)]
+    assert [c.plan.budget for c in sizes.values()] == [64 * 64, 64 * 64, 192 * 192]
+    given = pipe.encode(refs, "x", cfg=1.0, output_area=64 * 64, budget=64 * 64)
+    assert (given.width, given.height, given.plan.budget) == (64, 64, 64 * 64)
+    paths = []
+    for i, im in enumerate(refs):
+        paths += ["--ref", str(tmp_path / f"r{i}.png")]
+        im.save(paths[-1])
+    for k, side in ((1, 64), (3, 128)):
+        r = run("-m", "uniref_core", "plan", "--model", folder, *paths[: 2 * k], "--json")
+        assert r.returncode == 0, r.stderr
+        out = json.loads(r.stdout)["output"]
+        assert (out["width"], out["height"]) == (side, side)

@@ -21,6 +21,7 @@ import json
 import math
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -32,7 +33,7 @@ from uniref_core.defaults import default_model_path, resolve_model_arg
 from uniref_core.errors import UniRefError
 from uniref_core.images import load_image
 from uniref_core.model import Components
-from uniref_core.pipeline import UniRefPipeline
+from uniref_core.pipeline import UniRefPipeline, resolve_setting
 
 from .common.cli import exit_on_error
 from .common.data import Row
@@ -96,26 +97,33 @@ def held_out_groups(
     ks: list[int],
     n: int,
     edits: int = 0,
-    size: int = 128,
+    size: int | Callable[[int], int] = 128,
     ref_side: int | None = None,
     order: str = "reading",
 ) -> list[tuple[str, list]]:
     """The samples `evaluate_model` scores, as (group, samples): ``n`` compositions per K (group "K"), then
-    ``edits`` single-image edits of each kind (group "edit:<kind>"). `training.vae.reconstruction_ceiling`
-    scores the VAE on the very same targets."""
+    ``edits`` single-image edits of each kind (group "edit:<kind>"), ``size`` px square targets (or ``size(K)``,
+    edits having K = 1). `training.vae.reconstruction_ceiling` scores the VAE on the very same targets."""
+    side = size if callable(size) else lambda k: size
     groups = [
         (
             str(k),
             make_split(
-                split, n, ks=(k,), kinds=("compose",), start=k * SEED_STRIDE, size=size, ref_side=ref_side, order=order
+                split,
+                n,
+                ks=(k,),
+                kinds=("compose",),
+                start=k * SEED_STRIDE,
+                size=side(k),
+                ref_side=ref_side,
+                order=order,
             ),
         )
         for k in ks
     ]
     for j, kind in enumerate(EDIT_KINDS if edits else ()):
-        groups.append(
-            (f"edit:{kind}", make_split(split, edits, kinds=(kind,), start=(EDIT_START + j) * SEED_STRIDE, size=size))
-        )
+        start = (EDIT_START + j) * SEED_STRIDE
+        groups.append((f"edit:{kind}", make_split(split, edits, kinds=(kind,), start=start, size=side(1))))
     return groups
 
 
@@ -144,13 +152,15 @@ def _mean_scores(scored: list[dict]) -> dict:
     return out
 
 
-def sample_size(pipe: UniRefPipeline, size: int | None = None) -> int:
-    """ShapeCompose target side to evaluate at: ``size``, else the side of the model's trained output area
-    (``uniref.json``), else 128."""
+def sample_size(pipe: UniRefPipeline, size: int | None = None, references: int = 1) -> int:
+    """ShapeCompose target side to evaluate at: ``size``, else the side of the output area the model was trained
+    for with ``references`` references (``uniref.json``), else 128."""
     if size is not None:
         return int(size)
-    area = pipe.c.defaults.get("output_area")
-    return int(round(math.sqrt(area))) if area else 128
+    d = pipe.c.defaults
+    if "output_area" not in d and not d.get("by_references"):
+        return 128
+    return int(round(math.sqrt(resolve_setting("output_area", None, d, references))))
 
 
 def _trained_shapecompose(model) -> dict:
@@ -203,11 +213,11 @@ def evaluate_model(
     """
     t0 = time.perf_counter()
     pipe = UniRefPipeline.from_pretrained(model, device=device, dtype="fp32")
-    side = sample_size(pipe, size)
+    sides = {k: sample_size(pipe, size, k) for k in {1, *ks}}
     if ref_side == -1:
         ref_side = trained_ref_side(model)
     order = order or trained_order(model)
-    groups = held_out_groups(split, ks, n, edits, side, ref_side, order)
+    groups = held_out_groups(split, ks, n, edits, sides.__getitem__, ref_side, order)
     from tqdm.auto import tqdm
 
     bar = tqdm(total=sum(len(g) for _, g in groups), desc="evaluate", disable=not progress, file=sys.stderr)
@@ -215,7 +225,7 @@ def evaluate_model(
         "model": str(model),
         "split": split,
         "seed": seed,
-        "size": side,
+        "size": sides[1] if len(set(sides.values())) == 1 else {str(k): v for k, v in sorted(sides.items())},
         "ref_side": ref_side,
         "order": order,
         "options": options,

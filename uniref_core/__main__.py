@@ -190,13 +190,14 @@ def _same_file(path: Path, other: Path) -> bool:
     return path.resolve() == other.resolve()
 
 
-def _fill_defaults(a, model_defaults: dict) -> None:
-    """Options left unset take the model folder's defaults (uniref.json), else the built-in ones."""
+def _fill_defaults(a, model_defaults: dict, references: int) -> None:
+    """Options left unset take the model folder's defaults for ``references`` references (uniref.json), else the
+    built-in ones."""
     from .pipeline import BUILTIN_DEFAULTS, resolve_setting
 
     for name in BUILTIN_DEFAULTS:
         if hasattr(a, name):
-            setattr(a, name, resolve_setting(name, getattr(a, name), model_defaults))
+            setattr(a, name, resolve_setting(name, getattr(a, name), model_defaults, references))
 
 
 def _size_kwargs(a) -> dict:
@@ -229,7 +230,7 @@ def cmd_plan(a) -> int:
         a.model = resolve_model_arg(a.model)
         check_model_folder(a.model)
         token_px, defaults = token_px_of(a.model), read_defaults(a.model)
-    _fill_defaults(a, defaults)
+    _fill_defaults(a, defaults, len(sizes))
     plan = plan_references(sizes, token_px=token_px, **_size_kwargs(a))
     if a.json:
         print(json.dumps(plan.to_dict(), indent=2))
@@ -299,12 +300,12 @@ def cmd_edit(a) -> int:
             )
         model = a.diffusion_model
         token_px = 16  # Qwen-Image's 8x VAE and 2x2 patches: the only layout its single files come in
-        _fill_defaults(a, {})
+        _fill_defaults(a, {}, len(refs))
     else:
         model = resolve_model_arg(a.model)
         check_model_folder(model)
         token_px = token_px_of(model)
-        _fill_defaults(a, read_defaults(model))
+        _fill_defaults(a, read_defaults(model), len(refs))
     plan_references([r.size for r in refs], token_px=token_px, **_size_kwargs(a))
     options = SamplingOptions(
         seed=a.seed, steps=a.steps, cfg=a.cfg, sampler=a.sampler, eta=a.eta, denoise=a.denoise, num_images=a.num_images

@@ -395,7 +395,10 @@ DEFAULT_KEYS = {
     "output_area": "output area when the output follows a reference's aspect ratio",
     "steps": "denoising steps",
     "cfg": "true-CFG scale",
+    "by_references": 'sizes for K references or more, e.g. {"4": {"output_area": 65536}}',
 }
+#: The defaults "by_references" may set: the sizes, which the number of references is known for.
+BY_REFERENCES_KEYS = ("budget", "vl_budget", "output_area")
 
 
 def read_defaults(root) -> dict:
@@ -412,10 +415,31 @@ def read_defaults(root) -> dict:
     unknown = sorted(set(defaults) - set(DEFAULT_KEYS))
     if unknown:
         raise UniRefError(f"{path}: unknown default(s) {', '.join(unknown)}; known: {', '.join(DEFAULT_KEYS)}")
-    for key, value in defaults.items():
-        # NaN, Infinity and a 400-digit number are numbers to JSON but no setting: int() or float() of them raises
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < 2**53:
+    by_refs = defaults.get("by_references", {})
+    if not isinstance(by_refs, dict):
+        raise UniRefError(f"{path}: default 'by_references' must be an object, {DEFAULT_KEYS['by_references']}")
+    for k, sizes in by_refs.items():
+        if not (isinstance(k, str) and k.isdecimal() and 1 <= int(k) <= 1000) or not isinstance(sizes, dict):
             raise UniRefError(
-                f"{path}: default '{key}' ({DEFAULT_KEYS[key]}) must be a positive number, got {value!r}"
+                f"{path}: 'by_references' maps a number of references (1, 2, …) to sizes, got {k!r}: "
+                f"{DEFAULT_KEYS['by_references']}"
             )
+        unknown = sorted(set(sizes) - set(BY_REFERENCES_KEYS))
+        if unknown:
+            raise UniRefError(
+                f"{path}: 'by_references' {k} sets {', '.join(unknown)}; it may set {', '.join(BY_REFERENCES_KEYS)}"
+            )
+        for key, value in sizes.items():
+            _check_default(path, key, value, f"by_references {k}: ")
+    for key, value in defaults.items():
+        if key != "by_references":
+            _check_default(path, key, value)
     return dict(defaults)
+
+
+def _check_default(path: Path, key: str, value, where: str = "") -> None:
+    # NaN, Infinity and a 400-digit number are numbers to JSON but no setting: int() or float() of them raises
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < 2**53:
+        raise UniRefError(
+            f"{path}: {where}default '{key}' ({DEFAULT_KEYS[key]}) must be a positive number, got {value!r}"
+        )

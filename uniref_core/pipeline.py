@@ -71,13 +71,20 @@ def use_vae_tiling(setting: str, width: int, height: int) -> bool:
     return setting == "on" or (setting == "auto" and width * height > VAE_TILING_AREA)
 
 
-def resolve_setting(name: str, value, model_defaults: dict):
-    """``value``, or when None ``model_defaults[name]`` (a model's uniref.json), else BUILTIN_DEFAULTS."""
+def resolve_setting(name: str, value, model_defaults: dict, references: int | None = None):
+    """``value``, or when None the model's default (its uniref.json), else BUILTIN_DEFAULTS. With ``references``
+    (K), the model's "by_references" entry with the largest K' ≤ K that sets ``name`` wins over its plain default."""
     if value is not None:
         return value
-    if name not in model_defaults:
+    found = model_defaults.get(name)
+    if references is not None:
+        by_refs = model_defaults.get("by_references", {})
+        ks = sorted((int(k) for k, sizes in by_refs.items() if name in sizes and int(k) <= references), reverse=True)
+        if ks:
+            found = by_refs[str(ks[0])][name]
+    if found is None:
         return BUILTIN_DEFAULTS[name]
-    return float(model_defaults[name]) if name == "cfg" else int(model_defaults[name])
+    return float(found) if name == "cfg" else int(found)
 
 
 SAMPLERS = ("ode", "sde")
@@ -419,9 +426,10 @@ class UniRefPipeline:
             self._lora = LoraPatcher(self.c.transformer)
         return self._lora.apply(pairs)
 
-    def setting(self, name: str, value):
-        """``value``, or when None the model folder's default for ``name`` (``uniref.json``), else ours."""
-        return resolve_setting(name, value, self.c.defaults)
+    def setting(self, name: str, value, references: int | None = None):
+        """``value``, or when None the model folder's default for ``name`` with ``references`` references
+        (``uniref.json``), else ours."""
+        return resolve_setting(name, value, self.c.defaults, references)
 
     # 1. SELF encoding -------------------------------------------------------------------------
 
@@ -458,10 +466,6 @@ class UniRefPipeline:
         A plan whose run (encoding, sampling ``num_images`` and decoding) needs more memory than the device has is
         refused before any network runs (`check_memory`).
         """
-        cfg = self.setting("cfg", cfg)
-        budget = self.setting("budget", budget)
-        vl_budget = self.setting("vl_budget", vl_budget)
-        output_area = self.setting("output_area", output_area)
         if not isinstance(prompt, str):
             raise UniRefError(f"prompt must be text, got {type(prompt).__name__}")
         check_prompt_text(prompt, "prompt")
@@ -469,6 +473,10 @@ class UniRefPipeline:
             check_prompt_text(negative_prompt, "negative prompt")
         references = list(references or [])
         images = [load_image(r, name=f"reference {k}") for k, r in enumerate(references, start=1)]
+        cfg = self.setting("cfg", cfg)
+        budget = self.setting("budget", budget, len(images))
+        vl_budget = self.setting("vl_budget", vl_budget, len(images))
+        output_area = self.setting("output_area", output_area, len(images))
         if not images and (width is None or height is None):
             raise UniRefError("no reference images: connect at least one reference (or give width and height)")
         t = self.token_px
