@@ -30,6 +30,8 @@ import uuid
 
 import torch
 
+from .errors import UniRefError
+
 __all__ = [
     "make_tiny_model",
     "make_tiny_qwen21",
@@ -418,10 +420,12 @@ def make_tiny_model(
     from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
 
     if family not in FAMILIES:
-        raise ValueError(f"family {family!r} is not one of {', '.join(FAMILIES)}")
+        raise UniRefError(f"family {family!r} is not one of {', '.join(FAMILIES)}")
     if family == "qwen21":
         if zero_cond_t:
-            raise ValueError("zero_cond_t is a Qwen-Image-Edit-2511 switch; a Qwen-Image 2.1 model has no such option")
+            raise UniRefError(
+                "zero_cond_t is a Qwen-Image-Edit-2511 switch; a Qwen-Image 2.1 model has no such option"
+            )
         return make_tiny_qwen21(path, seed=seed, transformer=transformer, vae=vae, text=text, dtype=dtype)
     path = pathlib.Path(path)
     tokenizer = _build_tokenizer()
@@ -477,7 +481,7 @@ def make_tiny_qwen21(
 
     path = pathlib.Path(path)
     if path.exists() and not (path.is_dir() and not any(path.iterdir())):
-        raise FileExistsError(f"{path} exists and is not an empty folder; give a new folder for the tiny model")
+        raise UniRefError(f"{path} exists and is not an empty folder; give a new folder for the tiny model")
     tokenizer = _build_tokenizer(extra_lines=(QWEN21_SYSTEM_PROMPT,) * 4)
     processor = Qwen3VLProcessor(
         image_processor=Qwen2VLImageProcessor(**QWEN21_IMAGE_PROCESSOR_CONFIG),
