@@ -23,13 +23,11 @@ It keeps the parts of the real model that code depends on:
 from __future__ import annotations
 
 import json
-import os
 import pathlib
-import shutil
-import uuid
 
 import torch
 
+from .atomic import atomic_dir
 from .errors import UniRefError
 
 __all__ = [
@@ -468,8 +466,8 @@ def make_tiny_qwen21(
     The folder is what diffusers' ``QwenImage21Pipeline.from_pretrained`` loads: ``model_index.json``,
     ``transformer/`` (QwenImage21Transformer2DModel), ``vae/`` (AutoencoderKLQwenImage21: 16x, 64 latent channels,
     RGBA), ``text_encoder/`` (Qwen3-VL), ``processor/`` (Qwen3VLProcessor with its tokenizer, chat template and video
-    processor), ``scheduler/``; safetensors only. It is written to a sibling folder first and moved into place, so
-    ``path`` is either complete or absent; an existing non-empty ``path`` is refused. The same ``seed`` gives
+    processor), ``scheduler/``; safetensors only. It is written whole or not at all (`atomic.atomic_dir`); an
+    existing non-empty ``path`` is refused rather than replaced. The same ``seed`` gives
     bitwise identical weights; ``transformer``, ``vae``, ``text``: overrides of the ``QWEN21_*_CONFIG`` dicts."""
     from diffusers import (
         AutoencoderKLQwenImage21,
@@ -504,15 +502,8 @@ def make_tiny_qwen21(
         transformer=transformer,
     )
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.{uuid.uuid4().hex}.partial")
-    try:
+    with atomic_dir(path) as partial:
         pipe.save_pretrained(partial, safe_serialization=True)
-        if path.is_dir():  # empty (checked above)
-            path.rmdir()
-        os.replace(partial, path)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
     return path
 
 
