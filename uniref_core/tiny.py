@@ -18,6 +18,9 @@ It keeps the parts of the real model that code depends on:
   :data:`TEMPLATE_PREFIX_TOKENS` = 64 tokens, as with the real Qwen tokenizer; the pipeline
   drops that many hidden states (``prompt_template_encode_start_idx``);
 * the same special tokens, with the text-encoder config pointing at their ids here.
+
+``family="qwen21"`` builds a tiny Qwen-Image 2.1 folder instead (:func:`make_tiny_qwen21`, the ``QWEN21_*``
+configs): what diffusers' ``QwenImage21Pipeline`` loads, with its 16x RGBA VAE, Qwen3-VL encoder and chat template.
 """
 
 from __future__ import annotations
