@@ -1,8 +1,8 @@
-"""training.common.atomic: a folder is the old copy or the new one, never half of either."""
+"""uniref_core.atomic: a folder is the old copy or the new one, never half of either."""
 
 import pytest
 
-from training.common import atomic
+from uniref_core import atomic
 
 
 def test_a_finished_write_replaces_the_old_copy_and_a_stale_tmp_is_cleared_first(tmp_path):

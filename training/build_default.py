@@ -44,9 +44,9 @@ import sys
 import time
 from pathlib import Path
 
+from uniref_core.atomic import atomic_dir
 from uniref_core.errors import UniRefError
 
-from .common.atomic import atomic_dir
 from .common.cli import exit_on_error
 
 CONFIGS = Path(__file__).parent / "configs"

@@ -24,11 +24,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from uniref_core.atomic import atomic_dir
 from uniref_core.errors import UniRefError
 from uniref_core.model import check_model_folder, read_safetensors_header
 
 from .common import checkpoint as ckpt_mod
-from .common.atomic import atomic_dir
 from .common.cli import exit_on_error
 from .common.trainable import comfy_lora_state_dict, merge_comfy_lora
 

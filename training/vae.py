@@ -25,10 +25,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from uniref_core.atomic import atomic_dir
 from uniref_core.errors import UniRefError
 from uniref_core.latents import to_images, to_pixels
 
-from .common.atomic import atomic_dir
 from .common.cli import exit_on_error
 from .tasks.shapecompose import COMPOSE_ORDERS, K_TRAIN, make_sample
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from .budget import MODES, PER_IMAGE_AREA, TOKEN_PX, parse_area
 from .errors import UniRefCancelled, UniRefError
+from .tiny import FAMILIES
 
 SAVE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
 
@@ -143,14 +144,19 @@ def _parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("make-tiny-model", help="build a tiny random model of the architecture (tests, examples)")
     t.add_argument("dir")
-    t.add_argument("--zero-cond-t", action="store_true", help="like Qwen-Image-Edit-2511")
+    t.add_argument(
+        "--family",
+        choices=FAMILIES,
+        default="edit",
+        help="edit: Qwen-Image-Edit-2509/2511 (default); qwen21: Qwen-Image 2.1",
+    )
+    t.add_argument("--zero-cond-t", action="store_true", help="like Qwen-Image-Edit-2511 (edit only)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument(
         "--vae-scale",
         type=int,
         choices=(4, 8),
-        default=8,
-        help="8 like real checkpoints (16 px tokens); 4 gives 8 px tokens",
+        help="edit only: 8 (default) like real checkpoints (16 px tokens); 4 gives 8 px tokens",
     )
     return p
 
@@ -389,7 +395,15 @@ def ctrl_c_cancels() -> Iterator[Callable[[], bool]]:
 def cmd_make_tiny(a) -> int:
     from .tiny import VAE_4X, make_tiny_model
 
-    path = make_tiny_model(a.dir, zero_cond_t=a.zero_cond_t, seed=a.seed, vae=VAE_4X if a.vae_scale == 4 else None)
+    if a.family == "qwen21":
+        edit_only = [opt for opt, given in (("--zero-cond-t", a.zero_cond_t), ("--vae-scale", a.vae_scale)) if given]
+        if edit_only:
+            raise UniRefError(
+                f"{' and '.join(edit_only)} {'is' if len(edit_only) == 1 else 'are'} for --family edit only: a "
+                "Qwen-Image 2.1 model has a fixed 16x VAE and no zero_cond_t; leave them out"
+            )
+    vae = VAE_4X if a.vae_scale == 4 else None
+    path = make_tiny_model(a.dir, zero_cond_t=a.zero_cond_t, seed=a.seed, vae=vae, family=a.family)
     print(f"tiny model written to {path}")
     return 0
 

@@ -3,7 +3,8 @@
 The layout is the one of the published repos (Qwen-Image-Edit-2509/2511, UniRef):
 ``model_index.json, transformer/ (maybe sharded), vae/, text_encoder/, tokenizer/, processor/,
 scheduler/``. Weights load only from safetensors and only from disk: no pickles, no hub, no
-remote code.
+remote code. A Qwen-Image 2.1 folder is recognised (`model_family`) and checked (`check_qwen21_folder`), but
+not loaded: this version runs the Edit family only.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from .errors import UniRefError
 
 # model_index.json classes whose prompt template and reference handling we reproduce.
 EDIT_PIPELINES = ("QwenImageEditPlusPipeline",)
+#: model_index.json class of a Qwen-Image 2.1 folder: recognised and checked, not yet run.
+QWEN21_PIPELINE = "QwenImage21Pipeline"
 # component → (config files, any one of which must exist; the class it must be)
 COMPONENTS = {
     "transformer": (("config.json",), "QwenImageTransformer2DModel"),
@@ -32,6 +35,17 @@ COMPONENTS = {
     "processor": (("preprocessor_config.json", "processor_config.json"), None),
     "scheduler": (("scheduler_config.json",), None),
 }
+# The same for a Qwen-Image 2.1 folder.
+QWEN21_COMPONENTS = {
+    "transformer": (("config.json",), "QwenImage21Transformer2DModel"),
+    "vae": (("config.json",), "AutoencoderKLQwenImage21"),
+    "text_encoder": (("config.json",), "Qwen3VLForConditionalGeneration"),
+    "processor": (("preprocessor_config.json", "processor_config.json"), None),
+    "scheduler": (("scheduler_config.json",), None),
+}
+#: Qwen-Image 2.1's fixed sizes: the pipeline's VAE factor, and the pixels per Qwen3-VL vision slot (2x2 latents).
+QWEN21_VAE_SCALE = 16
+QWEN21_VL_SLOT_PX = 32
 WEIGHTED = ("transformer", "vae", "text_encoder")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -63,24 +77,25 @@ class Components:
         return self.vae_scale * int(self.transformer.config.patch_size)
 
 
-def vae_scale_of(vae_config: dict, folder="the model folder") -> int:
+def vae_scale_of(vae_config: dict, folder="the model folder", real: int = 8) -> int:
     """The VAE's down-sampling factor, as diffusers' pipeline derives it: 2 ** len(temperal_downsample).
 
     Its encoder down-samples once per entry (len(dim_mult) − 1 stages); a config where the two disagree
-    does not describe a VAE the pipeline can size images for, and is refused naming the folder.
+    does not describe a VAE the pipeline can size images for, and is refused naming the folder. ``real``: the
+    scale of the family's published checkpoints, for the message.
     """
     stages = vae_config.get("temperal_downsample")
     dim_mult = vae_config.get("dim_mult")
     if not isinstance(stages, list) or not isinstance(dim_mult, list) or len(stages) != len(dim_mult) - 1:
         raise UniRefError(
-            f"{folder}: vae/config.json has temperal_downsample {stages!r} and dim_mult {dim_mult!r}; an "
-            "AutoencoderKLQwenImage down-samples once per dim_mult entry after the first, so give "
-            "len(dim_mult) - 1 entries (real checkpoints: 3, an 8x VAE)"
+            f"{folder}: vae/config.json has temperal_downsample {stages!r} and dim_mult {dim_mult!r}; a Qwen-Image "
+            "VAE down-samples once per dim_mult entry after the first, so give len(dim_mult) - 1 entries "
+            f"(real checkpoints: {real.bit_length() - 1}, a {real}x VAE)"
         )
     scale = 2 ** len(stages)
     if not 2 <= scale <= 16:
         raise UniRefError(
-            f"{folder}: its VAE scale is {scale}x; UniRef supports 2x to 16x VAEs (real checkpoints: 8x)"
+            f"{folder}: its VAE scale is {scale}x; UniRef supports 2x to 16x VAEs (real checkpoints: {real}x)"
         )
     return scale
 
@@ -130,6 +145,97 @@ def _check_weights(folder: Path, name: str) -> None:
 def check_model_folder(path) -> dict:
     """Validate a model folder without loading it; return model_index.json. Errors name what is missing."""
     root = Path(path).expanduser()
+    index = _read_index(root)
+    cls = index.get("_class_name")
+    if cls == QWEN21_PIPELINE:
+        raise UniRefError(
+            f"{root} holds a Qwen-Image 2.1 model ({cls}); this version of UniRef runs Qwen-Image-Edit-2509/2511 "
+            "folders (and UniPic 3.0 / UniRef weights) only: give one of those"
+        )
+    if cls not in EDIT_PIPELINES:
+        raise UniRefError(
+            f"{root} holds a {cls or 'unknown'} model, not a multi-image edit model of the Qwen-Image-Edit family "
+            f"({', '.join(EDIT_PIPELINES)}); use Qwen-Image-Edit-2509/2511, UniPic 3.0 or UniRef weights"
+        )
+    _check_components(root, COMPONENTS, "Qwen-Image-Edit")
+    tcfg = _read_json(root / "transformer" / "config.json", "transformer/config.json")
+    if tcfg.get("use_additional_t_cond") or tcfg.get("use_layer3d_rope"):
+        raise UniRefError(f"{root} is a layered (Qwen-Image-Layered) transformer; UniRef runs edit models only")
+    token_px_of(root)  # a VAE scale the planner cannot size images for is refused here, naming the folder
+    return index
+
+
+def model_family(path) -> str:
+    """ "edit" (Qwen-Image-Edit-2509/2511 and their fine-tunes) or "qwen21" (Qwen-Image 2.1), from the folder's
+    model_index.json alone; any other model is refused naming its class."""
+    root = Path(path).expanduser()
+    cls = _read_index(root).get("_class_name")
+    if cls in EDIT_PIPELINES:
+        return "edit"
+    if cls == QWEN21_PIPELINE:
+        return "qwen21"
+    raise UniRefError(
+        f"{root} holds a {cls or 'unknown'} model, neither a Qwen-Image-Edit model ({', '.join(EDIT_PIPELINES)}) "
+        f"nor a Qwen-Image 2.1 one ({QWEN21_PIPELINE}); use Qwen-Image-Edit-2509/2511, UniPic 3.0, UniRef or "
+        "Qwen-Image 2.1 weights"
+    )
+
+
+def check_qwen21_folder(path) -> dict:
+    """Validate a Qwen-Image 2.1 folder from its configs alone (no weights loaded); return model_index.json.
+
+    Beyond the parts being there with their classes and safetensors weights, the parts must fit each other as
+    QwenImage21Pipeline joins them: the transformer takes and gives the VAE's latent channels, reads text of the
+    text encoder's width, the VAE is 16x, and one Qwen3-VL vision slot covers 32 px (2x2 latents)."""
+    root = Path(path).expanduser()
+    index = _read_index(root)
+    if index.get("_class_name") != QWEN21_PIPELINE:
+        raise UniRefError(
+            f"{root} holds a {index.get('_class_name') or 'unknown'} model, not a Qwen-Image 2.1 one "
+            f"({QWEN21_PIPELINE}); give the folder of a Qwen-Image 2.1 checkpoint"
+        )
+    _check_components(root, QWEN21_COMPONENTS, "Qwen-Image 2.1")
+    tcfg = _read_json(root / "transformer" / "config.json", "transformer/config.json")
+    vcfg = _read_json(root / "vae" / "config.json", "vae/config.json")
+    ecfg = _read_json(root / "text_encoder" / "config.json", "text_encoder/config.json")
+    same_release = "use the parts of one Qwen-Image 2.1 release together"
+
+    z_dim = vcfg.get("z_dim")
+    channels = (tcfg.get("in_channels"), tcfg.get("out_channels"))
+    if channels != (z_dim, z_dim):
+        raise UniRefError(
+            f"{root}: the transformer's in/out channels {channels[0]}/{channels[1]} (transformer/config.json) are not "
+            f"the VAE's z_dim {z_dim} (vae/config.json): the transformer denoises the VAE's latents unpacked; "
+            f"{same_release}"
+        )
+    text_width = (ecfg.get("text_config") or {}).get("hidden_size")
+    if text_width != tcfg.get("context_in_dim"):
+        raise UniRefError(
+            f"{root}: the text encoder's hidden size {text_width} (text_encoder/config.json text_config.hidden_size) "
+            f"is not the transformer's context_in_dim {tcfg.get('context_in_dim')} (transformer/config.json); "
+            f"{same_release}"
+        )
+    patch = vcfg.get("patch_size") or 1  # a patchifying VAE folds patch x patch pixels before its stages
+    scale = vae_scale_of(vcfg, root, real=QWEN21_VAE_SCALE) * patch
+    if scale != QWEN21_VAE_SCALE or vcfg.get("scale_factor_spatial", scale) != scale:
+        raise UniRefError(
+            f"{root}: the VAE (vae/config.json) is {scale}x (scale_factor_spatial "
+            f"{vcfg.get('scale_factor_spatial')}); QwenImage21Pipeline sizes images for a {QWEN21_VAE_SCALE}x VAE: "
+            f"{same_release}"
+        )
+    vision = ecfg.get("vision_config") or {}
+    slot = (vision.get("patch_size") or 0) * (vision.get("spatial_merge_size") or 0)
+    if slot != QWEN21_VL_SLOT_PX:
+        raise UniRefError(
+            f"{root}: the text encoder's vision slot is {slot} px (text_encoder/config.json vision_config patch_size "
+            f"{vision.get('patch_size')} x spatial_merge_size {vision.get('spatial_merge_size')}); Qwen-Image 2.1 "
+            f"puts 2x2 latents of {QWEN21_VAE_SCALE} px in each vision slot, {QWEN21_VL_SLOT_PX} px: {same_release}"
+        )
+    return index
+
+
+def _read_index(root: Path) -> dict:
+    """model_index.json of a folder, refused naming what is wrong when the folder or the file is not there."""
     if not root.exists():
         raise UniRefError(f"model folder not found: {root} — give the folder that holds model_index.json")
     if not root.is_dir():
@@ -139,35 +245,29 @@ def check_model_folder(path) -> dict:
             f"{root} is not a diffusers-format model folder (no model_index.json); give the folder of a "
             "Qwen-Image-Edit-2509/2511 or UniRef checkpoint"
         )
-    index = _read_json(root / "model_index.json", "model_index.json")
-    cls = index.get("_class_name")
-    if cls not in EDIT_PIPELINES:
-        raise UniRefError(
-            f"{root} holds a {cls or 'unknown'} model, not a multi-image edit model of the Qwen-Image-Edit family "
-            f"({', '.join(EDIT_PIPELINES)}); use Qwen-Image-Edit-2509/2511, UniPic 3.0 or UniRef weights"
-        )
-    for name, (config_files, expected) in COMPONENTS.items():
+    return _read_json(root / "model_index.json", "model_index.json")
+
+
+def _check_components(root: Path, components: dict, architecture: str) -> None:
+    """Each part's folder, config file, class (``components``: as `COMPONENTS`) and safetensors weights."""
+    fix = "re-download the model or restore the part"
+    for name, (config_files, expected) in components.items():
         folder = root / name
         if not folder.is_dir():
-            raise UniRefError(f"model folder {root} is missing the '{name}' component (folder {name}/)")
+            raise UniRefError(f"model folder {root} is missing the '{name}' component (folder {name}/): {fix}")
         config_file = next((f for f in config_files if (folder / f).is_file()), None)
         if config_file is None:
-            raise UniRefError(f"model component '{name}' has no {' or '.join(config_files)} in {folder}")
+            raise UniRefError(f"model component '{name}' has no {' or '.join(config_files)} in {folder}: {fix}")
         if expected:
             found = _read_json(folder / config_file, f"{name}/{config_file}")
             found_cls = found.get("_class_name") or (found.get("architectures") or [None])[0]
             if found_cls != expected:
                 raise UniRefError(
                     f"model component '{name}' is a {found_cls}, expected {expected}: this folder is not of the "
-                    "Qwen-Image-Edit architecture"
+                    f"{architecture} architecture"
                 )
         if name in WEIGHTED:
             _check_weights(folder, name)
-    tcfg = _read_json(root / "transformer" / "config.json", "transformer/config.json")
-    if tcfg.get("use_additional_t_cond") or tcfg.get("use_layer3d_rope"):
-        raise UniRefError(f"{root} is a layered (Qwen-Image-Layered) transformer; UniRef runs edit models only")
-    token_px_of(root)  # a VAE scale the planner cannot size images for is refused here, naming the folder
-    return index
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:

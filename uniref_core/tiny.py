@@ -18,6 +18,9 @@ It keeps the parts of the real model that code depends on:
   :data:`TEMPLATE_PREFIX_TOKENS` = 64 tokens, as with the real Qwen tokenizer; the pipeline
   drops that many hidden states (``prompt_template_encode_start_idx``);
 * the same special tokens, with the text-encoder config pointing at their ids here.
+
+``family="qwen21"`` builds a tiny Qwen-Image 2.1 folder instead (:func:`make_tiny_qwen21`, the ``QWEN21_*``
+configs): what diffusers' ``QwenImage21Pipeline`` loads, with its 16x RGBA VAE, Qwen3-VL encoder and chat template.
 """
 
 from __future__ import annotations
@@ -27,7 +30,21 @@ import pathlib
 
 import torch
 
-__all__ = ["make_tiny_model", "VAE_4X", "check_tokenizer", "TEMPLATE_PREFIX_TOKENS", "SPECIAL_TOKENS"]
+from .atomic import atomic_dir
+from .errors import UniRefError
+
+__all__ = [
+    "make_tiny_model",
+    "make_tiny_qwen21",
+    "FAMILIES",
+    "VAE_4X",
+    "check_tokenizer",
+    "TEMPLATE_PREFIX_TOKENS",
+    "SPECIAL_TOKENS",
+]
+
+#: What :func:`make_tiny_model` builds: "edit" (Qwen-Image-Edit-2509/2511) or "qwen21" (Qwen-Image 2.1).
+FAMILIES = ("edit", "qwen21")
 
 # --- transformer / VAE / scheduler configs ------------------------------------------------
 
@@ -142,6 +159,86 @@ REAL_PROPORTIONS = dict(
     dtype="bf16",
 )
 
+# --- Qwen-Image 2.1 (family "qwen21") -------------------------------------------------------
+
+QWEN21_TRANSFORMER_CONFIG = dict(
+    patch_size=1,  # latents are not packed: one token is one 16x16 px latent
+    in_channels=64,  # == QWEN21_VAE_CONFIG["z_dim"]
+    out_channels=64,
+    num_layers=2,
+    attention_head_dim=32,
+    num_attention_heads=2,
+    context_in_dim=64,  # == QWEN21_TEXT_CONFIG["hidden_size"]
+    mlp_ratio=3,
+    axes_dims_rope=(8, 12, 12),  # sums to attention_head_dim, each even
+    causal_condition=True,  # text and references modulated at t = 0, so their keys and values can be cached
+)
+
+QWEN21_VAE_CONFIG = dict(
+    base_dim=16,
+    decoder_base_dim=16,
+    z_dim=64,
+    dim_mult=[1, 2, 4, 4, 4],
+    num_res_blocks=1,
+    attn_scales=[],
+    temperal_downsample=[False, True, True, True],  # 4 stages -> 16x, the pipeline's fixed vae_scale_factor
+    latents_mean=[0.0] * 64,
+    latents_std=[1.0] * 64,
+    in_channels=4,  # RGBA in and out
+    out_channels=4,
+)
+
+QWEN21_TEXT_CONFIG = dict(
+    hidden_size=64,  # == QWEN21_TRANSFORMER_CONFIG["context_in_dim"]
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=4096,
+    rms_norm_eps=1e-6,
+    # mrope sections (temporal, height, width) sum to head_dim / 2
+    rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "mrope_interleaved": True, "rope_theta": 5e6},
+)
+
+QWEN21_VISION_CONFIG = dict(
+    depth=2,
+    hidden_size=32,
+    intermediate_size=64,
+    num_heads=2,
+    patch_size=16,  # x spatial_merge_size = 32 px per VL slot = 2x2 latents of the 16x VAE
+    spatial_merge_size=2,
+    temporal_patch_size=2,
+    out_hidden_size=64,  # == QWEN21_TEXT_CONFIG["hidden_size"]
+    num_position_embeddings=256,
+    deepstack_visual_indexes=[1],
+)
+
+# min_pixels 32x32: the processor up-scales anything smaller, and the pipeline sends the VL encoder and the VAE the
+# same size, so a larger floor would make the two disagree for small references.
+QWEN21_IMAGE_PROCESSOR_CONFIG = dict(
+    patch_size=16,
+    temporal_patch_size=2,
+    merge_size=2,
+    min_pixels=32 * 32,
+    max_pixels=16777216,
+    image_mean=[0.5] * 3,
+    image_std=[0.5] * 3,
+)
+
+QWEN21_VIDEO_PROCESSOR_CONFIG = dict(patch_size=16, temporal_patch_size=2, merge_size=2)
+
+# QwenImage21Pipeline counts the system turn's tokens through the processor's chat template, so it needs one.
+QWEN21_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}"
+    "{{ message['content'] }}{% else %}{% for c in message['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}"
+    "{% elif c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>{% endif %}{% endfor %}{% endif %}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+#: QwenImage21Pipeline's system prompt (its ``sys_prompt``), taught to the 2.1 tokenizer as whole words.
+QWEN21_SYSTEM_PROMPT = "Comprehend and analyze the provided prompt."
+
 # --- tokenizer ----------------------------------------------------------------------------
 
 # In the order of the real Qwen2 vocabulary (which puts them after the BPE tokens).
@@ -199,7 +296,11 @@ def _corpus() -> list[str]:
     return lines
 
 
-def _build_tokenizer():
+def _build_tokenizer(extra_lines: tuple[str, ...] = ()):
+    """The tiny BPE tokenizer trained on :func:`_corpus` (plus ``extra_lines``), with the special tokens.
+
+    The Edit tokenizer (no extra lines) is checked to split the Edit template prefix into
+    :data:`TEMPLATE_PREFIX_TOKENS` tokens; any tokenizer, to keep each special token whole."""
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import Qwen2Tokenizer
     from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
@@ -221,7 +322,7 @@ def _build_tokenizer():
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    bpe.train_from_iterator(_corpus(), trainer=trainer)
+    bpe.train_from_iterator(_corpus() + list(extra_lines), trainer=trainer)
 
     state = json.loads(bpe.to_str())["model"]
     vocab = dict(state["vocab"])
@@ -234,7 +335,10 @@ def _build_tokenizer():
         extra_special_tokens=SPECIAL_TOKENS[1:],
         model_max_length=32768,
     )
-    check_tokenizer(tok)
+    if extra_lines:
+        _check_special_tokens(tok)
+    else:
+        check_tokenizer(tok)
     return tok
 
 
@@ -244,19 +348,32 @@ def check_tokenizer(tokenizer) -> None:
     n = len(tokenizer(_template_prefix())["input_ids"])
     if n != TEMPLATE_PREFIX_TOKENS:
         raise AssertionError(f"template prefix is {n} tokens, the pipeline drops {TEMPLATE_PREFIX_TOKENS}")
+    _check_special_tokens(tokenizer)
+
+
+def _check_special_tokens(tokenizer) -> None:
     for special in SPECIAL_TOKENS:
         ids = tokenizer(special)["input_ids"]
         if ids != [tokenizer.convert_tokens_to_ids(special)]:
             raise AssertionError(f"{special} is not a single special token: {ids}")
 
 
-def _build_text_encoder(tokenizer, text: dict | None = None):
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+def _build_text_encoder(tokenizer, text: dict | None = None, family: str = "edit"):
+    """A random Qwen2.5-VL ("edit") or Qwen3-VL ("qwen21") whose config points at ``tokenizer``'s special tokens."""
+    if family == "qwen21":
+        from transformers import Qwen3VLConfig as Config
+        from transformers import Qwen3VLForConditionalGeneration as Model
 
+        base_text, vision = QWEN21_TEXT_CONFIG, QWEN21_VISION_CONFIG
+    else:
+        from transformers import Qwen2_5_VLConfig as Config
+        from transformers import Qwen2_5_VLForConditionalGeneration as Model
+
+        base_text, vision = TEXT_CONFIG, VISION_CONFIG
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     vocab_size = -(-len(tokenizer) // 64) * 64  # padded, like the real 152064
-    text_config = dict(TEXT_CONFIG, **(text or {}))
-    config = Qwen2_5_VLConfig(
+    text_config = dict(base_text, **(text or {}))
+    config = Config(
         text_config=dict(
             text_config,
             vocab_size=vocab_size,
@@ -264,14 +381,14 @@ def _build_text_encoder(tokenizer, text: dict | None = None):
             eos_token_id=ids["<|im_end|>"],
             pad_token_id=ids["<|endoftext|>"],
         ),
-        vision_config=dict(VISION_CONFIG, out_hidden_size=text_config["hidden_size"]),
+        vision_config=dict(vision, out_hidden_size=text_config["hidden_size"]),
         image_token_id=ids["<|image_pad|>"],
         video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"],
         vision_end_token_id=ids["<|vision_end|>"],
         tie_word_embeddings=False,
     )
-    return Qwen2_5_VLForConditionalGeneration(config).eval()
+    return Model(config).eval()
 
 
 def make_tiny_model(
@@ -282,8 +399,12 @@ def make_tiny_model(
     vae: dict | None = None,
     text: dict | None = None,
     dtype: str = "fp32",
+    family: str = "edit",
 ) -> pathlib.Path:
     """Build the tiny model and save it to ``path`` (created if missing); return the path.
+
+    ``family``: "edit" (Qwen-Image-Edit-2509/2511, the default) or "qwen21" (Qwen-Image 2.1: see
+    :func:`make_tiny_qwen21`; ``zero_cond_t`` is an Edit-2511 switch and is refused with it).
 
     ``zero_cond_t=True`` gives the Qwen-Image-Edit-2511 transformer variant. The same
     ``seed`` gives bitwise identical weights. ``transformer``: overrides of
@@ -299,6 +420,14 @@ def make_tiny_model(
     )
     from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
 
+    if family not in FAMILIES:
+        raise UniRefError(f"family {family!r} is not one of {', '.join(FAMILIES)}")
+    if family == "qwen21":
+        if zero_cond_t:
+            raise UniRefError(
+                "zero_cond_t is a Qwen-Image-Edit-2511 switch; a Qwen-Image 2.1 model has no such option"
+            )
+        return make_tiny_qwen21(path, seed=seed, transformer=transformer, vae=vae, text=text, dtype=dtype)
     path = pathlib.Path(path)
     tokenizer = _build_tokenizer()
     processor = Qwen2VLProcessor(
@@ -313,9 +442,7 @@ def make_tiny_model(
     vae = AutoencoderKLQwenImage(**dict(VAE_CONFIG, **(vae or {})))
     torch.manual_seed(seed)
     text_encoder = _build_text_encoder(tokenizer, text)
-    if dtype == "bf16":
-        for module in (transformer, vae, text_encoder):  # nn.Module.to: diffusers' own .to warns about fp32 keeps
-            torch.nn.Module.to(module, torch.bfloat16)
+    _cast(dtype, transformer, vae, text_encoder)
 
     pipe = QwenImageEditPlusPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG),
@@ -327,3 +454,64 @@ def make_tiny_model(
     )
     pipe.save_pretrained(path, safe_serialization=True)
     return path
+
+
+def make_tiny_qwen21(
+    path,
+    seed: int = 0,
+    transformer: dict | None = None,
+    vae: dict | None = None,
+    text: dict | None = None,
+    dtype: str = "fp32",
+) -> pathlib.Path:
+    """Build a tiny random Qwen-Image 2.1 model and save it to ``path``; return the path.
+
+    The folder is what diffusers' ``QwenImage21Pipeline.from_pretrained`` loads: ``model_index.json``,
+    ``transformer/`` (QwenImage21Transformer2DModel), ``vae/`` (AutoencoderKLQwenImage21: 16x, 64 latent channels,
+    RGBA), ``text_encoder/`` (Qwen3-VL), ``processor/`` (Qwen3VLProcessor with its tokenizer, chat template and video
+    processor), ``scheduler/``; safetensors only. It is written whole or not at all (`atomic.atomic_dir`); an
+    existing non-empty ``path`` is refused rather than replaced. The same ``seed`` gives
+    bitwise identical weights; ``transformer``, ``vae``, ``text``: overrides of the ``QWEN21_*_CONFIG`` dicts."""
+    from diffusers import (
+        AutoencoderKLQwenImage21,
+        FlowMatchEulerDiscreteScheduler,
+        QwenImage21Pipeline,
+        QwenImage21Transformer2DModel,
+    )
+    from transformers import Qwen2VLImageProcessor, Qwen3VLProcessor, Qwen3VLVideoProcessor
+
+    path = pathlib.Path(path)
+    if path.exists() and not (path.is_dir() and not any(path.iterdir())):
+        raise UniRefError(f"{path} exists and is not an empty folder; give a new folder for the tiny model")
+    tokenizer = _build_tokenizer(extra_lines=(QWEN21_SYSTEM_PROMPT,) * 4)
+    processor = Qwen3VLProcessor(
+        image_processor=Qwen2VLImageProcessor(**QWEN21_IMAGE_PROCESSOR_CONFIG),
+        tokenizer=tokenizer,
+        video_processor=Qwen3VLVideoProcessor(**QWEN21_VIDEO_PROCESSOR_CONFIG),
+        chat_template=QWEN21_CHAT_TEMPLATE,
+    )
+    torch.manual_seed(seed)
+    transformer = QwenImage21Transformer2DModel(**dict(QWEN21_TRANSFORMER_CONFIG, **(transformer or {})))
+    torch.manual_seed(seed)
+    vae = AutoencoderKLQwenImage21(**dict(QWEN21_VAE_CONFIG, **(vae or {})))
+    torch.manual_seed(seed)
+    text_encoder = _build_text_encoder(tokenizer, text, family="qwen21")
+    _cast(dtype, transformer, vae, text_encoder)
+    pipe = QwenImage21Pipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG),
+        vae=vae,
+        text_encoder=text_encoder,
+        processor=processor,
+        transformer=transformer,
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_dir(path) as partial:
+        pipe.save_pretrained(partial, safe_serialization=True)
+    return path
+
+
+def _cast(dtype: str, *modules) -> None:
+    """Weights saved in ``dtype`` ("fp32" as built, or "bf16")."""
+    if dtype == "bf16":
+        for module in modules:  # nn.Module.to: diffusers' own .to warns about fp32 keeps
+            torch.nn.Module.to(module, torch.bfloat16)

@@ -37,9 +37,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from uniref_core.atomic import commit, fsync, tmp_path, write_error
 from uniref_core.errors import UniRefError
 
-from .atomic import commit, fsync, tmp_path, write_error
 from .config import HashedConfig, diff_configs
 
 CHECKPOINTS = "checkpoints"

@@ -8,9 +8,8 @@ import functools
 import sys
 from pathlib import Path
 
+from uniref_core.atomic import DISK_FULL, write_error
 from uniref_core.errors import UniRefError
-
-from .atomic import DISK_FULL, write_error
 
 
 def exit_on_error(main):

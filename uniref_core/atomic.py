@@ -12,7 +12,7 @@ import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
-from uniref_core.errors import UniRefError
+from .errors import UniRefError
 
 # The errors of a disk (or a quota) with no room left.
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
