@@ -1,0 +1,130 @@
+"""Qwen-Image 2.1 encoding (uniref_core.qwen21) gives exactly what diffusers' QwenImage21Pipeline gives for the
+same references: the prompt's embeddings and image slots, the references' latents, the token grids, and the decoded
+image; a prompt that is too long or holds a control token is refused in a sentence."""
+
+import re
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_refs
+from PIL import Image
+
+from uniref_core import UniRefError
+from uniref_core.budget import calculate_dimensions
+from uniref_core.qwen21 import (
+    decode_qwen21,
+    encode_image_qwen21,
+    encode_prompt_qwen21,
+    img_mask_qwen21,
+    img_shapes_qwen21,
+    resize_reference,
+)
+from uniref_core.tiny import make_tiny_model
+
+PROMPT = "Put the red circle on the left"
+
+
+@pytest.fixture(scope="module")
+def pipe(tmp_path_factory):
+    from diffusers import QwenImage21Pipeline
+
+    folder = make_tiny_model(tmp_path_factory.mktemp("qwen21") / "model", family="qwen21")
+    pipe = QwenImage21Pipeline.from_pretrained(folder, local_files_only=True)
+    # The tiny VAE's mean 0 / std 1 would hide a normalisation mistake; both sides read these from the config.
+    z = pipe.vae.config.z_dim
+    pipe.vae.register_to_config(
+        latents_mean=torch.linspace(-0.3, 0.3, z).tolist(), latents_std=torch.linspace(0.5, 1.7, z).tolist()
+    )
+    return pipe
+
+
+def _refs(sizes, rgba):
+    """Reference images at ``sizes``; those at indices ``rgba`` get an alpha ramp (transparent on the left)."""
+    refs = make_refs(sizes)
+    for k in rgba:
+        w, h = refs[k].size
+        refs[k].putalpha(Image.fromarray(np.tile(np.linspace(0, 255, w).astype(np.uint8), (h, 1))))
+    return refs
+
+
+CASES = {
+    # (source sizes, which are RGBA, output_resolution); each reference goes to output_resolution² at its own aspect
+    # (sides multiples of 32), the output follows the last one's aspect.
+    "1 ref": ([(300, 200)], [], 192),
+    "3 refs": ([(300, 200), (128, 256), (200, 200)], [2], 192),
+    "10 refs": ([(160 + 24 * k, 128 - 8 * (k % 3)) for k in range(10)], [4], 128),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_encoding_equals_what_diffusers_hands_the_transformer(pipe, case):
+    sources, rgba, resolution = CASES[case]
+    refs = _refs(sources, rgba)
+    sizes = [calculate_dimensions(resolution**2, w / h) for w, h in (im.size for im in refs)]
+    width, height = calculate_dimensions(resolution**2, sizes[-1][0] / sizes[-1][1])
+    assert len(set(sizes)) == min(len(sizes), 3) or len(sizes) == 10  # references of different sizes
+
+    calls, last = [], []
+    pipe.transformer.register_forward_pre_hook(lambda m, a, kw: calls.append(kw), with_kwargs=True)
+    image = pipe(
+        image=refs,
+        prompt=PROMPT,
+        num_inference_steps=2,
+        output_resolution=resolution,
+        generator=torch.Generator().manual_seed(0),
+        callback_on_step_end=lambda p, i, t, kw: last.append(kw["latents"]) or {},
+    ).images[0]
+    pipe.transformer._forward_pre_hooks.clear()
+    seen = calls[0]
+
+    copies = [resize_reference(im, *s) for im, s in zip(refs, sizes)]
+    prompt = encode_prompt_qwen21(pipe.text_encoder, pipe.processor, PROMPT, copies)
+    latents = torch.cat([encode_image_qwen21(pipe.vae, im, *s) for im, s in zip(refs, sizes)], dim=1)
+    target = (width // 16) * (height // 16)
+
+    # What the transformer receives inside the real call (the outputs of the pipeline's own encode_prompt and
+    # prepare_latents on its resized RGBA copies): bitwise ours, all fp32.
+    assert torch.equal(seen["encoder_hidden_states"], prompt.embeds)
+    assert seen["encoder_hidden_states_mask"] is None and prompt.mask is None
+    assert torch.equal(seen["img_mask"], img_mask_qwen21(prompt.img_mask, target))
+    assert int(prompt.img_mask.sum()) == sum((w // 32) * (h // 32) for w, h in sizes)
+    assert [list(s) for s in seen["img_shapes"]] == [img_shapes_qwen21(sizes, (width, height))]
+    assert img_shapes_qwen21(sizes, (width, height))[-1] == (1, height // 16, width // 16)  # target last
+    assert torch.equal(seen["hidden_states"][:, :-target], latents)  # references first, in order
+
+    # The last step's latents decode to the pipeline's output, RGBA.
+    ours = decode_qwen21(pipe.vae, last[-1], width, height)[0]
+    assert ours.mode == image.mode == "RGBA" and ours.size == image.size == (width, height)
+    assert np.array_equal(np.asarray(ours), np.asarray(image))
+
+
+def test_empty_prompt_and_no_references_equal_diffusers(pipe):
+    ref = resize_reference(_refs([(200, 130)], [0])[0], 192, 128)
+    for images in ([], [ref]):
+        ours = encode_prompt_qwen21(pipe.text_encoder, pipe.processor, "", images)
+        embeds, mask, img_mask = pipe.encode_prompt("", image=images or None)
+        assert torch.equal(ours.embeds, embeds) and torch.equal(ours.img_mask, img_mask) and mask is None
+    assert int(img_mask.sum()) == (192 // 32) * (128 // 32)
+
+
+def test_too_long_prompt_is_refused_with_its_count(pipe):
+    refs = [resize_reference(im, 128, 96) for im in make_refs([(128, 96)])]
+    tokens = encode_prompt_qwen21(pipe.text_encoder, pipe.processor, PROMPT, refs).embeds.shape[1]
+    room = (tokens, "the test's room leaves it")
+    encode_prompt_qwen21(pipe.text_encoder, pipe.processor, PROMPT, refs, max_tokens=room)  # exactly fits
+    with pytest.raises(
+        UniRefError,
+        match=rf"^the instruction is too long: .* makes {tokens + 3} tokens, and the test's "
+        rf"room leaves it at most {tokens}; shorten it by at least 3 tokens",
+    ):
+        encode_prompt_qwen21(
+            pipe.text_encoder, pipe.processor, PROMPT + " red red red", refs, max_tokens=room, name="the instruction"
+        )
+
+
+@pytest.mark.parametrize("token", ["<|image_pad|>", "<|im_end|>"])
+def test_a_control_token_in_the_prompt_is_refused(pipe, token):
+    expected = f"prompt contains {re.escape(token)}, a control token of the Qwen3-VL template .* remove it, and "
+    with pytest.raises(UniRefError, match="^" + expected + "refer to a reference as image k"):
+        encode_prompt_qwen21(pipe.text_encoder, pipe.processor, f"put {token} here", [])
