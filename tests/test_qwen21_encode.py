@@ -2,6 +2,7 @@
 same references: the prompt's embeddings and image slots, the references' latents, the token grids, and the decoded
 image; a prompt that is too long or holds a control token is refused in a sentence."""
 
+import copy
 import re
 
 import numpy as np
@@ -128,3 +129,21 @@ def test_a_control_token_in_the_prompt_is_refused(pipe, token):
     expected = f"prompt contains {re.escape(token)}, a control token of the Qwen3-VL template .* remove it, and "
     with pytest.raises(UniRefError, match="^" + expected + "refer to a reference as image k"):
         encode_prompt_qwen21(pipe.text_encoder, pipe.processor, f"put {token} here", [])
+
+
+def test_a_reference_the_vision_processor_would_resize_is_refused(pipe):
+    """The transformer fills each reference's VL slots with its latents; a processor that resizes the image would
+    otherwise stop the transformer with a bare shape error."""
+    odd = make_refs([(200, 96)])
+    with pytest.raises(UniRefError, match=r"^reference 1 is 200×96 px: .* sides that are multiples of 32 px"):
+        encode_prompt_qwen21(pipe.text_encoder, pipe.processor, PROMPT, odd)
+    processor = copy.deepcopy(pipe.processor)
+    processor.image_processor.size = dict(processor.image_processor.size, shortest_edge=128 * 128)  # up-scales 64²
+    small = [resize_reference(make_refs([(90, 70)])[0], 64, 64)]
+    with pytest.raises(
+        UniRefError,
+        match=r"^reference 1 is 64×64 px: the vision encoder's processor makes 16 slots "
+        r"of it, its latents need 4; .* min_pixels",
+    ):
+        encode_prompt_qwen21(pipe.text_encoder, processor, PROMPT, small)
+    encode_prompt_qwen21(pipe.text_encoder, pipe.processor, PROMPT, small)  # the model's own processor keeps 64²
