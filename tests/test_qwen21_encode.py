@@ -14,9 +14,11 @@ from PIL import Image
 from uniref_core import UniRefError
 from uniref_core.budget import calculate_dimensions
 from uniref_core.qwen21 import (
+    SYSTEM_PROMPT,
     decode_qwen21,
     encode_image_qwen21,
     encode_prompt_qwen21,
+    encoder_room_qwen21,
     img_mask_qwen21,
     img_shapes_qwen21,
     resize_reference,
@@ -114,6 +116,11 @@ def test_too_long_prompt_is_refused_with_its_count(pipe):
     tokens = encode_prompt_qwen21(pipe.text_encoder, pipe.processor, PROMPT, refs).embeds.shape[1]
     room = (tokens, "the test's room leaves it")
     encode_prompt_qwen21(pipe.text_encoder, pipe.processor, PROMPT, refs, max_tokens=room)  # exactly fits
+    drop = len(pipe.processor.tokenizer.encode(f"<|im_start|>system\n{SYSTEM_PROMPT}<|im_end|>\n"))
+    assert encoder_room_qwen21(pipe.text_encoder, pipe.processor) == (
+        4096 - drop,
+        f"the text encoder's 4096 positions (its {drop}-token system turn among them) leave it",
+    )
     with pytest.raises(
         UniRefError,
         match=rf"^the instruction is too long: .* makes {tokens + 3} tokens, and the test's "

@@ -69,13 +69,19 @@ def check_prompt_text(
         ) from None
 
 
-def encoder_room(text_encoder) -> tuple[int, str] | None:
-    """(the most conditioning tokens the text encoder's positions hold, why), or None when its config does not say:
-    its ``max_position_embeddings`` less the dropped system turn (`encode_prompt`'s ``max_tokens``)."""
+def encoder_positions(text_encoder) -> int | None:
+    """The text encoder's ``max_position_embeddings`` (its text config's for a VL model), or None when not said."""
     config = getattr(text_encoder, "config", None)
     positions = getattr(getattr(config, "text_config", None), "max_position_embeddings", None)
     positions = positions or getattr(config, "max_position_embeddings", None)
-    if not isinstance(positions, int):
+    return positions if isinstance(positions, int) else None
+
+
+def encoder_room(text_encoder) -> tuple[int, str] | None:
+    """(the most conditioning tokens the text encoder's positions hold, why), or None when its config does not say:
+    its ``max_position_embeddings`` less the dropped system turn (`encode_prompt`'s ``max_tokens``)."""
+    positions = encoder_positions(text_encoder)
+    if positions is None:
         return None
     return (
         positions - DROP_IDX,

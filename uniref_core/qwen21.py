@@ -21,7 +21,7 @@ from PIL import Image
 
 from .errors import UniRefError
 from .latents import latent_stats, to_images, vae_encode
-from .prompt import check_prompt_text
+from .prompt import check_prompt_text, encoder_positions
 
 SYSTEM_PROMPT = "Comprehend and analyze the provided prompt."
 PROMPT_TEMPLATE = (
@@ -63,6 +63,19 @@ def vl_image(image: Image.Image) -> Image.Image:
     white = Image.new("RGB", image.size, (255, 255, 255))
     white.paste(image, mask=image.getchannel("A"))
     return white
+
+
+def encoder_room_qwen21(text_encoder, processor) -> tuple[int, str] | None:
+    """(the most conditioning tokens the text encoder's positions hold, why), or None when its config does not say:
+    its ``max_position_embeddings`` less the dropped system turn (`encode_prompt_qwen21`'s ``max_tokens``)."""
+    positions = encoder_positions(text_encoder)
+    if positions is None:
+        return None
+    drop = system_turn_tokens(processor)
+    return (
+        positions - drop,
+        f"the text encoder's {positions} positions (its {drop}-token system turn among them) leave it",
+    )
 
 
 @dataclass
