@@ -154,3 +154,17 @@ def test_a_reference_the_vision_processor_would_resize_is_refused(pipe):
     ):
         encode_prompt_qwen21(pipe.text_encoder, processor, PROMPT, small)
     encode_prompt_qwen21(pipe.text_encoder, pipe.processor, PROMPT, small)  # the model's own processor keeps 64²
+
+
+def test_bf16_decode_equals_diffusers_postprocess(pipe):
+    vae = copy.deepcopy(pipe.vae).to(torch.bfloat16)
+    tokens = torch.randn(1, 4 * 6, 64, generator=torch.Generator().manual_seed(1))
+    ours = decode_qwen21(vae, tokens, 96, 64)[0]
+    mean, std = (
+        torch.tensor(v).view(1, -1, 1, 1, 1).to(torch.bfloat16)
+        for v in (vae.config.latents_mean, vae.config.latents_std)
+    )
+    latents = tokens.transpose(1, 2).reshape(1, 64, 1, 4, 6).to(torch.bfloat16)
+    with torch.no_grad():
+        pixels = vae.decode(latents * std + mean, return_dict=False)[0][:, :, 0]
+    assert np.array_equal(np.asarray(ours), np.asarray(pipe.image_processor.postprocess(pixels)[0]))

@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from .errors import UniRefError
-from .latents import latent_stats, to_images, vae_encode
+from .latents import latent_stats, vae_encode
 from .prompt import check_prompt_text, encoder_positions
 
 SYSTEM_PROMPT = "Comprehend and analyze the provided prompt."
@@ -198,7 +198,10 @@ def decode_qwen21(vae, tokens: torch.Tensor, width: int, height: int) -> list[Im
     mean, std = latent_stats(vae, latents.device, latents.dtype)
     # x·std + mean, as diffusers' 2.1 pipeline writes it (the Edit pipeline divides by 1/std: not bitwise the same).
     pixels = vae.decode(latents * std + mean, return_dict=False)[0][:, :, 0]
-    return to_images(pixels)
+    # Denormalised in the VAE's dtype before the float cast, as diffusers' postprocess does (latents.to_images casts
+    # first: in bf16 about a third of the 8-bit values would come out one off).
+    x = (pixels * 0.5 + 0.5).clamp(0, 1).cpu().permute(0, 2, 3, 1).float().numpy()
+    return [Image.fromarray((im * 255).round().astype("uint8")) for im in x]
 
 
 def img_shapes_qwen21(ref_sizes: list[tuple[int, int]], output_size: tuple[int, int]) -> list[tuple[int, int, int]]:
