@@ -88,19 +88,29 @@ class Qwen21Prompt:
     img_mask: torch.Tensor
 
 
+def _check_sides(images: list[Image.Image]) -> None:
+    """A reference's sides must be multiples of 32 px: each vision slot stands for 2×2 latents of it."""
+    for k, im in enumerate(images, start=1):
+        w, h = im.size
+        if w % SIDE_MULTIPLE or h % SIDE_MULTIPLE:
+            raise UniRefError(
+                f"reference {k} is {w}×{h} px: a Qwen-Image 2.1 reference needs sides that are multiples of "
+                f"{SIDE_MULTIPLE} px (each vision slot stands for 2×2 latents); resize it to its planned size first"
+            )
+
+
 def _check_slots(grid: torch.Tensor | None, images: list[Image.Image]) -> None:
     """Each reference's VL slots must be its latents / 4, or the transformer's splice fails with a bare shape error:
-    the Qwen-VL processor resizes an image itself when its side is not a multiple of 32 or its area is outside the
-    processor's min/max pixels."""
+    the Qwen-VL processor resizes an image itself when its area is outside its min/max pixels."""
     slots = [int(g.prod()) // LATENTS_PER_SLOT for g in grid] if grid is not None else []
     for k, (im, got) in enumerate(zip(images, slots), start=1):
         w, h = im.size
         want = (w // SIDE_MULTIPLE) * (h // SIDE_MULTIPLE)
-        if w % SIDE_MULTIPLE or h % SIDE_MULTIPLE or got != want:
+        if got != want:
             raise UniRefError(
                 f"reference {k} is {w}×{h} px: the vision encoder's processor makes {got} slots of it, its latents "
-                f"need {want}; give each reference sides that are multiples of {SIDE_MULTIPLE} px and an area within "
-                "the processor's min_pixels..max_pixels (processor/preprocessor_config.json)"
+                f"need {want}; give each reference an area within the processor's min_pixels..max_pixels "
+                "(size.shortest_edge..size.longest_edge in processor/preprocessor_config.json)"
             )
 
 
@@ -114,11 +124,13 @@ def encode_prompt_qwen21(
     max_tokens: tuple[int, str] | None = None,
     name: str = "prompt",
 ) -> Qwen21Prompt:
-    """Encode ``prompt`` with the references ``images`` (each already at its planned size, the same the VAE gets).
+    """Encode ``prompt`` with the references ``images``, each already at its planned size (`resize_reference`: the
+    copy the VAE reads too).
 
     ``max_tokens``: (the most conditioning tokens the model takes, why), checked on the tokenized text before the
     encoder runs; a longer prompt is refused with its count, not cut. ``name`` is how the errors call the text."""
     check_prompt_text(prompt, name, encoder="Qwen3-VL", refer_as=REFER_AS)
+    _check_sides(images)
     device = device or text_encoder.device
     text = build_prompt_text(prompt, len(images))
     kwargs = dict(text=[text], padding=True, padding_side="left", return_tensors="pt")
