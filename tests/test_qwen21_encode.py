@@ -126,14 +126,16 @@ def test_too_long_prompt_is_refused_with_its_count(pipe):
         4096 - drop,
         f"the text encoder's 4096 positions (its {drop}-token system turn among them) leave it",
     )
-    with pytest.raises(
-        UniRefError,
-        match=rf"^the instruction is too long: .* makes {tokens + 3} tokens, and the test's "
-        rf"room leaves it at most {tokens}; shorten it by at least 3 tokens",
-    ):
-        encode_prompt_qwen21(
-            pipe.text_encoder, pipe.processor, PROMPT + " red red red", refs, max_tokens=room, name="the instruction"
-        )
+    for extra, prompt in ((1, PROMPT), (4, PROMPT + " red red red")):  # one token over the room, and four
+        with pytest.raises(
+            UniRefError,
+            match=rf"^the instruction is too long: .* makes {tokens + extra - 1} tokens, and the test's "
+            rf"room leaves it at most {tokens - 1}; shorten it by at least {extra} tokens",
+        ):
+            short = (tokens - 1, room[1])
+            encode_prompt_qwen21(
+                pipe.text_encoder, pipe.processor, prompt, refs, max_tokens=short, name="the instruction"
+            )
 
 
 @pytest.mark.parametrize("token", ["<|image_pad|>", "<|im_end|>"])
