@@ -45,15 +45,18 @@ TEMPLATE_TOKENS = (
 )
 
 
-def check_prompt_text(text: str, name: str = "prompt") -> None:
+def check_prompt_text(
+    text: str, name: str = "prompt", *, encoder: str = "Qwen2.5-VL", refer_as: str = "'Picture k'"
+) -> None:
     """Refuse text the tokenizer cannot take: a lone surrogate, such as a byte that is not UTF-8 read from a command
     line or file (Python keeps it as U+DC80…U+DCFF) or a ``\\ud800`` escape in a JSON workflow; or one of the
-    template's control tokens (`TEMPLATE_TOKENS`)."""
+    template's control tokens (`TEMPLATE_TOKENS`, the same in Qwen2.5-VL and Qwen3-VL). ``encoder`` and
+    ``refer_as`` name the family's encoder and how its prompts refer to a reference."""
     token = next((t for t in TEMPLATE_TOKENS if t in text), None)
     if token:
         raise UniRefError(
-            f"{name} contains {token}, a control token of the Qwen2.5-VL template that UniRef places itself (one "
-            "<|image_pad|> per reference); remove it, and refer to a reference as 'Picture k'"
+            f"{name} contains {token}, a control token of the {encoder} template that UniRef places itself (one "
+            f"<|image_pad|> per reference); remove it, and refer to a reference as {refer_as}"
         )
     try:
         text.encode("utf-8")
@@ -66,13 +69,19 @@ def check_prompt_text(text: str, name: str = "prompt") -> None:
         ) from None
 
 
-def encoder_room(text_encoder) -> tuple[int, str] | None:
-    """(the most conditioning tokens the text encoder's positions hold, why), or None when its config does not say:
-    its ``max_position_embeddings`` less the dropped system turn (`encode_prompt`'s ``max_tokens``)."""
+def encoder_positions(text_encoder) -> int | None:
+    """The text encoder's ``max_position_embeddings`` (its text config's for a VL model), or None when not said."""
     config = getattr(text_encoder, "config", None)
     positions = getattr(getattr(config, "text_config", None), "max_position_embeddings", None)
     positions = positions or getattr(config, "max_position_embeddings", None)
-    if not isinstance(positions, int):
+    return positions if isinstance(positions, int) else None
+
+
+def encoder_room(text_encoder) -> tuple[int, str] | None:
+    """(the most conditioning tokens the text encoder's positions hold, why), or None when its config does not say:
+    its ``max_position_embeddings`` less the dropped system turn (`encode_prompt`'s ``max_tokens``)."""
+    positions = encoder_positions(text_encoder)
+    if positions is None:
         return None
     return (
         positions - DROP_IDX,

@@ -32,6 +32,7 @@ import torch
 
 from .atomic import atomic_dir
 from .errors import UniRefError
+from .qwen21 import SYSTEM_PROMPT
 
 __all__ = [
     "make_tiny_model",
@@ -236,8 +237,6 @@ QWEN21_CHAT_TEMPLATE = (
     "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
-#: QwenImage21Pipeline's system prompt (its ``sys_prompt``), taught to the 2.1 tokenizer as whole words.
-QWEN21_SYSTEM_PROMPT = "Comprehend and analyze the provided prompt."
 
 # --- tokenizer ----------------------------------------------------------------------------
 
@@ -483,7 +482,8 @@ def make_tiny_qwen21(
     path = pathlib.Path(path)
     if path.exists() and not (path.is_dir() and not any(path.iterdir())):
         raise UniRefError(f"{path} exists and is not an empty folder; give a new folder for the tiny model")
-    tokenizer = _build_tokenizer(extra_lines=(QWEN21_SYSTEM_PROMPT,) * 4)
+    # The 2.1 system prompt, taught to the tokenizer as whole words.
+    tokenizer = _build_tokenizer(extra_lines=(SYSTEM_PROMPT,) * 4)
     processor = Qwen3VLProcessor(
         image_processor=Qwen2VLImageProcessor(**QWEN21_IMAGE_PROCESSOR_CONFIG),
         tokenizer=tokenizer,
