@@ -106,6 +106,18 @@ class PromptEmbeds:
         return PromptEmbeds(self.embeds.to(device, dtype or self.embeds.dtype), mask, self.vl_tokens)
 
 
+def check_prompt_length(length: int, max_tokens: tuple[int, str] | None, name: str, smaller: str) -> None:
+    """Refuse a tokenized prompt of ``length`` conditioning tokens beyond ``max_tokens`` (the most, why) with the
+    count to cut; ``smaller``: the other way to make room, for the message."""
+    if max_tokens is not None and length > max_tokens[0]:
+        limit, why = max_tokens
+        raise UniRefError(
+            f"{name} is too long: with the template and the references' vision tokens it makes "
+            f"{length} tokens, and {why} at most {limit}; shorten it by at least {length - limit} "
+            f"tokens (or {smaller})"
+        )
+
+
 @torch.no_grad()
 def encode_prompt(
     text_encoder,
@@ -129,13 +141,7 @@ def encode_prompt(
     text = build_prompt_text(prompt, len(vl_images))
     inputs = processor(text=[text], images=vl_images or None, padding=True, return_tensors="pt")
     length = inputs["input_ids"].shape[1] - DROP_IDX
-    if max_tokens is not None and length > max_tokens[0]:
-        limit, why = max_tokens
-        raise UniRefError(
-            f"{name} is too long: with the template and the references' vision tokens it makes "
-            f"{length} tokens, and {why} at most {limit}; shorten it by at least {length - limit} "
-            "tokens (or lower the VL budget and the largest image side)"
-        )
+    check_prompt_length(length, max_tokens, name, "lower the VL budget and the largest image side")
     inputs = inputs.to(device)
     out = text_encoder(
         input_ids=inputs["input_ids"],

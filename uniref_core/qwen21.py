@@ -21,7 +21,7 @@ from PIL import Image
 
 from .errors import UniRefError
 from .latents import latent_stats, vae_encode
-from .prompt import check_prompt_text, encoder_positions
+from .prompt import check_prompt_length, check_prompt_text, encoder_positions
 
 SYSTEM_PROMPT = "Comprehend and analyze the provided prompt."
 PROMPT_TEMPLATE = (
@@ -139,12 +139,7 @@ def encode_prompt_qwen21(
     inputs = processor(**kwargs)
     drop = system_turn_tokens(processor)
     length = inputs["input_ids"].shape[1] - drop
-    if max_tokens is not None and length > max_tokens[0]:
-        limit, why = max_tokens
-        raise UniRefError(
-            f"{name} is too long: with the template and the references' vision tokens it makes {length} tokens, and "
-            f"{why} at most {limit}; shorten it by at least {length - limit} tokens (or make the references smaller)"
-        )
+    check_prompt_length(length, max_tokens, name, "make the references smaller")
     _check_slots(inputs.get("image_grid_thw"), images)
     inputs = inputs.to(device)
     forward = dict(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], output_hidden_states=True)
